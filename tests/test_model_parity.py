@@ -1,0 +1,125 @@
+"""Our plain-torch Transformer gives the logits of `transformers` on tiny random checkpoints of every family."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MptConfig,  # noqa: E402
+                          Qwen2Config)
+
+import fusellm  # noqa: E402
+from conftest import randomize_  # noqa: E402
+
+TOL = 1e-4
+LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+
+CASES = {
+    "llama_mha_untied": (LlamaConfig, dict(LLAMA, num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama_gqa_tied": (LlamaConfig, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_explicit_head_dim": (LlamaConfig, dict(LLAMA, num_key_value_heads=2, head_dim=24)),
+    "llama_attention_and_mlp_bias": (LlamaConfig, dict(LLAMA, attention_bias=True, mlp_bias=True)),
+    "llama3_rope_parameters": (LlamaConfig, dict(LLAMA, num_key_value_heads=2,
+                                                 rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0))),
+    "mistral_sliding_window": (MistralConfig, dict(LLAMA, num_key_value_heads=2, sliding_window=7)),
+    "qwen2_biases_tied": (Qwen2Config, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_sliding_upper_layers": (Qwen2Config, dict(LLAMA, num_hidden_layers=3, num_key_value_heads=2, use_sliding_window=True,
+                                                     sliding_window=5, max_window_layers=1)),
+    "mpt_4_heads": (MptConfig, dict(d_model=64, n_heads=4, n_layers=2, vocab_size=97, max_seq_len=128)),
+    "mpt_6_heads": (MptConfig, dict(d_model=48, n_heads=6, n_layers=2, vocab_size=97, max_seq_len=128)),
+}
+
+
+def build_reference(tmp_path, config_cls, kwargs, seed=0, **save_kwargs):
+    torch.manual_seed(seed)
+    ref = randomize_(AutoModelForCausalLM.from_config(config_cls(**kwargs)), seed).eval()
+    if ref.config.tie_word_embeddings:
+        ref.tie_weights()
+    ref.save_pretrained(tmp_path, **save_kwargs)
+    return ref
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    config_cls, kwargs = CASES[case]
+    ref = build_reference(tmp_path, config_cls, kwargs)
+    ours = fusellm.load_model(tmp_path)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    expected = logits_of(ref, ids)
+    assert expected.abs().max() > 1.0, "logits near zero would make the comparison vacuous"
+    assert (logits_of(ours, ids) - expected).abs().max().item() < TOL
+
+
+def test_llama3_rope_scaling_old_spelling_means_the_same(tmp_path):
+    """Older configs write rope_theta at the top and the llama3 scaling under `rope_scaling`."""
+    ref = build_reference(tmp_path, LlamaConfig, dict(LLAMA, num_key_value_heads=2,
+                                                      rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0)))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"] = 500000.0
+    cfg["rope_scaling"] = dict(LLAMA3_ROPE)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = fusellm.load_model(tmp_path)
+    assert ours.args.rope_theta == 500000.0 and ours.args.rope_scaling["rope_type"] == "llama3"
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits_of(ours, ids) - logits_of(ref, ids)).abs().max().item() < TOL
+    assert (logits_of(ours, ids) - logits_of(reloaded, ids)).abs().max().item() < TOL
+
+
+def test_llama3_scaling_changes_the_logits(tmp_path):
+    """The scaled and unscaled RoPE give different models, so the parity above really tests the scaling."""
+    build_reference(tmp_path / "a", LlamaConfig, dict(LLAMA, rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0)))
+    build_reference(tmp_path / "b", LlamaConfig, dict(LLAMA, rope_parameters=dict(rope_type="default",
+                                                                                   rope_theta=500000.0)))
+    ids = torch.arange(60).view(1, 60) % 97
+    a, b = fusellm.load_model(tmp_path / "a"), fusellm.load_model(tmp_path / "b")
+    assert (logits_of(a, ids) - logits_of(b, ids)).abs().max() > 1e-2
+
+
+def test_sharded_safetensors_load(tmp_path):
+    ref = build_reference(tmp_path, LlamaConfig, dict(LLAMA, num_key_value_heads=2), max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert (logits_of(fusellm.load_model(tmp_path), ids) - logits_of(ref, ids)).abs().max().item() < TOL
+
+
+def test_pytorch_bin_single_and_sharded_load(tmp_path):
+    ref = build_reference(tmp_path / "st", LlamaConfig, dict(LLAMA, num_key_value_heads=2))
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    for d in ("single", "sharded"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(state, tmp_path / "single" / "pytorch_model.bin")
+    names = list(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for fname, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / "sharded" / fname)
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}
+    (tmp_path / "sharded" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(4))
+    for d in ("single", "sharded"):
+        assert (logits_of(fusellm.load_model(tmp_path / d), ids) - logits_of(ref, ids)).abs().max().item() < TOL
+
+
+def test_bf16_checkpoint_keeps_its_dtype_and_dtype_argument_casts(tmp_path):
+    ref = build_reference(tmp_path, LlamaConfig, dict(LLAMA, dtype="bfloat16"))
+    ref.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert fusellm.load_model(tmp_path).tok_embeddings.weight.dtype == torch.bfloat16
+    m32 = fusellm.load_model(tmp_path, dtype=torch.float32)
+    assert m32.tok_embeddings.weight.dtype == torch.float32
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    # a fresh reference: .to(bfloat16) above also rounded its RoPE buffer, which .float() cannot undo
+    ref32 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert (logits_of(m32, ids) - logits_of(ref32, ids)).abs().max().item() < TOL
