@@ -14,6 +14,7 @@ Read top to bottom: config -> model -> safetensors -> load/save.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -62,7 +63,7 @@ class ModelArgs:
     pos: str = "rope"              # "rope" or "alibi"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
-    alibi_bias_max: float = 8.0
+    alibi_bias_max: float = 8
     attn_scale: float | None = None   # None: 1/sqrt(head_dim)
     clip_qkv: float | None = None     # MPT
     sliding_window: int | None = None
@@ -168,7 +169,7 @@ class ModelArgs:
                     "n_heads": self.n_heads, "n_layers": self.n_layers,
                     "expansion_ratio": self.hidden_dim // self.dim, "max_seq_len": self.max_seq_len,
                     "vocab_size": self.vocab_size, "layer_norm_epsilon": self.norm_eps, "no_bias": True,
-                    "attn_config": {"alibi": True, "alibi_bias_max": self.alibi_bias_max,
+                    "attn_config": {"alibi": True, "alibi_bias_max": _int_if_whole(self.alibi_bias_max),
                                     "softmax_scale": self.attn_scale, "clip_qkv": self.clip_qkv}}
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
                "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
@@ -180,6 +181,10 @@ class ModelArgs:
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(self.rope_scaling)
         return cfg
+
+
+def _int_if_whole(x):
+    return int(x) if float(x).is_integer() else x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,12 +503,27 @@ def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
                           f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
 
 
+@contextlib.contextmanager
+def no_init():
+    """Skip nn.init while building a model whose weights come from a file. On the meta device the random
+    init does nothing anyway, but its first call costs about 2 s of one-time setup inside torch."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *args, **kwargs: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def load_model(path, device="cpu", dtype=None) -> Transformer:
     """Build the model of a Hugging Face folder on the meta device and assign its checkpoint tensors.
     dtype=None keeps each tensor's dtype from the file; otherwise floating tensors are cast."""
     args = read_config(path)
     tensors = read_checkpoint_tensors(path)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         model = Transformer(args)
     expected = model.state_dict()
     names = hf_names(args)

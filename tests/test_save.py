@@ -1,0 +1,83 @@
+"""save_model writes a folder that both this project and `transformers` load with the same logits, atomically."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import fusellm  # noqa: E402
+from conftest import randomize_  # noqa: E402
+
+IDS = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def fresh(args: fusellm.ModelArgs, seed=0):
+    return randomize_(fusellm.Transformer(args), seed).eval()
+
+
+def logits(m):
+    with torch.no_grad():
+        out = m(IDS)
+    return out.logits if hasattr(out, "logits") else out
+
+
+LLAMA = fusellm.ModelArgs(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                          sliding_layers=(False, False), max_seq_len=64)
+MPT = fusellm.ModelArgs(model_type="mpt", vocab_size=61, dim=36, n_layers=2, n_heads=6, n_kv_heads=6, head_dim=6,
+                        hidden_dim=144, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi", norm_eps=1e-5,
+                        sliding_layers=(False, False), max_seq_len=64)
+
+
+@pytest.mark.parametrize("args", [LLAMA, MPT], ids=["llama", "mpt"])
+def test_saved_model_loads_in_both_with_identical_logits(tmp_path, args):
+    model = fresh(args)
+    fusellm.save_model(model, tmp_path / "out")
+    ours = fusellm.load_model(tmp_path / "out")
+    assert torch.equal(logits(ours), logits(model))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits(theirs) - logits(model)).abs().max().item() < 1e-4
+
+
+def test_large_model_is_sharded_with_an_index(tmp_path):
+    model = fresh(LLAMA)
+    fusellm.save_model(model, tmp_path / "out", max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "out").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(fusellm.load_model(tmp_path / "out")), logits(model))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits(theirs) - logits(model)).abs().max().item() < 1e-4
+
+
+def test_round_trip_keeps_the_original_config(tmp_path):
+    """A loaded checkpoint saves back its own config.json (every field, not a rebuilt one)."""
+    model = fresh(LLAMA)
+    fusellm.save_model(model, tmp_path / "a")
+    loaded = fusellm.load_model(tmp_path / "a")
+    fusellm.save_model(loaded, tmp_path / "b")
+    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+
+
+def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fusellm.save_model(fresh(LLAMA, seed=1), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def crash_on_second_shard(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(tensors, path, metadata)
+
+    real = fusellm.write_safetensors
+    monkeypatch.setattr(fusellm, "write_safetensors", crash_on_second_shard)
+    with pytest.raises(OSError, match="disk full"):
+        fusellm.save_model(fresh(LLAMA, seed=2), out, max_shard_bytes=20_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder is left behind"
+
+
+def test_extra_files_are_copied_in(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    fusellm.save_model(fresh(LLAMA), tmp_path / "out", extra_files=[tmp_path / "tokenizer.json"])
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
