@@ -643,7 +643,10 @@ def main():
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    model, tok = load(a.path, a.device, torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    try:
+        model, tok = load(a.path, a.device, torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    except ValueError as e:                         # CheckpointError, TokenizerError: one clear line
+        raise SystemExit(f"error: {e}") from None
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.text)
     logits = model(torch.tensor([ids], device=a.device))[0, -1, :tok.vocab_size]
     logp = logits.log_softmax(-1)

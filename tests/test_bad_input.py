@@ -137,3 +137,14 @@ def test_smaller_tokenizer_than_embedding_is_fine(ckpt):
     tok.save(str(ckpt / "tokenizer.json"))
     model, t = fusellm.load(ckpt)
     assert (t.vocab_size, model.args.vocab_size) == (256, 300)
+
+
+def test_command_line_reports_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, str(ROOT / "fusellm.py"), str(tmp_path / "nope"), "hi"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a folder; point to a Hugging Face "
+                                               f"model folder holding config.json"]

@@ -81,3 +81,26 @@ def test_extra_files_are_copied_in(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     fusellm.save_model(fresh(LLAMA), tmp_path / "out", extra_files=[tmp_path / "tokenizer.json"])
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+
+
+def test_command_line_prints_the_models_top_k(tmp_path):
+    """`python fusellm.py FOLDER TEXT --k 3` lists the three most likely next tokens, most likely first."""
+    import subprocess
+    import sys
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from conftest import ROOT
+    from tokenizer import load_tokenizer
+    import dataclasses
+    model = fresh(dataclasses.replace(LLAMA, vocab_size=256))
+    fusellm.save_model(model, tmp_path / "m")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    ids = load_tokenizer(tmp_path / "m").encode(alphabet[3] + alphabet[7])
+    out = subprocess.run([sys.executable, str(ROOT / "fusellm.py"), str(tmp_path / "m"), alphabet[3] + alphabet[7],
+                          "--k", "3", "--device", "cpu"], capture_output=True, text=True, check=True)
+    printed = [int(line.split()[1]) for line in out.stdout.strip().splitlines()]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0, -1].topk(3).indices.tolist()
+    assert printed == expected
