@@ -1,0 +1,216 @@
+"""Alignment carries a source's predictions onto the target's tokens: hand-worked lessons, then the fast paths
+checked against the readable references and brute force."""
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+import align
+from align import SPACE, normalize
+
+B = lambda b: chr(align.BYTE_BASE + b)  # noqa: E731  a stray byte as normalize() writes it
+
+
+# --- normalisation -----------------------------------------------------------------------------------
+
+def test_both_conventions_normalize_to_one_form():
+    # sentencepiece '▁the' and byte-level 'Ġthe' are both the bytes b" the"
+    assert normalize(b" the") == "\u2581the"
+    # '<0x0A>' (sentencepiece byte piece) and 'Ċ' (byte-level) are both b"\n"
+    assert normalize(b"\n") == "\n"
+    # a whole multi-byte character is one character
+    assert normalize("日".encode()) == "日"
+    # a character split across tokens: each stray byte is one private-use character
+    assert normalize(b"\xe6\x97") == B(0xE6) + B(0x97)
+    assert normalize(b"a\xa5") == "a" + B(0xA5)
+    # control tokens (<s>) have no bytes
+    assert normalize(b"") == ""
+    assert align.display(normalize(b"\xe6\x97")) == "<0xE6><0x97>"
+
+
+# --- hand-worked lessons -----------------------------------------------------------------------------
+
+def test_lesson_same_tokens_except_the_leading_space_of_the_first():
+    """Sentencepiece writes its first token with a '▁' (the dummy prefix), byte-level BPE does not.
+    DTW pairs them (cost 1), and transfer ignores a leading '▁' at the first position."""
+    src, tgt = ["The", "▁cat"], ["▁The", "▁cat"]
+    alignment = align.dtw(src, tgt)
+    assert alignment == [[0], [1]]
+    vocab_s, vocab_t = src, tgt                     # token i of each sequence is vocabulary id i
+    topk_ids = np.array([[1, 0], [0, 1]])
+    topk_lp = np.log(np.array([[0.75, 0.25], [0.5, 0.5]]))
+    out = align.transfer(alignment, [0, 1], [0, 1], topk_ids, topk_lp, np.array([0, 1]), vocab_s, vocab_t)
+    assert not out.fallback.any()
+    assert out.ids[out.offsets[0]:out.offsets[1]].tolist() == [1, 0]
+    assert np.allclose(np.exp(out.logprobs[:2]), [0.75, 0.25])
+
+
+def test_lesson_one_target_token_made_of_two_source_tokens_falls_back_to_the_next_token():
+    """'▁unbeliev' covers '▁un' + 'believ': target position 0 is aligned to two source positions, so it
+    falls back to a one-hot on the next target token (id 1, 'able'), not on itself (the official off-by-one)."""
+    src, tgt = ["▁un", "believ", "able"], ["▁unbeliev", "able"]
+    alignment = align.dtw(src, tgt)
+    assert alignment == [[0, 1], [2]]
+    topk = np.array([[1], [2], [0]])
+    lp = np.zeros((3, 1))
+    vmap = np.array([-1, -1, 1])
+    out = align.transfer(alignment, [0, 1, 2], [0, 1], topk, lp, vmap, src, tgt)
+    assert out.fallback.tolist() == [True, False]
+    assert out.onehot.tolist() == [1, -1]
+    official = align.transfer(alignment, [0, 1, 2], [0, 1], topk, lp, vmap, src, tgt, fallback="official")
+    assert official.onehot.tolist() == [0, -1]
+
+
+def test_lesson_byte_fallback_pieces_against_one_character():
+    """Sentencepiece's byte fallback writes 日 as three pieces <0xE6><0x97><0xA5>; a byte-level tokenizer has
+    it as one token. Each piece costs 1 against '日', all three align to it, and the position falls back."""
+    src, tgt = [B(0xE6), B(0x97), B(0xA5)], ["日"]
+    assert align.dtw(src, tgt) == [[0, 1, 2]]
+
+
+def test_lesson_character_split_differently_on_each_side():
+    """Bytes E6 97 | A5 (byte-level BPE) against E6 | 97 | A5 (byte fallback). Costs: the two-byte token is
+    1 away from each single byte; A5 = A5 costs 0. The path pairs the two-byte token with the first two
+    pieces and A5 with A5, so only the last target position is 1:1 with an equal token."""
+    src, tgt = [B(0xE6) + B(0x97), B(0xA5)], [B(0xE6), B(0x97), B(0xA5)]
+    assert align.dtw(src, tgt) == [[0], [0], [1]]
+    out = align.transfer(align.dtw(src, tgt), [0, 1], [0, 1, 2], np.array([[0], [1]]), np.zeros((2, 1)),
+                         np.array([-1, 2]), src, tgt)
+    assert out.fallback.tolist() == [True, True, False]
+
+
+def test_lesson_bos_on_one_side_only_is_why_text_tokens_are_aligned():
+    """A BOS normalizes to '' and DTW pairs it with the first token, making position 0 a 1:2 fallback.
+    The pipeline therefore aligns the text tokens only, without BOS."""
+    assert align.dtw(["", "▁Hello", "▁world"], ["▁Hello", "▁world"]) == [[0, 1], [2]]
+    assert align.dtw(["▁Hello", "▁world"], ["▁Hello", "▁world"]) == [[0], [1]]
+
+
+def test_lesson_tie_rules_official_and_closest():
+    """Source '▁in ▁it', target '▁in ▁i t'. Costs to the last cell tie between the diagonal and the target
+    step. The official order takes the diagonal and pairs '▁i' with '▁in'; 'closest' takes the step whose
+    tokens end nearest in the text ('▁it' ends at 6, '▁i' at 5), pairing '▁i' and 't' with '▁it'."""
+    src, tgt = ["▁in", "▁it"], ["▁in", "▁i", "t"]
+    assert align.dtw(src, tgt, ties="official") == [[0], [0], [1]]
+    assert align.dtw(src, tgt, ties="closest") == [[0], [1], [1]]
+    assert align.dtw_reference(src, tgt, ties="official") == [[0], [0], [1]]
+
+
+def test_lesson_transfer_maps_merges_and_counts_lost_mass():
+    """Source predicts {'▁sat': 0.6, '▁sit': 0.3, '▁zz': 0.1}. The vocab map sends '▁sat' and '▁sit' to the
+    same target id 5 and has no entry for '▁zz'. "sum" gives {5: 0.9}, "first" {5: 0.6}; 0.1 is lost."""
+    src_vocab = ["▁cat", "▁sat", "▁sit", "▁zz"]
+    tgt_vocab = ["▁cat"] + ["x"] * 4 + ["▁sat"]
+    vmap = np.array([0, 5, 5, -1])
+    topk = np.array([[1, 2, 3]])
+    lp = np.log(np.array([[0.6, 0.3, 0.1]]))
+    out = align.transfer([[0]], [0], [0], topk, lp, vmap, src_vocab, tgt_vocab, merge="sum")
+    assert out.ids.tolist() == [5] and np.allclose(np.exp(out.logprobs), [0.9])
+    assert np.isclose(out.stats["lost_mass"], 0.1) and np.isclose(out.stats["kept_mass"], 0.9)
+    first = align.transfer([[0]], [0], [0], topk, lp, vmap, src_vocab, tgt_vocab, merge="first")
+    assert np.allclose(np.exp(first.logprobs), [0.6])
+
+
+def test_mined_mode_accepts_a_vocab_map_match_that_em_refuses():
+    """Source '▁colour' vs target '▁color': not equal (EM falls back), but MinED maps one to the other."""
+    src_vocab, tgt_vocab = ["▁colour"], ["▁color"]
+    args = ([[0]], [0], [0], np.array([[0]]), np.zeros((1, 1)), np.array([0]), src_vocab, tgt_vocab)
+    assert align.transfer(*args, mode="mined").fallback.tolist() == [False]
+    assert align.transfer(*args, mode="em").fallback.tolist() == [True]
+
+
+# --- the fast paths equal the references ----------------------------------------------------------------
+
+def brute_force_cost(source, target):
+    """The cheapest monotone path from (1,1) to (n,m) with diagonal, source and target steps, by enumeration."""
+    n, m = len(source), len(target)
+    best = float("inf")
+    for moves in itertools.product(range(3), repeat=n + m):
+        i = j = 1
+        cost = align.levenshtein(source[0], target[0])
+        for mv in moves:
+            if (i, j) == (n, m):
+                break
+            i, j = (i + 1, j + 1) if mv == 0 else (i + 1, j) if mv == 1 else (i, j + 1)
+            if i > n or j > m:
+                cost = float("inf")
+                break
+            cost += align.levenshtein(source[i - 1], target[j - 1])
+        if (i, j) == (n, m):
+            best = min(best, cost)
+    return best
+
+
+def path_cost(alignment, source, target):
+    return sum(align.levenshtein(source[i], target[j]) for j, src in enumerate(alignment) for i in src)
+
+
+def random_tokens(rng, n, alphabet="ab▁"):
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3))) for _ in range(n)]
+
+
+def test_reference_dtw_finds_a_cheapest_path_by_brute_force():
+    rng = random.Random(0)
+    for _ in range(60):
+        s, t = random_tokens(rng, rng.randint(1, 4)), random_tokens(rng, rng.randint(1, 4))
+        for ties in align.TIES:
+            assert path_cost(align.dtw_reference(s, t, ties), s, t) == brute_force_cost(s, t)
+
+
+def test_fast_dtw_equals_reference_on_random_pairs():
+    rng = random.Random(1)
+    for _ in range(300):
+        s, t = random_tokens(rng, rng.randint(1, 12)), random_tokens(rng, rng.randint(1, 12))
+        for ties in align.TIES:
+            assert align.dtw(s, t, ties) == align.dtw_reference(s, t, ties)
+
+
+@pytest.mark.parametrize("case", ["all_equal", "all_empty", "one_long_vs_many", "repeats", "reversed"])
+def test_fast_dtw_equals_reference_on_adversarial_pairs(case):
+    """Inputs made of ties: identical tokens everywhere, empty tokens, one token against many, long repeats."""
+    s, t = {
+        "all_equal": (["a"] * 9, ["a"] * 6),
+        "all_empty": ([""] * 5, [""] * 7),
+        "one_long_vs_many": (["▁" * 12], ["▁"] * 12),
+        "repeats": (["ab", "a", "b"] * 4, ["a", "ba", "b"] * 4),
+        "reversed": (list("abcdefg"), list("gfedcba")),
+    }[case]
+    for ties in align.TIES:
+        assert align.dtw(s, t, ties) == align.dtw_reference(s, t, ties)
+        assert align.dtw(t, s, ties) == align.dtw_reference(t, s, ties)
+
+
+def test_vectorised_edit_distances_equal_an_independent_implementation():
+    editdistance = pytest.importorskip("editdistance")
+    rng = random.Random(2)
+    a = random_tokens(rng, 60, "abc▁日") + ["", "▁" * 20]
+    b = random_tokens(rng, 50, "abc▁日") + ["", "x" * 7]
+    d = align.edit_distances(a, b)
+    assert all(d[i, j] == editdistance.eval(x, y) == align.levenshtein(x, y)
+               for i, x in enumerate(a) for j, y in enumerate(b))
+
+
+def test_pair_cost_cache_equals_direct_computation_across_calls():
+    rng = random.Random(3)
+    cache = align.PairCosts(cap=12)                 # small cap: some tokens get no slot
+    for _ in range(20):
+        s, t = random_tokens(rng, rng.randint(1, 15)), random_tokens(rng, rng.randint(1, 15))
+        assert (cache(s, t) == align.pair_costs(s, t)).all()
+
+
+def test_mined_vocab_map_equals_brute_force_with_lowest_id_ties():
+    rng = random.Random(4)
+    src = random_tokens(rng, 80, "abcd▁") + ["", "abcdabcd"]
+    tgt = random_tokens(rng, 40, "abcd▁") + ["dddddd", ""]
+    got, dist = align.vocab_map_mined(src, tgt, threads=2)
+    for i, s in enumerate(src):
+        if not s:
+            assert got[i] == -1
+            continue
+        ds = [align.levenshtein(s, t) if t else 10**9 for t in tgt]
+        assert dist[i] == min(ds) and got[i] == ds.index(min(ds)), (s, got[i], dist[i])
+
+
+def test_em_vocab_map_needs_equal_strings():
+    assert align.vocab_map_em(["▁a", "b", "", "c"], ["b", "▁a", ""]).tolist() == [1, 0, -1, -1]
