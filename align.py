@@ -446,7 +446,7 @@ def transfer(alignment: list[list[int]], src_ids, tgt_ids, src_topk_ids: np.ndar
                     merged[tid] += pk
             ids_out += merged.keys()
             lp_out += np.log(list(merged.values())).tolist()
-            is_fallback[j] = False
+            is_fallback[j] = not merged             # every top-K id unmapped: nothing to carry over
         else:
             pair = (" ".join(display(src_vocab[src_ids[i]]) for i in src), display(tgt_vocab[tgt_ids[j]]))
             unmatched[pair] += 1

@@ -1,0 +1,623 @@
+"""
+data.py: from a corpus to fusion-ready data.
+
+    python data.py windows --corpus CORPUS --target TARGET --sources A B --out DATA
+    python data.py dists   --out DATA --model TARGET --name target      # and once per source
+    python data.py align   --out DATA --name A                          # a source onto the target
+    python data.py all     --corpus CORPUS --target TARGET --sources A B --out DATA
+
+1. windows: read the corpus (.txt, .jsonl, or a folder of them) and cut documents into text windows that
+   every tokenizer involved turns into at most seq_len tokens (BOS included), so all models see the same
+   text. Windows are grouped into shards of a fixed size: the shard count does not depend on how many
+   processes run later.
+2. dists: run one model over every window (batched, bf16 on GPU, fp32 on CPU) and keep, at each of its
+   tokens, the top-K next-token ids with log-probs normalised over its whole vocabulary, plus the window's
+   cross-entropy (CE). Under torchrun each rank takes every world_size-th shard.
+3. align: carry a source's top-K onto the target's tokens and vocabulary (align.py) and write diagnostics.
+
+Every shard is written under a temporary name and renamed, and a rerun skips finished shards, so a kill
+loses at most the shard in progress. Adding a source later runs dists + align for that source only.
+
+Storage (per model, per token): top-K ids in the narrowest unsigned type the vocabulary allows
+(uint16 up to 65536 ids), log-probs quantised to uint8 in steps of 1/16 nat (or fp16 with
+--logprob-bits 16), no padding: windows are concatenated and indexed by offsets; each shard is a
+deflate-compressed .npz. The model's own token ids are not stored: they are re-encoded from the window
+text and checked against a stored checksum.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zipfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import align
+
+LOGPROB_STEP = 16          # uint8 log-prob code q means log p = -q / 16 (codes saturate at 255: p < 1.2e-7)
+
+
+class DataError(ValueError):
+    """Bad corpus, bad data folder, or a stage run out of order; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers: atomic writes, progress, quantisation
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def save_npz(path: Path, **arrays):
+    """Like np.savez_compressed, but deterministic (fixed timestamps: the same arrays give the same bytes)
+    and atomic (a temporary name, then a rename). np.load reads it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w") as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+class Progress:
+    """One line every `every` seconds: done/total items, rate, ETA."""
+
+    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 5.0, quiet=False):
+        self.what, self.total, self.unit, self.every, self.quiet = what, total, unit, every, quiet
+        self.t0 = self.last = time.time()
+        self.done = self.tokens = 0
+
+    def update(self, n: int, tokens: int = 0, force=False):
+        self.done += n
+        self.tokens += tokens
+        now = time.time()
+        if self.quiet or not (force or now - self.last >= self.every):
+            return
+        self.last = now
+        el = max(now - self.t0, 1e-9)
+        rate = self.done / el
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        tok = f", {self.tokens / el:,.0f} tokens/s" if self.tokens else ""
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        print(f"[{self.what}] {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s{tok}, ETA {eta_s}",
+              flush=True)
+
+
+def quantize_logprobs(lp: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 16:
+        return np.maximum(lp, -65000).astype(np.float16)
+    return np.clip(np.round(-lp * LOGPROB_STEP), 0, 255).astype(np.uint8)
+
+
+def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+    if q.dtype == np.float16:
+        return q.astype(np.float32)
+    return -q.astype(np.float32) / LOGPROB_STEP
+
+
+def id_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def token_checksum(ids) -> int:
+    return zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes())
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identifies a tokenizer by what it does: its kind, size and every token's bytes."""
+    h = hashlib.sha256(f"{tok.kind}:{tok.vocab_size}:{tok.bos_id}:{tok.eos_id}".encode())
+    for i in range(tok.vocab_size):
+        h.update(len(tok.token_bytes(i)).to_bytes(2, "little") + tok.token_bytes(i))
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Corpus -> windows
+
+
+class CorpusStats(Counter):
+    """documents, empty, invalid_utf8 (documents with bytes replaced), bad_lines (jsonl lines unreadable)."""
+
+
+def read_corpus(path, text_field: str = "text", txt_docs: str = "file", stats: CorpusStats | None = None):
+    """Yield documents from a .txt file, a .jsonl file, or a folder of them (sorted, recursive).
+    txt_docs="file": a .txt file is one document; "blocks": documents are separated by blank lines.
+    Empty documents, invalid UTF-8 and unreadable jsonl lines are counted in `stats` (and skipped, or, for
+    stray invalid bytes, replaced by U+FFFD); a file that is mostly not UTF-8 is an error."""
+    path = Path(path)
+    stats = stats if stats is not None else CorpusStats()
+    if not path.exists():
+        raise DataError(f"{path}: corpus not found")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise DataError(f"{path}: no .txt or .jsonl files in this folder")
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                for n, raw in enumerate(fh, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        doc = json.loads(raw.decode("utf-8"))[text_field]
+                        if not isinstance(doc, str):
+                            raise TypeError
+                    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                        stats["bad_lines"] += 1
+                        if len(stats.setdefault("bad_line_examples", [])) < 5:
+                            stats["bad_line_examples"].append(f"{f}:{n}")
+                        continue
+                    yield from _count_doc(doc, stats)
+        elif f.suffix == ".txt" or not path.is_dir():
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                bad = text.count("\ufffd")
+                if b"\x00" in raw or bad > max(8, 0.01 * len(text)):    # binary, not text with a stray byte
+                    raise DataError(f"{f}: not UTF-8 text ({bad} invalid sequences in {len(raw)} bytes); "
+                                    f"convert it to UTF-8 or remove it from the corpus") from None
+                stats["invalid_utf8"] += 1
+            docs = [text] if txt_docs == "file" else [b for b in text.split("\n\n")]
+            for doc in docs:
+                yield from _count_doc(doc, stats)
+
+
+def _count_doc(doc: str, stats):
+    if not doc.strip():
+        stats["empty"] += 1
+        return
+    stats["documents"] += 1
+    yield doc
+
+
+def fits(text: str, tokenizers, seq_len: int) -> int:
+    """The largest overflow (tokens beyond seq_len, BOS counted) over the tokenizers; <= 0 means it fits."""
+    return max(len(t.encode(text)) + (t.bos_id is not None) - seq_len for t in tokenizers)
+
+
+def split_document(doc: str, tokenizers, seq_len: int) -> list[str]:
+    """Cut a document into consecutive windows (their concatenation is the document) that every tokenizer
+    encodes into at most seq_len tokens, BOS included. The cut is estimated from each tokenizer's
+    characters per token on this document, moved back to just after a newline or space in the window's
+    second half when there is one, then checked exactly and shrunk until it fits."""
+    budget = seq_len - 1
+    if budget < 1:
+        raise DataError(f"seq_len={seq_len} leaves no room for text")
+    counts = [max(1, len(t.encode(doc))) for t in tokenizers]
+    if all(c + 1 <= seq_len for c in counts):
+        return [doc]
+    chars_per_token = min(len(doc) / c for c in counts)
+    windows, pos = [], 0
+    while pos < len(doc):
+        end = min(len(doc), pos + max(1, int(budget * chars_per_token * 0.97)))
+        while True:
+            if end < len(doc):
+                half = pos + (end - pos) // 2
+                cut = max(doc.rfind("\n", half, end), doc.rfind(" ", half, end))
+                if cut > pos:
+                    end = cut + 1
+            over = fits(doc[pos:end], tokenizers, seq_len)
+            if over <= 0:
+                break
+            if end - pos <= 1:
+                raise DataError(f"a single character {doc[pos]!r} needs more than seq_len={seq_len} tokens")
+            end = pos + max(1, int((end - pos) * (1 - over / seq_len) * 0.95))
+        windows.append(doc[pos:end])
+        pos = end
+    return windows
+
+
+def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_windows=256, text_field="text",
+                  txt_docs="file", quiet=False) -> dict:
+    """Stage 1: write out/windows/shard-*.jsonl and out/manifest.json."""
+    from tokenizer import load_tokenizer
+    out = Path(out)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        m = json.loads(manifest_path.read_text())
+        if m.get("complete"):
+            if not quiet:
+                print(f"[windows] {out}: already built ({m['windows']} windows in {m['shards']} shards)")
+            return m
+    toks = [load_tokenizer(p) for p in [target_dir, *source_dirs]]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out / f".windows.tmp{os.getpid()}"      # renamed to windows/ only once the corpus is read through
+    tmp_dir.mkdir()
+    stats = CorpusStats()
+    shard, n_shards, n_windows, n_split, buf = 0, 0, 0, 0, []
+    t0 = time.time()
+
+    def flush():
+        nonlocal n_shards, buf
+        if buf:
+            atomic_write_bytes(tmp_dir / f"shard-{n_shards:05d}.jsonl",
+                               "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in buf).encode())
+            n_shards += 1
+            buf = []
+
+    try:
+        for d, doc in enumerate(read_corpus(corpus, text_field, txt_docs, stats)):
+            pieces = split_document(doc, toks, seq_len)
+            n_split += len(pieces) > 1
+            for k, text in enumerate(pieces):
+                if not text.strip():
+                    continue
+                for t, where in zip(toks, [target_dir, *source_dirs]):
+                    if not t.encode(text):
+                        raise DataError(f"the tokenizer of {where} yields no tokens for window {k} of document {d} "
+                                        f"({text[:60]!r}); it cannot encode this corpus: check that the tokenizer "
+                                        f"files belong to the model")
+                buf.append({"doc": d, "part": k, "text": text})
+                n_windows += 1
+                if len(buf) == shard_windows:
+                    flush()
+            if not quiet and time.time() - t0 > 5:
+                print(f"[windows] {stats['documents']} documents, {n_windows} windows", flush=True)
+                t0 = time.time()
+        flush()
+        if n_windows == 0:
+            raise DataError(f"{corpus}: the corpus has no documents with text ({dict(stats)}); nothing to do")
+    except BaseException:
+        shutil.rmtree(tmp_dir)
+        raise
+    if (out / "windows").exists():
+        shutil.rmtree(out / "windows")                 # left by a run killed before its manifest
+    os.replace(tmp_dir, out / "windows")
+    m = {"complete": True, "corpus": str(corpus), "target": str(target_dir), "sources": [str(s) for s in source_dirs],
+         "seq_len": seq_len, "shard_windows": shard_windows, "shards": n_shards, "windows": n_windows,
+         "documents_split": n_split, "target_tokenizer": tokenizer_fingerprint(toks[0]),
+         "corpus_stats": {k: v for k, v in stats.items()}}
+    atomic_write_json(manifest_path, m)
+    if not quiet:
+        s = m["corpus_stats"]
+        print(f"[windows] {s.get('documents', 0)} documents -> {n_windows} windows in {n_shards} shards "
+              f"({n_split} documents split); skipped: {s.get('empty', 0)} empty, {s.get('bad_lines', 0)} unreadable "
+              f"lines {s.get('bad_line_examples', [])}; {s.get('invalid_utf8', 0)} with invalid UTF-8 replaced")
+    return m
+
+
+def load_manifest(out) -> dict:
+    p = Path(out) / "manifest.json"
+    if not p.is_file():
+        raise DataError(f"{p}: not found; run `python data.py windows` (or `all`) first")
+    return json.loads(p.read_text())
+
+
+def read_windows(out, shard: int) -> list[dict]:
+    p = Path(out) / "windows" / f"shard-{shard:05d}.jsonl"
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+
+
+def my_shards(n_shards: int) -> list[int]:
+    """This process's shards: every world_size-th, starting at its rank (torchrun sets RANK and WORLD_SIZE)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return list(range(rank, n_shards, world))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Source distributions
+
+
+def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logprob_bits=8, quiet=False):
+    """Stage 2: out/models/<name>/shard-*.npz with, per token of each window (the model's own tokens), the
+    top-K next-token ids and log-probs, and per window the CE and a checksum of the tokens."""
+    import torch
+    import fusellm
+    if logprob_bits not in (8, 16):
+        raise DataError(f"--logprob-bits {logprob_bits}: choose 8 or 16")
+    m = load_manifest(out)
+    d = Path(out) / "models" / name
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    shards = my_shards(m["shards"])
+    todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
+    info = {"model": str(model_dir), "topk": topk, "logprob_bits": logprob_bits}
+    if (d / "info.json").is_file():
+        old = json.loads((d / "info.json").read_text())
+        if {k: old.get(k) for k in info} != info:
+            raise DataError(f"{d}: already holds distributions made with {old}; use another --name or delete it")
+    if not todo:
+        if not quiet:
+            print(f"[dists {name}] all {len(shards)} shards done")
+        return d
+    model, tok = fusellm.load(model_dir, device=device, dtype=dtype)
+    d.mkdir(parents=True, exist_ok=True)
+    info.update(vocab_size=tok.vocab_size, tokenizer=tokenizer_fingerprint(tok), bos=tok.bos_id)
+    if not (d / "info.json").is_file():
+        atomic_write_json(d / "info.json", info)
+    V = tok.vocab_size
+    per_token = topk * (np.dtype(id_dtype(V)).itemsize + logprob_bits // 8)
+    est_tokens = m["windows"] * m["seq_len"] * len(todo) / m["shards"]
+    if not quiet:
+        print(f"[dists {name}] {len(todo)} of {len(shards)} shards to do on {device}; expected disk at most "
+              f"{est_tokens * per_token / 2**20:,.1f} MiB ({per_token} bytes/token before compression, "
+              f"<= {est_tokens:,.0f} tokens)")
+    prog = Progress(f"dists {name}", sum(len(read_windows(out, s)) for s in todo), quiet=quiet)
+    for s in todo:
+        windows = read_windows(out, s)
+        offsets, ids_all, lp_all, ce, crc = [0], [], [], [], []
+        for b in range(0, len(windows), batch_size):
+            batch = [tok.encode(w["text"]) for w in windows[b:b + batch_size]]
+            ids, lps, ces = window_topk(model, tok, batch, topk, device)
+            for t, i_, l_, c_ in zip(batch, ids, lps, ces):
+                offsets.append(offsets[-1] + len(t))
+                ids_all.append(i_.astype(id_dtype(V)))
+                lp_all.append(quantize_logprobs(l_, logprob_bits))
+                ce.append(c_)
+                crc.append(token_checksum(t))
+            prog.update(len(batch), sum(len(t) for t in batch))
+        save_npz(d / f"shard-{s:05d}.npz", offsets=np.array(offsets, dtype=np.int64),
+                 topk_ids=np.concatenate(ids_all), topk_logprobs=np.concatenate(lp_all),
+                 ce=np.array(ce, dtype=np.float32), checksum=np.array(crc, dtype=np.uint32))
+    prog.update(0, force=True)
+    return d
+
+
+def window_topk(model, tok, batch: list[list[int]], topk: int, device):
+    """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one, right-padded).
+    For each list of n tokens: (n, K) top-K ids and log-probs at each token (predicting the next one), and
+    the CE: mean -log p of every text token given what precedes it."""
+    import torch
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    seqs = [bos + t for t in batch]
+    T = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)] = torch.tensor(s)
+    with torch.no_grad():
+        logp = model(x.to(device))[:, :, :tok.vocab_size].float().log_softmax(-1)   # (B, T, V)
+        top = logp.topk(topk, dim=-1)
+    out_ids, out_lp, out_ce = [], [], []
+    for r, s in enumerate(seqs):
+        nb = len(bos)
+        n = len(s) - nb                                       # text tokens
+        out_ids.append(top.indices[r, nb:nb + n].cpu().numpy())
+        out_lp.append(top.values[r, nb:nb + n].cpu().numpy())
+        targets = torch.tensor(s[1:], device=logp.device)     # next tokens of positions 0..len-2
+        nll = -logp[r, :len(s) - 1].gather(-1, targets[:, None])[:, 0]
+        out_ce.append(float(nll.mean()) if len(nll) else float("nan"))
+    return out_ids, out_lp, out_ce
+
+
+def read_dists(out, name, shard):
+    z = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
+    return {k: z[k] for k in z.files}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Alignment onto the target
+
+
+def align_source(out, name, target="target", vocab_kind="mined", ties="closest", fallback="next", merge="sum",
+                 quiet=False) -> dict:
+    """Stage 3: out/aligned/<name>/shard-*.npz: per window, per target token, the source's distribution
+    in target ids (counts, ids, uint8 log-probs; count 0 = fall back to the one-hot), the source's CE, and
+    out/aligned/<name>/diagnostics.json."""
+    from tokenizer import load_tokenizer
+    m = load_manifest(out)
+    src_info = _model_info(out, name)
+    tgt_info = _model_info(out, target)
+    s_tok, t_tok = load_tokenizer(src_info["model"]), load_tokenizer(tgt_info["model"])
+    for info, tok, who in ((src_info, s_tok, name), (tgt_info, t_tok, target)):
+        if tokenizer_fingerprint(tok) != info["tokenizer"]:
+            raise DataError(f"the tokenizer of {info['model']} changed since `dists --name {who}` ran; rerun it")
+    d = Path(out) / "aligned" / name
+    d.mkdir(parents=True, exist_ok=True)
+    settings = {"vocab_map": vocab_kind, "ties": ties, "fallback": fallback, "merge": merge}
+    if (d / "settings.json").is_file() and json.loads((d / "settings.json").read_text()) != settings:
+        raise DataError(f"{d} was aligned with other settings ({(d / 'settings.json').read_text()}); delete it first")
+    atomic_write_json(d / "settings.json", settings)
+    sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
+    vmap = align.vocab_map(s_tok, t_tok, vocab_kind, cache_dir=Path(out) / "cache")
+    costs = align.PairCosts()
+    shards = my_shards(m["shards"])
+    todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
+    prog = Progress(f"align {name}", sum(len(read_windows(out, s)) for s in todo), quiet=quiet)
+    T_dtype = id_dtype(t_tok.vocab_size)
+    for s in todo:
+        windows, src, tgt = read_windows(out, s), read_dists(out, name, s), read_dists(out, target, s)
+        counts, ids, lps, stats = [], [], [], []
+        for w, win in enumerate(windows):
+            s_ids, t_ids = s_tok.encode(win["text"]), t_tok.encode(win["text"])
+            for ids_, dist, who in ((s_ids, src, name), (t_ids, tgt, target)):
+                if token_checksum(ids_) != dist["checksum"][w]:
+                    raise DataError(f"window {w} of shard {s}: {who}'s tokens differ from those its distributions "
+                                    f"were computed on; rerun `dists --name {who}`")
+            a, b = src["offsets"][w], src["offsets"][w + 1]
+            s_norm, t_norm = [sv[i] for i in s_ids], [tv[i] for i in t_ids]
+            alignment = align.dtw(s_norm, t_norm, ties=ties, cost=costs(s_norm, t_norm))
+            tr = align.transfer(alignment, s_ids, t_ids, src["topk_ids"][a:b].astype(np.int64),
+                                dequantize_logprobs(src["topk_logprobs"][a:b]), vmap, sv, tv,
+                                mode=vocab_kind, fallback=fallback, merge=merge)
+            counts.append(np.diff(tr.offsets).astype(np.uint8))
+            ids.append(tr.ids.astype(T_dtype))
+            lps.append(quantize_logprobs(tr.logprobs, 8))
+            stats.append(tr.stats)
+            prog.update(1, len(t_ids))
+        tc = np.concatenate(counts)
+        save_npz(d / f"shard-{s:05d}.npz", counts=tc, ids=np.concatenate(ids), logprobs=np.concatenate(lps),
+                 ce=src["ce"], target_offsets=tgt["offsets"])
+        _save_shard_stats(d, s, stats)
+    prog.update(0, force=True)
+    diag = diagnostics(out, name)
+    if not quiet:
+        print_diagnostics(name, diag)
+    return diag
+
+
+def _model_info(out, name):
+    p = Path(out) / "models" / name / "info.json"
+    if not p.is_file():
+        raise DataError(f"{p}: not found; run `python data.py dists --name {name} --model MODEL` first")
+    return json.loads(p.read_text())
+
+
+def _save_shard_stats(d: Path, shard: int, stats: list[dict]):
+    unmatched = Counter()
+    for st in stats:
+        unmatched.update(st["unmatched"])
+    agg = {k: float(sum(st[k] for st in stats)) for k in ("positions", "matched", "fallback", "kept_mass", "lost_mass")}
+    agg["unmatched"] = [[s, t, n] for (s, t), n in unmatched.most_common(200)]
+    atomic_write_json(d / f"stats-{shard:05d}.json", agg)
+
+
+def diagnostics(out, name) -> dict:
+    """Per source: share of target positions aligned 1:1 with a matching token, share that fell back,
+    top-K probability mass lost in the vocab map, and the most frequent unmatched token pairs."""
+    d = Path(out) / "aligned" / name
+    tot = Counter()
+    unmatched = Counter()
+    for f in sorted(d.glob("stats-*.json")):
+        st = json.loads(f.read_text())
+        for k in ("positions", "matched", "fallback", "kept_mass", "lost_mass"):
+            tot[k] += st[k]
+        for s, t, n in st["unmatched"]:
+            unmatched[(s, t)] += n
+    mass = tot["kept_mass"] + tot["lost_mass"]
+    diag = {"source": name, "positions": int(tot["positions"]),
+            "aligned_1to1": tot["matched"] / max(tot["positions"], 1),
+            "fallback": tot["fallback"] / max(tot["positions"], 1),
+            "topk_mass_lost_in_vocab_map": tot["lost_mass"] / mass if mass else 0.0,
+            "most_frequent_unmatched": [{"source": s, "target": t, "count": n} for (s, t), n in unmatched.most_common(20)]}
+    atomic_write_json(d / "diagnostics.json", diag)
+    return diag
+
+
+def print_diagnostics(name, diag):
+    print(f"[align {name}] {diag['positions']} target positions: {diag['aligned_1to1']:.1%} aligned 1:1, "
+          f"{diag['fallback']:.1%} fell back; {diag['topk_mass_lost_in_vocab_map']:.2%} of the top-K mass lost "
+          f"in the vocab map")
+    for u in diag["most_frequent_unmatched"][:8]:
+        print(f"    {u['count']:6d}  source {u['source']!r:24} target {u['target']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading fusion-ready data
+
+
+class FusionData:
+    """Per window: the target's tokens, its own top-K, and every source's aligned top-K in target ids,
+    with every candidate's CE. Sources are the folders under out/aligned/."""
+
+    def __init__(self, out, target="target", sources=None):
+        self.out, self.target = Path(out), target
+        self.manifest = load_manifest(out)
+        self.sources = sources if sources is not None else sorted(p.name for p in (self.out / "aligned").glob("*")
+                                                                  if p.is_dir())
+        self._cache = {}
+
+    def shard(self, s: int) -> list[dict]:
+        if s in self._cache:
+            return self._cache[s]
+        tgt = read_dists(self.out, self.target, s)
+        srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
+        windows = []
+        for w in range(len(tgt["ce"])):
+            a, b = tgt["offsets"][w], tgt["offsets"][w + 1]
+            item = {"target": {"topk_ids": tgt["topk_ids"][a:b].astype(np.int64),
+                               "topk_logprobs": dequantize_logprobs(tgt["topk_logprobs"][a:b]),
+                               "ce": float(tgt["ce"][w])}, "sources": {}}
+            for n, z in srcs.items():
+                counts = z["counts"][a:b]
+                start = int(z["counts"][:a].sum())
+                end = start + int(counts.sum())
+                item["sources"][n] = {"counts": counts, "ids": z["ids"][start:end].astype(np.int64),
+                                      "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w])}
+            windows.append(item)
+        self._cache = {s: windows}
+        return windows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(sp):
+        sp.add_argument("--out", required=True, help="the data folder")
+        sp.add_argument("--quiet", action="store_true")
+
+    w = sub.add_parser("windows", help="corpus -> text windows every tokenizer fits in seq_len")
+    d = sub.add_parser("dists", help="one model's top-K next-token distributions over every window")
+    a = sub.add_parser("align", help="carry one source's distributions onto the target")
+    al = sub.add_parser("all", help="windows, then dists for the target and each source, then align each source")
+    for sp in (w, al):
+        sp.add_argument("--corpus", required=True, help=".txt, .jsonl, or a folder of them")
+        sp.add_argument("--target", required=True, help="the target model folder")
+        sp.add_argument("--sources", nargs="+", default=[], help="source model folders")
+        sp.add_argument("--seq-len", type=int, default=2048, help="max tokens per window for every tokenizer")
+        sp.add_argument("--shard-windows", type=int, default=256, help="windows per shard")
+        sp.add_argument("--text-field", default="text", help="the text field of .jsonl lines")
+        sp.add_argument("--txt-docs", choices=["file", "blocks"], default="file",
+                        help="a .txt file is one document, or blank-line separated blocks are")
+    for sp in (d, al):
+        sp.add_argument("--topk", type=int, default=10)
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+        sp.add_argument("--logprob-bits", type=int, default=8, choices=[8, 16])
+    d.add_argument("--model", required=True)
+    d.add_argument("--name", required=True, help="'target' for the target model, any name for a source")
+    a.add_argument("--name", required=True, help="the source's name given to `dists`")
+    for sp in (a, al):
+        sp.add_argument("--vocab-map", choices=["mined", "em"], default="mined")
+        sp.add_argument("--ties", choices=list(align.TIES), default="closest")
+        sp.add_argument("--fallback", choices=["next", "official"], default="next",
+                        help="one-hot on the next token (correct) or the current one (official code)")
+        sp.add_argument("--merge", choices=["sum", "first"], default="sum")
+    for sp in (w, d, a, al):
+        common(sp)
+    args = p.parse_args(argv)
+    try:
+        if args.stage == "windows":
+            build_windows(args.corpus, args.target, args.sources, args.out, args.seq_len, args.shard_windows,
+                          args.text_field, args.txt_docs, args.quiet)
+        elif args.stage == "dists":
+            compute_dists(args.out, args.model, args.name, args.topk, args.batch_size, args.device,
+                          args.logprob_bits, args.quiet)
+        elif args.stage == "align":
+            align_source(args.out, args.name, vocab_kind=args.vocab_map, ties=args.ties, fallback=args.fallback,
+                         merge=args.merge, quiet=args.quiet)
+        else:
+            build_windows(args.corpus, args.target, args.sources, args.out, args.seq_len, args.shard_windows,
+                          args.text_field, args.txt_docs, args.quiet)
+            names = ["target"] + [source_name(s) for s in args.sources]
+            for model, name in zip([args.target, *args.sources], names):
+                compute_dists(args.out, model, name, args.topk, args.batch_size, args.device, args.logprob_bits,
+                              args.quiet)
+            for name in names[1:]:
+                align_source(args.out, name, vocab_kind=args.vocab_map, ties=args.ties, fallback=args.fallback,
+                             merge=args.merge, quiet=args.quiet)
+    except ValueError as e:                 # DataError, CheckpointError, TokenizerError: one clear line
+        raise SystemExit(f"error: {e}") from None
+
+
+def source_name(path) -> str:
+    return Path(path).name.replace(" ", "_") or "source"
+
+
+if __name__ == "__main__":
+    main()

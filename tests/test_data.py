@@ -1,0 +1,274 @@
+"""The data pipeline turns a corpus into fusion-ready shards: windows every tokenizer fits, each model's top-K,
+sources aligned onto the target; resumable, shard by shard, with nothing half-written."""
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import fusellm
+from conftest import randomize_, stdlib_texts
+from tokenizer import load_tokenizer
+
+spm = pytest.importorskip("sentencepiece")
+hf = pytest.importorskip("tokenizers")
+SEQ = 200
+
+
+def sentencepiece_model(texts, vocab_size):
+    buf = io.BytesIO()
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+                                   vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
+    return buf.getvalue()
+
+
+def byte_level_bpe(texts, vocab_size):
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = hf.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def llama(vocab, seed):
+    args = fusellm.ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                             sliding_layers=(False, False))
+    return randomize_(fusellm.Transformer(args), seed, 0.1)
+
+
+def mpt(vocab, seed):
+    args = fusellm.ModelArgs(model_type="mpt", vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=4,
+                             head_dim=8, hidden_dim=128, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi",
+                             norm_eps=1e-5, sliding_layers=(False, False))
+    return randomize_(fusellm.Transformer(args), seed, 0.1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A corpus of standard-library code, a sentencepiece-BPE Llama target, a byte-level-BPE MPT source, and a
+    second byte-level Llama source, all tiny and random."""
+    root = tmp_path_factory.mktemp("world")
+    texts = stdlib_texts(26)
+    (root / "corpus").mkdir()
+    with open(root / "corpus" / "docs.jsonl", "w") as f:
+        for t in texts[20:26]:
+            f.write(json.dumps({"text": t[:2500]}) + "\n")
+    fusellm.save_model(llama(400, 0), root / "target")
+    (root / "target" / "tokenizer.model").write_bytes(sentencepiece_model(texts[:20], 400))
+    fusellm.save_model(mpt(520, 1), root / "source")
+    byte_level_bpe(texts[:20], 512).save(str(root / "source" / "tokenizer.json"))
+    fusellm.save_model(llama(700, 2), root / "source2")
+    byte_level_bpe(texts[:10], 700).save(str(root / "source2" / "tokenizer.json"))
+    return root
+
+
+def run_pipeline(world, out, sources=("source",)):
+    data.build_windows(world / "corpus", world / "target", [world / s for s in sources], out, seq_len=SEQ,
+                       shard_windows=4, quiet=True)
+    for name in ("target", *sources):
+        data.compute_dists(out, world / name, name, topk=5, batch_size=3, quiet=True)
+    return [data.align_source(out, s, quiet=True) for s in sources]
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pipeline(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    run_pipeline(world, out)
+    return out
+
+
+# --- corpus and windows ---------------------------------------------------------------------------------
+
+def test_corpus_counts_what_it_skips(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": ""}\nnot json\n{"other": 1}\n{"text": "two"}\n')
+    (tmp_path / "b.txt").write_bytes(b"first block\n\nsecond \xff block\n\n\n")
+    stats = data.CorpusStats()
+    docs = list(data.read_corpus(tmp_path, txt_docs="blocks", stats=stats))
+    assert docs == ["one", "two", "first block", "second \ufffd block"]
+    assert stats["bad_lines"] == 2 and stats["empty"] == 2 and stats["invalid_utf8"] == 1
+    assert stats["bad_line_examples"] == [f"{tmp_path / 'a.jsonl'}:3", f"{tmp_path / 'a.jsonl'}:4"]
+
+
+def test_long_document_is_cut_into_windows_every_tokenizer_fits(world):
+    toks = [load_tokenizer(world / "target"), load_tokenizer(world / "source")]
+    doc = stdlib_texts(3)[2][:6000] + "x" * 3000            # ends in a run with no place to cut
+    windows = data.split_document(doc, toks, SEQ)
+    assert len(windows) > 3 and "".join(windows) == doc
+    for w in windows:
+        assert all(len(t.encode(w)) + (t.bos_id is not None) <= SEQ for t in toks)
+
+
+def test_windows_are_sharded_with_counts_in_the_manifest(pipeline):
+    m = data.load_manifest(pipeline)
+    assert m["complete"] and m["shards"] == len(list((pipeline / "windows").glob("shard-*.jsonl")))
+    assert m["shards"] == -(-m["windows"] // 4) and m["corpus_stats"]["documents"] == 6
+
+
+# --- distributions ----------------------------------------------------------------------------------------
+
+def test_stored_topk_and_ce_are_the_models(world, pipeline):
+    model, tok = fusellm.load(world / "source")
+    win = data.read_windows(pipeline, 0)[1]
+    stored = data.read_dists(pipeline, "source", 0)
+    a, b = stored["offsets"][1], stored["offsets"][2]
+    ids = tok.encode(win["text"])
+    with torch.no_grad():
+        logits = model(torch.tensor([[*([tok.bos_id] if tok.bos_id is not None else []), *ids]]))[0]
+    assert logits.shape[-1] == 520 and tok.vocab_size == 512    # MPT-style spare rows: normalise over the tokenizer's
+    logp = logits[:, :tok.vocab_size].log_softmax(-1)
+    nb = int(tok.bos_id is not None)
+    top = logp[nb:].topk(5)
+    assert (stored["topk_ids"][a:b] == top.indices.numpy()).all()
+    assert np.abs(data.dequantize_logprobs(stored["topk_logprobs"][a:b]) - top.values.numpy()).max() <= 1 / 32 + 1e-6
+    ce = -logp[:-1].gather(1, torch.tensor(ids[1 - nb:] if nb == 0 else ids)[:, None]).mean()
+    assert abs(stored["ce"][1] - float(ce)) < 1e-4
+
+
+def test_storage_is_under_a_quarter_of_the_official_format(pipeline):
+    """The official format is about 120 bytes per token per model (fp16 logits + int64 ids, padded)."""
+    files = list((pipeline / "models" / "target").glob("shard-*.npz"))
+    tokens = sum(int(np.load(f)["offsets"][-1]) for f in files)
+    assert sum(f.stat().st_size for f in files) / tokens <= 30
+
+
+def test_resume_after_a_kill_gives_byte_identical_shards(world, pipeline, tmp_path):
+    shutil.copytree(pipeline / "windows", tmp_path / "windows")
+    shutil.copy(pipeline / "manifest.json", tmp_path)
+    data.compute_dists(tmp_path, world / "source", "source", topk=5, batch_size=3, quiet=True)
+    last = sorted((tmp_path / "models" / "source").glob("shard-*.npz"))[-1]
+    last.unlink()                                                   # killed while writing the last shard:
+    (last.parent / f".{last.name}.tmp999").write_bytes(b"partial")  # only its temporary file remains
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models" / "source").glob("shard-*.npz")}
+    data.compute_dists(tmp_path, world / "source", "source", topk=5, batch_size=3, quiet=True)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models" / "source").glob("shard-*.npz")}
+    assert {k: v for k, v in after.items() if k in before} == before, "finished shards are not redone"
+    theirs = tree(pipeline / "models" / "source")
+    ours = tree(tmp_path / "models" / "source")
+    assert {k: v for k, v in ours.items() if not k.startswith(".")} == theirs
+
+
+def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, tmp_path, monkeypatch):
+    shutil.copytree(pipeline / "windows", tmp_path / "windows")
+    shutil.copy(pipeline / "manifest.json", tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        data.compute_dists(tmp_path, world / "target", "target", topk=5, batch_size=3, quiet=True)
+        if rank == "0":
+            done = sorted(p.name for p in (tmp_path / "models" / "target").glob("shard-*.npz"))
+            assert done == [f"shard-{s:05d}.npz" for s in range(0, data.load_manifest(tmp_path)["shards"], 2)]
+    assert tree(tmp_path / "models" / "target") == tree(pipeline / "models" / "target")
+
+
+# --- alignment, diagnostics, fusion-ready data -------------------------------------------------------------
+
+def test_diagnostics_are_saved_next_to_the_data(pipeline):
+    diag = json.loads((pipeline / "aligned" / "source" / "diagnostics.json").read_text())
+    assert diag["positions"] == sum(int(np.load(f)["offsets"][-1])
+                                    for f in (pipeline / "models" / "target").glob("shard-*.npz"))
+    assert 0.3 < diag["aligned_1to1"] <= 1 and abs(diag["aligned_1to1"] + diag["fallback"] - 1) < 1e-9
+    assert 0 <= diag["topk_mass_lost_in_vocab_map"] < 1
+    assert diag["most_frequent_unmatched"] and {"source", "target", "count"} <= set(diag["most_frequent_unmatched"][0])
+
+
+def test_fusion_data_gives_every_candidate_per_window(pipeline, world):
+    fd = data.FusionData(pipeline)
+    assert fd.sources == ["source"]
+    tok = load_tokenizer(world / "target")
+    windows = data.read_windows(pipeline, 1)
+    for item, win in zip(fd.shard(1), windows):
+        n = len(tok.encode(win["text"]))
+        assert item["target"]["topk_ids"].shape == (n, 5)
+        src = item["sources"]["source"]
+        assert len(src["counts"]) == n and len(src["ids"]) == src["counts"].sum() == len(src["logprobs"])
+        assert (src["ids"] < tok.vocab_size).all() and np.isfinite(src["ce"])
+        assert (np.exp(src["logprobs"]) <= 1 + 1e-6).all()
+
+
+def test_adding_a_source_later_leaves_the_first_untouched(world, pipeline, tmp_path):
+    shutil.copytree(pipeline, tmp_path / "d")
+    before = tree(tmp_path / "d")
+    data.compute_dists(tmp_path / "d", world / "source2", "source2", topk=5, batch_size=3, quiet=True)
+    data.align_source(tmp_path / "d", "source2", quiet=True)
+    after = tree(tmp_path / "d")
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert any(k.startswith("aligned/source2/shard-") for k in after)
+    assert data.FusionData(tmp_path / "d").sources == ["source", "source2"]
+
+
+def test_command_line_runs_all_stages_and_prints_progress(world, tmp_path, capsys):
+    data.main(["all", "--corpus", str(world / "corpus"), "--target", str(world / "target"), "--sources",
+               str(world / "source"), "--out", str(tmp_path / "d"), "--seq-len", str(SEQ), "--topk", "3"])
+    out = capsys.readouterr().out
+    assert "expected disk at most" in out and "tokens/s" in out and "ETA" in out and "aligned 1:1" in out
+    assert (tmp_path / "d" / "aligned" / "source" / "diagnostics.json").is_file()
+
+
+# --- bad input: one clear error, nothing half-written ------------------------------------------------------
+
+def test_empty_corpus(world, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "   "}\n')
+    with pytest.raises(data.DataError, match="no documents with text"):
+        data.build_windows(tmp_path / "c.jsonl", world / "target", [], tmp_path / "d", quiet=True)
+    assert not (tmp_path / "d" / "windows").exists() and not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_binary_file_in_corpus_is_named(world, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("fine text")
+    (tmp_path / "c" / "b.txt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(data.DataError, match=r"b\.txt: not UTF-8 text"):
+        data.build_windows(tmp_path / "c", world / "target", [], tmp_path / "d", quiet=True)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []
+
+
+def test_tokenizer_that_yields_no_tokens(world, tmp_path, monkeypatch):
+    import tokenizer
+
+    class Mute:
+        kind, vocab_size, bos_id, eos_id = "mute", 10, None, None
+
+        def encode(self, text):
+            return [] if "zzz" in text else [1] * len(text.split())
+
+    real = tokenizer.load_tokenizer
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda p: Mute() if "mute" in str(p) else real(p))
+    (tmp_path / "c.jsonl").write_text('{"text": "hello there"}\n{"text": "zzz"}\n')
+    with pytest.raises(data.DataError, match=r"mute yields no tokens for window 0 of document 1 \('zzz'\)"):
+        data.build_windows(tmp_path / "c.jsonl", world / "target", [tmp_path / "mute"], tmp_path / "d", quiet=True)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []
+
+
+def test_source_whose_tokenizer_does_not_fit_its_model(world, pipeline, tmp_path):
+    shutil.copytree(world / "source", tmp_path / "bad")
+    shutil.copy(world / "source2" / "tokenizer.json", tmp_path / "bad")   # 700 tokens for a 520-row embedding
+    with pytest.raises(fusellm.CheckpointError, match="tokenizer has 700 tokens but the model's embedding has only 520"):
+        data.compute_dists(pipeline, tmp_path / "bad", "bad", quiet=True)
+    assert not (pipeline / "models" / "bad").exists()
+
+
+def test_changed_tokenizer_is_caught_at_alignment(world, pipeline, tmp_path):
+    shutil.copytree(pipeline, tmp_path / "d")
+    info = json.loads((tmp_path / "d" / "models" / "source" / "info.json").read_text())
+    info["tokenizer"] = "0" * 16
+    (tmp_path / "d" / "models" / "source" / "info.json").write_text(json.dumps(info))
+    shutil.rmtree(tmp_path / "d" / "aligned")
+    with pytest.raises(data.DataError, match="changed since `dists --name source` ran"):
+        data.align_source(tmp_path / "d", "source", quiet=True)
+
+
+def test_stages_out_of_order_say_what_to_run(tmp_path):
+    with pytest.raises(data.DataError, match="run `python data.py windows`"):
+        data.compute_dists(tmp_path, tmp_path, "x", quiet=True)
