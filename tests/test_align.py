@@ -52,7 +52,7 @@ def test_lesson_one_target_token_made_of_two_source_tokens_falls_back_to_the_nex
     src, tgt = ["▁un", "believ", "able"], ["▁unbeliev", "able"]
     alignment = align.dtw(src, tgt)
     assert alignment == [[0, 1], [2]]
-    topk = np.array([[1], [2], [0]])
+    topk = np.array([[1], [2], [2]])                # source 'able' predicts 'able' (source id 2 -> target id 1)
     lp = np.zeros((3, 1))
     vmap = np.array([-1, -1, 1])
     out = align.transfer(alignment, [0, 1, 2], [0, 1], topk, lp, vmap, src, tgt)
@@ -110,6 +110,14 @@ def test_lesson_transfer_maps_merges_and_counts_lost_mass():
     assert np.isclose(out.stats["lost_mass"], 0.1) and np.isclose(out.stats["kept_mass"], 0.9)
     first = align.transfer([[0]], [0], [0], topk, lp, vmap, src_vocab, tgt_vocab, merge="first")
     assert np.allclose(np.exp(first.logprobs), [0.6])
+
+
+def test_matched_position_whose_predictions_all_leave_the_vocabulary_falls_back():
+    """Tokens match 1:1, but every top-K id has no target entry: nothing to carry over, so a one-hot."""
+    out = align.transfer([[0], [1]], [0, 1], [0, 1], np.array([[2], [2]]), np.zeros((2, 1)), np.array([0, 1, -1]),
+                         ["▁a", "▁b", "▁zz"], ["▁a", "▁b"])
+    assert out.fallback.tolist() == [True, True] and np.isclose(out.stats["lost_mass"], 2.0)
+    assert out.onehot.tolist() == [1, -1]
 
 
 def test_mined_mode_accepts_a_vocab_map_match_that_em_refuses():
