@@ -183,7 +183,7 @@ def _backtrack(D, source, target, ties):
         if ties == "closest" and len(tied) > 1:
             k = min(tied, key=lambda k: (abs(end_s[cand[k][0] - 1] - end_t[cand[k][1] - 1]), k))
         i, j = cand[k]
-    return [sorted(x) for x in out]
+    return [x[::-1] for x in out]          # i never grows on the way back: each list was built descending
 
 
 def dtw(source: list[str], target: list[str], ties: str = "closest", cost: np.ndarray | None = None) -> list[list[int]]:

@@ -2,13 +2,26 @@
 bench.py: benchmarks, each reporting ratios measured in one run.
 
     python bench.py load [--dim 1024 --layers 8 --vocab 32000]
+    python bench.py align [--blocks 20]
+    python bench.py vocab-map [--source-size 50000]
+    python bench.py dists [--dim 512 --layers 8]
 
-load: build a random Llama checkpoint of about the given size, then in fresh processes time
-`fusellm.load_model` (and `transformers` when installed) and record peak resident memory (VmHWM) after
-loading and after one forward pass, against the checkpoint's size on disk.
+load: build a random Llama checkpoint, then in fresh processes time `fusellm.load_model` (and
+`transformers` when installed) and record peak resident memory (VmHWM) after loading and after one
+forward pass, against the checkpoint's size on disk.
+align: MinED DTW throughput (target tokens/s) on 2048-token blocks of standard-library code tokenised by
+Mistral's sentencepiece model (Llama-2 style) and Llama-3's byte-level BPE: the fast path, cold and with
+its pair-cost cache over consecutive blocks, against the readable reference DP and a port of the official
+pure-Python DTW (per-cell loop, C edit distance from the `editdistance` package), checking equal output.
+vocab-map: MinED vocab map of the first N cl100k tokens onto Mistral's 32768, against the official
+approach (every pair through editdistance), extrapolated from a timed sample.
+dists: forward + top-K throughput of our model against transformers on one random checkpoint, and the
+bytes per token of the shards data.py writes.
+The real tokenizers come from the registry packages in requirements-testdata.txt.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -82,6 +95,185 @@ def bench_load(a):
             print(f"{which:<13}{r['load_s']:>8.3f}{r['fwd_s']:>11.3f}{load_mem:>19.2f} x ckpt{fwd_mem:>11.2f} x ckpt")
 
 
+def package_file(package, *parts):
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"bench needs the package {package}: pip install --no-deps -r requirements-testdata.txt")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+def real_tokenizers():
+    from tokenizer import load_tokenizer
+    mistral = package_file("mistral_common", "data", "mistral_instruct_tokenizer_240323.model.v3")
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "tokenizer.model").write_bytes(mistral.read_bytes())
+    return load_tokenizer(tmp), load_tokenizer(package_file("llama_models", "llama3", "tokenizer.model"))
+
+
+def code_blocks(target_tok, source_tok, n_blocks, size=2048):
+    """Consecutive size-token blocks (target tokens) of standard-library code, each with its source tokens."""
+    import sysconfig
+    import align
+    blocks = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        ids = target_tok.encode(f.read_text(encoding="utf-8", errors="replace"))
+        for k in range(0, len(ids) - size, size):
+            text = target_tok.decode(ids[k:k + size])
+            t = [align.normalize(target_tok.token_bytes(i)) for i in target_tok.encode(text)]
+            s = [align.normalize(source_tok.token_bytes(i)) for i in source_tok.encode(text)]
+            blocks.append((s, t))
+            if len(blocks) == n_blocks:
+                return blocks
+    return blocks
+
+
+def official_dtw(series_1, series_2, norm_func):
+    """The official FuseLLM DTW as DESIGN.md describes it: a pure-Python loop over the full (n+1, m+1) numpy
+    table, then a backtrack taking np.argmin over (diagonal, source step, target step)."""
+    import numpy as np
+    matrix = np.zeros((len(series_1) + 1, len(series_2) + 1))
+    matrix[0, :] = np.inf
+    matrix[:, 0] = np.inf
+    matrix[0, 0] = 0
+    for i, vec1 in enumerate(series_1):
+        for j, vec2 in enumerate(series_2):
+            cost = norm_func(vec1, vec2)
+            matrix[i + 1, j + 1] = cost + min(matrix[i, j + 1], matrix[i + 1, j], matrix[i, j])
+    matrix = matrix[1:, 1:]
+    i, j = matrix.shape[0] - 1, matrix.shape[1] - 1
+    mappings_2 = [[] for _ in range(matrix.shape[1])]
+    while i > 0 or j > 0:
+        mappings_2[j].append(i)
+        diag = matrix[i - 1, j - 1] if i > 0 and j > 0 else np.inf
+        up = matrix[i - 1, j] if i > 0 else np.inf
+        left = matrix[i, j - 1] if j > 0 else np.inf
+        move = np.argmin([diag, up, left])
+        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
+    mappings_2[0].append(0)
+    return [sorted(x) for x in mappings_2]
+
+
+def bench_align(a):
+    import align
+    try:
+        import editdistance
+    except ImportError:
+        raise SystemExit("bench align needs editdistance for the official baseline: pip install editdistance")
+    tgt_tok, src_tok = real_tokenizers()
+    blocks = code_blocks(tgt_tok, src_tok, a.blocks)
+    s, t = blocks[0]
+    print(f"{len(blocks)} blocks of {len(t)} target tokens (Mistral sentencepiece) vs ~{len(s)} source tokens "
+          f"(Llama-3 byte-level BPE), standard-library code; 1 core for the Python paths")
+    t0 = time.perf_counter()
+    official = official_dtw(s, t, lambda x, y: editdistance.eval(x, y))
+    t_official = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = align.dtw_reference(s, t, ties="official")
+    t_reference = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast = align.dtw(s, t, ties="official")
+    t_fast = time.perf_counter() - t0
+    print(f"identical output: official port == reference == fast: {official == reference == fast}")
+    def over_blocks(costs):
+        t0, n = time.perf_counter(), 0
+        for s_, t_ in blocks:
+            align.dtw(s_, t_, cost=costs(s_, t_))
+            n += len(t_)
+        return n / (time.perf_counter() - t0)
+
+    rows = [("official-style DTW (editdistance)", len(t) / t_official), ("reference DP (pure Python)", len(t) / t_reference),
+            ("fast, first block", len(t) / t_fast),
+            (f"fast, {len(blocks)} blocks", over_blocks(align.pair_costs)),
+            (f"fast + pair-cost cache, {len(blocks)} blocks", over_blocks(align.PairCosts()))]
+    base = rows[0][1]
+    print(f"{'path':<40}{'target tok/s':>14}{'x official':>12}")
+    for name, tps in rows:
+        print(f"{name:<40}{tps:>14,.0f}{tps / base:>12.1f}")
+
+
+def bench_vocab_map(a):
+    import base64
+    import numpy as np
+    import align
+    try:
+        import editdistance
+    except ImportError:
+        raise SystemExit("bench vocab-map needs editdistance for the official baseline: pip install editdistance")
+    mistral, _ = real_tokenizers()
+    lines = package_file("tiktoken_ext", "data", "cl100k_base.tiktoken").read_text().split()
+    src = [align.normalize(base64.b64decode(lines[2 * i])) for i in range(a.source_size)]
+    tgt = align.normalized_vocab(mistral)
+    t0 = time.perf_counter()
+    m, d = align.vocab_map_mined(src, tgt)
+    t_ours = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    sample = [src[i] for i in rng.choice(len(src), 20, replace=False)]
+    t0 = time.perf_counter()
+    for x in sample:
+        min(range(len(tgt)), key=lambda j: editdistance.eval(x, tgt[j]))
+    per_token = (time.perf_counter() - t0) / len(sample)
+    t_official = per_token * len(src)
+    print(f"MinED vocab map, {len(src)} cl100k tokens onto Mistral's {len(tgt)}: {(d == 0).mean():.1%} exact, "
+          f"{(d == 1).mean():.1%} at distance 1, {(d >= 2).mean():.1%} farther")
+    print(f"ours: {t_ours:.1f} s on {os.cpu_count()} cores; official approach (every pair, editdistance): "
+          f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
+
+
+def bench_dists(a):
+    import numpy as np
+    import data
+    args = fusellm.ModelArgs(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
+                             n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
+                             sliding_layers=(False,) * a.layers)
+    torch.manual_seed(0)
+    model = fusellm.Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    B, T, K = 4, 512, 10
+    x = torch.randint(0, 32000, (B, T))
+
+    def ours():
+        with torch.no_grad():
+            return model(x).log_softmax(-1).topk(K)
+
+    def time_it(f, reps=3):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - t0) / reps
+
+    rows = [("nanofuse", B * T / time_it(ours))]
+    try:
+        import transformers
+        with tempfile.TemporaryDirectory() as d:
+            fusellm.save_model(model, d)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+            def theirs():
+                with torch.no_grad():
+                    return ref(x).logits.log_softmax(-1).topk(K)
+            rows.append(("transformers", B * T / time_it(theirs)))
+    except ImportError:
+        pass
+    print(f"forward + top-{K}, Llama dim={a.dim} layers={a.layers} vocab=32000, batch {B}x{T}, fp32 on "
+          f"{torch.get_num_threads()} CPU threads")
+    for name, tps in rows:
+        print(f"{name:<14}{tps:>10,.0f} tokens/s{tps / rows[0][1]:>8.2f}x")
+    # bytes per token of the stored format, on this model's real top-K
+    with torch.no_grad():
+        top = ours()
+    ids = top.indices.reshape(-1, K).numpy().astype(data.id_dtype(32000))
+    lp = data.quantize_logprobs(top.values.reshape(-1, K).numpy(), 8)
+    with tempfile.TemporaryDirectory() as d:
+        data.save_npz(Path(d) / "s.npz", topk_ids=ids, topk_logprobs=lp)
+        size = (Path(d) / "s.npz").stat().st_size
+    print(f"stored: {size / (B * T):.1f} bytes/token (official format: ~120; raw uint16 ids + uint8 log-probs: "
+          f"{K * 3})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -89,8 +281,15 @@ def main():
     load.add_argument("--dim", type=int, default=1024)
     load.add_argument("--layers", type=int, default=8)
     load.add_argument("--vocab", type=int, default=32000)
+    al = sub.add_parser("align", help="MinED DTW throughput against the official-style DTW")
+    al.add_argument("--blocks", type=int, default=20)
+    vm = sub.add_parser("vocab-map", help="MinED vocab map time for real-sized vocabularies")
+    vm.add_argument("--source-size", type=int, default=50000)
+    ds = sub.add_parser("dists", help="forward + top-K throughput against transformers; bytes/token")
+    ds.add_argument("--dim", type=int, default=512)
+    ds.add_argument("--layers", type=int, default=8)
     a = p.parse_args()
-    {"load": bench_load}[a.cmd](a)
+    {"load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists}[a.cmd](a)
 
 
 if __name__ == "__main__":
