@@ -5,6 +5,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py align [--blocks 20]
     python bench.py vocab-map [--source-size 50000]
     python bench.py dists [--dim 512 --layers 8]
+    python bench.py train [--dim 512 --layers 8 --steps 5]
 
 load: build a random Llama checkpoint, then in fresh processes time `fusellm.load_model` (and
 `transformers` when installed) and record peak resident memory (VmHWM) after loading and after one
@@ -17,6 +18,8 @@ vocab-map: MinED vocab map of the first N cl100k tokens onto Mistral's 32768, ag
 approach (every pair through editdistance), extrapolated from a timed sample.
 dists: forward + top-K throughput of our model against transformers on one random checkpoint, and the
 bytes per token of the shards data.py writes.
+train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
+CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
 The real tokenizers come from the registry packages in requirements-testdata.txt.
 """
 import argparse
@@ -274,6 +277,60 @@ def bench_dists(a):
           f"{K * 3})")
 
 
+TRAIN_CHILD = r"""
+import json, sys, time, torch
+import fusellm, train
+lam, dim, layers, steps = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cuda = torch.cuda.is_available()
+device = "cuda" if cuda else "cpu"
+torch.manual_seed(0)
+V, B, T, C, K = 32000, 4, 512, 3, 10
+args = fusellm.ModelArgs(vocab_size=V, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64, head_dim=64,
+                         hidden_dim=int(dim * 8 / 3) // 64 * 64, sliding_layers=(False,) * layers)
+model = fusellm.Transformer(args).to(device).train()
+cfg = train.TrainConfig(lam=lam, batch_size=B)
+opt = train.make_optimizer(model, cfg, device)
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, V, (B, T), generator=g)
+batch = dict(input_ids=x, labels=torch.roll(x, -1, 1), cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
+             cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1), cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
+             window_ce=torch.rand(C, B, generator=g) + 2, fusion_mask=torch.ones(B, T, dtype=torch.bool))
+autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else train._null
+def step():
+    train.step_losses(model, [batch], cfg, lam, V, device, 1, autocast)
+    opt.step(); opt.zero_grad(set_to_none=True)
+step()
+if cuda:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+for _ in range(steps):
+    step()
+if cuda:
+    torch.cuda.synchronize()
+dt = (time.perf_counter() - t0) / steps
+peak = torch.cuda.max_memory_allocated() if cuda else [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps(dict(step_s=dt, peak=peak, tokens_per_s=B * T / dt, device=device)))
+"""
+
+
+def bench_train(a):
+    rows = []
+    for name, lam in (("CLM only (lambda=1)", 1.0), ("CLM + fusion (lambda=0.9)", 0.9)):
+        out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(lam), str(a.dim), str(a.layers), str(a.steps)],
+                             capture_output=True, text=True, cwd=Path(__file__).parent)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        rows.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+    dev = rows[0][1]["device"]
+    mem = "peak GPU memory" if dev == "cuda" else "peak RSS"
+    print(f"train step, Llama dim={a.dim} layers={a.layers} vocab=32000, batch 4x512, 3 candidates x top-10, on {dev}")
+    print(f"{'step':<28}{'s/step':>9}{'tokens/s':>11}{mem:>18}")
+    for name, r in rows:
+        print(f"{name:<28}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{r['peak'] / 2**20:>14,.0f} MiB")
+    (_, c), (_, f) = rows
+    print(f"fusion / CLM: time {f['step_s'] / c['step_s']:.3f}x, memory {f['peak'] / c['peak']:.3f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -288,8 +345,13 @@ def main():
     ds = sub.add_parser("dists", help="forward + top-K throughput against transformers; bytes/token")
     ds.add_argument("--dim", type=int, default=512)
     ds.add_argument("--layers", type=int, default=8)
+    tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
+    tr.add_argument("--dim", type=int, default=512)
+    tr.add_argument("--layers", type=int, default=8)
+    tr.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
-    {"load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists}[a.cmd](a)
+    {"load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
+     "train": bench_train}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -445,11 +445,8 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
                     raise DataError(f"window {w} of shard {s}: {who}'s tokens differ from those its distributions "
                                     f"were computed on; rerun `dists --name {who}`")
             a, b = src["offsets"][w], src["offsets"][w + 1]
-            s_norm, t_norm = [sv[i] for i in s_ids], [tv[i] for i in t_ids]
-            alignment = align.dtw(s_norm, t_norm, ties=ties, cost=costs(s_norm, t_norm))
-            tr = align.transfer(alignment, s_ids, t_ids, src["topk_ids"][a:b].astype(np.int64),
-                                dequantize_logprobs(src["topk_logprobs"][a:b]), vmap, sv, tv,
-                                mode=vocab_kind, fallback=fallback, merge=merge)
+            tr = align_window(s_ids, t_ids, src["topk_ids"][a:b].astype(np.int64),
+                              dequantize_logprobs(src["topk_logprobs"][a:b]), vmap, sv, tv, costs, settings)
             counts.append(np.diff(tr.offsets).astype(np.uint8))
             ids.append(tr.ids.astype(T_dtype))
             lps.append(quantize_logprobs(tr.logprobs, 8))
@@ -464,6 +461,15 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
     if not quiet:
         print_diagnostics(name, diag)
     return diag
+
+
+def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs, settings) -> align.Transferred:
+    """One window: MinED DTW between the two token sequences, then the distribution transfer (align.py).
+    settings: vocab_map, ties, fallback, merge (as align_source takes them)."""
+    s_norm, t_norm = [src_vocab[i] for i in s_ids], [tgt_vocab[i] for i in t_ids]
+    alignment = align.dtw(s_norm, t_norm, ties=settings["ties"], cost=costs(s_norm, t_norm))
+    return align.transfer(alignment, s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
+                          mode=settings["vocab_map"], fallback=settings["fallback"], merge=settings["merge"])
 
 
 def _model_info(out, name):
@@ -517,12 +523,17 @@ def print_diagnostics(name, diag):
 
 
 class FusionData:
-    """Per window: the target's tokens, its own top-K, and every source's aligned top-K in target ids,
-    with every candidate's CE. Sources are the folders under out/aligned/."""
+    """Per window: the target's tokens (re-encoded with `tokenizer`, checked against the stored checksum), its
+    own top-K, and every source's aligned top-K in target ids, with every candidate's CE. Sources are the
+    folders under out/aligned/ unless named. Data made for another target tokenizer is refused."""
 
-    def __init__(self, out, target="target", sources=None):
-        self.out, self.target = Path(out), target
+    def __init__(self, out, tokenizer=None, target="target", sources=None):
+        self.out, self.target, self.tok = Path(out), target, tokenizer
         self.manifest = load_manifest(out)
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["target_tokenizer"]:
+            raise DataError(f"{self.out} was made for another target tokenizer (fingerprint "
+                            f"{self.manifest['target_tokenizer']}, this one {tokenizer_fingerprint(tokenizer)}); "
+                            f"run data.py for this target")
         self.sources = sources if sources is not None else sorted(p.name for p in (self.out / "aligned").glob("*")
                                                                   if p.is_dir())
         self._cache = {}
@@ -533,11 +544,17 @@ class FusionData:
         tgt = read_dists(self.out, self.target, s)
         srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
         windows = []
-        for w in range(len(tgt["ce"])):
+        for w, win in enumerate(read_windows(self.out, s)):
             a, b = tgt["offsets"][w], tgt["offsets"][w + 1]
-            item = {"target": {"topk_ids": tgt["topk_ids"][a:b].astype(np.int64),
+            item = {"text": win["text"],
+                    "target": {"topk_ids": tgt["topk_ids"][a:b].astype(np.int64),
                                "topk_logprobs": dequantize_logprobs(tgt["topk_logprobs"][a:b]),
                                "ce": float(tgt["ce"][w])}, "sources": {}}
+            if self.tok is not None:
+                item["tokens"] = self.tok.encode(win["text"])
+                if token_checksum(item["tokens"]) != tgt["checksum"][w]:
+                    raise DataError(f"{self.out}: window {w} of shard {s} tokenises differently than when its "
+                                    f"distributions were made; rerun data.py")
             for n, z in srcs.items():
                 counts = z["counts"][a:b]
                 start = int(z["counts"][:a].sum())
@@ -547,6 +564,9 @@ class FusionData:
             windows.append(item)
         self._cache = {s: windows}
         return windows
+
+    def windows_per_shard(self) -> list[int]:
+        return [len(read_windows(self.out, s)) for s in range(self.manifest["shards"])]
 
 
 # ----------------------------------------------------------------------------------------------------

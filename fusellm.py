@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tokenizer import Tokenizer, load_tokenizer  # noqa: F401  (re-exported)
 
@@ -317,6 +318,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False
 
     def positions(self, T: int, device, dtype):
         """RoPE (cos, sin) of shape (T, hd), or the ALiBi additive mask (1, H, T, T)."""
@@ -336,7 +338,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(input_ids)                                   # (B, T, C)
         rope, alibi = self.positions(input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, alibi)
+            if self.gradient_checkpointing and self.training:               # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, alibi, use_reentrant=False)
+            else:
+                x = layer(x, rope, alibi)
         return self.output(self.norm(x)).float()                            # (B, T, V)
 
 
@@ -632,6 +637,83 @@ def check_tokenizer_fits(tok: Tokenizer, model: Transformer, path="model"):
     if tok.vocab_size > model.args.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's embedding has "
                               f"only {model.args.vocab_size} rows; this tokenizer does not belong to this model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fusion (paper section 3): combine the candidates' distributions into one target P_t, and train on it.
+# A distribution over the vocabulary is kept sparse: ids (..., E) and probabilities (..., E) summing to 1.
+
+FUSIONS = ("mince", "avgce", "mince_token", "avgce_token")
+
+
+def sparse_soft_ce(logits, ids, probs):
+    """Soft-label cross-entropy against a sparse P: -sum_v P(v) log softmax(z)(v) = logsumexp(z) - sum_k p_k z[id_k]
+    (using sum_k p_k = 1), without a dense (B, T, V) target. logits (B, T, V), ids/probs (B, T, E) -> (B, T)."""
+    return torch.logsumexp(logits, dim=-1) - (probs * logits.gather(-1, ids)).sum(-1)
+
+
+def avgce_weights(ce, kind: str = "official", tau: float = 1.0):
+    """AvgCE weights over candidates from their CE (candidates on dim 0). "official": softmax(exp(-CE)), what
+    the official code computes (close to uniform, since exp(-CE) lies in (0, 1]); "softmax": softmax(-CE / tau),
+    which really favours the candidates that predict the text better."""
+    if kind == "official":
+        return torch.softmax(torch.exp(-ce), dim=0)
+    if kind == "softmax":
+        return torch.softmax(-ce / tau, dim=0)
+    raise ValueError(f"AvgCE weights {kind!r}: choose 'official' or 'softmax'")
+
+
+def fuse(cand_ids, cand_logprobs, cand_fallback, window_ce, labels, method="mince", temperature=1.0,
+         avg_weights="official", tau=1.0):
+    """The fused target distribution P_t at every position, from C candidates (the target itself first).
+
+    cand_ids, cand_logprobs (C, B, T, K): each candidate's top-K in target ids (-inf log-prob: no entry);
+    cand_fallback (C, B, T): where a candidate has no distribution and falls back to a one-hot on the label;
+    window_ce (C, B): each candidate's CE on the window; labels (B, T): the next tokens.
+    Each candidate's top-K is renormalised (with temperature: p_k ~ exp(log p_k / T)) so it sums to one.
+
+    - mince (paper): per window, the candidate of lowest CE.
+    - avgce (paper): per window, the candidates mixed with avgce_weights(CE).
+    - mince_token: per position, the candidate giving the label the highest probability (lowest token CE);
+      candidates that fall back or miss the label in their top-K do not compete; none left: one-hot.
+    - avgce_token: per position, weights softmax(-token CE / tau) over the competing candidates.
+    Ties go to the earlier candidate (the target). Returns ids (B, T, E), probs (B, T, E)."""
+    if method not in FUSIONS:
+        raise ValueError(f"fusion {method!r}: choose one of {FUSIONS}")
+    C, B, T, K = cand_ids.shape
+    p = torch.softmax(cand_logprobs / temperature, dim=-1).nan_to_num(0.0)            # (C, B, T, K)
+    onehot_ids = labels.clamp(min=0)[None, :, :, None].expand(C, B, T, 1)
+    onehot_p = torch.ones(C, B, T, 1, dtype=p.dtype, device=p.device)
+    # each candidate as a K+1 entry distribution: its top-K, or the one-hot where it falls back
+    fb = cand_fallback[..., None]
+    ids = torch.cat([cand_ids, onehot_ids], dim=-1)                                    # (C, B, T, K+1)
+    probs = torch.cat([p.masked_fill(fb, 0.0), onehot_p.masked_fill(~fb, 0.0)], dim=-1)
+    if method in ("mince", "avgce"):
+        if method == "mince":
+            w = F.one_hot(window_ce.argmin(dim=0), C).T.to(p.dtype)                    # (C, B)
+        else:
+            w = avgce_weights(window_ce, avg_weights, tau)                             # (C, B)
+        w = w[:, :, None, None].expand(C, B, T, 1)
+    else:
+        # token CE: -log p(label) from the renormalised top-K; +inf where the candidate cannot compete
+        hit = (cand_ids == labels[None, :, :, None]) & (p > 0)
+        p_label = (p * hit).sum(-1)                                                    # (C, B, T)
+        tok_ce = torch.where((p_label > 0) & ~cand_fallback, -torch.log(p_label), torch.inf)
+        compete = torch.isfinite(tok_ce)
+        if method == "mince_token":
+            w = F.one_hot(tok_ce.argmin(dim=0), C).permute(2, 0, 1).to(p.dtype) * compete   # (C, B, T)
+        else:
+            w = torch.softmax(torch.where(compete, -tok_ce / tau, -torch.inf), dim=0).nan_to_num(0.0)
+        w = w[..., None]                                                               # (C, B, T, 1)
+        none = ~compete.any(dim=0)                                                     # (B, T): one-hot on the label
+        probs = probs * w
+        ids = ids.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
+        probs = probs.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
+        ids = torch.cat([ids, labels.clamp(min=0)[..., None]], dim=-1)
+        probs = torch.cat([probs, none[..., None].to(p.dtype)], dim=-1)
+        return ids, probs
+    probs = probs * w
+    return (ids.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1)), probs.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1)))
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Shared helpers: the mixed text every tokenizer must survive, and tiny models and real tokenizer files."""
 import importlib.util
+import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,3 +53,74 @@ def stdlib_texts(n: int = 20, max_chars: int = 20000) -> list[str]:
     import sysconfig
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
     return [f.read_text(encoding="utf-8", errors="replace")[:max_chars] for f in files]
+
+
+# --- a tiny world: corpus, target, sources, and its fusion-ready data (shared by data and training tests) ---
+SEQ = 200
+
+
+def sentencepiece_model(texts, vocab_size):
+    """A Llama-2-style sentencepiece BPE (byte fallback, no normalisation) trained on the texts: the model file."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+                                   vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
+    return buf.getvalue()
+
+
+def byte_level_bpe(texts, vocab_size):
+    """A GPT-2-style byte-level BPE trained on the texts with HF tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def llama(vocab, seed):
+    import fusellm
+    args = fusellm.ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                             sliding_layers=(False, False))
+    return randomize_(fusellm.Transformer(args), seed, 0.1)
+
+
+def mpt(vocab, seed):
+    import fusellm
+    args = fusellm.ModelArgs(model_type="mpt", vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=4,
+                             head_dim=8, hidden_dim=128, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi",
+                             norm_eps=1e-5, sliding_layers=(False, False))
+    return randomize_(fusellm.Transformer(args), seed, 0.1)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A corpus of standard-library code, a sentencepiece-BPE Llama target, a byte-level-BPE MPT source, and a
+    second byte-level Llama source, all tiny and random."""
+    import fusellm
+    root = tmp_path_factory.mktemp("world")
+    texts = stdlib_texts(26)
+    (root / "corpus").mkdir()
+    with open(root / "corpus" / "docs.jsonl", "w") as f:
+        for t in texts[20:26]:
+            f.write(json.dumps({"text": t[:2500]}) + "\n")
+    fusellm.save_model(llama(400, 0), root / "target")
+    (root / "target" / "tokenizer.model").write_bytes(sentencepiece_model(texts[:20], 400))
+    fusellm.save_model(mpt(520, 1), root / "source")
+    byte_level_bpe(texts[:20], 512).save(str(root / "source" / "tokenizer.json"))
+    fusellm.save_model(llama(700, 2), root / "source2")
+    byte_level_bpe(texts[:10], 700).save(str(root / "source2" / "tokenizer.json"))
+    run_pipeline(root, root / "data")         # fusion-ready data with the target and one source: root / "data"
+    return root
+
+
+def run_pipeline(world, out, sources=("source",)):
+    import data
+    data.build_windows(world / "corpus", world / "target", [world / s for s in sources], out, seq_len=SEQ,
+                       shard_windows=4, quiet=True)
+    for name in ("target", *sources):
+        data.compute_dists(out, world / name, name, topk=5, batch_size=3, quiet=True)
+    return [data.align_source(out, s, quiet=True) for s in sources]

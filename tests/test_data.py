@@ -1,6 +1,5 @@
 """The data pipeline turns a corpus into fusion-ready shards: windows every tokenizer fits, each model's top-K,
 sources aligned onto the target; resumable, shard by shard, with nothing half-written."""
-import io
 import json
 import os
 import shutil
@@ -11,71 +10,8 @@ import torch
 
 import data
 import fusellm
-from conftest import randomize_, stdlib_texts
+from conftest import SEQ, run_pipeline, stdlib_texts  # noqa: F401  (world: a fixture in conftest)
 from tokenizer import load_tokenizer
-
-spm = pytest.importorskip("sentencepiece")
-hf = pytest.importorskip("tokenizers")
-SEQ = 200
-
-
-def sentencepiece_model(texts, vocab_size):
-    buf = io.BytesIO()
-    lines = [line for t in texts for line in t.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
-                                   vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True)
-    return buf.getvalue()
-
-
-def byte_level_bpe(texts, vocab_size):
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = hf.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
-def llama(vocab, seed):
-    args = fusellm.ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
-                             sliding_layers=(False, False))
-    return randomize_(fusellm.Transformer(args), seed, 0.1)
-
-
-def mpt(vocab, seed):
-    args = fusellm.ModelArgs(model_type="mpt", vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=4,
-                             head_dim=8, hidden_dim=128, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi",
-                             norm_eps=1e-5, sliding_layers=(False, False))
-    return randomize_(fusellm.Transformer(args), seed, 0.1)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A corpus of standard-library code, a sentencepiece-BPE Llama target, a byte-level-BPE MPT source, and a
-    second byte-level Llama source, all tiny and random."""
-    root = tmp_path_factory.mktemp("world")
-    texts = stdlib_texts(26)
-    (root / "corpus").mkdir()
-    with open(root / "corpus" / "docs.jsonl", "w") as f:
-        for t in texts[20:26]:
-            f.write(json.dumps({"text": t[:2500]}) + "\n")
-    fusellm.save_model(llama(400, 0), root / "target")
-    (root / "target" / "tokenizer.model").write_bytes(sentencepiece_model(texts[:20], 400))
-    fusellm.save_model(mpt(520, 1), root / "source")
-    byte_level_bpe(texts[:20], 512).save(str(root / "source" / "tokenizer.json"))
-    fusellm.save_model(llama(700, 2), root / "source2")
-    byte_level_bpe(texts[:10], 700).save(str(root / "source2" / "tokenizer.json"))
-    return root
-
-
-def run_pipeline(world, out, sources=("source",)):
-    data.build_windows(world / "corpus", world / "target", [world / s for s in sources], out, seq_len=SEQ,
-                       shard_windows=4, quiet=True)
-    for name in ("target", *sources):
-        data.compute_dists(out, world / name, name, topk=5, batch_size=3, quiet=True)
-    return [data.align_source(out, s, quiet=True) for s in sources]
 
 
 def tree(path):
@@ -83,10 +19,8 @@ def tree(path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    run_pipeline(world, out)
-    return out
+def pipeline(world):
+    return world / "data"
 
 
 # --- corpus and windows ---------------------------------------------------------------------------------

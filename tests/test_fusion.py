@@ -1,0 +1,113 @@
+"""Fusion turns the candidates' distributions into one target P_t, and the sparse loss trains on it exactly as
+the dense soft-label cross-entropy would."""
+import math
+
+import pytest
+import torch
+
+from fusellm import avgce_weights, fuse, sparse_soft_ce
+
+V = 6
+
+
+def dense(ids, probs, V=V):
+    """The sparse distribution written out over the whole vocabulary (duplicates add up)."""
+    return torch.zeros(*ids.shape[:-1], V, dtype=probs.dtype).scatter_add_(-1, ids, probs)
+
+
+def test_sparse_loss_and_gradient_equal_dense_soft_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 50, generator=g, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 5, 7), generator=g)                 # duplicates included
+    probs = torch.rand(2, 5, 7, generator=g)
+    probs = probs / probs.sum(-1, keepdim=True)
+    sparse = sparse_soft_ce(logits, ids, probs)
+    (g_sparse,) = torch.autograd.grad(sparse.sum(), logits)
+    P = dense(ids, probs, 50)
+    dense_loss = -(P * torch.log_softmax(logits, -1)).sum(-1)
+    (g_dense,) = torch.autograd.grad(dense_loss.sum(), logits)
+    assert torch.allclose(sparse, dense_loss, atol=1e-5)
+    assert torch.allclose(g_sparse, g_dense, atol=1e-6)
+
+
+def candidates():
+    """Three candidates, one window (B=1), two positions, K=2, labels (3, 4).
+    candidate 0 (the target):  pos 0 {1: .5, 3: .5}   pos 1 {4: .5, 2: .5}   CE 2.0
+    candidate 1:               pos 0 {3: .8, 2: .2}   pos 1 falls back       CE 0.5
+    candidate 2:               pos 0 {5: 1.0}         pos 1 {4: .9, 0: .1}   CE 1.0"""
+    ids = torch.tensor([[[[1, 3], [4, 2]]], [[[3, 2], [0, 0]]], [[[5, 0], [4, 0]]]])
+    p = torch.tensor([[[[.5, .5], [.5, .5]]], [[[.8, .2], [0., 0.]]], [[[1., 0.], [.9, .1]]]])
+    lp = torch.log(p)
+    fallback = torch.tensor([[[False, False]], [[False, True]], [[False, False]]])
+    ce = torch.tensor([[2.0], [0.5], [1.0]])
+    labels = torch.tensor([[3, 4]])
+    return ids, lp, fallback, ce, labels
+
+
+def test_mince_picks_lowest_ce_candidate_and_its_fallback_one_hot():
+    ids, probs = fuse(*candidates(), method="mince")
+    P = dense(ids, probs)[0]
+    assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))     # candidate 1 (CE 0.5)
+    assert torch.allclose(P[1], torch.tensor([0, 0, 0, 0, 1., 0]))      # it falls back: one-hot on the label 4
+
+
+def test_avgce_official_weights_are_softmax_of_exp_minus_ce():
+    """CE 0 and ln 2: exp(-CE) = 1 and 0.5, so the weights are e^1 / (e^1 + e^0.5) = 0.6225 and 0.3775."""
+    w = avgce_weights(torch.tensor([0.0, math.log(2)]), "official")
+    assert torch.allclose(w, torch.tensor([0.6225, 0.3775]), atol=1e-4)
+    w = avgce_weights(torch.tensor([1.0, 2.0]), "softmax", tau=1.0)      # e^-1 / (e^-1 + e^-2) = 0.7311
+    assert torch.allclose(w, torch.tensor([0.7311, 0.2689]), atol=1e-4)
+
+
+def test_avgce_mixes_every_candidate_with_its_weight():
+    c = candidates()
+    ids, probs = fuse(*c, method="avgce")
+    w = avgce_weights(c[3], "official")[:, 0]
+    P = dense(ids, probs)[0]
+    expected0 = w[0] * torch.tensor([0, .5, 0, .5, 0, 0]) + w[1] * torch.tensor([0, 0, .2, .8, 0, 0]) + \
+        w[2] * torch.tensor([0, 0, 0, 0, 0, 1.])
+    expected1 = w[0] * torch.tensor([0, 0, .5, 0, .5, 0]) + w[1] * torch.tensor([0, 0, 0, 0, 1., 0]) + \
+        w[2] * torch.tensor([.1, 0, 0, 0, .9, 0])
+    assert torch.allclose(P[0], expected0, atol=1e-6) and torch.allclose(P[1], expected1, atol=1e-6)
+
+
+def test_token_mince_picks_the_candidate_most_sure_of_the_label():
+    """Position 0 (label 3): candidate 1 gives it 0.8, the target 0.5, candidate 2 nothing -> candidate 1.
+    Position 1 (label 4): candidate 1 falls back and does not compete; candidate 2 gives 0.9 -> candidate 2."""
+    ids, probs = fuse(*candidates(), method="mince_token")
+    P = dense(ids, probs)[0]
+    assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))
+    assert torch.allclose(P[1], torch.tensor([.1, 0, 0, 0, .9, 0]))
+
+
+def test_token_fusion_with_no_candidate_knowing_the_label_is_a_one_hot():
+    ids, lp, fallback, ce, _ = candidates()
+    labels = torch.tensor([[0, 1]])                       # no candidate has 0 at position 0 nor 1 at position 1
+    for method in ("mince_token", "avgce_token"):
+        i, p = fuse(ids, lp, fallback, ce, labels, method=method)
+        P = dense(i, p)[0]
+        assert torch.allclose(P[0], torch.eye(V)[0]) and torch.allclose(P[1], torch.eye(V)[1])
+
+
+def test_token_avgce_weights_by_token_ce():
+    """Position 0, label 3: competing candidates 0 (p=.5) and 1 (p=.8); weights softmax(log p) = p / sum p."""
+    ids, probs = fuse(*candidates(), method="avgce_token", tau=1.0)
+    P = dense(ids, probs)[0]
+    w0, w1 = .5 / 1.3, .8 / 1.3
+    assert torch.allclose(P[0], w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + w1 * torch.tensor([0, 0, .2, .8, 0, 0]),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mince", "avgce", "mince_token", "avgce_token"])
+def test_every_fusion_is_a_distribution(method):
+    ids, probs = fuse(*candidates(), method=method)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 2)) and (probs >= 0).all()
+
+
+def test_temperature_flattens_each_candidate():
+    ids, lp, fallback, ce, labels = candidates()
+    lp = torch.log(torch.tensor([[[[.9, .1], [.5, .5]]], [[[.8, .2], [1., 0.]]], [[[1., 0.], [.9, .1]]]]))
+    i, p = fuse(ids, lp, fallback, torch.tensor([[0.0], [1.0], [2.0]]), labels, method="mince", temperature=2.0)
+    P = dense(i, p)[0, 0]
+    expected = torch.tensor([.9, .1]).sqrt() / torch.tensor([.9, .1]).sqrt().sum()      # p^(1/T), renormalised
+    assert torch.allclose(P[[1, 3]], expected, atol=1e-6)

@@ -1,0 +1,207 @@
+"""The training loop: lambda = 1 is plain CLM, the fusion loss is what it optimises, and a run can be split
+over processes or killed and resumed without changing a single loss."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import fusellm
+import train
+from conftest import ROOT
+from tokenizer import load_tokenizer
+
+
+def run(world, out, *extra, **kw):
+    argv = ["--data", str(world / "data"), "--target", str(world / "target"), "--out", str(out), "--batch-size", "4",
+            "--max-steps", "6", "--lr", "3e-3", "--warmup", "2", "--log-every", "1", "--ckpt-every", "3",
+            "--no-export", *extra]
+    cfg = train.parse_config(argv)
+    train.train(cfg)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lambda_one_is_plain_clm_training(world, tmp_path):
+    """The loop at lambda = 1 against a plain CLM loop written here: same batches, same optimizer, same losses."""
+    got = run(world, tmp_path / "a", "--lam", "1.0")
+    cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--batch-size", "4",
+                              "--max-steps", "6", "--lr", "3e-3", "--warmup", "2"])
+    torch.manual_seed(cfg.seed)
+    model, tok = fusellm.load(world / "target")
+    model.train()
+    opt = train.make_optimizer(model, cfg, "cpu")
+    fd = data.FusionData(world / "data", tokenizer=tok)
+    order = train.window_order(fd.windows_per_shard(), cfg.seed, 0)
+    for step in range(6):
+        for g in opt.param_groups:
+            g["lr"] = train.lr_at(step, 6, cfg)
+        seqs = [[tok.bos_id] + fd.shard(s)[w]["tokens"] for s, w in order[step * 4:(step + 1) * 4]]
+        T = max(len(s) for s in seqs) - 1
+        x = torch.zeros(4, T, dtype=torch.long)
+        y = torch.full((4, T), -100)
+        for b, s in enumerate(seqs):
+            x[b, :len(s) - 1], y[b, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+        logits = model(x)[..., :tok.vocab_size]
+        loss = F.cross_entropy(logits.reshape(-1, tok.vocab_size), y.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = loss / (y != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        assert got[step]["loss"] == pytest.approx(float(loss.detach()), abs=1e-6)
+        assert got[step]["fusion"] is None
+
+
+def test_training_loss_equals_sparse_soft_ce_of_the_fused_distribution(world):
+    """The loop's one-gather loss equals lambda * CE + (1 - lambda) * fusellm.sparse_soft_ce, term by term."""
+    cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--fusion", "avgce"])
+    model, tok = fusellm.load(world / "target")
+    cands = train.StoredCandidates(cfg, tok)
+    b = train.make_batch(cands.items([(0, 0), (0, 1), (1, 0)]), cands.names, tok.bos_id, 5)
+    logits = model(b["input_ids"])[..., :tok.vocab_size]
+    n_clm, n_fus = int((b["labels"] != -100).sum()), int(b["fusion_mask"].sum())
+    clm, fus, loss = train.fused_loss(logits, b, cfg, 0.7, n_clm, n_fus)
+    ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
+                              "avgce")
+    expected_fus = (fusellm.sparse_soft_ce(logits, ids, probs) * b["fusion_mask"]).sum()
+    expected_clm = F.cross_entropy(logits.reshape(-1, tok.vocab_size), b["labels"].reshape(-1), reduction="sum")
+    assert torch.allclose(fus, expected_fus, rtol=1e-5) and torch.allclose(clm, expected_clm, rtol=1e-5)
+    assert torch.allclose(loss, 0.7 * expected_clm / n_clm + 0.3 * expected_fus / n_fus, rtol=1e-5)
+
+
+def test_fusion_loss_falls(world, tmp_path):
+    """With lambda = 0 the fusion loss is the whole objective: it falls."""
+    m = run(world, tmp_path / "a", "--lam", "0.0", "--max-steps", "12")
+    first, last = np.mean([r["fusion"] for r in m[:3]]), np.mean([r["fusion"] for r in m[-3:]])
+    assert last < first - 0.05, (first, last)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(world, tmp_path, monkeypatch):
+    whole = run(world, tmp_path / "whole", "--fusion", "avgce")
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, model, opt, step, *a):
+        real_save(path, model, opt, step, *a)
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "split", "--fusion", "avgce")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = run(world, tmp_path / "split", "--fusion", "avgce", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(whole, resumed):
+        assert (a["loss"], a["clm"], a["fusion"]) == (b["loss"], b["clm"], b["fusion"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = fusellm.fuse
+
+    def nan_from_step_5(*a, **k):
+        calls["n"] += 1
+        ids, probs = real(*a, **k)
+        return ids, probs * float("nan") if calls["n"] >= 5 else probs
+
+    monkeypatch.setattr(fusellm, "fuse", nan_from_step_5)
+    with pytest.raises(train.TrainingError, match=r"step 4: the loss is nan .* Last good checkpoint: .*ckpt\.pt \(step 3\)"):
+        run(world, tmp_path / "a")
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_data_for_another_target_tokenizer_is_refused(world, tmp_path):
+    cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "source2"), "--out",
+                              str(tmp_path / "a")])
+    with pytest.raises(data.DataError, match="made for another target tokenizer"):
+        train.train(cfg)
+
+
+def test_exported_model_loads_here_and_in_transformers(world, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--out",
+                              str(tmp_path / "a"), "--batch-size", "4", "--max-steps", "2"])
+    train.train(cfg)
+    model, tok = fusellm.load(tmp_path / "a" / "final")
+    assert tok.vocab_size == load_tokenizer(world / "target").vocab_size
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").eval()
+    ids = torch.tensor([tok.encode("def f(x):\n    return x")])
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
+    trained = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    assert torch.equal(model.tok_embeddings.weight, trained["tok_embeddings.weight"])
+
+
+def test_online_candidates_equal_the_stored_ones(world):
+    cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--online",
+                              "--sources", str(world / "source"), "--topk", "5"])
+    tok = load_tokenizer(world / "target")
+    online = train.OnlineCandidates(cfg, tok, "cpu").items([(0, 0), (1, 2)])
+    stored = train.StoredCandidates(cfg, tok).items([(0, 0), (1, 2)])
+    for a, b in zip(online, stored):
+        assert a["tokens"] == b["tokens"]
+        assert (a["target"]["topk_ids"] == b["target"]["topk_ids"]).all()
+        sa, sb = a["sources"]["source"], b["sources"]["source"]
+        assert (np.asarray(sa["counts"]) == sb["counts"]).all() and (sa["ids"] == sb["ids"]).all()
+        assert np.abs(sa["logprobs"] - sb["logprobs"]).max() <= 1 / 32 + 1e-5
+
+
+def test_online_training_runs(world, tmp_path):
+    m = run(world, tmp_path / "a", "--online", "--sources", str(world / "source"), "--topk", "5", "--max-steps", "2")
+    assert len(m) == 2 and all(np.isfinite(r["fusion"]) for r in m)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process(world, tmp_path, mode):
+    """DDP (or FSDP2) on two CPU processes, each with half of every global batch, trains like one process."""
+    args = ["--data", str(world / "data"), "--target", str(world / "target"), "--batch-size", "4", "--max-steps",
+            "4", "--lr", "3e-3", "--warmup", "1", "--ckpt-every", "4", "--no-export", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")], check=True,
+                   env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out",
+                    str(tmp_path / "two"), *(["--fsdp"] if mode == "fsdp" else [])], check=True, env=env,
+                   capture_output=True, timeout=300)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["fusion"] == pytest.approx(b["fusion"], abs=1e-5)
+    w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    w2 = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_paper_flag_sets_the_paper_settings_unless_overridden():
+    cfg = train.parse_config(["--paper", "--lr", "2e-5"])
+    assert (cfg.batch_size, cfg.warmup, cfg.lam, cfg.fusion, cfg.weight_decay) == (128, 0.008, 0.9, "mince", 0.1)
+    assert cfg.lr == 2e-5
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in text for f in train.fields(train.TrainConfig))
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    cfg = train.TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert train.lr_at(0, 110, cfg) == pytest.approx(0.1) and train.lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, 110, cfg) == pytest.approx(0.55)          # halfway: 0.1 + 0.9 * 0.5
+    assert train.lr_at(110, 110, cfg) == pytest.approx(0.1)

@@ -1,0 +1,542 @@
+"""
+train.py: continue-train a target LLM on L = lambda * L_CLM + (1 - lambda) * L_fusion.
+
+    python train.py --data DATA --target TARGET --out runs/fuse              # fusion-ready data from data.py
+    python train.py --data DATA --target TARGET --online --out runs/fuse     # sources run inside the loop
+    torchrun --nproc_per_node 8 train.py --data DATA --target TARGET --paper  # DDP; add --fsdp for big targets
+
+Each step: a batch of windows (the target's tokens, every candidate's top-K on the target's tokens and
+its CE), the fused distribution P_t (fusellm.fuse: MinCE / AvgCE per window as in the paper, or per token),
+and the loss: L_CLM = cross-entropy on the next token, L_fusion = soft-label cross-entropy against P_t
+computed sparsely from the target logits. Both are means over the step's real tokens, whatever the number
+of processes. `python train.py --help` lists every setting; --paper sets the paper's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import fusellm
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    # data and models
+    data: str = ""                 # a data.py folder (its windows, and unless --online its distributions)
+    target: str = ""               # the target model folder
+    out: str = "runs/fuse"         # checkpoints, metrics, the exported model
+    online: bool = False           # run the sources (the manifest's, or --sources) inside the loop
+    sources: str = ""              # online: comma-separated source folders (default: the manifest's)
+    topk: int = 10                 # online: top-K kept per candidate (stored data brings its own)
+    # fusion
+    fusion: str = "mince"          # mince | avgce (per window, paper) | mince_token | avgce_token
+    lam: float = 0.9               # lambda: weight of the CLM loss
+    lam_end: float = -1.0          # if >= 0: lambda moves linearly from lam to lam_end over training
+    temperature: float = 1.0       # candidates' top-K renormalised as p^(1/T)
+    avg_weights: str = "official"  # AvgCE weights: official softmax(exp(-CE)) | softmax softmax(-CE/tau)
+    tau: float = 1.0
+    # optimisation
+    batch_size: int = 8            # windows per micro-batch, all processes together
+    grad_accum: int = 1            # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0             # if > 0: stop after this many steps instead
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+    warmup: float = 0.05           # warm-up: a fraction of the steps (< 1) or a number of steps
+    weight_decay: float = 0.1      # on matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # system
+    device: str = "auto"           # auto: cuda:LOCAL_RANK if available, else cpu
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False             # FSDP2 (fully_shard) instead of DDP when several processes run
+    seed: int = 1337
+    # progress and checkpoints
+    log_every: int = 10
+    ckpt_every: int = 100
+    resume: bool = False
+    export: bool = True            # write out/final: the model (save_model) and the target's tokenizer files
+    paper: bool = False            # the paper's settings (see PAPER)
+
+
+# The paper's setup (DESIGN.md section 1): 1 epoch, 128 windows of 2048 tokens, lr 1e-5 cosine, warm-up 0.8%,
+# AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, bf16 (on GPU), lambda 0.9, MinCE.
+PAPER = dict(epochs=1.0, batch_size=128, lr=1e-5, min_lr_ratio=0.0, warmup=0.008, beta1=0.9, beta2=0.95,
+             weight_decay=0.1, grad_clip=1.0, lam=0.9, fusion="mince", temperature=1.0)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def parse_config(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        if f.type == "bool":
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default)
+        else:
+            cast = {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=cast, default=f.default,
+                           help=f"default {f.default!r}")
+    args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    explicit = {a.dest for a in p._actions if any(s in given for s in a.option_strings)}
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.paper:                     # paper settings, except what the command line sets explicitly
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PAPER.items() if k not in explicit})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+def setup_distributed(cfg):
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
+        int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device, world) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the order of windows, and batches
+
+
+def window_order(windows_per_shard: list[int], seed: int, epoch: int) -> list[tuple[int, int]]:
+    """Every (shard, window) once, in an order fixed by (seed, epoch): shards shuffled, then the windows
+    inside each shard, so reading stays shard by shard."""
+    rng = np.random.default_rng([seed, epoch])
+    order = []
+    for s in rng.permutation(len(windows_per_shard)):
+        order += [(int(s), int(w)) for w in rng.permutation(windows_per_shard[s])]
+    return order
+
+
+class Batches:
+    """The windows of micro-batch m of step k, for this rank: item i of the global micro-batch goes to rank
+    i % world. The order depends only on (seed, step), which is all a resumed run needs."""
+
+    def __init__(self, source, cfg, rank, world):
+        self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
+        self.sizes = source.windows_per_shard()
+        self.n = sum(self.sizes)
+        self._orders = {}
+
+    def items(self, step: int, micro: int) -> list[dict]:
+        per_step = self.cfg.batch_size * self.cfg.grad_accum
+        start = step * per_step + micro * self.cfg.batch_size
+        picked = []
+        for g in range(start + self.rank, start + self.cfg.batch_size, self.world):
+            epoch, i = divmod(g, self.n)
+            if epoch not in self._orders:
+                self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch)}
+            picked.append(self._orders[epoch][i])
+        return self.source.items(picked)
+
+
+class StoredCandidates:
+    """Candidates from data.py's fusion-ready data."""
+
+    def __init__(self, cfg, tok):
+        self.fd = data.FusionData(cfg.data, tokenizer=tok)
+        self.names = ["target"] + self.fd.sources
+
+    def windows_per_shard(self):
+        return self.fd.windows_per_shard()
+
+    def items(self, picked):
+        return [self.fd.shard(s)[w] for s, w in picked]
+
+
+class OnlineCandidates:
+    """Candidates computed inside the loop: a frozen copy of the target and every source run over each window
+    (data.window_topk), the sources aligned onto the target with the same code as data.py."""
+
+    def __init__(self, cfg, tok, device):
+        import align
+        m = data.load_manifest(cfg.data)
+        sources = [s for s in cfg.sources.split(",") if s] or m["sources"]
+        self.device, self.tok, self.k = device, tok, cfg.topk
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        self.models = {"target": fusellm.load(cfg.target, device, dtype)}
+        self.names = ["target"]
+        for path in sources:
+            name = data.source_name(path)
+            self.models[name] = fusellm.load(path, device, dtype)
+            self.names.append(name)
+        tv = align.normalized_vocab(tok)
+        self.align = {}
+        for name in self.names[1:]:
+            s_tok = self.models[name][1]
+            self.align[name] = (align.vocab_map(s_tok, tok, "mined", cache_dir=Path(cfg.data) / "cache"),
+                                align.normalized_vocab(s_tok), tv, align.PairCosts())
+        self.settings = {"vocab_map": "mined", "ties": "closest", "fallback": "next", "merge": "sum"}
+        self.out = cfg.data
+
+    def windows_per_shard(self):
+        return [len(data.read_windows(self.out, s)) for s in range(data.load_manifest(self.out)["shards"])]
+
+    def items(self, picked):
+        texts = [data.read_windows(self.out, s)[w]["text"] for s, w in picked]
+        items = [{"text": t, "tokens": self.tok.encode(t), "sources": {}} for t in texts]
+        model, tok = self.models["target"]
+        ids, lps, ces = data.window_topk(model, tok, [it["tokens"] for it in items], self.k, self.device)
+        for it, i_, l_, c_ in zip(items, ids, lps, ces):
+            it["target"] = {"topk_ids": i_.astype(np.int64), "topk_logprobs": l_, "ce": c_}
+        for name in self.names[1:]:
+            model, s_tok = self.models[name]
+            vmap, sv, tv, costs = self.align[name]
+            s_ids = [s_tok.encode(it["text"]) for it in items]
+            ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
+            for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
+                tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv, costs, self.settings)
+                it["sources"][name] = {"counts": np.diff(tr.offsets), "ids": tr.ids, "logprobs": tr.logprobs, "ce": c_}
+        return items
+
+
+def make_batch(items: list[dict], names: list[str], bos: int | None, K: int):
+    """Tensors for one micro-batch. With s = [BOS] + tokens: inputs s[:-1], labels s[1:]. The stored
+    distribution at token i (predicting token i+1) belongs to input position i + (BOS ? 1 : 0).
+    Returns input_ids (B, T), labels (B, T) (-100: padding), cand_ids / cand_logprobs (C, B, T, K),
+    cand_fallback (C, B, T), window_ce (C, B), fusion_mask (B, T)."""
+    nb = int(bos is not None)
+    seqs = [([bos] if nb else []) + it["tokens"] for it in items]
+    B, T, C = len(items), max(len(s) for s in seqs) - 1, len(names)
+    x = np.zeros((B, T), dtype=np.int64)
+    y = np.full((B, T), -100, dtype=np.int64)
+    cid = np.zeros((C, B, T, K), dtype=np.int64)
+    clp = np.full((C, B, T, K), -np.inf, dtype=np.float32)
+    cfb = np.zeros((C, B, T), dtype=bool)
+    ce = np.zeros((C, B), dtype=np.float32)
+    mask = np.zeros((B, T), dtype=bool)
+    for b, (it, s) in enumerate(zip(items, seqs)):
+        n = len(it["tokens"])
+        x[b, :len(s) - 1], y[b, :len(s) - 1] = s[:-1], s[1:]
+        used = slice(nb, nb + n - 1)                  # input positions holding distributions 0..n-2
+        mask[b, used] = True
+        k = it["target"]["topk_ids"].shape[1]
+        cid[0, b, used, :k] = it["target"]["topk_ids"][:n - 1]
+        clp[0, b, used, :k] = it["target"]["topk_logprobs"][:n - 1]
+        ce[0, b] = it["target"]["ce"]
+        for c, name in enumerate(names[1:], 1):
+            src = it["sources"][name]
+            counts = np.asarray(src["counts"], dtype=np.int64)
+            pos = np.repeat(np.arange(len(counts)), counts)                     # entry -> its position
+            rank = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)
+            keep = (pos < n - 1) & (rank < K)
+            cid[c, b, pos[keep] + nb, rank[keep]] = src["ids"][keep]
+            clp[c, b, pos[keep] + nb, rank[keep]] = src["logprobs"][keep]
+            cfb[c, b, used] = counts[:n - 1] == 0
+            ce[c, b] = src["ce"]
+    t = torch.from_numpy
+    return dict(input_ids=t(x), labels=t(y), cand_ids=t(cid), cand_logprobs=t(clp), cand_fallback=t(cfb),
+                window_ce=t(ce), fusion_mask=t(mask))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices (embeddings and projections), not on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = str(device).startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio."""
+    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def lam_at(step: int, total: int, cfg) -> float:
+    if cfg.lam_end < 0:
+        return cfg.lam
+    return cfg.lam + (cfg.lam_end - cfg.lam) * step / max(1, total - 1)
+
+
+def step_losses(model, batches, cfg, lam, V, device, world, autocast):
+    """Forward and backward over one step's micro-batches. Both losses are sums divided by the step's global
+    token counts (times world size, as DDP averages gradients), so any split over processes trains alike.
+    Returns (clm, fusion) means for logging."""
+    n_clm = sum(int((b["labels"] != -100).sum()) for b in batches)
+    n_fus = sum(int(b["fusion_mask"].sum()) for b in batches)
+    n_clm, n_fus = all_reduce_sum([n_clm, n_fus], device, world)
+    clm_sum = fus_sum = 0.0
+    for i, b in enumerate(batches):
+        b = {k: v.to(device) for k, v in b.items()}
+        sync = i == len(batches) - 1
+        ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) else _null()
+        with ctx:
+            with autocast():
+                logits = model(b["input_ids"])[..., :V]                            # (B, T, V)
+            if lam == 1.0:                                 # plain CLM: no fusion computed at all
+                clm = F.cross_entropy(logits.reshape(-1, V).float(), b["labels"].reshape(-1), ignore_index=-100,
+                                      reduction="sum")
+                loss = clm / max(n_clm, 1)
+            else:
+                clm, fus, loss = fused_loss(logits, b, cfg, lam, n_clm, n_fus)
+                fus_sum += float(fus)
+            (loss * world).backward()
+        clm_sum += float(clm.detach())
+    clm_sum, fus_sum = all_reduce_sum([clm_sum, fus_sum], device, world)
+    return clm_sum / max(n_clm, 1), fus_sum / max(n_fus, 1), n_clm
+
+
+def fused_loss(logits, b, cfg, lam, n_clm, n_fus):
+    """lambda * L_CLM + (1 - lambda) * L_fusion from one log-softmax and one gather.
+    L_CLM = -log p(label); L_fusion = -sum_k P_t(id_k) log p(id_k), the soft-label cross-entropy, which with
+    sum_k P_t(id_k) = 1 is fusellm.sparse_soft_ce's logsumexp(z) - sum_k P_t(id_k) z[id_k]. Reading both
+    from one (B, T, V) log-softmax keeps the step's memory at plain cross-entropy's."""
+    ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
+                              cfg.fusion, cfg.temperature, cfg.avg_weights, cfg.tau)          # (B, T, E)
+    real = b["labels"] != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)                                         # (B, T, V)
+    picked = logp.gather(-1, torch.cat([b["labels"].clamp(min=0)[..., None], ids], dim=-1))  # (B, T, 1+E)
+    clm_tok = -picked[..., 0] * real                                                        # (B, T)
+    fus_tok = -(probs * picked[..., 1:]).sum(-1) * b["fusion_mask"]                         # (B, T)
+    loss = lam * clm_tok.sum() / max(n_clm, 1) + (1 - lam) * fus_tok.sum() / max(n_fus, 1)
+    return clm_tok.sum(), fus_tok.sum().detach(), loss
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+def full_state(model, opt, fsdp):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict(), opt.state_dict()
+
+
+def save_checkpoint(path: Path, model, opt, step, cfg, fsdp, rank):
+    msd, osd = full_state(model, opt, fsdp)
+    if rank != 0:
+        return
+    state = {"model": msd, "optim": osd, "step": step, "config": dataclasses.asdict(cfg),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, opt, fsdp):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["step"]
+
+
+def export(args: fusellm.ModelArgs, state: dict, tok_dir: Path, out: Path):
+    """The trained weights as a model folder (save_model) with the target's tokenizer files."""
+    with torch.device("meta"):
+        final = fusellm.Transformer(args)
+    final.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, assign=True, strict=False)
+    if args.tie_embeddings:
+        final.output.weight = final.tok_embeddings.weight
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+    extra = [tok_dir / n for n in names if (tok_dir / n).is_file()]
+    return fusellm.save_model(final, out, extra_files=extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig):
+    if not cfg.data or not cfg.target:
+        raise TrainingError("give --data (a data.py folder) and --target (the target model folder); "
+                            "`python train.py --help` lists every setting")
+    rank, world, device = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    cuda = device.startswith("cuda")
+    model, tok = fusellm.load(cfg.target, device="cpu", dtype=torch.float32)
+    model = model.to(device).train()
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    candidates = OnlineCandidates(cfg, tok, device) if cfg.online else StoredCandidates(cfg, tok)
+    K = cfg.topk if cfg.online else _topk(cfg.data)
+    if cfg.fsdp and world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+    opt = make_optimizer(model, cfg, device)
+    fmodel = torch.compile(model) if cfg.compile else model
+    batches = Batches(candidates, cfg, rank, world)
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.n / per_step))
+    ckpt = out / "ckpt.pt"
+    step = 0
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {ckpt}")
+        step = load_checkpoint(ckpt, model, opt, cfg.fsdp and world > 1)
+        if rank == 0:
+            print(f"[train] resumed from {ckpt} at step {step}")
+    elif rank == 0 and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    V = tok.vocab_size
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else _null
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
+    if rank == 0:
+        print(f"[train] {n_params / 1e6:.3g}M parameters on {device} x{world}; {batches.n} windows, {total} steps of "
+              f"{per_step} windows; fusion {cfg.fusion} over {candidates.names}, lambda {cfg.lam}")
+    t0, last_good, start_step = time.time(), None, step
+    tokens_done = 0
+    while step < total:
+        lr, lam = lr_at(step, total, cfg), lam_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = [make_batch(batches.items(step, m), candidates.names, tok.bos_id, K) for m in range(cfg.grad_accum)]
+        clm, fus, n_tok = step_losses(fmodel, micro, cfg, lam, V, device, world, autocast)
+        loss = lam * clm + (1 - lam) * fus if lam < 1 else clm
+        if not math.isfinite(loss):
+            where = f"{ckpt} (step {last_good})" if last_good is not None else "none yet"
+            raise TrainingError(f"step {step}: the loss is {loss} (CLM {clm}, fusion {fus}); stopped without "
+                                f"updating. Last good checkpoint: {where}. Try a lower --lr or check the data")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_done += n_tok
+        now = time.time()
+        if rank == 0:
+            rec = {"step": step, "loss": loss, "clm": clm, "fusion": fus if lam < 1 else None, "lr": lr, "lam": lam,
+                   "grad_norm": float(gnorm), "tokens": n_tok, "time": now - t0}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if step % cfg.log_every == 0 or step == total:
+                el = now - t0
+                tps = tokens_done / el
+                eta = time.strftime("%H:%M:%S", time.gmtime((total - step) * el / max(step - start_step, 1)))
+                mfu = ""
+                if cuda:
+                    flops = 6 * n_params * tps
+                    mfu = f", MFU {flops / (989e12 * world):.1%}"
+                fus_s = f"{fus:.4f}" if lam < 1 else "-"
+                print(f"[train] step {step}/{total} loss {loss:.4f} (CLM {clm:.4f}, fusion {fus_s}) lr {lr:.2e} "
+                      f"{tps:,.0f} tokens/s{mfu}, ETA {eta}", flush=True)
+        if step % cfg.ckpt_every == 0 or step == total:
+            save_checkpoint(ckpt, model, opt, step, cfg, cfg.fsdp and world > 1, rank)
+            last_good = step
+    if cfg.export:
+        state, _ = full_state(model, opt, cfg.fsdp and world > 1)      # a collective under FSDP: every rank
+        if rank == 0:
+            print(f"[train] exported {export(unwrap(model).args, state, Path(cfg.target), out / 'final')}")
+    if rank == 0:
+        plot_losses(out)
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+def _topk(data_dir) -> int:
+    info = json.loads((Path(data_dir) / "models" / "target" / "info.json").read_text())
+    return info["topk"]
+
+
+def plot_losses(out: Path):
+    """out/loss.png from metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["clm"] for r in recs], label="CLM")
+    if any(r["fusion"] is not None for r in recs):
+        ax.plot([r["step"] for r in recs if r["fusion"] is not None], [r["fusion"] for r in recs if r["fusion"] is not None],
+                label="fusion")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / ".loss.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+    return out / "loss.png"
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except (TrainingError, ValueError) as e:         # also DataError, CheckpointError, TokenizerError
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
