@@ -1,0 +1,346 @@
+"""
+eval.py: compare models side by side on the same text and tasks, fairly across tokenizers.
+
+    python eval.py --models A B --lm tasks/sample_text.txt --mc tasks/sample_mc.jsonl \\
+        --gen tasks/sample_bbh.json --humaneval tasks/sample_humaneval.jsonl
+
+- Language modelling (--lm, .txt / .jsonl / folder): bits per byte, the headline since it does not depend on
+  the tokenizer, and each model's perplexity per token of its own tokenizer. Long documents are scored with
+  sliding windows (--window, --stride): every token once, with up to a window of context.
+- Multiple choice (--mc): JSONL lines {"context": str, "choices": [str, ...], "label": int} (the shape of
+  ARC, HellaSwag, BoolQ, OpenBookQA), or a BIG-bench task.json whose examples have "target_scores". Each
+  choice is scored by the log-likelihood of its tokens after the context: acc takes the highest total,
+  acc_norm the highest total divided by the choice's length in characters (lm-evaluation-harness's
+  definitions). Choices are appended to the context as written: include a leading space if you want one.
+- Generation (--gen): greedy decoding with stop strings and exact match, for BBH-style tasks: a BIG-bench
+  task.json with "target" examples, or JSONL {"input": str, "target": str}; the first --shots examples
+  become the few-shot prompt ("Q: ...\\nA: ...") and are not scored.
+- HumanEval-style pass@1 (--humaneval): JSONL {"task_id", "prompt", "test", "entry_point"}; the greedy
+  completion runs against the tests in a separate Python process with a timeout.
+Output: a markdown table (models as rows, metrics as columns) on stdout, and the same as JSON (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fusellm
+from data import Progress, read_corpus
+
+
+class EvalError(ValueError):
+    """A bad task file or model folder; the message names it and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task files
+
+
+def read_jsonl(path, required: dict[str, type]) -> list[dict]:
+    """Lines of a JSONL file with the required fields and types; a bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: task file not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for field, kind in required.items():
+            if field not in row:
+                raise EvalError(f"{path}:{n}: missing field {field!r}")
+            if not isinstance(row[field], kind):
+                raise EvalError(f"{path}:{n}: field {field!r} should be {kind.__name__}, got {type(row[field]).__name__}")
+        rows.append(row)
+    if not rows:
+        raise EvalError(f"{path}: the task has no examples")
+    return rows
+
+
+def read_mc(path) -> list[dict]:
+    """Multiple-choice examples: JSONL, or a BIG-bench task.json with target_scores (gold: the highest score)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        spec = _bigbench(path)
+        rows = [{"context": spec.get("example_input_prefix", "") + ex["input"] + spec.get("example_output_prefix", " "),
+                 "choices": list(ex["target_scores"]),
+                 "label": max(range(len(ex["target_scores"])), key=lambda i: list(ex["target_scores"].values())[i])}
+                for ex in spec["examples"] if "target_scores" in ex]
+        if not rows:
+            raise EvalError(f"{path}: no examples with target_scores (a generation task? use --gen)")
+        return rows
+    rows = read_jsonl(path, {"context": str, "choices": list, "label": int})
+    for n, r in enumerate(rows, 1):
+        if not r["choices"] or not 0 <= r["label"] < len(r["choices"]):
+            raise EvalError(f"{path}: example {n}: label {r['label']} is not an index into its {len(r['choices'])} choices")
+    return rows
+
+
+def read_gen(path) -> list[dict]:
+    path = Path(path)
+    if path.suffix == ".json":
+        spec = _bigbench(path)
+        rows = [{"input": ex["input"], "target": ex["target"] if isinstance(ex["target"], str) else ex["target"][0]}
+                for ex in spec["examples"] if "target" in ex]
+        if not rows:
+            raise EvalError(f"{path}: no examples with a target (a multiple-choice task? use --mc)")
+        return rows
+    return read_jsonl(path, {"input": str, "target": str})
+
+
+def _bigbench(path: Path) -> dict:
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("examples"), list) or not spec["examples"]:
+        raise EvalError(f"{path}: not a BIG-bench task.json (needs a non-empty 'examples' list)")
+    for n, ex in enumerate(spec["examples"]):
+        if "input" not in ex:
+            raise EvalError(f"{path}: example {n} has no 'input'")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring with one model
+
+
+class Scorer:
+    def __init__(self, model, tok, device="cpu", window=1024):
+        self.model, self.tok, self.device, self.window = model, tok, device, window
+        self.start = tok.bos_id if tok.bos_id is not None else tok.eos_id   # GPT-2 style models start from EOS
+
+    @torch.no_grad()
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        """log p(ids[i] | ids[:i]) for i >= 1: (len(ids) - 1,) in nats."""
+        x = torch.tensor([ids], device=self.device)
+        logp = self.model(x)[0, :, :self.tok.vocab_size].float().log_softmax(-1)
+        return logp[:-1].gather(-1, x[0, 1:, None])[:, 0].cpu()
+
+    def document_nats(self, text: str, stride: int) -> tuple[float, int, int]:
+        """(nats, scored tokens, scored bytes) of a document with sliding windows: each token is scored once,
+        with as much preceding context as the window holds. The first token is predicted from BOS (or EOS);
+        with neither it cannot be scored and its bytes are left out."""
+        stride = max(1, min(stride, self.window - 1))   # each window keeps at least one token of context
+        ids = self.tok.encode(text)
+        n_bytes = len(text.encode("utf-8"))
+        if self.start is None:
+            n_bytes -= len(self.tok.token_bytes(ids[0])) if ids else 0
+            seq, first = ids, 1
+        else:
+            seq, first = [self.start] + ids, 1
+        nats, done = 0.0, first                   # seq[:done] are scored (or the start token)
+        while done < len(seq):
+            end = min(len(seq), done + stride)
+            begin = max(0, end - self.window)
+            lp = self.logprobs(seq[begin:end])    # predictions of seq[begin+1:end]
+            nats -= float(lp[done - begin - 1:].sum())
+            done = end
+        return nats, len(seq) - first, n_bytes
+
+    def continuation_logprob(self, context: str, continuation: str) -> float:
+        """log p(continuation | context): the text is encoded whole, and the tokens that end after the context's
+        bytes are the continuation's (a token straddling the boundary counts as continuation)."""
+        ids = self.tok.encode(context + continuation)
+        cut = self.context_tokens(ids, len(context.encode("utf-8")))
+        if cut == len(ids):
+            raise EvalError(f"the continuation {continuation!r} adds no tokens after {context[-40:]!r}")
+        start = [self.start] if self.start is not None else []
+        full = start + ids
+        lp = self.logprobs(full[-self.window:])
+        n_cont = len(ids) - cut
+        return float(lp[-n_cont:].sum())
+
+    def context_tokens(self, ids: list[int], n_context_bytes: int) -> int:
+        """How many leading tokens lie wholly inside the context's bytes."""
+        spelled = b"".join(self.tok.token_bytes(i) for i in ids)
+        lead = 1 if getattr(self.tok, "kind", "") == "sentencepiece" and spelled[:1] == b" " else 0   # dummy prefix
+        end = -lead
+        for k, i in enumerate(ids):
+            end += len(self.tok.token_bytes(i))
+            if end > n_context_bytes:
+                return k
+        return len(ids)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
+        """Greedy decoding until a stop string appears (cut there) or max_new_tokens."""
+        ids = ([self.start] if self.start is not None else []) + self.tok.encode(prompt)
+        out = []
+        text = ""
+        for _ in range(max_new_tokens):
+            x = torch.tensor([ids[-self.window:]], device=self.device)
+            nxt = int(self.model(x)[0, -1, :self.tok.vocab_size].argmax())
+            if nxt == self.tok.eos_id:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+            text = self.tok.decode(out)
+            hit = [text.find(s) for s in stops if s in text]
+            if hit:
+                return text[:min(hit)]
+        return text
+
+
+def eval_lm(scorer: Scorer, path, stride: int, limit: int | None) -> dict:
+    docs = list(read_corpus(path))[:limit]
+    prog = Progress(f"lm {Path(path).name}", len(docs), "documents")
+    nats = tokens = n_bytes = 0
+    for d in docs:
+        a, b, c = scorer.document_nats(d, stride)
+        nats, tokens, n_bytes = nats + a, tokens + b, n_bytes + c
+        prog.update(1, b)
+    return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "ppl_per_token": math.exp(nats / max(tokens, 1)),
+            "tokens": tokens, "bytes": n_bytes}
+
+
+def eval_mc(scorer: Scorer, path, limit: int | None) -> dict:
+    rows = read_mc(path)[:limit]
+    prog = Progress(f"mc {Path(path).name}", len(rows), "examples")
+    acc = acc_norm = 0
+    for r in rows:
+        ll = [scorer.continuation_logprob(r["context"], c) for c in r["choices"]]
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == r["label"]
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / max(len(r["choices"][i]), 1)) == r["label"]
+        prog.update(1)
+    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "n": len(rows)}
+
+
+def few_shot_prompt(shots: list[dict], question: str) -> str:
+    return "".join(f"Q: {s['input']}\nA: {s['target']}\n\n" for s in shots) + f"Q: {question}\nA:"
+
+
+def eval_gen(scorer: Scorer, path, shots: int, max_new_tokens: int, limit: int | None) -> dict:
+    rows = read_gen(path)
+    if len(rows) <= shots:
+        raise EvalError(f"{path}: {len(rows)} examples leave none to score after {shots} few-shot examples")
+    prompt_rows, scored = rows[:shots], rows[shots:][:limit]
+    prog = Progress(f"gen {Path(path).name}", len(scored), "examples")
+    em = 0
+    for r in scored:
+        answer = scorer.generate(few_shot_prompt(prompt_rows, r["input"]), max_new_tokens, ["\n\n", "\nQ:"])
+        em += answer.strip() == r["target"].strip()
+        prog.update(1)
+    return {"exact_match": em / len(scored), "n": len(scored)}
+
+
+HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+
+
+def run_program(program: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """Run Python source in a fresh interpreter in a temporary folder. (passed, why not)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "program.py"
+        path.write_text(program)
+        try:
+            out = subprocess.run([sys.executable, str(path)], cwd=d, capture_output=True, text=True, timeout=timeout,
+                                 env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout} s"
+    if out.returncode:
+        return False, (out.stderr.strip().splitlines() or ["exit code %d" % out.returncode])[-1]
+    return True, ""
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def eval_humaneval(scorer: Scorer, path, max_new_tokens: int, timeout: float, limit: int | None) -> dict:
+    rows = read_jsonl(path, {"task_id": str, "prompt": str, "test": str, "entry_point": str})[:limit]
+    prog = Progress(f"humaneval {Path(path).name}", len(rows), "problems")
+    passed = 0
+    for r in rows:
+        completion = scorer.generate(r["prompt"], max_new_tokens, HUMANEVAL_STOPS)
+        passed += run_program(humaneval_program(r, completion), timeout)[0]
+        prog.update(1)
+    return {"pass@1": passed / len(rows), "n": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Putting it together
+
+
+def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="cpu",
+             window=1024, stride=None, shots=3, max_new_tokens=64, timeout=5.0, limit=None) -> dict:
+    """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
+    names = names or [Path(m).name for m in models]
+    if len(names) != len(models):
+        raise EvalError(f"{len(names)} names for {len(models)} models")
+    results = {}
+    for path, name in zip(models, names):
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model, tok = fusellm.load(path, device, dtype)
+        scorer = Scorer(model, tok, device, window)
+        r = {}
+        for f in lm:
+            m = eval_lm(scorer, f, stride or window // 2, limit)
+            r[f"bpb:{Path(f).stem}"] = m["bits_per_byte"]
+            r[f"ppl/token:{Path(f).stem}"] = m["ppl_per_token"]
+        for f in mc:
+            m = eval_mc(scorer, f, limit)
+            r[f"acc:{Path(f).stem}"], r[f"acc_norm:{Path(f).stem}"] = m["acc"], m["acc_norm"]
+        for f in gen:
+            r[f"em:{Path(f).stem}"] = eval_gen(scorer, f, shots, max_new_tokens, limit)["exact_match"]
+        if humaneval:
+            r[f"pass@1:{Path(humaneval).stem}"] = eval_humaneval(scorer, humaneval, max_new_tokens * 4, timeout,
+                                                                limit)["pass@1"]
+        results[name] = r
+        del model, scorer
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    cols = list(dict.fromkeys(k for r in results.values() for k in r))
+    lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="model folders (config, weights, tokenizer)")
+    p.add_argument("--names", nargs="+", help="row names (default: folder names)")
+    p.add_argument("--lm", nargs="*", default=[], help="text for bits per byte: .txt, .jsonl, or a folder")
+    p.add_argument("--mc", nargs="*", default=[], help="multiple-choice tasks (JSONL or BIG-bench task.json)")
+    p.add_argument("--gen", nargs="*", default=[], help="exact-match generation tasks (JSONL or BIG-bench task.json)")
+    p.add_argument("--humaneval", help="HumanEval-style problems (JSONL)")
+    p.add_argument("--window", type=int, default=1024, help="tokens of context at most")
+    p.add_argument("--stride", type=int, help="sliding-window step for long documents (default: window / 2)")
+    p.add_argument("--shots", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
+    p.add_argument("--limit", type=int, help="at most this many documents / examples per task")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    try:
+        t0 = time.time()
+        results = evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device, a.window, a.stride, a.shots,
+                           a.max_new_tokens, a.timeout, a.limit)
+    except ValueError as e:                    # EvalError, CheckpointError, TokenizerError, DataError
+        raise SystemExit(f"error: {e}") from None
+    print(markdown_table(results))
+    print(f"({time.time() - t0:.1f} s)")
+    if a.json:
+        tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, a.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Evaluation is fair across tokenizers (bits per byte) and scores tasks the way lm-evaluation-harness defines
+them; each metric is checked on a model whose answer is known by construction."""
+import json
+import math
+
+import pytest
+import torch
+
+import eval as ev
+import fusellm
+from conftest import ROOT, byte_level_bpe, stdlib_texts
+from tokenizer import bytes_to_unicode, load_tokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def byte_tokenizer(folder):
+    """A byte-level tokenizer with no merges whose ids are the byte values: token 66 is 'B'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder)
+
+
+def uniform_model(vocab):
+    """Output weights zero: every next token has probability 1 / vocab."""
+    args = fusellm.ModelArgs(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, hidden_dim=8,
+                             sliding_layers=(False,))
+    m = fusellm.Transformer(args).eval()
+    with torch.no_grad():
+        m.output.weight.zero_()
+    return m
+
+
+class Rigged(torch.nn.Module):
+    """Logits that do not depend on the input: a fixed preference vector at every position."""
+
+    def __init__(self, prefs: dict[int, float], vocab=256):
+        super().__init__()
+        self.bias = torch.zeros(vocab)
+        for i, v in prefs.items():
+            self.bias[i] = v
+
+    def forward(self, x):
+        return self.bias.expand(*x.shape, -1).clone()
+
+
+class NextByte(torch.nn.Module):
+    """Always predicts the byte after the current one: 'a' -> 'b' -> 'c' ..."""
+
+    def forward(self, x):
+        return F_one_hot((x + 1) % 256) * 20.0
+
+
+def F_one_hot(x):
+    return torch.nn.functional.one_hot(x, 256).float()
+
+
+# --- bits per byte -----------------------------------------------------------------------------------------
+
+def test_uniform_model_over_bytes_scores_exactly_8_bits_per_byte(tmp_path):
+    """256 equally likely byte tokens: each byte costs log2(256) = 8 bits. No BOS or EOS here, so the first
+    byte cannot be predicted and is left out of both counts."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(uniform_model(256), tok)
+    nats, tokens, n_bytes = s.document_nats("héllo, wörld", stride=4)
+    assert tokens == len("héllo, wörld".encode()) - 1 == n_bytes
+    assert nats / math.log(2) / n_bytes == pytest.approx(8.0)
+
+
+def test_two_tokenisations_are_normalised_by_the_same_bytes(tmp_path):
+    """The same text under a byte tokenizer (256 tokens) and a trained BPE (more tokens per piece, fewer
+    pieces): uniform models cost n_tokens * log2(V) bits, and both are divided by the text's bytes, so a
+    coarser tokenizer is not rewarded merely for using fewer tokens."""
+    text = stdlib_texts(1)[0][:3000]
+    byte_tok = byte_tokenizer(tmp_path / "bytes")
+    bpe = byte_level_bpe(stdlib_texts(8), 600)
+    (tmp_path / "bpe").mkdir()
+    bpe.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    bpe_tok = load_tokenizer(tmp_path / "bpe")
+    results = {}
+    for name, tok in (("bytes", byte_tok), ("bpe", bpe_tok)):
+        nats, tokens, n_bytes = ev.Scorer(uniform_model(tok.vocab_size), tok, window=256).document_nats(text, 128)
+        first = tok.encode(text)[0]
+        start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+        expected_bytes = len(text.encode()) - (len(tok.token_bytes(first)) if start is None else 0)
+        assert n_bytes == expected_bytes
+        assert nats == pytest.approx(tokens * math.log(tok.vocab_size), rel=1e-5)
+        results[name] = nats / math.log(2) / n_bytes
+    assert results["bytes"] == pytest.approx(8.0)
+    n_bpe = len(bpe_tok.encode(text))
+    assert results["bpe"] == pytest.approx(n_bpe * math.log2(bpe_tok.vocab_size) / len(text.encode()), rel=1e-3)
+
+
+def test_sliding_windows_score_each_token_once_and_match_one_pass(world):
+    """With a window covering the whole document, sliding in small strides scores the same tokens with the
+    same context as one pass; the totals agree with a direct computation."""
+    model, tok = fusellm.load(world / "target")
+    text = stdlib_texts(3)[2][:600]
+    ids = tok.encode(text)
+    big = ev.Scorer(model, tok, window=len(ids) + 1)
+    one_pass, tokens, _ = big.document_nats(text, stride=len(ids) + 1)
+    strided, tokens2, _ = big.document_nats(text, stride=7)
+    assert tokens == tokens2 == len(ids)
+    with torch.no_grad():
+        logp = model(torch.tensor([[tok.bos_id] + ids]))[0, :, :tok.vocab_size].log_softmax(-1)
+    direct = -float(logp[:-1].gather(1, torch.tensor(ids)[:, None]).sum())
+    assert one_pass == pytest.approx(direct, rel=1e-5) and strided == pytest.approx(direct, rel=1e-5)
+    short, tokens3, _ = ev.Scorer(model, tok, window=32).document_nats(text, stride=16)
+    assert tokens3 == len(ids) and short != pytest.approx(direct, rel=1e-9)   # less context, every token still once
+
+
+# --- multiple choice -----------------------------------------------------------------------------------------
+
+def test_rigged_model_picks_the_continuation_it_prefers(tmp_path):
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(Rigged({ord("B"): 8.0}), tok)
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "Pick one:", "choices": [" A", " B", " C"], "label": 1}) + "\n" +
+                    json.dumps({"context": "Again:", "choices": [" B", " D"], "label": 0}) + "\n")
+    assert ev.eval_mc(s, task, None) == {"acc": 1.0, "acc_norm": 1.0, "n": 2}
+
+
+def test_acc_norm_differs_from_acc_when_lengths_differ(tmp_path):
+    """'B' is likely and ' ' unlikely. ' B' has the higher total log-likelihood (two tokens), but ' BBBBBB' has
+    the higher log-likelihood per character (the space's cost spread over 7 characters)."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(Rigged({ord("B"): 12.0, ord(" "): 3.0}), tok)
+    short, long = s.continuation_logprob("x:", " B"), s.continuation_logprob("x:", " BBBBBB")
+    assert short > long and short / 2 < long / 7
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "x:", "choices": [" B", " BBBBBB"], "label": 1}) + "\n")
+    assert ev.eval_mc(s, task, None) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_continuation_split_survives_sentencepiece_dummy_prefix(world):
+    """Context and continuation are encoded together; the continuation is the tokens after the context's bytes."""
+    model, tok = fusellm.load(world / "target")
+    assert tok.kind == "sentencepiece"
+    s = ev.Scorer(model, tok)
+    ids = tok.encode("def f(x): return x")
+    assert s.context_tokens(ids, len("def f(x):".encode())) == len(tok.encode("def f(x):"))
+
+
+def test_bigbench_task_json_is_read_for_both_kinds(tmp_path):
+    mc = ev.read_mc(ROOT / "tasks" / "sample_bbh.json")
+    assert mc == [{"context": "not ( False or False ) is ", "choices": ["True", "False"], "label": 0}]
+    gen = ev.read_gen(ROOT / "tasks" / "sample_bbh.json")
+    assert len(gen) == 7 and gen[0] == {"input": "not ( True ) and ( True ) is", "target": "False"}
+
+
+# --- generation and HumanEval --------------------------------------------------------------------------------
+
+def test_greedy_generation_stops_at_a_stop_string(tmp_path):
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(NextByte(), tok)
+    assert s.generate("a", 10, ["e"]) == "bcd"
+    assert s.generate("a", 3, ["z"]) == "bcd"
+
+
+def test_exact_match_uses_few_shot_prompt(tmp_path):
+    """The first example becomes the prompt's shot and is not scored. The prompt ends in 'A:' (':' is byte 58),
+    so the next-byte model answers ';<=>?' (bytes 59..63): right for q1, wrong for q2."""
+    tok = byte_tokenizer(tmp_path / "t")
+    task = tmp_path / "gen.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in [{"input": "shot", "target": "x"},
+                                                            {"input": "q1", "target": ";<=>?"},
+                                                            {"input": "q2", "target": "nope"}]))
+    r = ev.eval_gen(ev.Scorer(NextByte(), tok), task, shots=1, max_new_tokens=5, limit=None)
+    assert r == {"exact_match": 0.5, "n": 2}
+
+
+PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+
+
+@pytest.mark.parametrize("completion,passes", [
+    ("    return a + b\n", True),
+    ("    return a - b\n", False),
+    ("    while True:\n        pass\n", False),                       # infinite loop: killed by the timeout
+    ("    import os\n    os.abort()\n", False),                         # a crash of the interpreter
+])
+def test_humaneval_scoring_survives_wrong_looping_and_crashing_completions(completion, passes):
+    ok, why = ev.run_program(ev.humaneval_program(PROBLEM, completion), timeout=2.0)
+    assert ok is passes, why
+
+
+def test_humaneval_infinite_loop_reports_the_timeout():
+    ok, why = ev.run_program(ev.humaneval_program(PROBLEM, "    while True:\n        pass\n"), timeout=1.0)
+    assert not ok and why == "timed out after 1.0 s"
+
+
+# --- bad input and the whole command ------------------------------------------------------------------------
+
+def test_malformed_jsonl_line_names_line_and_field(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "b", "choices": "xy", "label": 0}\n')
+    with pytest.raises(ev.EvalError, match=r"t\.jsonl:2: field 'choices' should be list, got str"):
+        ev.read_mc(f)
+    f.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "b", "label": 0\n')
+    with pytest.raises(ev.EvalError, match=r"t\.jsonl:2: not valid JSON"):
+        ev.read_mc(f)
+    f.write_text('{"context": "a", "choices": ["x"]}\n')
+    with pytest.raises(ev.EvalError, match=r"t\.jsonl:1: missing field 'label'"):
+        ev.read_mc(f)
+
+
+def test_empty_task(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ev.EvalError, match="the task has no examples"):
+        ev.read_mc(tmp_path / "e.jsonl")
+
+
+def test_model_folder_without_tokenizer(world, tmp_path):
+    import shutil
+    shutil.copytree(world / "source", tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit, match="no tokenizer.json or tokenizer.model"):
+        ev.main(["--models", str(tmp_path / "m"), "--lm", str(ROOT / "tasks" / "sample_text.txt")])
+
+
+def test_command_runs_every_sample_task_and_writes_the_table(world, tmp_path, capsys):
+    t = ROOT / "tasks"
+    results = ev.main(["--models", str(world / "target"), str(world / "source"), "--names", "target", "source",
+                       "--lm", str(t / "sample_text.txt"), "--mc", str(t / "sample_mc.jsonl"),
+                       "--gen", str(t / "sample_bbh.json"), "--humaneval", str(t / "sample_humaneval.jsonl"),
+                       "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    cols = ["bpb:sample_text", "ppl/token:sample_text", "acc:sample_mc", "acc_norm:sample_mc", "em:sample_bbh",
+            "pass@1:sample_humaneval"]
+    assert out.splitlines()[0] == "| model | " + " | ".join(cols) + " |"
+    assert [line.split(" |")[0] for line in out.splitlines()[2:4]] == ["| target", "| source"]
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    assert all(0 < results[m]["bpb:sample_text"] < 20 for m in results)
