@@ -85,10 +85,10 @@ def bench_load(a):
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"checkpoint: Llama dim={a.dim} layers={a.layers} vocab={a.vocab}, {size / 2**20:.0f} MiB fp32")
         runners = ["nanofuse"]
-        try:
-            import transformers  # noqa: F401
+        import importlib.util
+        if importlib.util.find_spec("transformers") is not None:
             runners.append("transformers")
-        except ImportError:
+        else:
             print("(transformers not installed: nanofuse only)")
         print(f"{'loader':<13}{'load s':>8}{'forward s':>11}{'peak RSS after load':>22}{'after forward':>16}")
         for which in runners:
@@ -224,7 +224,6 @@ def bench_vocab_map(a):
 
 
 def bench_dists(a):
-    import numpy as np
     import data
     args = fusellm.ModelArgs(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                              n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import zipfile
 import zlib
@@ -243,7 +242,7 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
     tmp_dir = out / f".windows.tmp{os.getpid()}"      # renamed to windows/ only once the corpus is read through
     tmp_dir.mkdir()
     stats = CorpusStats()
-    shard, n_shards, n_windows, n_split, buf = 0, 0, 0, 0, []
+    n_shards, n_windows, n_split, buf = 0, 0, 0, []
     t0 = time.time()
 
     def flush():

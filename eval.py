@@ -196,6 +196,8 @@ class Scorer:
 
 def eval_lm(scorer: Scorer, path, stride: int, limit: int | None) -> dict:
     docs = list(read_corpus(path))[:limit]
+    if not docs:
+        raise EvalError(f"{path}: no documents with text to score")
     prog = Progress(f"lm {Path(path).name}", len(docs), "documents")
     nats = tokens = n_bytes = 0
     for d in docs:

@@ -238,8 +238,8 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
                 raise bad(f"Split behavior {s.get('behavior')!r} invert={s.get('invert')} is not supported")
             pattern = s["pattern"]["Regex"]
             if re.search(r"\{\d+(,\d*)?\}\+", pattern):
-                raise bad(f"the Split regex uses a '{{n,m}}+' quantifier, which HF's regex engine reads as a "
-                          f"repeated repeat and tiktoken as possessive; they split digit runs differently")
+                raise bad("the Split regex uses a '{n,m}+' quantifier, which HF's regex engine reads as a "
+                          "repeated repeat and tiktoken as possessive; they split digit runs differently")
         elif t == "ByteLevel":
             if s.get("add_prefix_space"):
                 raise bad("ByteLevel add_prefix_space=true is not supported")

@@ -1,6 +1,7 @@
 """
 train.py: continue-train a target LLM on L = lambda * L_CLM + (1 - lambda) * L_fusion.
 
+    python train.py                                                            # the built-in demo (demo.py)
     python train.py --data DATA --target TARGET --out runs/fuse              # fusion-ready data from data.py
     python train.py --data DATA --target TARGET --online --out runs/fuse     # sources run inside the loop
     torchrun --nproc_per_node 8 train.py --data DATA --target TARGET --paper  # DDP; add --fsdp for big targets
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 
 import data
 import fusellm
-from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainConfig:
     online: bool = False           # run the sources (the manifest's, or --sources) inside the loop
     sources: str = ""              # online: comma-separated source folders (default: the manifest's)
     topk: int = 10                 # online: top-K kept per candidate (stored data brings its own)
+    use_sources: str = ""          # stored: comma-separated source names to fuse (default: all aligned ones)
     # fusion
     fusion: str = "mince"          # mince | avgce (per window, paper) | mince_token | avgce_token
     lam: float = 0.9               # lambda: weight of the CLM loss
@@ -170,7 +171,8 @@ class StoredCandidates:
     """Candidates from data.py's fusion-ready data."""
 
     def __init__(self, cfg, tok):
-        self.fd = data.FusionData(cfg.data, tokenizer=tok)
+        chosen = [s for s in cfg.use_sources.split(",") if s] or None
+        self.fd = data.FusionData(cfg.data, tokenizer=tok, sources=chosen)
         self.names = ["target"] + self.fd.sources
 
     def windows_per_shard(self):
@@ -528,6 +530,10 @@ def plot_losses(out: Path):
 
 
 def main(argv=None):
+    given = sys.argv[1:] if argv is None else argv
+    if not given:                                    # `python train.py`: the built-in demo (demo.py)
+        import demo
+        return demo.main([])
     cfg = parse_config(argv)
     try:
         train(cfg)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import align
-from align import SPACE, normalize
+from align import normalize
 
 B = lambda b: chr(align.BYTE_BASE + b)  # noqa: E731  a stray byte as normalize() writes it
 

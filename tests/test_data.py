@@ -1,7 +1,6 @@
 """The data pipeline turns a corpus into fusion-ready shards: windows every tokenizer fits, each model's top-K,
 sources aligned onto the target; resumable, shard by shard, with nothing half-written."""
 import json
-import os
 import shutil
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 
 import data
 import fusellm
-from conftest import SEQ, run_pipeline, stdlib_texts  # noqa: F401  (world: a fixture in conftest)
+from conftest import SEQ, stdlib_texts             # the `world` fixture comes from conftest
 from tokenizer import load_tokenizer
 
 

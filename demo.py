@@ -1,0 +1,335 @@
+"""
+demo.py: knowledge fusion at toy scale, on a laptop CPU, with no downloads. `python train.py` runs it.
+
+1. corpora: two domains from the Python standard library on this machine. "code" is its source with the
+   comments and docstrings taken out; "prose" is those comments and docstrings. Files are split into
+   train and held-out eval sets.
+2. tokenizers: each model gets its own, so alignment has real work to do. The code source uses a
+   sentencepiece BPE (2048), the prose source a sentencepiece unigram (1536), and the target a BPE (1024)
+   trained on both domains.
+3. models: two small source models, each pre-trained on its own domain, and a target pre-trained briefly
+   on both (the base to continue-train).
+4. fusion data: data.py over the mixed train corpus (as much as continue-training reads): windows, each
+   model's top-10, sources aligned onto the target with MinED.
+5. continue-training the target for the same steps: CLM only (lambda = 1), and fused (MinCE, lambda 0.9).
+6. evaluation: bits per byte on each domain's held-out text for every model (eval.py).
+Every stage caches its output under --out, so a second run skips what is done.
+
+    python demo.py                      # the demo (also: python train.py)
+    python demo.py repro --seeds 3      # the toy reproduction of the paper's comparisons
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+import shutil
+import statistics
+import sysconfig
+import time
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+import fusellm
+import train
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class DemoSize:
+    files: int              # standard-library files read (every 8th goes to the held-out set)
+    max_chars: int          # per file
+    seq_len: int
+    source_dim: int
+    target_dim: int
+    layers: int
+    source_steps: int
+    base_steps: int
+    fuse_steps: int
+    batch: int
+    tokenizers: tuple       # vocab sizes: target, code source, prose source
+
+
+SIZES = {
+    "full": DemoSize(files=400, max_chars=12000, seq_len=128, source_dim=160, target_dim=128, layers=4,
+                     source_steps=160, base_steps=60, fuse_steps=80, batch=16, tokenizers=(1024, 2048, 1536)),
+    "tiny": DemoSize(files=40, max_chars=4000, seq_len=64, source_dim=32, target_dim=32, layers=1,
+                     source_steps=6, base_steps=4, fuse_steps=4, batch=4, tokenizers=(500, 600, 550)),
+}
+SOURCES = ("code", "prose")
+
+
+def log(msg):
+    print(f"[demo] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Corpora
+
+
+def split_source(text: str) -> tuple[str, str]:
+    """A Python file as (code without comments and docstrings, its comments and docstrings as prose)."""
+    prose, drop = [], set()
+    try:
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and node.body and isinstance(node.body[0], ast.Expr):
+                    prose.append(doc)
+                    drop.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.COMMENT and len(tok.string) > 2 and not tok.string.startswith("#!"):
+                prose.append(tok.string.lstrip("#").strip())
+                if not tok.line[:tok.start[1]].strip():
+                    drop.add(tok.start[0])
+    except (SyntaxError, tokenize.TokenError, ValueError):
+        return "", ""
+    code = "\n".join(line for n, line in enumerate(text.splitlines(), 1) if n not in drop and line.strip())
+    return code, "\n".join(p for p in prose if p)
+
+
+def build_corpora(out: Path, size: DemoSize):
+    done = out / "corpus" / "done"
+    if done.exists():
+        return
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:size.files]
+    docs = {(d, s): [] for d in SOURCES for s in ("train", "eval")}
+    for k, f in enumerate(files):
+        code, prose = split_source(f.read_text(encoding="utf-8", errors="replace"))
+        code, prose = code[:size.max_chars], prose[:size.max_chars]
+        split = "eval" if k % 8 == 7 else "train"
+        for domain, text in (("code", code), ("prose", prose)):
+            if len(text) > 200:
+                docs[(domain, split)].append(text)
+    for (domain, split), texts in docs.items():
+        (out / "corpus" / split).mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / "corpus" / split / f"{domain}.jsonl", texts)
+    mix = [t for pair in zip(docs[("code", "train")], docs[("prose", "train")]) for t in pair]
+    _write_jsonl(out / "corpus" / "train" / "mix.jsonl", mix)
+    # the fusion corpus: what continue-training reads (steps x batch windows, ~3.5 characters a token), plus 20%
+    budget, fuse = size.fuse_steps * size.batch * size.seq_len * 3.5 * 1.2, []
+    for t in mix:
+        if sum(map(len, fuse)) >= budget:
+            break
+        fuse.append(t)
+    _write_jsonl(out / "corpus" / "train" / "fuse.jsonl", fuse)
+    done.write_text("ok")
+    log("corpora: " + ", ".join(f"{d}/{s} {sum(map(len, t)) / 1e3:.0f}k chars" for (d, s), t in docs.items()))
+
+
+def _write_jsonl(path: Path, texts):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tmp.replace(path)
+
+
+def corpus_texts(out: Path, domain: str, split: str) -> list[str]:
+    return list(data.read_corpus(out / "corpus" / split / f"{domain}.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2-3. Tokenizers and pre-trained models
+
+
+def train_tokenizer(path: Path, texts: list[str], model_type: str, vocab: int):
+    import sentencepiece as spm
+    if path.is_file():
+        return
+    buf = io.BytesIO()
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type=model_type,
+                                   vocab_size=vocab, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True,
+                                   allow_whitespace_only_pieces=True, character_coverage=0.995, minloglevel=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+def pretrain(folder: Path, tok_file: Path, texts: list[str], dim: int, size: DemoSize, steps: int, seed: int,
+             name: str):
+    """A small Llama pre-trained with plain CLM on random windows of the texts, saved with its tokenizer."""
+    if (folder / "config.json").is_file():
+        return
+    tok = load_tokenizer(tok_file)
+    stream = np.array([i for t in texts for i in [tok.bos_id] + tok.encode(t)], dtype=np.int64)
+    heads = max(1, dim // 32)
+    args = fusellm.ModelArgs(vocab_size=tok.vocab_size, dim=dim, n_layers=size.layers, n_heads=heads,
+                             n_kv_heads=heads, head_dim=dim // heads, hidden_dim=dim * 8 // 3 // 16 * 16,
+                             sliding_layers=(False,) * size.layers, max_seq_len=size.seq_len * 4,
+                             tie_embeddings=True)
+    torch.manual_seed(seed)
+    model = fusellm.Transformer(args)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.02)
+    cfg = train.TrainConfig(lr=3e-3, warmup=0.05, min_lr_ratio=0.1, weight_decay=0.1)
+    opt = train.make_optimizer(model, cfg, "cpu")
+    rng = np.random.default_rng(seed)
+    prog = data.Progress(f"pretrain {name}", steps, "steps", every=15)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = train.lr_at(step, steps, cfg)
+        starts = rng.integers(0, len(stream) - size.seq_len - 1, size.batch)
+        x = torch.from_numpy(np.stack([stream[s:s + size.seq_len + 1] for s in starts]))
+        loss = F.cross_entropy(model(x[:, :-1]).reshape(-1, args.vocab_size), x[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        prog.update(1, size.batch * size.seq_len)
+    fusellm.save_model(model, folder, extra_files=[tok_file])
+    log(f"pre-trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{steps} steps, last loss {loss.item():.3f})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The demo
+
+
+def prepare(out: Path, size: DemoSize, seed: int = 0):
+    """Stages 1-4: corpora, tokenizers, pre-trained models, fusion-ready data."""
+    build_corpora(out, size)
+    mix, code, prose = (corpus_texts(out, d, "train") for d in ("mix", "code", "prose"))
+    vt, vc, vp = size.tokenizers
+    train_tokenizer(out / "tok" / "target.model", mix, "bpe", vt)
+    train_tokenizer(out / "tok" / "code.model", code, "bpe", vc)
+    train_tokenizer(out / "tok" / "prose.model", prose, "unigram", vp)
+    for name, texts, dim, steps in (("code", code, size.source_dim, size.source_steps),
+                                    ("prose", prose, size.source_dim, size.source_steps),
+                                    ("base", mix, size.target_dim, size.base_steps)):
+        tok_file = out / "tok" / f"{'target' if name == 'base' else name}.model"
+        folder = out / "models" / name
+        pretrain(folder, tok_file, texts, dim, size, steps, seed, name)
+        if (folder / tok_file.name).is_file():
+            (folder / tok_file.name).rename(folder / "tokenizer.model")
+    d = out / "data"
+    data.build_windows(out / "corpus" / "train" / "fuse.jsonl", out / "models" / "base",
+                       [out / "models" / s for s in SOURCES], d, seq_len=size.seq_len, shard_windows=64)
+    for name in ("base", *SOURCES):
+        data.compute_dists(d, out / "models" / name, "target" if name == "base" else name, topk=10, batch_size=16)
+    for s in SOURCES:
+        if not (d / "aligned" / s / "diagnostics.json").is_file():
+            data.align_source(d, s)
+
+
+def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0, **overrides) -> Path:
+    """Continue-train the base target; returns the exported model folder (cached)."""
+    final = out / "runs" / run / "final"
+    if (final / "config.json").is_file():
+        return final
+    cfg = train.TrainConfig(data=str(data_dir), target=str(out / "models" / "base"), out=str(out / "runs" / run),
+                            batch_size=size.batch, max_steps=size.fuse_steps, lr=1e-3, warmup=0.05, seed=seed,
+                            log_every=max(1, size.fuse_steps // 4), ckpt_every=10**9, **overrides)
+    log(f"continue-training: {run}")
+    train.train(cfg)
+    return final
+
+
+def run_demo(out="runs/demo", size="full", seed=0) -> dict:
+    t0 = time.time()
+    out, sz = Path(out), SIZES[size]
+    prepare(out, sz, seed)
+    clm = continue_train(out, "clm", sz, out / "data", seed, lam=1.0)
+    fused = continue_train(out, "fused", sz, out / "data", seed, lam=0.9, fusion="mince")
+    models = {"source: code": out / "models" / "code", "source: prose": out / "models" / "prose",
+              "target base": out / "models" / "base", "target CLM-only": clm, "target fused (MinED, MinCE)": fused}
+    table = domain_bpb(out, models)
+    print()
+    print(markdown(table, "bits per byte on held-out text (lower is better)"))
+    log(f"done in {time.time() - t0:.0f} s; outputs in {out}")
+    return table
+
+
+def domain_bpb(out: Path, models: dict[str, Path]) -> dict:
+    """{model: {domain: bits per byte}} on each domain's held-out text."""
+    files = [out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES]
+    res = ev.evaluate([str(p) for p in models.values()], list(models), lm=[str(f) for f in files], window=512)
+    return {name: {d: r[f"bpb:{d}"] for d in SOURCES} for name, r in res.items()}
+
+
+REPRO = {   # name -> (data folder, train settings); each run continue-trains the same base for the same steps
+    "target CLM-only": ("data", dict(lam=1.0)),
+    "fused: MinED, MinCE (paper)": ("data", dict(lam=0.9, fusion="mince")),
+    "fused: EM, MinCE": ("data_em", dict(lam=0.9, fusion="mince")),
+    "fused: MinED, AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
+    "fused: MinED, MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources="code")),
+}
+
+
+def em_copy(out: Path):
+    """The same windows and distributions with the sources aligned by exact match (EM) instead of MinED."""
+    em, d = out / "data_em", out / "data"
+    if not (em / "manifest.json").is_file():
+        em.mkdir(exist_ok=True)
+        for sub in ("windows", "models"):
+            if not (em / sub).exists():
+                shutil.copytree(d / sub, em / sub)
+        shutil.copy(d / "manifest.json", em / "manifest.json")
+    for s in SOURCES:
+        if not (em / "aligned" / s / "diagnostics.json").is_file():
+            diag = data.align_source(em, s, vocab_kind="em", quiet=True)
+            log(f"aligned {s} with EM: {diag['aligned_1to1']:.1%} of target positions 1:1")
+    return em
+
+
+def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
+    """The paper's comparisons at toy scale, over several seeds (data order of the continue-training):
+    fused against CLM-only and each source (RQ1), MinED against EM and MinCE against AvgCE (RQ3), one source
+    against two. Bits per byte on each domain's held-out text, mean and standard deviation over seeds."""
+    t0 = time.time()
+    out, sz = Path(out), SIZES[size]
+    prepare(out, sz)
+    em_copy(out)
+    fixed = {"source: code": out / "models" / "code", "source: prose": out / "models" / "prose",
+             "target base": out / "models" / "base"}
+    table = {name: {**row, "mean": statistics.mean(row.values())} for name, row in domain_bpb(out, fixed).items()}
+    for name, (data_dir, settings) in REPRO.items():
+        slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+        runs = {f"{name} seed {s}": continue_train(out, f"repro/{slug}/seed{s}", sz, out / data_dir, seed=s, **settings)
+                for s in range(seeds)}
+        scores = domain_bpb(out, runs)
+        row = {}
+        for col in (*SOURCES, "mean"):
+            vals = [statistics.mean(v.values()) if col == "mean" else v[col] for v in scores.values()]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[col] = f"{statistics.mean(vals):.4f} ± {sd:.4f}"
+        table[name] = row
+    print()
+    print(markdown(table, f"bits per byte, held-out, {seeds} seeds"))
+    (out / "repro.json").write_text(json.dumps(table, indent=1))
+    log(f"reproduction done in {time.time() - t0:.0f} s; table in {out / 'repro.json'}")
+    return table
+
+
+def markdown(table: dict, title: str) -> str:
+    cols = list(next(iter(table.values())))
+    lines = [f"| model ({title}) | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro"])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--size", default="full", choices=list(SIZES))
+    p.add_argument("--seeds", type=int, default=3)
+    a = p.parse_args(argv)
+    if a.what == "demo":
+        return run_demo(a.out, a.size)
+    return run_repro(a.out, a.size, a.seeds)
+
+
+if __name__ == "__main__":
+    main()
