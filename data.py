@@ -521,6 +521,13 @@ def print_diagnostics(name, diag):
 # Reading fusion-ready data
 
 
+def ce_per_byte(ce: float, n_tokens: int, has_bos: bool, n_bytes: int) -> float:
+    """A window's CE in nats per byte of its text: the mean per token times the number of predictions (every
+    token after BOS, or all but the first without one), over the bytes. Unlike the mean per token, this is
+    comparable between models whose tokenizers cut the same text into different numbers of tokens."""
+    return float(ce) * (n_tokens if has_bos else n_tokens - 1) / max(n_bytes, 1)
+
+
 class FusionData:
     """Per window: the target's tokens (re-encoded with `tokenizer`, checked against the stored checksum), its
     own top-K, and every source's aligned top-K in target ids, with every candidate's CE. Sources are the
@@ -542,13 +549,18 @@ class FusionData:
             return self._cache[s]
         tgt = read_dists(self.out, self.target, s)
         srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
+        src_offsets = {n: read_dists(self.out, n, s)["offsets"] for n in self.sources}
+        has_bos = {n: _model_info(self.out, n).get("bos") is not None for n in [self.target, *self.sources]}
         windows = []
         for w, win in enumerate(read_windows(self.out, s)):
             a, b = tgt["offsets"][w], tgt["offsets"][w + 1]
+            n_bytes = len(win["text"].encode("utf-8"))
             item = {"text": win["text"],
                     "target": {"topk_ids": tgt["topk_ids"][a:b].astype(np.int64),
                                "topk_logprobs": dequantize_logprobs(tgt["topk_logprobs"][a:b]),
-                               "ce": float(tgt["ce"][w])}, "sources": {}}
+                               "ce": float(tgt["ce"][w]),
+                               "ce_per_byte": ce_per_byte(tgt["ce"][w], b - a, has_bos[self.target], n_bytes)},
+                    "sources": {}}
             if self.tok is not None:
                 item["tokens"] = self.tok.encode(win["text"])
                 if token_checksum(item["tokens"]) != tgt["checksum"][w]:
@@ -558,8 +570,10 @@ class FusionData:
                 counts = z["counts"][a:b]
                 start = int(z["counts"][:a].sum())
                 end = start + int(counts.sum())
+                n_src = int(src_offsets[n][w + 1] - src_offsets[n][w])
                 item["sources"][n] = {"counts": counts, "ids": z["ids"][start:end].astype(np.int64),
-                                      "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w])}
+                                      "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w]),
+                                      "ce_per_byte": ce_per_byte(z["ce"][w], n_src, has_bos[n], n_bytes)}
             windows.append(item)
         self._cache = {s: windows}
         return windows

@@ -50,6 +50,7 @@ class TrainConfig:
     temperature: float = 1.0       # candidates' top-K renormalised as p^(1/T)
     avg_weights: str = "official"  # AvgCE weights: official softmax(exp(-CE)) | softmax softmax(-CE/tau)
     tau: float = 1.0
+    ce_unit: str = "token"         # candidates' CE compared per token (paper) or per byte of the window's text
     # optimisation
     batch_size: int = 8            # windows per micro-batch, all processes together
     grad_accum: int = 1            # micro-batches per optimizer step
@@ -216,7 +217,9 @@ class OnlineCandidates:
         model, tok = self.models["target"]
         ids, lps, ces = data.window_topk(model, tok, [it["tokens"] for it in items], self.k, self.device)
         for it, i_, l_, c_ in zip(items, ids, lps, ces):
-            it["target"] = {"topk_ids": i_.astype(np.int64), "topk_logprobs": l_, "ce": c_}
+            it["target"] = {"topk_ids": i_.astype(np.int64), "topk_logprobs": l_, "ce": c_,
+                            "ce_per_byte": data.ce_per_byte(c_, len(it["tokens"]), tok.bos_id is not None,
+                                                            len(it["text"].encode()))}
         for name in self.names[1:]:
             model, s_tok = self.models[name]
             vmap, sv, tv, costs = self.align[name]
@@ -224,15 +227,20 @@ class OnlineCandidates:
             ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
             for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
                 tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv, costs, self.settings)
-                it["sources"][name] = {"counts": np.diff(tr.offsets), "ids": tr.ids, "logprobs": tr.logprobs, "ce": c_}
+                it["sources"][name] = {"counts": np.diff(tr.offsets), "ids": tr.ids, "logprobs": tr.logprobs, "ce": c_,
+                                       "ce_per_byte": data.ce_per_byte(c_, len(si), s_tok.bos_id is not None,
+                                                                       len(it["text"].encode()))}
         return items
 
 
-def make_batch(items: list[dict], names: list[str], bos: int | None, K: int):
+def make_batch(items: list[dict], names: list[str], bos: int | None, K: int, ce_unit: str = "token"):
     """Tensors for one micro-batch. With s = [BOS] + tokens: inputs s[:-1], labels s[1:]. The stored
     distribution at token i (predicting token i+1) belongs to input position i + (BOS ? 1 : 0).
     Returns input_ids (B, T), labels (B, T) (-100: padding), cand_ids / cand_logprobs (C, B, T, K),
     cand_fallback (C, B, T), window_ce (C, B), fusion_mask (B, T)."""
+    if ce_unit not in ("token", "byte"):
+        raise TrainingError(f"--ce-unit {ce_unit!r}: choose 'token' (paper) or 'byte'")
+    ce_key = "ce" if ce_unit == "token" else "ce_per_byte"
     nb = int(bos is not None)
     seqs = [([bos] if nb else []) + it["tokens"] for it in items]
     B, T, C = len(items), max(len(s) for s in seqs) - 1, len(names)
@@ -251,7 +259,7 @@ def make_batch(items: list[dict], names: list[str], bos: int | None, K: int):
         k = it["target"]["topk_ids"].shape[1]
         cid[0, b, used, :k] = it["target"]["topk_ids"][:n - 1]
         clp[0, b, used, :k] = it["target"]["topk_logprobs"][:n - 1]
-        ce[0, b] = it["target"]["ce"]
+        ce[0, b] = it["target"][ce_key]
         for c, name in enumerate(names[1:], 1):
             src = it["sources"][name]
             counts = np.asarray(src["counts"], dtype=np.int64)
@@ -261,7 +269,7 @@ def make_batch(items: list[dict], names: list[str], bos: int | None, K: int):
             cid[c, b, pos[keep] + nb, rank[keep]] = src["ids"][keep]
             clp[c, b, pos[keep] + nb, rank[keep]] = src["logprobs"][keep]
             cfb[c, b, used] = counts[:n - 1] == 0
-            ce[c, b] = src["ce"]
+            ce[c, b] = src[ce_key]
     t = torch.from_numpy
     return dict(input_ids=t(x), labels=t(y), cand_ids=t(cid), cand_logprobs=t(clp), cand_fallback=t(cfb),
                 window_ce=t(ce), fusion_mask=t(mask))
@@ -456,7 +464,8 @@ def train(cfg: TrainConfig):
         lr, lam = lr_at(step, total, cfg), lam_at(step, total, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [make_batch(batches.items(step, m), candidates.names, tok.bos_id, K) for m in range(cfg.grad_accum)]
+        micro = [make_batch(batches.items(step, m), candidates.names, tok.bos_id, K, cfg.ce_unit)
+                 for m in range(cfg.grad_accum)]
         clm, fus, n_tok = step_losses(fmodel, micro, cfg, lam, V, device, world, autocast)
         loss = lam * clm + (1 - lam) * fus if lam < 1 else clm
         if not math.isfinite(loss):

@@ -205,3 +205,66 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert train.lr_at(0, 110, cfg) == pytest.approx(0.1) and train.lr_at(9, 110, cfg) == pytest.approx(1.0)
     assert train.lr_at(60, 110, cfg) == pytest.approx(0.55)          # halfway: 0.1 + 0.9 * 0.5
     assert train.lr_at(110, 110, cfg) == pytest.approx(0.1)
+
+
+def test_ce_per_byte_can_reverse_the_mince_choice():
+    """Candidate A: 2.0 nats per token over 10 predictions of a 40-byte text = 0.5 nats per byte. Candidate B,
+    with a finer tokenizer: 1.5 nats per token over 20 predictions = 0.75 per byte. Per token MinCE picks B;
+    per byte, the comparison that does not depend on the tokenizer, it picks A."""
+    assert data.ce_per_byte(2.0, 10, True, 40) == 0.5 and data.ce_per_byte(1.5, 21, False, 40) == 0.75
+    item = {"tokens": [5, 6, 7],
+            "target": {"topk_ids": np.zeros((3, 1), dtype=np.int64), "topk_logprobs": np.zeros((3, 1)), "ce": 2.0,
+                       "ce_per_byte": 0.5},
+            "sources": {"B": {"counts": np.zeros(3, dtype=np.int64), "ids": np.zeros(0, dtype=np.int64),
+                              "logprobs": np.zeros(0), "ce": 1.5, "ce_per_byte": 0.75}}}
+    per_token = train.make_batch([item], ["target", "B"], 1, 1, "token")["window_ce"][:, 0]
+    per_byte = train.make_batch([item], ["target", "B"], 1, 1, "byte")["window_ce"][:, 0]
+    assert per_token.argmin() == 1 and per_byte.argmin() == 0
+
+
+def test_stored_ce_per_byte_matches_the_window_text(world):
+    tok = load_tokenizer(world / "target")
+    fd = data.FusionData(world / "data", tokenizer=tok)
+    item = fd.shard(0)[0]
+    n_bytes = len(item["text"].encode())
+    assert item["target"]["ce_per_byte"] == pytest.approx(item["target"]["ce"] * len(item["tokens"]) / n_bytes)
+    src_tok = load_tokenizer(world / "source")             # byte-level, no BOS: one prediction fewer
+    n_src = len(src_tok.encode(item["text"]))
+    assert item["sources"]["source"]["ce_per_byte"] == pytest.approx(
+        item["sources"]["source"]["ce"] * (n_src - 1) / n_bytes, rel=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch(world, tmp_path):
+    """Two micro-batches of 2 windows train exactly like one batch of 4: the losses are normalised by the
+    whole step's token counts, not per micro-batch."""
+    whole = run(world, tmp_path / "a", "--batch-size", "4", "--max-steps", "3")
+    accum = run(world, tmp_path / "b", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3")
+    for a, b in zip(whole, accum):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["fusion"] == pytest.approx(b["fusion"], abs=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(world, tmp_path):
+    plain = run(world, tmp_path / "a", "--max-steps", "3")
+    ckpt = run(world, tmp_path / "b", "--max-steps", "3", "--grad-checkpointing")
+    assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in ckpt], abs=1e-6)
+
+
+def test_lambda_schedule_moves_linearly():
+    cfg = train.TrainConfig(lam=0.9, lam_end=0.5)
+    assert [train.lam_at(s, 5, cfg) for s in range(5)] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5])
+    assert train.lam_at(3, 5, train.TrainConfig(lam=0.9)) == 0.9
+
+
+def test_loss_curve_picture_is_drawn(world, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(world, tmp_path / "a", "--max-steps", "2")
+    assert train.plot_losses(tmp_path / "a") == tmp_path / "a" / "loss.png"
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(world, tmp_path):
+    eager = run(world, tmp_path / "a", "--max-steps", "2")
+    compiled = run(world, tmp_path / "b", "--max-steps", "2", "--compile")
+    assert [r["loss"] for r in eager] == pytest.approx([r["loss"] for r in compiled], abs=1e-4)
