@@ -273,6 +273,7 @@ REPRO = {   # name -> (data folder, train settings); each run continue-trains th
     "fused: MinED, AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
     "fused: MinED, MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources="code")),
     "fused: MinED, MinCE by CE per byte (ours)": ("data", dict(lam=0.9, fusion="mince", ce_unit="byte")),
+    "fused: MinED, MinCE, lambda 0.5": ("data", dict(lam=0.5, fusion="mince")),
 }
 
 
