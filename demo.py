@@ -201,17 +201,13 @@ def prepare(out: Path, size: DemoSize, seed: int = 0):
     build_corpora(out, size)
     mix, code, prose = (corpus_texts(out, d, "train") for d in ("mix", "code", "prose"))
     vt, vc, vp = size.tokenizers
-    train_tokenizer(out / "tok" / "target.model", mix, "bpe", vt)
-    train_tokenizer(out / "tok" / "code.model", code, "bpe", vc)
-    train_tokenizer(out / "tok" / "prose.model", prose, "unigram", vp)
-    for name, texts, dim, steps in (("code", code, size.source_dim, size.source_steps),
-                                    ("prose", prose, size.source_dim, size.source_steps),
-                                    ("base", mix, size.target_dim, size.base_steps)):
-        tok_file = out / "tok" / f"{'target' if name == 'base' else name}.model"
-        folder = out / "models" / name
-        pretrain(folder, tok_file, texts, dim, size, steps, seed, name)
-        if (folder / tok_file.name).is_file():
-            (folder / tok_file.name).rename(folder / "tokenizer.model")
+    train_tokenizer(out / "tok" / "target" / "tokenizer.model", mix, "bpe", vt)
+    train_tokenizer(out / "tok" / "code" / "tokenizer.model", code, "bpe", vc)
+    train_tokenizer(out / "tok" / "prose" / "tokenizer.model", prose, "unigram", vp)
+    for name, tok_name, texts, dim, steps in (("code", "code", code, size.source_dim, size.source_steps),
+                                              ("prose", "prose", prose, size.source_dim, size.source_steps),
+                                              ("base", "target", mix, size.target_dim, size.base_steps)):
+        pretrain(out / "models" / name, out / "tok" / tok_name / "tokenizer.model", texts, dim, size, steps, seed, name)
     d = out / "data"
     data.build_windows(out / "corpus" / "train" / "fuse.jsonl", out / "models" / "base",
                        [out / "models" / s for s in SOURCES], d, seq_len=size.seq_len, shard_windows=64)

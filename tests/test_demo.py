@@ -10,7 +10,7 @@ def test_demo_runs_every_stage_and_second_run_skips_them(tmp_path, capsys):
                            "target fused (MinED, MinCE)"]
     assert all(set(row) == {"code", "prose"} and all(0 < v < 16 for v in row.values()) for row in table.values())
     d = tmp_path / "d"
-    for path in ("corpus/train/mix.jsonl", "corpus/eval/code.jsonl", "corpus/eval/prose.jsonl", "tok/target.model",
+    for path in ("corpus/train/mix.jsonl", "corpus/eval/code.jsonl", "corpus/eval/prose.jsonl", "tok/target/tokenizer.model",
                  "models/code/config.json", "models/prose/tokenizer.model", "models/base/model.safetensors",
                  "data/manifest.json", "data/aligned/code/diagnostics.json", "data/aligned/prose/diagnostics.json",
                  "runs/clm/final/config.json", "runs/fused/final/tokenizer.model", "runs/fused/metrics.jsonl"):
