@@ -549,7 +549,8 @@ class FusionData:
             return self._cache[s]
         tgt = read_dists(self.out, self.target, s)
         srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
-        src_offsets = {n: read_dists(self.out, n, s)["offsets"] for n in self.sources}
+        src_offsets = {n: np.load(self.out / "models" / n / f"shard-{s:05d}.npz")["offsets"] for n in self.sources}
+        starts = {n: np.concatenate([[0], np.cumsum(z["counts"], dtype=np.int64)]) for n, z in srcs.items()}
         has_bos = {n: _model_info(self.out, n).get("bos") is not None for n in [self.target, *self.sources]}
         windows = []
         for w, win in enumerate(read_windows(self.out, s)):
@@ -568,8 +569,7 @@ class FusionData:
                                     f"distributions were made; rerun data.py")
             for n, z in srcs.items():
                 counts = z["counts"][a:b]
-                start = int(z["counts"][:a].sum())
-                end = start + int(counts.sum())
+                start, end = int(starts[n][a]), int(starts[n][b])
                 n_src = int(src_offsets[n][w + 1] - src_offsets[n][w])
                 item["sources"][n] = {"counts": counts, "ids": z["ids"][start:end].astype(np.int64),
                                       "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w]),
