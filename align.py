@@ -148,11 +148,7 @@ def dtw_reference(source: list[str], target: list[str], ties: str = "closest") -
     - "closest" (default): the predecessor whose two tokens end closest together in the text (by the
       character offsets of the normalized tokens), then the official order. Equal-cost paths are then
       told apart by where the tokens actually sit."""
-    if ties not in TIES:
-        raise ValueError(f"ties={ties!r}; choose one of {TIES}")
-    n, m = len(source), len(target)
-    if n == 0 or m == 0:
-        raise ValueError("dtw needs two non-empty token sequences")
+    n, m = _check_dtw(source, target, ties)
     inf = float("inf")
     D = [[inf] * (m + 1) for _ in range(n + 1)]
     D[0][0] = 0
@@ -160,6 +156,14 @@ def dtw_reference(source: list[str], target: list[str], ties: str = "closest") -
         for j in range(1, m + 1):
             D[i][j] = levenshtein(source[i - 1], target[j - 1]) + min(D[i - 1][j - 1], D[i - 1][j], D[i][j - 1])
     return _backtrack(np.array(D), source, target, ties)
+
+
+def _check_dtw(source, target, ties) -> tuple[int, int]:
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}; choose one of {TIES}")
+    if not source or not target:
+        raise ValueError("dtw needs two non-empty token sequences")
+    return len(source), len(target)
 
 
 def _backtrack(D, source, target, ties):
@@ -193,11 +197,7 @@ def dtw(source: list[str], target: list[str], ties: str = "closest", cost: np.nd
     Row i needs D[i,j] = min(A[j], c[i,j] + D[i,j-1]) with A[j] = c[i,j] + min(D[i-1,j-1], D[i-1,j]).
     Unrolled with the row's prefix sums S[j] = c[i,1] + ... + c[i,j]:  D[i,j] = S[j] + min_{k<=j}(A[k] - S[k]),
     a cumulative minimum. Costs are integers, so D equals the reference's exactly, and so do its ties."""
-    if ties not in TIES:
-        raise ValueError(f"ties={ties!r}; choose one of {TIES}")
-    n, m = len(source), len(target)
-    if n == 0 or m == 0:
-        raise ValueError("dtw needs two non-empty token sequences")
+    n, m = _check_dtw(source, target, ties)
     if cost is None:
         cost = pair_costs(source, target)
     INF = np.int32(1 << 29)                  # never reached by a real path: n+m steps of short tokens
@@ -217,11 +217,16 @@ def dtw(source: list[str], target: list[str], ties: str = "closest", cost: np.nd
     return _backtrack(D, source, target, ties)
 
 
+def _unique(tokens: list[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct tokens, and for each position the index of its token among them."""
+    u, inverse = np.unique(np.array(tokens, dtype=object), return_inverse=True)
+    return list(u), inverse
+
+
 def pair_costs(source: list[str], target: list[str]) -> np.ndarray:
     """(n, m) int32 edit distances, computed once per pair of distinct tokens."""
-    us, si = np.unique(np.array(source, dtype=object), return_inverse=True)
-    ut, ti = np.unique(np.array(target, dtype=object), return_inverse=True)
-    return edit_distances(list(us), list(ut))[si[:, None], ti[None, :]]
+    (us, si), (ut, ti) = _unique(source), _unique(target)
+    return edit_distances(us, ut)[si[:, None], ti[None, :]]
 
 
 class PairCosts:
@@ -246,8 +251,7 @@ class PairCosts:
         return slots[token]
 
     def __call__(self, source: list[str], target: list[str]) -> np.ndarray:
-        us, si = np.unique(np.array(source, dtype=object), return_inverse=True)
-        ut, ti = np.unique(np.array(target, dtype=object), return_inverse=True)
+        (us, si), (ut, ti) = _unique(source), _unique(target)
         rs = np.array([self._slot(0, x) for x in us])
         cs = np.array([self._slot(1, x) for x in ut])
         vals = self.table[np.maximum(rs, 0)[:, None], np.maximum(cs, 0)[None, :]].astype(np.int32)
@@ -256,7 +260,7 @@ class PairCosts:
         missing = vals == self.UNKNOWN
         new_rows = np.flatnonzero(missing.all(axis=1))                 # tokens never seen: whole rows
         if new_rows.size:
-            vals[new_rows] = edit_distances([us[r] for r in new_rows], list(ut))
+            vals[new_rows] = edit_distances([us[r] for r in new_rows], ut)
             missing[new_rows] = False
         rows, cols = np.flatnonzero(missing.any(axis=1)), np.flatnonzero(missing.any(axis=0))
         if rows.size:                                                   # known rows, new or unmet columns
@@ -274,11 +278,17 @@ class PairCosts:
 def vocab_map_em(src_vocab: list[str], tgt_vocab: list[str]) -> np.ndarray:
     """EM: source id -> the target id with the same normalized string, or -1. Several target ids with one
     string (rare: duplicates) resolve to the lowest id. Empty strings (control tokens) map to nothing."""
+    index = _string_index(tgt_vocab)
+    return np.array([index.get(s, -1) if s else -1 for s in src_vocab], dtype=np.int64)
+
+
+def _string_index(vocab: list[str]) -> dict[str, int]:
+    """Non-empty normalized string -> its lowest id."""
     index: dict[str, int] = {}
-    for j, t in enumerate(tgt_vocab):
+    for j, t in enumerate(vocab):
         if t:
             index.setdefault(t, j)
-    return np.array([index.get(s, -1) if s else -1 for s in src_vocab], dtype=np.int64)
+    return index
 
 
 def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | None = None,
@@ -299,10 +309,7 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
         for k in range(len(t)):
             wild.setdefault((k, t[:k] + t[k + 1:]), j)
             dels.setdefault(t[:k] + t[k + 1:], j)
-    exact = {}
-    for j, t in enumerate(tgt_vocab):
-        if t:
-            exact.setdefault(t, j)
+    exact = _string_index(tgt_vocab)
     for i, s in enumerate(src_vocab):
         if not s or em[i] >= 0:
             continue

@@ -705,15 +705,14 @@ def fuse(cand_ids, cand_logprobs, cand_fallback, window_ce, labels, method="minc
         else:
             w = torch.softmax(torch.where(compete, -tok_ce / tau, -torch.inf), dim=0).nan_to_num(0.0)
         w = w[..., None]                                                               # (C, B, T, 1)
-        none = ~compete.any(dim=0)                                                     # (B, T): one-hot on the label
-        probs = probs * w
-        ids = ids.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
-        probs = probs.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
+    # every candidate's entries side by side, weighted: (B, T, C * (K+1))
+    ids = ids.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
+    probs = (probs * w).permute(1, 2, 0, 3).reshape(B, T, C * (K + 1))
+    if method in ("mince_token", "avgce_token"):                                      # no candidate left: one-hot
+        none = ~compete.any(dim=0)                                                     # (B, T)
         ids = torch.cat([ids, labels.clamp(min=0)[..., None]], dim=-1)
         probs = torch.cat([probs, none[..., None].to(p.dtype)], dim=-1)
-        return ids, probs
-    probs = probs * w
-    return (ids.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1)), probs.permute(1, 2, 0, 3).reshape(B, T, C * (K + 1)))
+    return ids, probs
 
 
 @torch.no_grad()
