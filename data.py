@@ -301,6 +301,12 @@ def load_manifest(out) -> dict:
     return json.loads(p.read_text())
 
 
+def shard_sizes(manifest: dict) -> list[int]:
+    """Windows per shard: shard_windows each, the remainder in the last."""
+    n, per = manifest["windows"], manifest["shard_windows"]
+    return [min(per, n - s * per) for s in range(manifest["shards"])]
+
+
 def read_windows(out, shard: int) -> list[dict]:
     p = Path(out) / "windows" / f"shard-{shard:05d}.jsonl"
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
@@ -352,7 +358,7 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logp
         print(f"[dists {name}] {len(todo)} of {len(shards)} shards to do on {device}; expected disk at most "
               f"{est_tokens * per_token / 2**20:,.1f} MiB ({per_token} bytes/token before compression, "
               f"<= {est_tokens:,.0f} tokens)")
-    prog = Progress(f"dists {name}", sum(len(read_windows(out, s)) for s in todo), quiet=quiet)
+    prog = Progress(f"dists {name}", sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
     for s in todo:
         windows = read_windows(out, s)
         offsets, ids_all, lp_all, ce, crc = [0], [], [], [], []
@@ -415,8 +421,8 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
     out/aligned/<name>/diagnostics.json."""
     from tokenizer import load_tokenizer
     m = load_manifest(out)
-    src_info = _model_info(out, name)
-    tgt_info = _model_info(out, target)
+    src_info = model_info(out, name)
+    tgt_info = model_info(out, target)
     s_tok, t_tok = load_tokenizer(src_info["model"]), load_tokenizer(tgt_info["model"])
     for info, tok, who in ((src_info, s_tok, name), (tgt_info, t_tok, target)):
         if tokenizer_fingerprint(tok) != info["tokenizer"]:
@@ -432,7 +438,7 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
     costs = align.PairCosts()
     shards = my_shards(m["shards"])
     todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
-    prog = Progress(f"align {name}", sum(len(read_windows(out, s)) for s in todo), quiet=quiet)
+    prog = Progress(f"align {name}", sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
     T_dtype = id_dtype(t_tok.vocab_size)
     for s in todo:
         windows, src, tgt = read_windows(out, s), read_dists(out, name, s), read_dists(out, target, s)
@@ -471,7 +477,7 @@ def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_voc
                           mode=settings["vocab_map"], fallback=settings["fallback"], merge=settings["merge"])
 
 
-def _model_info(out, name):
+def model_info(out, name):
     p = Path(out) / "models" / name / "info.json"
     if not p.is_file():
         raise DataError(f"{p}: not found; run `python data.py dists --name {name} --model MODEL` first")
@@ -542,6 +548,7 @@ class FusionData:
                             f"run data.py for this target")
         self.sources = sources if sources is not None else sorted(p.name for p in (self.out / "aligned").glob("*")
                                                                   if p.is_dir())
+        self.has_bos = {n: model_info(self.out, n).get("bos") is not None for n in [target, *self.sources]}
         self._cache = {}
 
     def shard(self, s: int) -> list[dict]:
@@ -551,7 +558,6 @@ class FusionData:
         srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
         src_offsets = {n: np.load(self.out / "models" / n / f"shard-{s:05d}.npz")["offsets"] for n in self.sources}
         starts = {n: np.concatenate([[0], np.cumsum(z["counts"], dtype=np.int64)]) for n, z in srcs.items()}
-        has_bos = {n: _model_info(self.out, n).get("bos") is not None for n in [self.target, *self.sources]}
         windows = []
         for w, win in enumerate(read_windows(self.out, s)):
             a, b = tgt["offsets"][w], tgt["offsets"][w + 1]
@@ -560,7 +566,7 @@ class FusionData:
                     "target": {"topk_ids": tgt["topk_ids"][a:b].astype(np.int64),
                                "topk_logprobs": dequantize_logprobs(tgt["topk_logprobs"][a:b]),
                                "ce": float(tgt["ce"][w]),
-                               "ce_per_byte": ce_per_byte(tgt["ce"][w], b - a, has_bos[self.target], n_bytes)},
+                               "ce_per_byte": ce_per_byte(tgt["ce"][w], b - a, self.has_bos[self.target], n_bytes)},
                     "sources": {}}
             if self.tok is not None:
                 item["tokens"] = self.tok.encode(win["text"])
@@ -573,13 +579,10 @@ class FusionData:
                 n_src = int(src_offsets[n][w + 1] - src_offsets[n][w])
                 item["sources"][n] = {"counts": counts, "ids": z["ids"][start:end].astype(np.int64),
                                       "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w]),
-                                      "ce_per_byte": ce_per_byte(z["ce"][w], n_src, has_bos[n], n_bytes)}
+                                      "ce_per_byte": ce_per_byte(z["ce"][w], n_src, self.has_bos[n], n_bytes)}
             windows.append(item)
         self._cache = {s: windows}
         return windows
-
-    def windows_per_shard(self) -> list[int]:
-        return [len(read_windows(self.out, s)) for s in range(self.manifest["shards"])]
 
 
 # ----------------------------------------------------------------------------------------------------

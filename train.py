@@ -152,7 +152,7 @@ class Batches:
 
     def __init__(self, source, cfg, rank, world):
         self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
-        self.sizes = source.windows_per_shard()
+        self.sizes = data.shard_sizes(data.load_manifest(cfg.data))
         self.n = sum(self.sizes)
         self._orders = {}
 
@@ -175,9 +175,6 @@ class StoredCandidates:
         chosen = [s for s in cfg.use_sources.split(",") if s] or None
         self.fd = data.FusionData(cfg.data, tokenizer=tok, sources=chosen)
         self.names = ["target"] + self.fd.sources
-
-    def windows_per_shard(self):
-        return self.fd.windows_per_shard()
 
     def items(self, picked):
         return [self.fd.shard(s)[w] for s, w in picked]
@@ -208,11 +205,9 @@ class OnlineCandidates:
         self.settings = {"vocab_map": "mined", "ties": "closest", "fallback": "next", "merge": "sum"}
         self.out = cfg.data
 
-    def windows_per_shard(self):
-        return [len(data.read_windows(self.out, s)) for s in range(data.load_manifest(self.out)["shards"])]
-
     def items(self, picked):
-        texts = [data.read_windows(self.out, s)[w]["text"] for s, w in picked]
+        shards = {s: data.read_windows(self.out, s) for s in {s for s, _ in picked}}   # each shard file once
+        texts = [shards[s][w]["text"] for s, w in picked]
         items = [{"text": t, "tokens": self.tok.encode(t), "sources": {}} for t in texts]
         model, tok = self.models["target"]
         ids, lps, ces = data.window_topk(model, tok, [it["tokens"] for it in items], self.k, self.device)
@@ -429,7 +424,7 @@ def train(cfg: TrainConfig):
     model = model.to(device).train()
     model.gradient_checkpointing = cfg.grad_checkpointing
     candidates = OnlineCandidates(cfg, tok, device) if cfg.online else StoredCandidates(cfg, tok)
-    K = cfg.topk if cfg.online else _topk(cfg.data)
+    K = cfg.topk if cfg.online else data.model_info(cfg.data, "target")["topk"]
     if cfg.fsdp and world > 1:
         from torch.distributed.fsdp import fully_shard
         for layer in model.layers:
@@ -506,11 +501,6 @@ def train(cfg: TrainConfig):
     if world > 1:
         torch.distributed.barrier()
     return out
-
-
-def _topk(data_dir) -> int:
-    info = json.loads((Path(data_dir) / "models" / "target" / "info.json").read_text())
-    return info["topk"]
 
 
 def plot_losses(out: Path):
