@@ -241,7 +241,7 @@ def run_demo(out="runs/demo", size="full", seed=0) -> dict:
               "target base": out / "models" / "base", "target CLM-only": clm, "target fused (MinED, MinCE)": fused}
     table = domain_bpb(out, models)
     print()
-    print(markdown(table, "bits per byte on held-out text (lower is better)"))
+    print(ev.markdown_table(table, "bits per byte on held-out text (lower is better)"))
     log(f"done in {time.time() - t0:.0f} s; outputs in {out}")
     return table
 
@@ -312,18 +312,10 @@ def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
             row[col] = f"{statistics.mean(vals):.4f} ± {sd:.4f}"
         table[name] = row
     print()
-    print(markdown(table, f"bits per byte, held-out, {seeds} seeds"))
+    print(ev.markdown_table(table, f"bits per byte, held-out, {seeds} seeds"))
     (out / "repro.json").write_text(json.dumps(table, indent=1))
     log(f"reproduction done in {time.time() - t0:.0f} s; table in {out / 'repro.json'}")
     return table
-
-
-def markdown(table: dict, title: str) -> str:
-    cols = list(next(iter(table.values())))
-    lines = [f"| model ({title}) | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines)
 
 
 def main(argv=None):

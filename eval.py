@@ -120,7 +120,8 @@ def _bigbench(path: Path) -> dict:
 class Scorer:
     def __init__(self, model, tok, device="cpu", window=1024):
         self.model, self.tok, self.device, self.window = model, tok, device, window
-        self.start = tok.bos_id if tok.bos_id is not None else tok.eos_id   # GPT-2 style models start from EOS
+        start = tok.bos_id if tok.bos_id is not None else tok.eos_id       # GPT-2 style models start from EOS
+        self.prefix = [start] if start is not None else []                  # what every sequence begins with
 
     @torch.no_grad()
     def logprobs(self, ids: list[int]) -> torch.Tensor:
@@ -136,19 +137,17 @@ class Scorer:
         stride = max(1, min(stride, self.window - 1))   # each window keeps at least one token of context
         ids = self.tok.encode(text)
         n_bytes = len(text.encode("utf-8"))
-        if self.start is None:
-            n_bytes -= len(self.tok.token_bytes(ids[0])) if ids else 0
-            seq, first = ids, 1
-        else:
-            seq, first = [self.start] + ids, 1
-        nats, done = 0.0, first                   # seq[:done] are scored (or the start token)
+        if not self.prefix and ids:
+            n_bytes -= len(self.tok.token_bytes(ids[0]))
+        seq = self.prefix + ids
+        nats, done = 0.0, 1                       # seq[:done] are scored (or the start token)
         while done < len(seq):
             end = min(len(seq), done + stride)
             begin = max(0, end - self.window)
             lp = self.logprobs(seq[begin:end])    # predictions of seq[begin+1:end]
             nats -= float(lp[done - begin - 1:].sum())
             done = end
-        return nats, len(seq) - first, n_bytes
+        return nats, len(seq) - 1, n_bytes
 
     def continuation_logprob(self, context: str, continuation: str) -> float:
         """log p(continuation | context): the text is encoded whole, and the tokens that end after the context's
@@ -157,9 +156,7 @@ class Scorer:
         cut = self.context_tokens(ids, len(context.encode("utf-8")))
         if cut == len(ids):
             raise EvalError(f"the continuation {continuation!r} adds no tokens after {context[-40:]!r}")
-        start = [self.start] if self.start is not None else []
-        full = start + ids
-        lp = self.logprobs(full[-self.window:])
+        lp = self.logprobs((self.prefix + ids)[-self.window:])
         n_cont = len(ids) - cut
         return float(lp[-n_cont:].sum())
 
@@ -177,7 +174,7 @@ class Scorer:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
         """Greedy decoding until a stop string appears (cut there) or max_new_tokens."""
-        ids = ([self.start] if self.start is not None else []) + self.tok.encode(prompt)
+        ids = self.prefix + self.tok.encode(prompt)
         out = []
         text = ""
         for _ in range(max_new_tokens):
@@ -304,11 +301,14 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
     return results
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: dict, title: str = "") -> str:
+    """Models as rows, metrics as columns: numbers to 4 decimals, text as it is, '-' where a metric is missing."""
     cols = list(dict.fromkeys(k for r in results.values() for k in r))
-    lines = ["| model | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    head = f"model ({title})" if title else "model"
+    lines = [f"| {head} | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in cols) + " |")
+        cells = ("-" if c not in r else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" for c in cols)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
