@@ -3,11 +3,15 @@ align.py: carrying a source model's next-token distributions onto the target's t
 
 Two tokenizers cut the same text differently. To train the target on a source's predictions we
 1. write every token as comparable text (`normalize`),
-2. align the two token sequences by minimum edit distance (`dtw`, the MinED dynamic program),
-3. map the source vocabulary onto the target's (`vocab_map_em`, `vocab_map_mined`), and
-4. move each source distribution onto the target position it aligns with (`transfer`).
+2. align the two token sequences: exactly, from where each token sits in the text (`byte_alignment`), or by
+   the paper's minimum edit distance (`dtw`, the MinED dynamic program),
+3. map the source vocabulary onto the target's (`vocab_map`: EM and MinED from the paper, and our
+   next-token map), ties going to the token the target's encoder really emits (`preference_order`),
+4. choose the target positions that take a source distribution (`matched_positions`: tokens that end at the
+   same byte by default, the paper's 1:1 rule as an option) and move the distributions there (`transfer`),
+   measuring how much of the carried probability lands on the target's true next token.
 
-DESIGN.md section 2 states the method; the docstrings here say exactly what each step decides.
+The docstrings say exactly what each step decides; README.md "Alignment" walks through an example.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -273,43 +278,106 @@ class PairCosts:
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Vocabulary maps
+#
+# A vocab map sends every source id to a target id (or -1: no entry). Three kinds:
+# - "em" (paper): the target token with the same normalized string;
+# - "mined" (paper): the target token of minimum edit distance over the whole target vocabulary;
+# - "next" (ours): the target token the target's own encoder emits first for the source token's text.
+# Where several target ids tie, the one the target's encoder really produces for that text wins
+# (`preference_order`). Sentencepiece with byte fallback has both '<0x65>' and 'e' for the text "e", and its
+# encoder only ever emits 'e'; a label on '<0x65>' would teach the target a token it never sees.
+
+VOCAB_MAPS = ("em", "mined", "next")
+ANCHOR = "\n"           # what continuation() puts before a text so that it is encoded as a continuation
 
 
-def vocab_map_em(src_vocab: list[str], tgt_vocab: list[str]) -> np.ndarray:
-    """EM: source id -> the target id with the same normalized string, or -1. Several target ids with one
-    string (rare: duplicates) resolve to the lowest id. Empty strings (control tokens) map to nothing."""
-    index = _string_index(tgt_vocab)
-    return np.array([index.get(s, -1) if s else -1 for s in src_vocab], dtype=np.int64)
+def continuation(tok, text: str) -> list[int] | None:
+    """The tokens a tokenizer gives `text` where the text continues other text: encode ANCHOR + text and
+    keep the tokens after the anchor. A newline is a boundary tokenizers keep: sentencepiece puts its dummy
+    prefix '▁' before the newline, not before the text, and byte-level pre-tokenizers split there. None when
+    the tokens after the anchor do not spell exactly the text (a token joins the newline to the text, or the
+    tokenizer normalised the text)."""
+    ids = tok.encode(ANCHOR + text)
+    want, got = text.encode("utf-8"), b""
+    for k in range(len(ids) - 1, -1, -1):
+        got = tok.token_bytes(ids[k]) + got
+        if got == want:
+            return ids[k:]
+        if not want.endswith(got):
+            return None
+    return None
 
 
-def _string_index(vocab: list[str]) -> dict[str, int]:
-    """Non-empty normalized string -> its lowest id."""
-    index: dict[str, int] = {}
+def preference_order(tok, vocab: list[str] | None = None) -> np.ndarray:
+    """Every id of a (target) tokenizer, preferred ids first. Where several ids share one normalized string,
+    the id the encoder emits for that text (continuation(text) == [id]) comes first; otherwise lower ids
+    first. Every vocab map breaks its ties by this order."""
+    vocab = normalized_vocab(tok) if vocab is None else vocab
+    groups: dict[str, list[int]] = {}
     for j, t in enumerate(vocab):
         if t:
-            index.setdefault(t, j)
+            groups.setdefault(t, []).append(j)
+    rank = np.zeros(len(vocab), dtype=np.int64)
+    for ids in groups.values():
+        if len(ids) < 2:
+            continue
+        for j in ids:
+            try:
+                emitted = continuation(tok, tok.token_bytes(j).decode("utf-8")) == [j]
+            except UnicodeDecodeError:                 # a lone byte: no text to encode
+                emitted = False
+            rank[j] = 0 if emitted else 1
+    return np.lexsort((np.arange(len(vocab)), rank))
+
+
+def _ranks(order, n: int) -> np.ndarray:
+    """The inverse of a preference order: rank[id] = its place in the order (identity order if None)."""
+    rank = np.arange(n)
+    if order is not None:
+        rank[np.asarray(order)] = np.arange(n)
+    return rank
+
+
+def _string_index(vocab: list[str], order=None) -> dict[str, int]:
+    """Non-empty normalized string -> its first id in `order` (default: its lowest id)."""
+    index: dict[str, int] = {}
+    for j in (range(len(vocab)) if order is None else order):
+        if vocab[j]:
+            index.setdefault(vocab[j], int(j))
     return index
 
 
+def vocab_map_em(src_vocab: list[str], tgt_vocab: list[str], order=None) -> np.ndarray:
+    """EM: source id -> the target id with the same normalized string, or -1. Several target ids with one
+    string resolve to the first in `order` (preference_order; default the lowest id). Empty strings (control
+    tokens) map to nothing."""
+    index = _string_index(tgt_vocab, order)
+    return np.array([index.get(s, -1) if s else -1 for s in src_vocab], dtype=np.int64)
+
+
 def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | None = None,
-                    progress=None) -> tuple[np.ndarray, np.ndarray]:
+                    progress=None, order=None) -> tuple[np.ndarray, np.ndarray]:
     """MinED: source id -> the target id of minimum edit distance over the whole target vocabulary, and
-    that distance. Ties go to the lowest target id. Empty strings map to nothing (-1).
+    that distance. Ties go to the first target id in `order` (preference_order; default the lowest id).
+    Empty strings map to nothing (-1).
 
     Exact, but not |Vs| x |Vt| edit distances: distance 0 and 1 come from dictionaries, and for the rest
     the target vocabulary is searched by length, nearest lengths first (|len(s) - len(t)| is a lower bound
     on the distance), stopping once no unsearched length can beat the best found."""
-    em = vocab_map_em(src_vocab, tgt_vocab)
+    order = np.arange(len(tgt_vocab)) if order is None else np.asarray(order)
+    rank = _ranks(order, len(tgt_vocab))
+    em = vocab_map_em(src_vocab, tgt_vocab, order)
     dist = np.where(em >= 0, 0, -1).astype(np.int64)
     best = em.copy()
     # distance 1, by hashing: a substitution shares a key (position, string without it), a deletion from the
-    # source lands on a target, an insertion is a deletion from the target. Lowest target id wins.
+    # source lands on a target, an insertion is a deletion from the target. The preferred target id wins.
     wild, dels = {}, {}
-    for j, t in enumerate(tgt_vocab):
+    for j in order.tolist():
+        t = tgt_vocab[j]
         for k in range(len(t)):
             wild.setdefault((k, t[:k] + t[k + 1:]), j)
             dels.setdefault(t[:k] + t[k + 1:], j)
-    exact = _string_index(tgt_vocab)
+    exact = _string_index(tgt_vocab, order.tolist())
     for i, s in enumerate(src_vocab):
         if not s or em[i] >= 0:
             continue
@@ -318,12 +386,12 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
         hits.append(dels.get(s, -1))
         hits = [h for h in hits if h >= 0 and tgt_vocab[h]]
         if hits:
-            best[i], dist[i] = min(hits), 1
+            best[i], dist[i] = min(hits, key=rank.__getitem__), 1
     todo = [i for i, s in enumerate(src_vocab) if s and dist[i] < 0]
     tgt_by_len: dict[int, np.ndarray] = {}
-    for j, t in enumerate(tgt_vocab):
-        if t:
-            tgt_by_len.setdefault(len(t), []).append(j)
+    for j in order.tolist():                           # within one length, preferred ids first
+        if tgt_vocab[j]:
+            tgt_by_len.setdefault(len(tgt_vocab[j]), []).append(j)
     tgt_by_len = {k: np.array(v) for k, v in tgt_by_len.items()}
     lengths = sorted(tgt_by_len)
     by_len: dict[int, list[int]] = {}
@@ -334,16 +402,16 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
     def search(job):
         L, rows = job
         bd = np.full(len(rows), 1 << 30, dtype=np.int64)
-        bj = np.full(len(rows), -1, dtype=np.int64)
+        bj = np.full(len(rows), order[0], dtype=np.int64)
         for ell in sorted(lengths, key=lambda x: (abs(x - L), x)):
             if abs(ell - L) > bd.max():
                 break
             ids = tgt_by_len[ell]
             d = edit_distances([src_vocab[i] for i in rows], [tgt_vocab[j] for j in ids])   # (r, n_ell)
-            k = d.argmin(axis=1)                        # first minimum: lowest id within this length
+            k = d.argmin(axis=1)                        # first minimum: the preferred id within this length
             dk = d[np.arange(len(rows)), k].astype(np.int64)
             jk = ids[k]
-            better = (dk < bd) | ((dk == bd) & (jk < bj))
+            better = (dk < bd) | ((dk == bd) & (rank[jk] < rank[bj]))
             bd, bj = np.where(better, dk, bd), np.where(better, jk, bj)
         return rows, bd, bj
 
@@ -357,17 +425,56 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
     return best, dist
 
 
-def vocab_map(src_tok, tgt_tok, kind: str = "mined", cache_dir=None) -> np.ndarray:
-    """The vocab map of two tokenizers (source id -> target id or -1), cached on disk by the two normalized
-    vocabularies. BOS and EOS map to the target's BOS and EOS."""
-    if kind not in ("em", "mined"):
-        raise ValueError(f"vocab map kind {kind!r}; choose 'em' or 'mined'")
+def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
+    """Next-token map (ours): source id -> the first token the target's encoder emits for the source token's
+    text as a continuation (`continuation`). A source predicting '▁python' teaches a target that writes
+    '▁py|thon' its '▁py': the token the target must produce next, not the nearest string ('ython', MinED).
+    Where the encoder cannot be asked (a partial UTF-8 character, a text the target normalises), the longest
+    target token whose bytes begin the source token's bytes, the first in `order` among equal bytes.
+    Tokens with no bytes map to nothing (-1)."""
+    by_bytes: dict[bytes, int] = {}
+    for j in (range(tgt_tok.vocab_size) if order is None else np.asarray(order).tolist()):
+        b = tgt_tok.token_bytes(j)
+        if b:
+            by_bytes.setdefault(b, int(j))
+    longest = max(map(len, by_bytes))
+    out = np.full(src_tok.vocab_size, -1, dtype=np.int64)
+    for i in range(src_tok.vocab_size):
+        b = src_tok.token_bytes(i)
+        if not b:
+            continue
+        try:
+            ids = continuation(tgt_tok, b.decode("utf-8"))
+        except UnicodeDecodeError:
+            ids = None
+        if ids:
+            out[i] = ids[0]
+            continue
+        for n in range(min(len(b), longest), 0, -1):
+            if b[:n] in by_bytes:
+                out[i] = by_bytes[b[:n]]
+                break
+    return out
+
+
+def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None) -> np.ndarray:
+    """The vocab map of two tokenizers (source id -> target id or -1), ties broken by the target's
+    preference_order, cached on disk by the kind and the two tokenizers' vocabularies. BOS and EOS map to
+    the target's BOS and EOS."""
+    if kind not in VOCAB_MAPS:
+        raise ValueError(f"vocab map kind {kind!r}; choose one of {VOCAB_MAPS}")
     sv, tv = normalized_vocab(src_tok), normalized_vocab(tgt_tok)
-    key = hashlib.sha256(json.dumps([kind, sv, tv]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([2, kind, src_tok.kind, tgt_tok.kind, sv, tv]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"vocab_map_{kind}_{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)
-    m = vocab_map_em(sv, tv) if kind == "em" else vocab_map_mined(sv, tv)[0]
+    order = preference_order(tgt_tok, tv)
+    if kind == "em":
+        m = vocab_map_em(sv, tv, order)
+    elif kind == "mined":
+        m = vocab_map_mined(sv, tv, order=order)[0]
+    else:
+        m = vocab_map_next(src_tok, tgt_tok, order)
     for s, t in ((src_tok.bos_id, tgt_tok.bos_id), (src_tok.eos_id, tgt_tok.eos_id)):
         if s is not None and t is not None:
             m[s] = t
@@ -380,13 +487,93 @@ def vocab_map(src_tok, tgt_tok, kind: str = "mined", cache_dir=None) -> np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Distribution transfer
+# 4. Which target positions take a source distribution, and the transfer
+#
+# The distribution at a token predicts what follows it. A target position can therefore take a source
+# distribution only where the two tokens end at the same byte of the text: otherwise the source predicts
+# the continuation of a different prefix. "exact" positions (default) check exactly that; "paper" positions
+# are the paper's rule (a 1:1 MinED-aligned pair whose tokens match), which also accepts '▁hello' aligned to
+# '▁hel' and then teaches the target, at '▁hel', what follows 'hello'.
+
+POSITIONS = ("exact", "paper")
+
+
+@lru_cache(maxsize=1 << 18)
+def _nbytes(norm: str) -> int:
+    """Bytes of the text a normalized token stands for: '▁' and each stray byte are one byte."""
+    return sum(1 if c == SPACE or BYTE_BASE <= ord(c) < BYTE_BASE + 256 else len(c.encode()) for c in norm)
+
+
+def byte_ends(ids, vocab: list[str]) -> np.ndarray:
+    """(n,) where each token ends, in bytes, counted so that the text's last byte is at 0 (ends are <= 0).
+    Counting back from the end makes two tokenizations of one text agree even though sentencepiece puts a
+    space (its dummy prefix) before the first token."""
+    n = np.array([_nbytes(vocab[i]) for i in ids], dtype=np.int64)
+    return np.cumsum(n) - n.sum()
+
+
+def byte_alignment(src_ids, tgt_ids, src_vocab: list[str], tgt_vocab: list[str]) -> list[list[int]]:
+    """The exact alignment, from where each token sits in the text (no edit distances): for each target
+    position, the source positions whose bytes overlap its bytes; a token with no bytes gets the source
+    token that ends at or after it. Same form as dtw()'s result."""
+    s_end, t_end = byte_ends(src_ids, src_vocab), byte_ends(tgt_ids, tgt_vocab)
+    s_start = s_end - np.array([_nbytes(src_vocab[i]) for i in src_ids])
+    t_start = t_end - np.array([_nbytes(tgt_vocab[j]) for j in tgt_ids])
+    out, i, n = [], 0, len(src_ids)
+    for j in range(len(tgt_ids)):
+        while i < n - 1 and s_end[i] <= t_start[j] and s_end[i] < t_end[j]:
+            i += 1                                  # source token i ends before target token j starts
+        k, hits = i, []
+        while k < n and s_start[k] < t_end[j]:
+            if s_end[k] > t_start[j] or s_end[k] == t_end[j]:
+                hits.append(k)
+            k += 1
+        out.append(hits or [i])
+    return out
+
+
+def matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, positions="exact",
+                      mode="mined") -> np.ndarray:
+    """(m,) for each target position the source position whose distribution it takes, or -1.
+
+    "exact": the source position among alignment[j] whose token ends at the same byte as target token j.
+    "paper": alignment[j] == [i] (1:1) and the two tokens match: their normalized strings are equal, or
+    (mode "mined"/"next") the vocab map sends source token i to target token j. At the first position a
+    leading '▁' is ignored in this test, since sentencepiece puts one on its first token."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}; choose one of {POSITIONS}")
+    m = len(tgt_ids)
+    if len(alignment) != m:
+        raise ValueError(f"alignment covers {len(alignment)} target positions, the target has {m}")
+    out = np.full(m, -1, dtype=np.int64)
+    if positions == "exact":
+        s_end, t_end = byte_ends(src_ids, src_vocab), byte_ends(tgt_ids, tgt_vocab)
+        for j, src in enumerate(alignment):
+            same = [i for i in src if s_end[i] == t_end[j]]
+            if same:
+                out[j] = same[-1]
+        return out
+
+    def text(vocab, token_id, first):
+        return vocab[token_id].removeprefix(SPACE) if first else vocab[token_id]
+
+    for j, src in enumerate(alignment):
+        if len(src) != 1:
+            continue
+        i = src[0]
+        s, t = text(src_vocab, src_ids[i], j == 0), text(tgt_vocab, tgt_ids[j], j == 0)
+        mapped = vmap[src_ids[i]]
+        if s == t or (mode != "em" and mapped >= 0 and (mapped == tgt_ids[j] or text(tgt_vocab, mapped, j == 0) == t)):
+            out[j] = i
+    return out
 
 
 @dataclass
 class Transferred:
     """Per target position, a sparse distribution over target ids: ids[offsets[j]:offsets[j+1]] with
-    log-probs (not renormalized: their probabilities sum to the kept mass). No entries = fall back."""
+    log-probs (not renormalized: their probabilities sum to the kept mass). No entries = fall back to a
+    one-hot on the next-token label (with fallback "official" the one-hot on the current token is stored
+    as the position's entry instead, since that is what the official code trains on)."""
     offsets: np.ndarray            # (m+1,) int64
     ids: np.ndarray                # (N,) int64 target ids
     logprobs: np.ndarray           # (N,) float32
@@ -395,76 +582,90 @@ class Transferred:
     stats: dict = field(default_factory=dict)
 
 
-def transfer(alignment: list[list[int]], src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray,
-             vmap: np.ndarray, src_vocab: list[str], tgt_vocab: list[str], mode: str = "mined",
-             fallback: str = "next", merge: str = "sum") -> Transferred:
+def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray,
+             vmap: np.ndarray, fallback: str = "next", merge: str = "sum", shown=None, src_vocab=None,
+             tgt_vocab=None) -> Transferred:
     """Move source distributions onto target positions.
 
-    alignment[j] lists the source positions aligned to target position j (from dtw); src_ids / tgt_ids are
-    the two token sequences; src_topk_* (n, K) the source's top-K at each of its positions; vmap the vocab
-    map (source id -> target id or -1); src_vocab / tgt_vocab the normalized vocabularies.
+    matched (m,): the source position each target position takes (matched_positions), -1 for none;
+    src_ids / tgt_ids: the two token sequences; src_topk_* (n, K): the source's top-K at each of its
+    positions; vmap: the vocab map (source id -> target id or -1).
 
-    Target position j takes the distribution of source position i when j is aligned to exactly one source
-    position (alignment[j] == [i]) and the two tokens match: their normalized strings are equal, or (mode
-    "mined") the vocab map sends source token i to target token j. At the first position a leading '▁' is
-    ignored in this test, since sentencepiece puts one on its first token (its dummy prefix) where byte-level
-    BPE does not. The source's top-K ids go through `vmap`; ids with no target entry are dropped (their mass
-    is counted as lost); ids that land on one target id are merged: "sum" adds their probabilities, "first"
-    keeps the most probable (the official code).
+    At a matched position the source's top-K ids go through `vmap`; ids with no target entry are dropped
+    (their mass is counted as lost); ids that land on one target id are merged: "sum" adds their
+    probabilities, "first" keeps the most probable (the official code). Every other position falls back to
+    a one-hot on the next-token label tgt_ids[j+1] ("next": the distribution at j predicts token j+1; none
+    after the last token), or on the current token tgt_ids[j] ("official": the official code's off-by-one,
+    kept for reproducing it).
 
-    Every other position falls back to a one-hot on the next-token label tgt_ids[j+1] ("next": the
-    distribution at j predicts token j+1; none after the last token), or on the current token tgt_ids[j]
-    ("official": the official code's off-by-one, kept for reproducing the paper)."""
-    if fallback not in ("next", "official") or merge not in ("sum", "first") or mode not in ("em", "mined"):
-        raise ValueError(f"transfer: mode={mode!r} fallback={fallback!r} merge={merge!r} not understood")
-    m = len(tgt_ids)
-    if len(alignment) != m:
-        raise ValueError(f"transfer: alignment covers {len(alignment)} target positions, the target has {m}")
-
-    def text(vocab, token_id, first):
-        return vocab[token_id].removeprefix(SPACE) if first else vocab[token_id]
-
-    def tokens_match(i, j):
-        s, t = text(src_vocab, src_ids[i], j == 0), text(tgt_vocab, tgt_ids[j], j == 0)
-        if s == t:
-            return True
-        mapped = vmap[src_ids[i]]
-        return mode == "mined" and mapped >= 0 and (mapped == tgt_ids[j] or text(tgt_vocab, mapped, j == 0) == t)
-
+    Label quality, in stats, over the matched positions where both sides have a next token ("scored"):
+    "label_mass" adds the probability the renormalised transferred distribution puts on the target's true
+    next token; "oracle_mass" counts where an oracle source, whose top-1 is always its own true next token
+    src_ids[i+1], would land on the target's true next token through the vocab map. A perfect transfer gives
+    oracle_mass == scored. shown/src_vocab/tgt_vocab (optional): the alignment and vocabularies, to list
+    the most frequent unmatched token pairs."""
+    if fallback not in ("next", "official") or merge not in ("sum", "first"):
+        raise ValueError(f"transfer: fallback={fallback!r} merge={merge!r} not understood")
+    m, n = len(tgt_ids), len(src_ids)
+    if len(matched) != m:
+        raise ValueError(f"transfer: {len(matched)} matches for {m} target positions")
     offsets = np.zeros(m + 1, dtype=np.int64)
     ids_out, lp_out = [], []
     is_fallback = np.ones(m, dtype=bool)
-    kept_mass = lost_mass = 0.0
+    kept_mass = lost_mass = label_mass = 0.0
+    scored = oracle = 0
     unmatched: Counter = Counter()
-    for j in range(m):
-        src = alignment[j]
-        if len(src) == 1 and tokens_match(src[0], j):
-            i = src[0]
-            ids = vmap[src_topk_ids[i]]
-            p = np.exp(src_topk_logprobs[i].astype(np.float64))
-            keep = ids >= 0
-            kept_mass += p[keep].sum()
-            lost_mass += p[~keep].sum()
-            merged: dict[int, float] = {}
-            for tid, pk in zip(ids[keep].tolist(), p[keep].tolist()):
-                if tid not in merged:
-                    merged[tid] = pk
-                elif merge == "sum":
-                    merged[tid] += pk
-            ids_out += merged.keys()
-            lp_out += np.log(list(merged.values())).tolist()
-            is_fallback[j] = not merged             # every top-K id unmapped: nothing to carry over
-        else:
-            pair = (" ".join(display(src_vocab[src_ids[i]]) for i in src), display(tgt_vocab[tgt_ids[j]]))
-            unmatched[pair] += 1
-        offsets[j + 1] = len(ids_out)
     onehot = np.full(m, -1, dtype=np.int64)
     if fallback == "next":
         onehot[:-1] = np.asarray(tgt_ids[1:], dtype=np.int64)
     else:
         onehot[:] = np.asarray(tgt_ids, dtype=np.int64)
+    for j in range(m):
+        i = int(matched[j])
+        merged: dict[int, float] = {}
+        if i >= 0:
+            ids = vmap[src_topk_ids[i]]
+            p = np.exp(src_topk_logprobs[i].astype(np.float64))
+            keep = ids >= 0
+            kept_mass += p[keep].sum()
+            lost_mass += p[~keep].sum()
+            for tid, pk in zip(ids[keep].tolist(), p[keep].tolist()):
+                if tid not in merged:
+                    merged[tid] = pk
+                elif merge == "sum":
+                    merged[tid] += pk
+            if j + 1 < m and i + 1 < n:
+                scored += 1
+                oracle += int(vmap[src_ids[i + 1]] == tgt_ids[j + 1])
+                label_mass += merged.get(int(tgt_ids[j + 1]), 0.0) / max(sum(merged.values()), 1e-30)
+        elif shown is not None:
+            pair = (" ".join(display(src_vocab[src_ids[k]]) for k in shown[j]), display(tgt_vocab[tgt_ids[j]]))
+            unmatched[pair] += 1
+        if merged:                                  # every top-K id unmapped: nothing to carry over
+            is_fallback[j] = False
+            ids_out += merged.keys()
+            lp_out += np.log(list(merged.values())).tolist()
+        elif fallback == "official" and onehot[j] >= 0:
+            ids_out.append(int(onehot[j]))          # stored, so training uses it
+            lp_out.append(0.0)
+        offsets[j + 1] = len(ids_out)
     onehot[~is_fallback] = -1
     stats = {"positions": m, "matched": int((~is_fallback).sum()), "fallback": int(is_fallback.sum()),
-             "kept_mass": kept_mass, "lost_mass": lost_mass, "unmatched": unmatched}
+             "kept_mass": kept_mass, "lost_mass": lost_mass, "scored": scored, "label_mass": label_mass,
+             "oracle_mass": oracle, "unmatched": unmatched}
     return Transferred(offsets, np.array(ids_out, dtype=np.int64), np.array(lp_out, dtype=np.float32),
                        is_fallback, onehot, stats)
+
+
+def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tgt_vocab, positions="exact",
+          vocab_kind="next", ties="closest", fallback="next", merge="sum", costs=None) -> Transferred:
+    """One sequence, every step: the alignment (byte_alignment for exact positions, MinED dtw for the paper's),
+    the matched positions, and the transfer. costs: a pair-cost function for dtw (e.g. a PairCosts)."""
+    if positions == "exact":
+        alignment = byte_alignment(src_ids, tgt_ids, src_vocab, tgt_vocab)
+    else:
+        s_norm, t_norm = [src_vocab[i] for i in src_ids], [tgt_vocab[j] for j in tgt_ids]
+        alignment = dtw(s_norm, t_norm, ties=ties, cost=(costs or pair_costs)(s_norm, t_norm))
+    matched = matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, positions, vocab_kind)
+    return transfer(matched, src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, fallback, merge,
+                    shown=alignment, src_vocab=src_vocab, tgt_vocab=tgt_vocab)

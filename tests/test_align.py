@@ -38,9 +38,14 @@ def test_lesson_same_tokens_except_the_leading_space_of_the_first():
     alignment = align.dtw(src, tgt)
     assert alignment == [[0], [1]]
     vocab_s, vocab_t = src, tgt                     # token i of each sequence is vocabulary id i
+    # byte ends count back from the text's end, so the dummy prefix does not shift them either
+    assert align.byte_ends([0, 1], vocab_s).tolist() == align.byte_ends([0, 1], vocab_t).tolist() == [-4, 0]
+    for positions in align.POSITIONS:
+        assert align.matched_positions(alignment, [0, 1], [0, 1], np.array([0, 1]), vocab_s, vocab_t,
+                                       positions).tolist() == [0, 1]
     topk_ids = np.array([[1, 0], [0, 1]])
     topk_lp = np.log(np.array([[0.75, 0.25], [0.5, 0.5]]))
-    out = align.transfer(alignment, [0, 1], [0, 1], topk_ids, topk_lp, np.array([0, 1]), vocab_s, vocab_t)
+    out = align.transfer(np.array([0, 1]), [0, 1], [0, 1], topk_ids, topk_lp, np.array([0, 1]))
     assert not out.fallback.any()
     assert out.ids[out.offsets[0]:out.offsets[1]].tolist() == [1, 0]
     assert np.allclose(np.exp(out.logprobs[:2]), [0.75, 0.25])
@@ -55,11 +60,25 @@ def test_lesson_one_target_token_made_of_two_source_tokens_falls_back_to_the_nex
     topk = np.array([[1], [2], [2]])                # source 'able' predicts 'able' (source id 2 -> target id 1)
     lp = np.zeros((3, 1))
     vmap = np.array([-1, -1, 1])
-    out = align.transfer(alignment, [0, 1, 2], [0, 1], topk, lp, vmap, src, tgt)
+    matched = align.matched_positions(alignment, [0, 1, 2], [0, 1], vmap, src, tgt, "paper")
+    assert matched.tolist() == [-1, 2]
+    out = align.transfer(matched, [0, 1, 2], [0, 1], topk, lp, vmap)
     assert out.fallback.tolist() == [True, False]
     assert out.onehot.tolist() == [1, -1]
-    official = align.transfer(alignment, [0, 1, 2], [0, 1], topk, lp, vmap, src, tgt, fallback="official")
-    assert official.onehot.tolist() == [0, -1]
+    assert out.offsets.tolist() == [0, 0, 1]       # nothing stored at position 0: training puts the label there
+
+
+def test_lesson_official_fallback_is_stored_on_the_current_token():
+    """The official code's fallback is a one-hot on the CURRENT token ('▁unbeliev' at position 0), an
+    off-by-one. With fallback="official" that one-hot is stored as position 0's distribution, so training
+    really uses it (the training loop's own fallback is always the next-token label)."""
+    src, tgt = ["▁un", "believ", "able"], ["▁unbeliev", "able"]
+    matched = np.array([-1, 2])
+    out = align.transfer(matched, [0, 1, 2], [0, 1], np.array([[1], [2], [2]]), np.zeros((3, 1)),
+                         np.array([-1, -1, 1]), fallback="official")
+    assert out.onehot.tolist() == [0, -1]
+    assert out.offsets.tolist() == [0, 1, 2] and out.ids.tolist() == [0, 1]     # position 0: target id 0 itself
+    assert out.fallback.tolist() == [True, False] and out.logprobs[0] == 0.0
 
 
 def test_lesson_byte_fallback_pieces_against_one_character():
@@ -75,9 +94,12 @@ def test_lesson_character_split_differently_on_each_side():
     pieces and A5 with A5, so only the last target position is 1:1 with an equal token."""
     src, tgt = [B(0xE6) + B(0x97), B(0xA5)], [B(0xE6), B(0x97), B(0xA5)]
     assert align.dtw(src, tgt) == [[0], [0], [1]]
-    out = align.transfer(align.dtw(src, tgt), [0, 1], [0, 1, 2], np.array([[0], [1]]), np.zeros((2, 1)),
-                         np.array([-1, 2]), src, tgt)
-    assert out.fallback.tolist() == [True, True, False]
+    matched = align.matched_positions(align.dtw(src, tgt), [0, 1], [0, 1, 2], np.array([-1, 2]), src, tgt, "paper")
+    assert matched.tolist() == [-1, -1, 1]
+    # exact positions read the same from the bytes: target tokens end at -2, -1, 0, source tokens at -1, 0
+    assert align.byte_alignment([0, 1], [0, 1, 2], src, tgt) == [[0], [0], [1]]
+    assert align.matched_positions(align.byte_alignment([0, 1], [0, 1, 2], src, tgt), [0, 1], [0, 1, 2],
+                                   np.array([-1, 2]), src, tgt).tolist() == [-1, 0, 1]
 
 
 def test_lesson_bos_on_one_side_only_is_why_text_tokens_are_aligned():
@@ -105,27 +127,116 @@ def test_lesson_transfer_maps_merges_and_counts_lost_mass():
     vmap = np.array([0, 5, 5, -1])
     topk = np.array([[1, 2, 3]])
     lp = np.log(np.array([[0.6, 0.3, 0.1]]))
-    out = align.transfer([[0]], [0], [0], topk, lp, vmap, src_vocab, tgt_vocab, merge="sum")
+    out = align.transfer(np.array([0]), [0], [0], topk, lp, vmap, merge="sum")
     assert out.ids.tolist() == [5] and np.allclose(np.exp(out.logprobs), [0.9])
     assert np.isclose(out.stats["lost_mass"], 0.1) and np.isclose(out.stats["kept_mass"], 0.9)
-    first = align.transfer([[0]], [0], [0], topk, lp, vmap, src_vocab, tgt_vocab, merge="first")
+    first = align.transfer(np.array([0]), [0], [0], topk, lp, vmap, merge="first")
     assert np.allclose(np.exp(first.logprobs), [0.6])
 
 
 def test_matched_position_whose_predictions_all_leave_the_vocabulary_falls_back():
     """Tokens match 1:1, but every top-K id has no target entry: nothing to carry over, so a one-hot."""
-    out = align.transfer([[0], [1]], [0, 1], [0, 1], np.array([[2], [2]]), np.zeros((2, 1)), np.array([0, 1, -1]),
-                         ["▁a", "▁b", "▁zz"], ["▁a", "▁b"])
+    out = align.transfer(np.array([0, 1]), [0, 1], [0, 1], np.array([[2], [2]]), np.zeros((2, 1)), np.array([0, 1, -1]))
     assert out.fallback.tolist() == [True, True] and np.isclose(out.stats["lost_mass"], 2.0)
     assert out.onehot.tolist() == [1, -1]
 
 
-def test_mined_mode_accepts_a_vocab_map_match_that_em_refuses():
+def test_paper_positions_accept_a_mined_vocab_map_match_that_em_refuses():
     """Source '▁colour' vs target '▁color': not equal (EM falls back), but MinED maps one to the other."""
     src_vocab, tgt_vocab = ["▁colour"], ["▁color"]
-    args = ([[0]], [0], [0], np.array([[0]]), np.zeros((1, 1)), np.array([0]), src_vocab, tgt_vocab)
-    assert align.transfer(*args, mode="mined").fallback.tolist() == [False]
-    assert align.transfer(*args, mode="em").fallback.tolist() == [True]
+    args = ([[0]], [0], [0], np.array([0]), src_vocab, tgt_vocab, "paper")
+    assert align.matched_positions(*args, mode="mined").tolist() == [0]
+    assert align.matched_positions(*args, mode="em").tolist() == [-1]
+
+
+def test_lesson_same_end_byte_rule_refuses_a_token_that_ends_elsewhere():
+    """Source '▁hello' against target '▁hel' 'lo'. The source's distribution after '▁hello' predicts what
+    follows 'hello'. The paper's rule accepts it at '▁hel' when the vocab map sends '▁hello' to '▁hel' (a
+    1:1 pair that "matches"), teaching the target, after '▁hel', what follows 'hello'. Exact positions give
+    it to 'lo', the target token that ends where '▁hello' ends (byte -0), and to nothing else."""
+    src_vocab, tgt_vocab = ["▁hello", "▁world"], ["▁hel", "lo", "▁world"]
+    src, tgt = [0, 1], [0, 1, 2]
+    vmap = np.array([0, 2])                              # MinED-style: '▁hello' -> '▁hel'
+    alignment = align.dtw(src_vocab, tgt_vocab)
+    assert alignment == [[0], [0], [1]]                  # '▁hel' and 'lo' each aligned to '▁hello' alone
+    paper = align.matched_positions(alignment, src, tgt, vmap, src_vocab, tgt_vocab, "paper")
+    assert paper.tolist() == [0, -1, 1]                  # '▁hel' takes what follows 'hello'
+    exact = align.matched_positions(align.byte_alignment(src, tgt, src_vocab, tgt_vocab), src, tgt, vmap,
+                                    src_vocab, tgt_vocab)
+    assert exact.tolist() == [-1, 0, 1]
+    # the oracle figure sees the difference: with paper positions, the source's next token '▁world' is
+    # not what follows '▁hel'
+    oracle = np.array([[1], [1]])
+    assert align.transfer(paper, src, tgt, oracle, np.zeros((2, 1)), vmap).stats["oracle_mass"] == 0
+    assert align.transfer(exact, src, tgt, oracle, np.zeros((2, 1)), vmap).stats["oracle_mass"] == 1
+
+
+class GreedyTokenizer:
+    """A hand-checkable tokenizer: longest vocabulary match from the left. Enough interface for vocab maps."""
+
+    def __init__(self, pieces):
+        self.piece_bytes = [p.encode() for p in pieces]
+        self.vocab_size = len(pieces)
+        self.kind = "greedy"
+        self.bos_id = self.eos_id = None
+
+    def token_bytes(self, i):
+        return self.piece_bytes[i]
+
+    def encode(self, text):
+        b, out = text.encode(), []
+        while b:
+            i = max((i for i, p in enumerate(self.piece_bytes) if p and b.startswith(p)),
+                    key=lambda i: len(self.piece_bytes[i]))
+            out.append(i)
+            b = b[len(self.piece_bytes[i]):]
+        return out
+
+
+def test_lesson_next_token_map_sends_a_long_source_token_to_the_targets_first_piece():
+    """The target writes ' python' as ' py' + 'thon'. A source predicting ' python' says the target's next
+    token is ' py'. MinED maps ' python' to the nearest string, 'ython' (2 edits), a token the target would
+    not produce there; the next-token map asks the target's encoder and gets ' py'."""
+    tgt = GreedyTokenizer(["\n", " ", "p", "y", "t", "h", "o", "n", " py", "thon", "ython"])
+    src = GreedyTokenizer(["\n", " python", "thon", "py"])
+    assert tgt.encode(" python") == [8, 9]
+    nxt = align.vocab_map_next(src, tgt)
+    assert nxt.tolist() == [0, 8, 9, 2]                  # 'py' as a continuation: 'p', then 'y'
+    mined = align.vocab_map_mined(align.normalized_vocab(src), align.normalized_vocab(tgt))[0]
+    assert mined[1] == 10                                # ' python' -> 'ython'
+
+
+def test_lesson_ties_go_to_the_piece_the_encoder_emits_not_the_byte_piece(tmp_path):
+    """In a sentencepiece vocabulary with byte fallback, '<0x65>' and 'e' are both the text "e". Byte pieces
+    have the lower ids, so a lowest-id rule sends every source 'e' to '<0x65>', a token the encoder never
+    emits (it only falls back to bytes for characters it has no piece for). The preference order puts
+    the emitted piece first, and every vocab map follows it."""
+    import sentencepiece as spm
+    from conftest import sentencepiece_model, stdlib_texts
+    from tokenizer import load_tokenizer
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model(stdlib_texts(6), 400))
+    tok = load_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    vocab = align.normalized_vocab(tok)
+    byte_e, piece_e = sp.piece_to_id("<0x65>"), sp.piece_to_id("e")
+    assert vocab[byte_e] == vocab[piece_e] == "e" and byte_e < piece_e
+    assert sp.encode("\ne")[-1] == piece_e                # what the encoder emits for "e" in running text
+    order = align.preference_order(tok)
+    assert align.vocab_map_em(["e"], vocab).tolist() == [byte_e]              # lowest id: the byte piece
+    assert align.vocab_map_em(["e"], vocab, order).tolist() == [piece_e]
+    assert align.vocab_map_mined(["e", "eé"], vocab, order=order)[0][0] == piece_e
+    # every byte piece that shadows a regular piece loses the tie, for every kind of map
+    shadowed = [i for i in range(tok.vocab_size) if sp.is_byte(i) and vocab[i] and
+                sum(v == vocab[i] for v in vocab) > 1]
+    assert len(shadowed) > 20
+    rank = np.argsort(order)
+    for i in shadowed:
+        regular = [j for j, v in enumerate(vocab) if v == vocab[i] and j != i]
+        assert all(rank[j] < rank[i] for j in regular)
+    src = GreedyTokenizer(["e", "t", " a"])
+    for kind in align.VOCAB_MAPS:
+        m = align.vocab_map(src, tok, kind)
+        assert not any(sp.is_byte(int(t)) for t in m if t >= 0), kind
 
 
 # --- the fast paths equal the references ----------------------------------------------------------------
@@ -207,17 +318,22 @@ def test_pair_cost_cache_equals_direct_computation_across_calls():
         assert (cache(s, t) == align.pair_costs(s, t)).all()
 
 
-def test_mined_vocab_map_equals_brute_force_with_lowest_id_ties():
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_mined_vocab_map_equals_brute_force_with_ties_in_preference_order(shuffled):
+    """Minimum distance, and among equals the first target id in the order (the lowest id without one)."""
     rng = random.Random(4)
     src = random_tokens(rng, 80, "abcd▁") + ["", "abcdabcd"]
     tgt = random_tokens(rng, 40, "abcd▁") + ["dddddd", ""]
-    got, dist = align.vocab_map_mined(src, tgt, threads=2)
+    order = list(range(len(tgt)))
+    if shuffled:
+        rng.shuffle(order)
+    got, dist = align.vocab_map_mined(src, tgt, threads=2, order=order if shuffled else None)
     for i, s in enumerate(src):
         if not s:
             assert got[i] == -1
             continue
-        ds = [align.levenshtein(s, t) if t else 10**9 for t in tgt]
-        assert dist[i] == min(ds) and got[i] == ds.index(min(ds)), (s, got[i], dist[i])
+        ds = [align.levenshtein(s, tgt[j]) if tgt[j] else 10**9 for j in order]
+        assert dist[i] == min(ds) and got[i] == order[ds.index(min(ds))], (s, got[i], dist[i])
 
 
 def test_em_vocab_map_needs_equal_strings():
