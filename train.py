@@ -137,18 +137,22 @@ def all_reduce_sum(values: list[float], device, world) -> list[float]:
 
 
 def window_order(windows_per_shard: list[int], seed: int, epoch: int) -> list[tuple[int, int]]:
-    """Every (shard, window) once, in an order fixed by (seed, epoch): shards shuffled, then the windows
-    inside each shard, so reading stays shard by shard."""
+    """Every (shard, window) once, in one permutation of all windows fixed by (seed, epoch), so a batch is
+    drawn from the whole data rather than from the few neighbouring documents of one shard.
+
+    The cost is in reading: consecutive windows come from different shards. FusionData keeps the last few
+    shards in memory (32 by default), which is all of the demo's data, and Batches reads each shard once per
+    micro-batch. At paper scale (thousands of shards of 256 windows), nearly every window of a batch sits in a
+    shard not in memory: a batch of 128 windows decodes about 128 whole shards to use one window of each."""
     rng = np.random.default_rng([seed, epoch])
-    order = []
-    for s in rng.permutation(len(windows_per_shard)):
-        order += [(int(s), int(w)) for w in rng.permutation(windows_per_shard[s])]
-    return order
+    every = [(s, w) for s, n in enumerate(windows_per_shard) for w in range(n)]
+    return [every[i] for i in rng.permutation(len(every))]
 
 
 class Batches:
     """The windows of micro-batch m of step k, for this rank: item i of the global micro-batch goes to rank
-    i % world. The order depends only on (seed, step), which is all a resumed run needs."""
+    i % world. The order depends only on (seed, step), which is all a resumed run needs. The windows are
+    fetched grouped by shard and returned in batch order."""
 
     def __init__(self, source, cfg, rank, world):
         self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
@@ -165,7 +169,12 @@ class Batches:
             if epoch not in self._orders:
                 self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch)}
             picked.append(self._orders[epoch][i])
-        return self.source.items(picked)
+        by_shard = sorted(range(len(picked)), key=lambda j: picked[j])     # each shard's windows together
+        fetched = self.source.items([picked[j] for j in by_shard])
+        items = [None] * len(picked)
+        for j, item in zip(by_shard, fetched):
+            items[j] = item
+        return items
 
 
 class StoredCandidates:
@@ -182,7 +191,8 @@ class StoredCandidates:
 
 class OnlineCandidates:
     """Candidates computed inside the loop: a frozen copy of the target and every source run over each window
-    (data.window_topk), the sources aligned onto the target with the same code as data.py."""
+    (data.window_topk), the sources aligned onto the target with the same code and settings as data.py (a
+    source's stored aligned/<name>/settings.json when there is one, data.ALIGN_DEFAULTS otherwise)."""
 
     def __init__(self, cfg, tok, device):
         import align
@@ -197,12 +207,13 @@ class OnlineCandidates:
             self.models[name] = fusellm.load(path, device, dtype)
             self.names.append(name)
         tv = align.normalized_vocab(tok)
-        self.align = {}
+        self.align, self.settings = {}, {}
         for name in self.names[1:]:
             s_tok = self.models[name][1]
-            self.align[name] = (align.vocab_map(s_tok, tok, "mined", cache_dir=Path(cfg.data) / "cache"),
+            self.settings[name] = data.stored_align_settings(cfg.data, name)
+            self.align[name] = (align.vocab_map(s_tok, tok, self.settings[name]["vocab_map"],
+                                                cache_dir=Path(cfg.data) / "cache"),
                                 align.normalized_vocab(s_tok), tv, align.PairCosts())
-        self.settings = {"vocab_map": "mined", "ties": "closest", "fallback": "next", "merge": "sum"}
         self.out = cfg.data
 
     def items(self, picked):
@@ -221,7 +232,8 @@ class OnlineCandidates:
             s_ids = [s_tok.encode(it["text"]) for it in items]
             ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
             for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
-                tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv, costs, self.settings)
+                tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv, costs,
+                                       self.settings[name])
                 it["sources"][name] = {"counts": np.diff(tr.offsets), "ids": tr.ids, "logprobs": tr.logprobs, "ce": c_,
                                        "ce_per_byte": data.ce_per_byte(c_, len(si), s_tok.bos_id is not None,
                                                                        len(it["text"].encode()))}
@@ -328,17 +340,13 @@ def step_losses(model, batches, cfg, lam, V, device, world, autocast):
 
 
 def fused_loss(logits, b, cfg, lam, n_clm, n_fus):
-    """lambda * L_CLM + (1 - lambda) * L_fusion from one log-softmax and one gather.
-    L_CLM = -log p(label); L_fusion = -sum_k P_t(id_k) log p(id_k), the soft-label cross-entropy, which with
-    sum_k P_t(id_k) = 1 is fusellm.sparse_soft_ce's logsumexp(z) - sum_k P_t(id_k) z[id_k]. Reading both
-    from one (B, T, V) log-softmax keeps the step's memory at plain cross-entropy's."""
+    """lambda * L_CLM + (1 - lambda) * L_fusion: the fused P_t (fusellm.fuse), then both per-token losses
+    (fusellm.token_losses), each summed and divided by the step's token count. Returns (CLM sum, fusion sum,
+    loss)."""
     ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
                               cfg.fusion, cfg.temperature, cfg.avg_weights, cfg.tau)          # (B, T, E)
-    real = b["labels"] != -100
-    logp = torch.log_softmax(logits.float(), dim=-1)                                         # (B, T, V)
-    picked = logp.gather(-1, torch.cat([b["labels"].clamp(min=0)[..., None], ids], dim=-1))  # (B, T, 1+E)
-    clm_tok = -picked[..., 0] * real                                                        # (B, T)
-    fus_tok = -(probs * picked[..., 1:]).sum(-1) * b["fusion_mask"]                         # (B, T)
+    clm_tok, fus_tok = fusellm.token_losses(logits, b["labels"], ids, probs)                 # (B, T) each
+    fus_tok = fus_tok * b["fusion_mask"]
     loss = lam * clm_tok.sum() / max(n_clm, 1) + (1 - lam) * fus_tok.sum() / max(n_fus, 1)
     return clm_tok.sum(), fus_tok.sum().detach(), loss
 

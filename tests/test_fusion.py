@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fusellm import avgce_weights, fuse, sparse_soft_ce
+from fusellm import avgce_weights, fuse, token_losses
 
 V = 6
 
@@ -15,19 +16,26 @@ def dense(ids, probs, V=V):
     return torch.zeros(*ids.shape[:-1], V, dtype=probs.dtype).scatter_add_(-1, ids, probs)
 
 
-def test_sparse_loss_and_gradient_equal_dense_soft_cross_entropy():
+def test_sparse_losses_and_gradients_equal_dense_cross_entropies():
+    """The training losses (token_losses, what train.fused_loss calls) equal torch's dense cross-entropy with
+    probability targets and with class labels, values and gradients. Catches a gather on the wrong ids, a
+    missing log-softmax, or duplicates in the sparse P_t counted once."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 50, generator=g, requires_grad=True)
     ids = torch.randint(0, 50, (2, 5, 7), generator=g)                 # duplicates included
     probs = torch.rand(2, 5, 7, generator=g)
     probs = probs / probs.sum(-1, keepdim=True)
-    sparse = sparse_soft_ce(logits, ids, probs)
-    (g_sparse,) = torch.autograd.grad(sparse.sum(), logits)
+    labels = torch.randint(0, 50, (2, 5), generator=g)
+    labels[1, 3] = -100
+    clm, fusion = token_losses(logits, labels, ids, probs)
+    (g_sparse,) = torch.autograd.grad(fusion.sum(), logits)
     P = dense(ids, probs, 50)
-    dense_loss = -(P * torch.log_softmax(logits, -1)).sum(-1)
+    dense_loss = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2), reduction="none")   # (2, 5)
     (g_dense,) = torch.autograd.grad(dense_loss.sum(), logits)
-    assert torch.allclose(sparse, dense_loss, atol=1e-5)
+    assert torch.allclose(fusion, dense_loss, atol=1e-5)
     assert torch.allclose(g_sparse, g_dense, atol=1e-6)
+    expected_clm = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    assert torch.allclose(clm, expected_clm, atol=1e-5) and clm[1, 3] == 0
 
 
 def candidates():

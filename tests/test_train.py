@@ -58,8 +58,28 @@ def test_lambda_one_is_plain_clm_training(world, tmp_path):
         assert got[step]["fusion"] is None
 
 
-def test_training_loss_equals_sparse_soft_ce_of_the_fused_distribution(world):
-    """The loop's one-gather loss equals lambda * CE + (1 - lambda) * fusellm.sparse_soft_ce, term by term."""
+def test_window_order_is_one_permutation_of_all_windows_fixed_by_seed_and_epoch():
+    """Every window once per epoch, shards interleaved (a batch is not a few neighbouring documents), and the
+    same order for the same (seed, epoch), which is what a resumed run and paired seeds rely on."""
+    sizes = [8, 8, 8, 5]
+    order = train.window_order(sizes, seed=0, epoch=0)
+    assert sorted(order) == [(s, w) for s, n in enumerate(sizes) for w in range(n)]
+    assert len({s for s, _ in order[:8]}) > 1
+    assert order == train.window_order(sizes, seed=0, epoch=0)
+    assert order != train.window_order(sizes, seed=0, epoch=1) and order != train.window_order(sizes, seed=1, epoch=0)
+
+
+def test_fusion_data_keeps_the_last_shards_read_in_memory(world):
+    fd = data.FusionData(world / "data", cache_shards=2)
+    first, second = fd.shard(0), fd.shard(1)
+    assert fd.shard(0) is first                   # still in memory, and now the most recently used
+    fd.shard(2)                                   # pushes out shard 1, the least recently used
+    assert fd.shard(0) is first and fd.shard(1) is not second
+
+
+def test_training_loss_equals_dense_cross_entropies_of_the_fused_distribution(world):
+    """The loop's loss equals lambda * CE + (1 - lambda) * the dense soft-label CE against fuse()'s P_t, term
+    by term (the fused P_t itself is checked by hand in test_labels_in_place.py)."""
     cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--fusion", "avgce"])
     model, tok = fusellm.load(world / "target")
     cands = train.StoredCandidates(cfg, tok)
@@ -69,7 +89,9 @@ def test_training_loss_equals_sparse_soft_ce_of_the_fused_distribution(world):
     clm, fus, loss = train.fused_loss(logits, b, cfg, 0.7, n_clm, n_fus)
     ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
                               "avgce")
-    expected_fus = (fusellm.sparse_soft_ce(logits, ids, probs) * b["fusion_mask"]).sum()
+    P = torch.zeros(*ids.shape[:-1], tok.vocab_size).scatter_add_(-1, ids, probs)            # dense P_t
+    soft = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2), reduction="none")       # (B, T)
+    expected_fus = (soft * b["fusion_mask"]).sum()
     expected_clm = F.cross_entropy(logits.reshape(-1, tok.vocab_size), b["labels"].reshape(-1), reduction="sum")
     assert torch.allclose(fus, expected_fus, rtol=1e-5) and torch.allclose(clm, expected_clm, rtol=1e-5)
     assert torch.allclose(loss, 0.7 * expected_clm / n_clm + 0.3 * expected_fus / n_fus, rtol=1e-5)
@@ -184,7 +206,9 @@ def test_two_gloo_processes_equal_one_process(world, tmp_path, mode):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["fusion"] == pytest.approx(b["fusion"], abs=1e-5)
     w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     w2 = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # Adam turns last-bit differences in a gradient coordinate that nearly cancels (|g| near eps = 1e-8) into
+    # update differences of up to a sizeable share of lr: seen 1.2e-5 on one embedding weight, 1e-6 elsewhere
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
 def test_paper_flag_sets_the_paper_settings_unless_overridden():
