@@ -536,7 +536,9 @@ def matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, p
                       mode="mined") -> np.ndarray:
     """(m,) for each target position the source position whose distribution it takes, or -1.
 
-    "exact": the source position among alignment[j] whose token ends at the same byte as target token j.
+    "exact": the source position i among alignment[j] whose token ends at the same byte as target token j,
+    where also the target's next token ends no later than the source's next token: the source's distribution
+    at i is over tokens like its own next one, and a target token longer than that is beyond what it says.
     "paper": alignment[j] == [i] (1:1) and the two tokens match: their normalized strings are equal, or
     (mode "mined"/"next") the vocab map sends source token i to target token j. At the first position a
     leading '▁' is ignored in this test, since sentencepiece puts one on its first token."""
@@ -548,9 +550,12 @@ def matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, p
     out = np.full(m, -1, dtype=np.int64)
     if positions == "exact":
         s_end, t_end = byte_ends(src_ids, src_vocab), byte_ends(tgt_ids, tgt_vocab)
+        n = len(src_ids)
         for j, src in enumerate(alignment):
             same = [i for i in src if s_end[i] == t_end[j]]
-            if same:
+            # the target's next token must end within the source's next one: a source that writes ' un'
+            # next says nothing about a target whose next token is ' unbelievable'
+            if same and (j + 1 == m or same[-1] + 1 == n or t_end[j + 1] <= s_end[same[-1] + 1]):
                 out[j] = same[-1]
         return out
 

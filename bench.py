@@ -386,6 +386,7 @@ def oracle_quality(src, tgt, vmap, texts, positions, sv, tv) -> tuple[float, flo
 
 def bench_labels(a):
     """Label quality on real tokenizer pairs: matched share and oracle label mass (align.transfer)."""
+    import numpy as np
     import align
     texts = [t for t in stdlib_blocks(a.files, a.chars)]
     toks = label_tokenizers()
@@ -398,12 +399,15 @@ def bench_labels(a):
         t0 = time.perf_counter()
         order = align.preference_order(tgt, tv)
         maps = {}
+        used = sorted({i for t in texts for i in src.encode(t)})    # MinED only where the oracle reads it
         for row, positions, kind, prefer in LABEL_SETTINGS:
             o = order if prefer else None
             if (kind, prefer) not in maps:
-                maps[kind, prefer] = (align.vocab_map_em(sv, tv, o) if kind == "em" else
-                                      align.vocab_map_mined(sv, tv, order=o)[0] if kind == "mined" else
-                                      align.vocab_map_next(src, tgt, o))
+                if kind == "mined":
+                    maps[kind, prefer] = np.full(src.vocab_size, -1, dtype=np.int64)
+                    maps[kind, prefer][used] = align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
+                else:
+                    maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else align.vocab_map_next(src, tgt, o)
             share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, sv, tv)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -113,6 +113,8 @@ def test_diagnostics_are_saved_next_to_the_data(pipeline):
                                     for f in (pipeline / "models" / "target").glob("shard-*.npz"))
     assert 0.3 < diag["aligned_1to1"] <= 1 and abs(diag["aligned_1to1"] + diag["fallback"] - 1) < 1e-9
     assert 0 <= diag["topk_mass_lost_in_vocab_map"] < 1
+    # exact positions and the next-token map carry an oracle source's next token onto the target's
+    assert diag["oracle_label_mass"] > 0.95 and 0 < diag["label_mass"] < 1
     assert diag["most_frequent_unmatched"] and {"source", "target", "count"} <= set(diag["most_frequent_unmatched"][0])
 
 
@@ -128,6 +130,40 @@ def test_fusion_data_gives_every_candidate_per_window(pipeline, world):
         assert len(src["counts"]) == n and len(src["ids"]) == src["counts"].sum() == len(src["logprobs"])
         assert (src["ids"] < tok.vocab_size).all() and np.isfinite(src["ce"])
         assert (np.exp(src["logprobs"]) <= 1 + 1e-6).all()
+
+
+def test_official_fallback_stores_the_current_token_and_training_uses_it(world, pipeline, tmp_path):
+    """--fallback official (the official code's off-by-one) is stored: every unmatched position carries a
+    one-hot on its own current target token, where the default stores nothing (training then puts the
+    next-token label there). make_batch passes the stored one-hot on as the candidate's distribution."""
+    import train
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    shutil.rmtree(d / "aligned" / "source")
+    data.align_source(d, "source", quiet=True, fallback="official")
+    tok = load_tokenizer(world / "target")
+    default, official = np.load(pipeline / "aligned" / "source" / "shard-00000.npz"), \
+        np.load(d / "aligned" / "source" / "shard-00000.npz")
+    tgt_ids = [i for w in data.read_windows(pipeline, 0) for i in tok.encode(w["text"])]
+    fell_back = default["counts"] == 0
+    assert fell_back.sum() > 10 and (official["counts"][fell_back] == 1).all()
+    starts = np.concatenate([[0], np.cumsum(official["counts"], dtype=np.int64)])[:-1]
+    assert (official["ids"][starts[fell_back]] == np.array(tgt_ids)[fell_back]).all()       # the CURRENT token
+    assert (official["logprobs"][starts[fell_back]] == 0).all()                             # probability 1
+    assert (official["counts"][~fell_back] == default["counts"][~fell_back]).all()
+    fd = data.FusionData(d, tokenizer=tok)
+    b = train.make_batch(fd.shard(0)[:1], ["target", "source"], tok.bos_id, 5)
+    n = len(tok.encode(data.read_windows(d, 0)[0]["text"]))
+    pos = np.flatnonzero(fell_back[:n - 1])                       # window 0's fallback positions with a label
+    assert not b["cand_fallback"][1, 0, pos + 1].any()            # +1: BOS comes first in the batch
+    assert (b["cand_ids"][1, 0, pos + 1, 0] == b["input_ids"][0, pos + 1]).all()   # input token, not label
+
+
+def test_alignment_settings_are_checked_before_any_work(pipeline):
+    with pytest.raises(data.DataError, match="positions='bytes'; choose one of"):
+        data.align_source(pipeline, "source", positions="bytes")
+    with pytest.raises(data.DataError, match="other settings"):
+        data.align_source(pipeline, "source", vocab_map="mined")
 
 
 def test_adding_a_source_later_leaves_the_first_untouched(world, pipeline, tmp_path):
