@@ -1,12 +1,19 @@
 """
 bench.py: benchmarks, each reporting ratios measured in one run.
 
+    python bench.py [labels] [--files 24 --chars 6000 | --data DATA]
     python bench.py load [--dim 1024 --layers 8 --vocab 32000]
     python bench.py align [--blocks 20]
     python bench.py vocab-map [--source-size 50000]
     python bench.py dists [--dim 512 --layers 8]
     python bench.py train [--dim 512 --layers 8 --steps 5]
 
+labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
+on tiktoken) over standard-library text. An oracle source, whose top-1 is always its own true next token, is
+carried onto the target by each alignment setting; the table gives the share of target positions that take a
+distribution and the share of those where the oracle's label is the target's true next token (1.0 is
+perfect). With --data, the labels of a data.py folder's real sources instead: how much probability each
+candidate and the fused P_t put on the target's true next token.
 load: build a random Llama checkpoint, then in fresh processes time `fusellm.load_model` (and
 `transformers` when installed) and record peak resident memory (VmHWM) after loading and after one
 forward pass, against the checkpoint's size on disk.
@@ -355,9 +362,8 @@ def label_tokenizers() -> dict:
     return toks
 
 
-LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Mistral v1 (sp)", "Mistral v3 (sp)"),
-               ("Llama-3 (tiktoken)", "Mistral v1 (sp)"), ("cl100k (tiktoken)", "Mistral v1 (sp)"),
-               ("Mistral v1 (sp)", "Llama-3 (tiktoken)"), ("cl100k (tiktoken)", "Llama-3 (tiktoken)")]
+LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Llama-3 (tiktoken)", "Mistral v1 (sp)"),
+               ("cl100k (tiktoken)", "Mistral v1 (sp)"), ("Mistral v1 (sp)", "Llama-3 (tiktoken)")]
 # (row name, positions, vocab map kind, tie order): the paper's rule with the old lowest-id ties first (as
 # nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions.
 LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False),
@@ -385,9 +391,14 @@ def oracle_quality(src, tgt, vmap, texts, positions, sv, tv) -> tuple[float, flo
 
 
 def bench_labels(a):
-    """Label quality on real tokenizer pairs: matched share and oracle label mass (align.transfer)."""
+    """Label quality on real tokenizer pairs: matched share and oracle label mass (align.transfer); with --data,
+    the labels of a run's real sources instead."""
     import numpy as np
     import align
+    import eval as ev
+    if a.data:
+        print(ev.markdown_table(run_label_mass(a.data), f"labels of {a.data}, fused positions"))
+        return
     texts = [t for t in stdlib_blocks(a.files, a.chars)]
     toks = label_tokenizers()
     vocab = {n: align.normalized_vocab(t) for n, t in toks.items()}
@@ -411,9 +422,39 @@ def bench_labels(a):
             share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, sv, tv)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    import eval as ev
     print()
     print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))
+
+
+def run_label_mass(data_dir, fusion: str = "mince") -> dict:
+    """On a data.py folder (real sources of a run): the mean probability each candidate's renormalised top-K
+    puts on the target's true next token where it carries a distribution, the share of positions it carries,
+    and the same mass for the fused P_t (fusellm.fuse) over every position training fuses."""
+    import numpy as np
+    import torch
+    import data
+    import fusellm
+    import train
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(data.model_info(data_dir, "target")["model"])
+    fd = data.FusionData(data_dir, tokenizer=tok)
+    names, K = ["target"] + fd.sources, data.model_info(data_dir, "target")["topk"]
+    sums, carried, fused_sum, n = np.zeros(len(names)), np.zeros(len(names)), 0.0, 0
+    for s, size in enumerate(data.shard_sizes(data.load_manifest(data_dir))):
+        b = train.make_batch(fd.shard(s)[:size], names, tok.bos_id, K)
+        mask, labels = b["fusion_mask"], b["labels"]
+        p = torch.softmax(b["cand_logprobs"], dim=-1).nan_to_num(0.0)                  # (C, B, T, K)
+        on_label = (p * (b["cand_ids"] == labels[None, ..., None])).sum(-1)             # (C, B, T)
+        carries = ~b["cand_fallback"] & mask                                            # (C, B, T)
+        ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], labels, fusion)
+        fused_sum += float(((probs * (ids == labels[..., None])).sum(-1) * mask).sum())
+        sums += (on_label * carries).sum(dim=(1, 2)).numpy()
+        carried += carries.sum(dim=(1, 2)).numpy()
+        n += int(mask.sum())
+    out = {f"candidate: {name}": {"mass on the true next token": sums[c] / max(carried[c], 1),
+                                  "share of positions carried": carried[c] / n} for c, name in enumerate(names)}
+    out[f"fused P_t ({fusion}; a fallback is the one-hot label)"] = {"mass on the true next token": fused_sum / n}
+    return out
 
 
 def stdlib_blocks(n_files: int, chars: int) -> list[str]:
@@ -425,7 +466,7 @@ def stdlib_blocks(n_files: int, chars: int) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd")
     load = sub.add_parser("load", help="time and peak memory of load_model against the checkpoint size")
     load.add_argument("--dim", type=int, default=1024)
     load.add_argument("--layers", type=int, default=8)
@@ -444,7 +485,8 @@ def main():
     lq = sub.add_parser("labels", help="label quality on real tokenizer pairs: matched share, oracle label mass")
     lq.add_argument("--files", type=int, default=24)
     lq.add_argument("--chars", type=int, default=6000)
-    a = p.parse_args()
+    lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
+    a = p.parse_args(sys.argv[1:] or ["labels"])
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
      "train": bench_train}[a.cmd](a)
 

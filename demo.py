@@ -10,9 +10,10 @@ demo.py: knowledge fusion at toy scale, on a laptop CPU, with no downloads. `pyt
 3. models: two small source models, each pre-trained on its own domain, and a target pre-trained briefly
    on both (the base to continue-train).
 4. fusion data: data.py over the mixed train corpus (as much as continue-training reads): windows, each
-   model's top-10, sources aligned onto the target with MinED.
+   model's top-10, sources carried onto the target (exact positions, next-token vocab map: align.py).
 5. continue-training the target for the same steps: CLM only (lambda = 1), and fused (MinCE, lambda 0.9).
-6. evaluation: bits per byte on each domain's held-out text for every model (eval.py).
+6. evaluation: bits per byte on each domain's held-out text for every model (eval.py), with at most the context
+   the models were trained on (seq_len tokens), and the paired difference fused minus CLM-only.
 Every stage caches its output under --out, so a second run skips what is done.
 
     python demo.py                      # the demo (also: python train.py)
@@ -60,7 +61,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(files=400, max_chars=12000, seq_len=128, source_dim=160, target_dim=128, layers=4,
-                     source_steps=160, base_steps=60, fuse_steps=80, batch=16, tokenizers=(1024, 2048, 1536)),
+                     source_steps=320, base_steps=60, fuse_steps=120, batch=16, tokenizers=(1024, 2048, 1536)),
     "tiny": DemoSize(files=40, max_chars=4000, seq_len=64, source_dim=32, target_dim=32, layers=1,
                      source_steps=6, base_steps=4, fuse_steps=4, batch=4, tokenizers=(500, 600, 550)),
 }
@@ -115,8 +116,9 @@ def build_corpora(out: Path, size: DemoSize):
         _write_jsonl(out / "corpus" / split / f"{domain}.jsonl", texts)
     mix = [t for pair in zip(docs[("code", "train")], docs[("prose", "train")]) for t in pair]
     _write_jsonl(out / "corpus" / "train" / "mix.jsonl", mix)
-    # the fusion corpus: what continue-training reads (steps x batch windows, ~3.5 characters a token), plus 20%
-    budget, fuse = size.fuse_steps * size.batch * size.seq_len * 3.5 * 1.2, []
+    # the fusion corpus: what continue-training reads (steps x batch windows, ~2.4 characters a token, measured
+    # on the full size's windows), plus 20%
+    budget, fuse = size.fuse_steps * size.batch * size.seq_len * 2.4 * 1.2, []
     for t in mix:
         if sum(map(len, fuse)) >= budget:
             break
@@ -225,7 +227,7 @@ def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0, 
         return final
     cfg = train.TrainConfig(data=str(data_dir), target=str(out / "models" / "base"), out=str(out / "runs" / run),
                             batch_size=size.batch, max_steps=size.fuse_steps, lr=1e-3, warmup=0.05, seed=seed,
-                            log_every=max(1, size.fuse_steps // 4), ckpt_every=10**9, **overrides)
+                            log_every=max(1, size.fuse_steps // 4), ckpt_every=10**9, shuffle_shards=0, **overrides)
     log(f"continue-training: {run}")
     train.train(cfg)
     return final
@@ -238,25 +240,31 @@ def run_demo(out="runs/demo", size="full", seed=0) -> dict:
     clm = continue_train(out, "clm", sz, out / "data", seed, lam=1.0)
     fused = continue_train(out, "fused", sz, out / "data", seed, lam=0.9, fusion="mince")
     models = {"source: code": out / "models" / "code", "source: prose": out / "models" / "prose",
-              "target base": out / "models" / "base", "target CLM-only": clm, "target fused (MinED, MinCE)": fused}
-    table = domain_bpb(out, models)
+              "target base": out / "models" / "base", "target CLM-only": clm, "target fused (MinCE)": fused}
+    table = domain_bpb(out, models, sz.seq_len)
+    paired = {f"fused minus CLM-only, seed {seed}": {d: table["target fused (MinCE)"][d] -
+                                                     table["target CLM-only"][d] for d in SOURCES}}
     print()
     print(ev.markdown_table(table, "bits per byte on held-out text (lower is better)"))
+    print()
+    print(ev.markdown_table(paired, "bits per byte, same windows in the same order; below 0: fusion helps"))
     log(f"done in {time.time() - t0:.0f} s; outputs in {out}")
     return table
 
 
-def domain_bpb(out: Path, models: dict[str, Path]) -> dict:
-    """{model: {domain: bits per byte}} on each domain's held-out text, cached next to each model."""
+def domain_bpb(out: Path, models: dict[str, Path], window: int) -> dict:
+    """{model: {domain: bits per byte}} on each domain's held-out text, every token scored with at most
+    `window` tokens of context (pass the length the models were trained on), cached next to each model and
+    keyed by the held-out files' sizes and the window."""
     files = [out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES]
-    key = [f.stat().st_size for f in files]
+    key = {"bytes": [f.stat().st_size for f in files], "window": window}
     table = {}
     for name, path in models.items():
         cache = Path(path) / "demo_bpb.json"
         if cache.is_file() and json.loads(cache.read_text())["key"] == key:
             table[name] = json.loads(cache.read_text())["bpb"]
             continue
-        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files], window=512)[name]
+        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files], window=window)[name]
         table[name] = {d: r[f"bpb:{d}"] for d in SOURCES}
         cache.write_text(json.dumps({"key": key, "bpb": table[name]}))
     return table
@@ -264,58 +272,80 @@ def domain_bpb(out: Path, models: dict[str, Path]) -> dict:
 
 REPRO = {   # name -> (data folder, train settings); each run continue-trains the same base for the same steps
     "target CLM-only": ("data", dict(lam=1.0)),
-    "fused: MinED, MinCE (paper)": ("data", dict(lam=0.9, fusion="mince")),
-    "fused: EM, MinCE": ("data_em", dict(lam=0.9, fusion="mince")),
-    "fused: MinED, AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
-    "fused: MinED, MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources="code")),
-    "fused: MinED, MinCE by CE per byte (ours)": ("data", dict(lam=0.9, fusion="mince", ce_unit="byte")),
-    "fused: MinED, MinCE, lambda 0.5": ("data", dict(lam=0.5, fusion="mince")),
+    "fused: MinCE": ("data", dict(lam=0.9, fusion="mince")),
+    "fused: AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
+    "fused: MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources="code")),
+    "fused: MinCE by CE per byte (ours)": ("data", dict(lam=0.9, fusion="mince", ce_unit="byte")),
+    "fused: MinCE, lambda 0.5": ("data", dict(lam=0.5, fusion="mince")),
+    "fused: MinCE, paper alignment (MinED)": ("data_paper_mined", dict(lam=0.9, fusion="mince")),
+    "fused: MinCE, paper alignment with EM": ("data_paper_em", dict(lam=0.9, fusion="mince")),
+    "fused: MinCE, official code's alignment": ("data_official", dict(lam=0.9, fusion="mince")),
 }
+# The alignments of the extra data folders (data.align_settings); "data" has the defaults: exact positions and
+# the next-token vocab map.
+ALIGNMENTS = {"data_paper_mined": dict(positions="paper", vocab_map="mined"),
+              "data_paper_em": dict(positions="paper", vocab_map="em"),
+              "data_official": dict(data.ALIGN_OFFICIAL)}
 
 
-def em_copy(out: Path):
-    """The same windows and distributions with the sources aligned by exact match (EM) instead of MinED."""
-    em, d = out / "data_em", out / "data"
-    if not (em / "manifest.json").is_file():
-        em.mkdir(exist_ok=True)
+def aligned_copy(out: Path, folder: str) -> Path:
+    """The demo's windows and distributions with the sources aligned again by ALIGNMENTS[folder]."""
+    new, d = out / folder, out / "data"
+    if not (new / "manifest.json").is_file():
+        new.mkdir(exist_ok=True)
         for sub in ("windows", "models"):
-            if not (em / sub).exists():
-                shutil.copytree(d / sub, em / sub)
-        shutil.copy(d / "manifest.json", em / "manifest.json")
+            if not (new / sub).exists():
+                shutil.copytree(d / sub, new / sub)
+        shutil.copy(d / "manifest.json", new / "manifest.json")
     for s in SOURCES:
-        if not (em / "aligned" / s / "diagnostics.json").is_file():
-            diag = data.align_source(em, s, vocab_kind="em", quiet=True)
-            log(f"aligned {s} with EM: {diag['aligned_1to1']:.1%} of target positions 1:1")
-    return em
+        if not (new / "aligned" / s / "diagnostics.json").is_file():
+            diag = data.align_source(new, s, quiet=True, **ALIGNMENTS[folder])
+            log(f"aligned {s} for {folder}: {diag['aligned_1to1']:.1%} of target positions carry a distribution, "
+                f"oracle label mass {diag['oracle_label_mass']:.3f}")
+    return new
 
 
 def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
     """The paper's comparisons at toy scale, over several seeds (data order of the continue-training):
-    fused against CLM-only and each source (RQ1), MinED against EM and MinCE against AvgCE (RQ3), one source
-    against two. Bits per byte on each domain's held-out text, mean and standard deviation over seeds."""
+    fused against CLM-only and each source (RQ1), MinCE against AvgCE and the paper's MinED alignment against
+    EM (RQ3), one source against two; and nanofuse's alignment (exact positions, next-token map) against the
+    paper's and the official code's. Bits per byte on each domain's held-out text, mean and standard deviation over seeds.
+    The comparisons are paired: a seed gives every row the same windows in the same order, so a second table
+    gives, for each row, the mean and standard deviation over seeds of its difference from CLM-only."""
     t0 = time.time()
     out, sz = Path(out), SIZES[size]
     prepare(out, sz)
-    em_copy(out)
+    for folder in ALIGNMENTS:
+        aligned_copy(out, folder)
     fixed = {"source: code": out / "models" / "code", "source: prose": out / "models" / "prose",
              "target base": out / "models" / "base"}
-    table = {name: {**row, "mean": statistics.mean(row.values())} for name, row in domain_bpb(out, fixed).items()}
+    cols = (*SOURCES, "mean")
+    table = {name: {**row, "mean": statistics.mean(row.values())}
+             for name, row in domain_bpb(out, fixed, sz.seq_len).items()}
+    per_seed = {}       # row -> one {column: bits per byte} per seed
     for name, (data_dir, settings) in REPRO.items():
         slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
         runs = {f"{name} seed {s}": continue_train(out, f"repro/{slug}/seed{s}", sz, out / data_dir, seed=s, **settings)
                 for s in range(seeds)}
-        scores = domain_bpb(out, runs)
-        row = {}
-        for col in (*SOURCES, "mean"):
-            vals = [statistics.mean(v.values()) if col == "mean" else v[col] for v in scores.values()]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row[col] = f"{statistics.mean(vals):.4f} ± {sd:.4f}"
-        table[name] = row
+        scores = domain_bpb(out, runs, sz.seq_len).values()
+        per_seed[name] = [{**v, "mean": statistics.mean(v.values())} for v in scores]
+        table[name] = {c: mean_sd([v[c] for v in per_seed[name]]) for c in cols}
+    clm = per_seed["target CLM-only"]
+    paired = {f"{name} minus CLM-only": {c: mean_sd([v[c] - w[c] for v, w in zip(rows, clm)], sign="+") for c in cols}
+              for name, rows in per_seed.items() if name != "target CLM-only"}
     print()
     print(ev.markdown_table(table, f"bits per byte, held-out, {seeds} seeds"))
-    (out / "repro.json").write_text(json.dumps(table, indent=1))
-    log(f"reproduction done in {time.time() - t0:.0f} s; table in {out / 'repro.json'}")
+    print()
+    print(ev.markdown_table(paired, f"paired difference, bits per byte, {seeds} seeds; below 0: better than CLM-only"))
+    (out / "repro.json").write_text(json.dumps({"bpb": table, "minus_clm_only": paired}, indent=1))
+    log(f"reproduction done in {time.time() - t0:.0f} s; tables in {out / 'repro.json'}")
     return table
+
+
+def mean_sd(vals: list[float], sign: str = "") -> str:
+    """The values as "mean ± standard deviation" (0 for a single value); sign="+" writes the mean's sign always."""
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):{sign}.4f} ± {sd:.4f}"
 
 
 def main(argv=None):

@@ -69,6 +69,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fsdp: bool = False             # FSDP2 (fully_shard) instead of DDP when several processes run
     seed: int = 1337
+    shuffle_shards: int = 16       # windows are shuffled across blocks of this many shards (0: all shards)
     # progress and checkpoints
     log_every: int = 10
     ckpt_every: int = 100
@@ -136,17 +137,21 @@ def all_reduce_sum(values: list[float], device, world) -> list[float]:
 # Data: the order of windows, and batches
 
 
-def window_order(windows_per_shard: list[int], seed: int, epoch: int) -> list[tuple[int, int]]:
-    """Every (shard, window) once, in one permutation of all windows fixed by (seed, epoch), so a batch is
-    drawn from the whole data rather than from the few neighbouring documents of one shard.
-
-    The cost is in reading: consecutive windows come from different shards. FusionData keeps the last few
-    shards in memory (32 by default), which is all of the demo's data, and Batches reads each shard once per
-    micro-batch. At paper scale (thousands of shards of 256 windows), nearly every window of a batch sits in a
-    shard not in memory: a batch of 128 windows decodes about 128 whole shards to use one window of each."""
+def window_order(windows_per_shard: list[int], seed: int, epoch: int, block: int = 0) -> list[tuple[int, int]]:
+    """Every (shard, window) once, in an order fixed by (seed, epoch): the shards shuffled, cut into blocks of
+    `block` shards (0: one block of all of them), and the windows of each block shuffled together. A batch is
+    then drawn from `block` shards spread over the corpus, not from the few neighbouring documents of one.
+    The shards of one block are read once and held in memory together (FusionData's cache, sized to a
+    block). The demo shuffles its whole data at once; at paper scale (thousands of shards of 256 windows)
+    the default blocks of 16 shards mix 4,096 windows from 16 places while holding 16 shards in memory."""
     rng = np.random.default_rng([seed, epoch])
-    every = [(s, w) for s, n in enumerate(windows_per_shard) for w in range(n)]
-    return [every[i] for i in rng.permutation(len(every))]
+    shards = rng.permutation(len(windows_per_shard)).tolist()
+    block = block or len(shards)
+    order = []
+    for k in range(0, len(shards), block):
+        every = [(s, w) for s in shards[k:k + block] for w in range(windows_per_shard[s])]
+        order += [every[i] for i in rng.permutation(len(every))]
+    return order
 
 
 class Batches:
@@ -167,7 +172,7 @@ class Batches:
         for g in range(start + self.rank, start + self.cfg.batch_size, self.world):
             epoch, i = divmod(g, self.n)
             if epoch not in self._orders:
-                self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch)}
+                self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch, self.cfg.shuffle_shards)}
             picked.append(self._orders[epoch][i])
         by_shard = sorted(range(len(picked)), key=lambda j: picked[j])     # each shard's windows together
         fetched = self.source.items([picked[j] for j in by_shard])
@@ -182,7 +187,9 @@ class StoredCandidates:
 
     def __init__(self, cfg, tok):
         chosen = [s for s in cfg.use_sources.split(",") if s] or None
-        self.fd = data.FusionData(cfg.data, tokenizer=tok, sources=chosen)
+        shards = data.load_manifest(cfg.data)["shards"]
+        self.fd = data.FusionData(cfg.data, tokenizer=tok, sources=chosen,
+                                  cache_shards=min(cfg.shuffle_shards or shards, shards))
         self.names = ["target"] + self.fd.sources
 
     def items(self, picked):

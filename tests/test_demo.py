@@ -7,7 +7,7 @@ import demo
 def test_demo_runs_every_stage_and_second_run_skips_them(tmp_path, capsys):
     table = demo.run_demo(tmp_path / "d", size="tiny")
     assert list(table) == ["source: code", "source: prose", "target base", "target CLM-only",
-                           "target fused (MinED, MinCE)"]
+                           "target fused (MinCE)"]
     assert all(set(row) == {"code", "prose"} and all(0 < v < 16 for v in row.values()) for row in table.values())
     d = tmp_path / "d"
     for path in ("corpus/train/mix.jsonl", "corpus/eval/code.jsonl", "corpus/eval/prose.jsonl", "tok/target/tokenizer.model",
@@ -16,7 +16,7 @@ def test_demo_runs_every_stage_and_second_run_skips_them(tmp_path, capsys):
                  "runs/clm/final/config.json", "runs/fused/final/tokenizer.model", "runs/fused/metrics.jsonl"):
         assert (d / path).is_file(), path
     out = capsys.readouterr().out
-    assert "| target fused (MinED, MinCE) |" in out
+    assert "| target fused (MinCE) |" in out
     t0 = time.time()
     again = demo.run_demo(tmp_path / "d", size="tiny")
     assert again == table                                   # cached stages, same models, same numbers
