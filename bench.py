@@ -139,7 +139,7 @@ def code_blocks(target_tok, source_tok, n_blocks, size=2048):
 
 
 def official_dtw(series_1, series_2, norm_func):
-    """The official FuseLLM DTW as DESIGN.md describes it: a pure-Python loop over the full (n+1, m+1) numpy
+    """The official FuseLLM DTW: a pure-Python loop over the full (n+1, m+1) numpy
     table, then a backtrack taking np.argmin over (diagonal, source step, target step)."""
     import numpy as np
     matrix = np.zeros((len(series_1) + 1, len(series_2) + 1))

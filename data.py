@@ -549,8 +549,8 @@ def diagnostics(out, name) -> dict:
 
 
 def print_diagnostics(name, diag):
-    print(f"[align {name}] {diag['positions']} target positions: {diag['aligned_1to1']:.1%} aligned 1:1, "
-          f"{diag['fallback']:.1%} fell back; {diag['topk_mass_lost_in_vocab_map']:.2%} of the top-K mass lost "
+    print(f"[align {name}] {diag['positions']} target positions: {diag['aligned_1to1']:.1%} carry the source's "
+          f"distribution, {diag['fallback']:.1%} fell back; {diag['topk_mass_lost_in_vocab_map']:.2%} of the top-K mass lost "
           f"in the vocab map; label quality: oracle {diag['oracle_label_mass']:.3f}, this source's labels put "
           f"{diag['label_mass']:.3f} on the target's next token")
     for u in diag["most_frequent_unmatched"][:8]:

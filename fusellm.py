@@ -346,7 +346,8 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# safetensors, read and written by hand (format: DESIGN.md section 4)
+# safetensors, read and written by hand: an 8-byte little-endian header length N, N bytes of JSON
+# {name: {dtype, shape, data_offsets}}, then the tensors, little-endian and row-major
 
 ST_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,

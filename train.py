@@ -78,8 +78,9 @@ class TrainConfig:
     paper: bool = False            # the paper's settings (see PAPER)
 
 
-# The paper's setup (DESIGN.md section 1): 1 epoch, 128 windows of 2048 tokens, lr 1e-5 cosine, warm-up 0.8%,
-# AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, bf16 (on GPU), lambda 0.9, MinCE.
+# The paper's setup (Wan et al., "Knowledge Fusion of Large Language Models", ICLR 2024): 1 epoch, 128 windows
+# of 2048 tokens, lr 1e-5 cosine, warm-up 0.8%, AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, bf16 (on
+# GPU), lambda 0.9, MinCE.
 PAPER = dict(epochs=1.0, batch_size=128, lr=1e-5, min_lr_ratio=0.0, warmup=0.008, beta1=0.9, beta2=0.95,
              weight_decay=0.1, grad_clip=1.0, lam=0.9, fusion="mince", temperature=1.0)
 
