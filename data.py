@@ -491,7 +491,11 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
 def stored_align_settings(out, name) -> dict:
     """The settings `align` used for a source (out/aligned/<name>/settings.json), or the defaults."""
     p = Path(out) / "aligned" / name / "settings.json"
-    return align_settings(**json.loads(p.read_text())) if p.is_file() else dict(ALIGN_DEFAULTS)
+    if not p.is_file():
+        return dict(ALIGN_DEFAULTS)
+    stored = json.loads(p.read_text())
+    stored.setdefault("positions", "paper")      # folders aligned before exact positions existed used the paper's
+    return align_settings(**stored)
 
 
 def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs, settings) -> align.Transferred:

@@ -157,8 +157,7 @@ def window_order(windows_per_shard: list[int], seed: int, epoch: int, block: int
 
 class Batches:
     """The windows of micro-batch m of step k, for this rank: item i of the global micro-batch goes to rank
-    i % world. The order depends only on (seed, step), which is all a resumed run needs. The windows are
-    fetched grouped by shard and returned in batch order."""
+    i % world. The order depends only on (seed, step), which is all a resumed run needs."""
 
     def __init__(self, source, cfg, rank, world):
         self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
@@ -175,12 +174,7 @@ class Batches:
             if epoch not in self._orders:
                 self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch, self.cfg.shuffle_shards)}
             picked.append(self._orders[epoch][i])
-        by_shard = sorted(range(len(picked)), key=lambda j: picked[j])     # each shard's windows together
-        fetched = self.source.items([picked[j] for j in by_shard])
-        items = [None] * len(picked)
-        for j, item in zip(by_shard, fetched):
-            items[j] = item
-        return items
+        return self.source.items(picked)
 
 
 class StoredCandidates:
