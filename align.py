@@ -457,18 +457,22 @@ def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
     return out
 
 
-def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None) -> np.ndarray:
-    """The vocab map of two tokenizers (source id -> target id or -1), ties broken by the target's
-    preference_order, cached on disk by the kind and the two tokenizers' vocabularies. BOS and EOS map to
+MAP_TIES = ("emitted", "lowest")
+
+
+def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None, ties: str = "emitted") -> np.ndarray:
+    """The vocab map of two tokenizers (source id -> target id or -1), cached on disk by the kind, the tie
+    rule and the two tokenizers' vocabularies. Ties between target ids: "emitted" (default) follows the
+    target's preference_order; "lowest" takes the lowest id, as the official code does. BOS and EOS map to
     the target's BOS and EOS."""
-    if kind not in VOCAB_MAPS:
-        raise ValueError(f"vocab map kind {kind!r}; choose one of {VOCAB_MAPS}")
+    if kind not in VOCAB_MAPS or ties not in MAP_TIES:
+        raise ValueError(f"vocab map kind {kind!r}, ties {ties!r}; choose from {VOCAB_MAPS} and {MAP_TIES}")
     sv, tv = normalized_vocab(src_tok), normalized_vocab(tgt_tok)
-    key = hashlib.sha256(json.dumps([2, kind, src_tok.kind, tgt_tok.kind, sv, tv]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"vocab_map_{kind}_{key}.npy" if cache_dir else None
+    key = hashlib.sha256(json.dumps([2, kind, ties, src_tok.kind, tgt_tok.kind, sv, tv]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"vocab_map_{kind}_{ties}_{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)
-    order = preference_order(tgt_tok, tv)
+    order = preference_order(tgt_tok, tv) if ties == "emitted" else None
     if kind == "em":
         m = vocab_map_em(sv, tv, order)
     elif kind == "mined":

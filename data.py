@@ -415,14 +415,16 @@ def read_dists(out, name, shard):
 
 
 # The alignment settings: ours by default, the paper's and the official code's as options (README, "Alignment").
-ALIGN_DEFAULTS = {"positions": "exact", "vocab_map": "next", "ties": "closest", "fallback": "next", "merge": "sum"}
-ALIGN_OFFICIAL = {"positions": "paper", "vocab_map": "mined", "ties": "official", "fallback": "official", "merge": "first"}
+ALIGN_DEFAULTS = {"positions": "exact", "vocab_map": "next", "map_ties": "emitted", "ties": "closest",
+                  "fallback": "next", "merge": "sum"}
+ALIGN_OFFICIAL = {"positions": "paper", "vocab_map": "mined", "map_ties": "lowest", "ties": "official",
+                  "fallback": "official", "merge": "first"}
 
 
 def align_settings(**given) -> dict:
     """ALIGN_DEFAULTS with the given settings (None: the default), each checked against its choices."""
-    choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS, "ties": align.TIES,
-               "fallback": ("next", "official"), "merge": ("sum", "first")}
+    choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS, "map_ties": align.MAP_TIES,
+               "ties": align.TIES, "fallback": ("next", "official"), "merge": ("sum", "first")}
     settings = dict(ALIGN_DEFAULTS)
     for k, v in given.items():
         if k not in choices:
@@ -454,7 +456,7 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
         raise DataError(f"{d} was aligned with other settings ({(d / 'settings.json').read_text()}); delete it first")
     atomic_write_json(d / "settings.json", settings)
     sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
-    vmap = align.vocab_map(s_tok, t_tok, settings["vocab_map"], cache_dir=Path(out) / "cache")
+    vmap = align.vocab_map(s_tok, t_tok, settings["vocab_map"], Path(out) / "cache", settings["map_ties"])
     costs = align.PairCosts()
     shards = my_shards(m["shards"])
     todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
@@ -494,7 +496,8 @@ def stored_align_settings(out, name) -> dict:
     if not p.is_file():
         return dict(ALIGN_DEFAULTS)
     stored = json.loads(p.read_text())
-    stored.setdefault("positions", "paper")      # folders aligned before exact positions existed used the paper's
+    stored.setdefault("positions", "paper")      # folders aligned before these settings existed used the paper's
+    stored.setdefault("map_ties", "lowest")      # rule and lowest-id ties
     return align_settings(**stored)
 
 
@@ -667,6 +670,9 @@ def main(argv=None):
         sp.add_argument("--vocab-map", choices=list(align.VOCAB_MAPS), default=None,
                         help="source id -> target id: 'next' (default: the token the target emits first for "
                              "the source token's text), 'mined' (paper: nearest string), 'em' (equal strings)")
+        sp.add_argument("--map-ties", choices=list(align.MAP_TIES), default=None,
+                        help="vocab-map ties between target tokens of one text: 'emitted' (default: the one "
+                             "the target's encoder emits) or 'lowest' (lowest id, the official code)")
         sp.add_argument("--ties", choices=list(align.TIES), default=None,
                         help="MinED path ties (paper positions only): 'closest' (default) or 'official'")
         sp.add_argument("--fallback", choices=["next", "official"], default=None,
@@ -676,8 +682,9 @@ def main(argv=None):
                         help="top-K ids mapped to one target id: add their probabilities (default) or keep "
                              "the first (official)")
         sp.add_argument("--official", action="store_true",
-                        help="the official code's alignment: --positions paper --vocab-map mined --ties "
-                             "official --fallback official --merge first (options given explicitly still win)")
+                        help="the official code's alignment: --positions paper --vocab-map mined --map-ties "
+                             "lowest --ties official --fallback official --merge first (options given "
+                             "explicitly still win)")
     for sp in (w, d, a, al):
         common(sp)
     args = p.parse_args(argv)
@@ -706,7 +713,7 @@ def main(argv=None):
 def cli_align_settings(args) -> dict:
     """The alignment settings given on the command line, over ALIGN_OFFICIAL's with --official."""
     base = dict(ALIGN_OFFICIAL) if args.official else {}
-    given = {"positions": args.positions, "vocab_map": args.vocab_map, "ties": args.ties,
+    given = {"positions": args.positions, "vocab_map": args.vocab_map, "map_ties": args.map_ties, "ties": args.ties,
              "fallback": args.fallback, "merge": args.merge}
     return {**base, **{k: v for k, v in given.items() if v is not None}}
 

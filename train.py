@@ -213,8 +213,8 @@ class OnlineCandidates:
         for name in self.names[1:]:
             s_tok = self.models[name][1]
             self.settings[name] = data.stored_align_settings(cfg.data, name)
-            self.align[name] = (align.vocab_map(s_tok, tok, self.settings[name]["vocab_map"],
-                                                cache_dir=Path(cfg.data) / "cache"),
+            self.align[name] = (align.vocab_map(s_tok, tok, self.settings[name]["vocab_map"], Path(cfg.data) / "cache",
+                                                self.settings[name]["map_ties"]),
                                 align.normalized_vocab(s_tok), tv, align.PairCosts())
         self.out = cfg.data
 

@@ -72,8 +72,7 @@ def test_lesson_official_fallback_is_stored_on_the_current_token():
     """The official code's fallback is a one-hot on the CURRENT token ('▁unbeliev' at position 0), an
     off-by-one. With fallback="official" that one-hot is stored as position 0's distribution, so training
     really uses it (the training loop's own fallback is always the next-token label)."""
-    src, tgt = ["▁un", "believ", "able"], ["▁unbeliev", "able"]
-    matched = np.array([-1, 2])
+    matched = np.array([-1, 2])                     # source '▁un' 'believ' 'able', target '▁unbeliev' 'able'
     out = align.transfer(matched, [0, 1, 2], [0, 1], np.array([[1], [2], [2]]), np.zeros((3, 1)),
                          np.array([-1, -1, 1]), fallback="official")
     assert out.onehot.tolist() == [0, -1]
@@ -122,9 +121,7 @@ def test_lesson_tie_rules_official_and_closest():
 def test_lesson_transfer_maps_merges_and_counts_lost_mass():
     """Source predicts {'▁sat': 0.6, '▁sit': 0.3, '▁zz': 0.1}. The vocab map sends '▁sat' and '▁sit' to the
     same target id 5 and has no entry for '▁zz'. "sum" gives {5: 0.9}, "first" {5: 0.6}; 0.1 is lost."""
-    src_vocab = ["▁cat", "▁sat", "▁sit", "▁zz"]
-    tgt_vocab = ["▁cat"] + ["x"] * 4 + ["▁sat"]
-    vmap = np.array([0, 5, 5, -1])
+    vmap = np.array([0, 5, 5, -1])      # source ids '▁cat' '▁sat' '▁sit' '▁zz'; target id 0 '▁cat', 5 '▁sat'
     topk = np.array([[1, 2, 3]])
     lp = np.log(np.array([[0.6, 0.3, 0.1]]))
     out = align.transfer(np.array([0]), [0], [0], topk, lp, vmap, merge="sum")
@@ -237,6 +234,7 @@ def test_lesson_ties_go_to_the_piece_the_encoder_emits_not_the_byte_piece(tmp_pa
     for kind in align.VOCAB_MAPS:
         m = align.vocab_map(src, tok, kind)
         assert not any(sp.is_byte(int(t)) for t in m if t >= 0), kind
+    assert align.vocab_map(src, tok, "em", ties="lowest")[0] == byte_e       # the official code's rule
 
 
 # --- the fast paths equal the references ----------------------------------------------------------------
