@@ -6,6 +6,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import fusellm  # noqa: E402
+import model as model_py  # noqa: E402  (the module; tests name their models `model`)
 from conftest import randomize_  # noqa: E402
 
 IDS = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -69,8 +70,8 @@ def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(tensors, path, metadata)
 
-    real = fusellm.write_safetensors
-    monkeypatch.setattr(fusellm, "write_safetensors", crash_on_second_shard)
+    real = model_py.write_safetensors
+    monkeypatch.setattr(model_py, "write_safetensors", crash_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         fusellm.save_model(fresh(LLAMA, seed=2), out, max_shard_bytes=20_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,0 +1,640 @@
+"""
+model.py: the model and its checkpoints, in plain torch.
+
+One `Transformer` covers the model families FuseLLM fuses: the Llama family (Llama-2/3, OpenLLaMA,
+Mistral, Qwen2) and MPT. It is built from a Hugging Face `config.json`, loads the checkpoint's
+safetensors (read here, memory-mapped) or `pytorch_model*.bin` files, and gives the same logits as
+`transformers`. `save_model` writes a folder that both this file and `transformers` load.
+
+Tokenizers (sentencepiece, byte-level BPE on tiktoken, Llama-3's tiktoken file) live in tokenizer.py.
+fusellm.py, the method, re-exports `load_model`, `load_tokenizer`, `save_model` and `load`, so
+`from fusellm import load_model, load_tokenizer, save_model` is all a caller needs.
+
+Read top to bottom: config -> model -> safetensors -> load/save.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from tokenizer import Tokenizer, load_tokenizer
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000        # rows of the embedding (may exceed the tokenizer's vocabulary)
+    dim: int = 4096                # C, the residual width
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32           # < n_heads: grouped-query attention
+    head_dim: int = 128
+    hidden_dim: int = 11008        # MLP width
+    norm_eps: float = 1e-6
+    norm: str = "rms"              # "rms" (Llama) or "layer" (MPT: LayerNorm, weight only)
+    mlp: str = "swiglu"            # "swiglu" (Llama) or "gelu" (MPT)
+    qkv_bias: bool = False         # Qwen2, Llama attention_bias
+    o_bias: bool = False           # Llama attention_bias
+    mlp_bias: bool = False         # Llama mlp_bias
+    tie_embeddings: bool = False
+    # positions: RoPE (Llama family) or ALiBi (MPT)
+    pos: str = "rope"              # "rope" or "alibi"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
+    alibi_bias_max: float = 8
+    attn_scale: float | None = None   # None: 1/sqrt(head_dim)
+    clip_qkv: float | None = None     # MPT
+    sliding_window: int | None = None
+    sliding_layers: tuple = ()     # per layer: True where the sliding window applies
+    max_seq_len: int = 4096
+    hf_config: dict = field(default_factory=dict, repr=False)  # the config.json it came from
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        """Read a Hugging Face config.json dict. Unsupported settings raise CheckpointError."""
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"{source}: model_type {mt!r} is not supported; nanofuse loads "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}. Convert the checkpoint to one of these or add the family to model.py.")
+
+        def need(key):
+            if key not in cfg:
+                raise CheckpointError(f"{source}: missing required field {key!r} for model_type {mt!r}")
+            return cfg[key]
+
+        if mt == "mpt":
+            return cls._from_mpt(cfg, source, need)
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu' for {mt})")
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+        n_heads = need("num_attention_heads")
+        dim = need("hidden_size")
+        n_layers = need("num_hidden_layers")
+        # RoPE: older configs put rope_theta at the top and scaling in `rope_scaling`; newer ones put both
+        # in `rope_parameters`.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise CheckpointError(f"{source}: RoPE type {rope_type!r} is not supported (default, llama3, linear)")
+        rope["rope_type"] = rope_type
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
+        # sliding window: Mistral applies it to every layer; Qwen2 to the layers marked in layer_types
+        window = cfg.get("sliding_window")
+        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        layer_types = cfg.get("layer_types")
+        if window is None:
+            sliding = (False,) * n_layers
+        elif layer_types:
+            sliding = tuple(t == "sliding_attention" for t in layer_types)
+        elif mt == "qwen2":
+            sliding = tuple(i >= cfg.get("max_window_layers", 28) for i in range(n_layers))
+        else:
+            sliding = (True,) * n_layers
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            hidden_dim=need("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            qkv_bias=(mt == "qwen2") or attention_bias, o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else rope,
+            sliding_window=window if any(sliding) else None, sliding_layers=sliding,
+            max_seq_len=cfg.get("max_position_embeddings", 4096), hf_config=dict(cfg))
+
+    @classmethod
+    def _from_mpt(cls, cfg, source, need):
+        attn = cfg.get("attn_config") or {}
+        problems = []
+        if not attn.get("alibi", True):
+            problems.append("attn_config.alibi=false (learned positions)")
+        if attn.get("qk_ln"):
+            problems.append("attn_config.qk_ln")
+        if attn.get("attn_type", "multihead_attention") != "multihead_attention":
+            problems.append(f"attn_config.attn_type={attn.get('attn_type')!r}")
+        if attn.get("prefix_lm"):
+            problems.append("attn_config.prefix_lm")
+        if not cfg.get("no_bias", True):
+            problems.append("no_bias=false")
+        if cfg.get("logit_scale") is not None:
+            problems.append("logit_scale")
+        if problems:
+            raise CheckpointError(f"{source}: MPT settings not supported: {', '.join(problems)}")
+        dim, n_heads = need("d_model"), need("n_heads")
+        n_layers = need("n_layers")
+        return cls(
+            model_type="mpt", vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
+            hidden_dim=cfg.get("expansion_ratio", 4) * dim, norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi",
+            alibi_bias_max=attn.get("alibi_bias_max", 8), attn_scale=attn.get("softmax_scale"),
+            clip_qkv=attn.get("clip_qkv"), sliding_layers=(False,) * n_layers,
+            max_seq_len=cfg.get("max_seq_len", 2048), hf_config=dict(cfg))
+
+    def to_hf(self) -> dict:
+        """A config.json dict for this model: the one it was loaded from, or a new Llama/MPT one."""
+        if self.hf_config:
+            return dict(self.hf_config)
+        if self.model_type == "mpt":
+            return {"architectures": ["MptForCausalLM"], "model_type": "mpt", "d_model": self.dim,
+                    "n_heads": self.n_heads, "n_layers": self.n_layers,
+                    "expansion_ratio": self.hidden_dim // self.dim, "max_seq_len": self.max_seq_len,
+                    "vocab_size": self.vocab_size, "layer_norm_epsilon": self.norm_eps, "no_bias": True,
+                    "attn_config": {"alibi": True, "alibi_bias_max": _int_if_whole(self.alibi_bias_max),
+                                    "softmax_scale": self.attn_scale, "clip_qkv": self.clip_qkv}}
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+               "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
+               "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+               "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+               "rms_norm_eps": self.norm_eps, "hidden_act": "silu", "rope_theta": self.rope_theta,
+               "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+               "attention_bias": self.o_bias, "mlp_bias": self.mlp_bias}
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        return cfg
+
+
+def _int_if_whole(x):
+    return int(x) if float(x).is_integer() else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama) or weight-only LayerNorm (MPT), computed in fp32 as the references do."""
+
+    def __init__(self, dim: int, eps: float, kind: str):
+        super().__init__()
+        self.eps, self.kind = eps, kind
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (B, T, C)
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """theta_i = base^(-2i/d), with Llama-3.1 ("llama3") or linear scaling applied. (head_dim/2,) fp32."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE, the layout Hugging Face stores q/k weights in. x (B, H, T, hd), cos/sin (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(n_heads: int, bias_max: float = 8.0) -> torch.Tensor:
+    """MPT's ALiBi slopes: 2^(-bias_max * k / n) for k = 1..n, n the next power of two >= n_heads.
+    For other head counts the two interleaved series (odd k, then even k) are concatenated and cut."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1, device="cpu").float() * (bias_max / n))
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes  # (H,)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.scale, self.clip = args.attn_scale, args.clip_qkv
+        self.window = args.sliding_window if args.sliding_layers[layer_id] else None
+
+    def forward(self, x, rope, alibi):  # x (B, T, C)
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, True
+        if alibi is not None:                       # (1, H, T, T): -slope*(i-j), -inf above the diagonal
+            mask, causal = alibi, False
+        elif self.window is not None and T > self.window:
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))                             # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU w2(silu(w1 x) * w3 x) for the Llama family; w2(gelu(w1 x)) for MPT."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.kind = args.mlp
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)   # gate (MPT: up)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)   # down
+        if self.kind == "swiglu":
+            self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
+
+    def forward(self, x):  # (B, T, C)
+        if self.kind == "gelu":
+            return self.w2(F.gelu(self.w1(x)))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention_norm = Norm(args.dim, args.norm_eps, args.norm)
+        self.attention = Attention(args, layer_id)
+        self.ffn_norm = Norm(args.dim, args.norm_eps, args.norm)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, rope, alibi):  # (B, T, C)
+        x = x + self.attention(self.attention_norm(x), rope, alibi)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = Norm(args.dim, args.norm_eps, args.norm)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False
+
+    def positions(self, T: int, device, dtype):
+        """RoPE (cos, sin) of shape (T, hd), or the ALiBi additive mask (1, H, T, T)."""
+        t = torch.arange(T, device=device, dtype=torch.float32)
+        if self.args.pos == "alibi":
+            slopes = alibi_slopes(self.args.n_heads, self.args.alibi_bias_max).to(device)
+            dist = t[None, :] - t[:, None]                                   # (T, T): j - i
+            bias = slopes[:, None, None] * dist                              # (H, T, T)
+            bias = bias.masked_fill(dist > 0, float("-inf"))                 # causal
+            return None, bias[None].to(dtype)
+        freqs = torch.outer(t, rope_inv_freq(self.args).to(device))           # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                              # (T, hd)
+        return (emb.cos().to(dtype), emb.sin().to(dtype)), None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) in fp32."""
+        x = self.tok_embeddings(input_ids)                                   # (B, T, C)
+        rope, alibi = self.positions(input_ids.shape[1], x.device, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:               # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, alibi, use_reentrant=False)
+            else:
+                x = layer(x, rope, alibi)
+        return self.output(self.norm(x)).float()                            # (B, T, V)
+
+
+# ----------------------------------------------------------------------------------------------------
+# safetensors, read and written by hand: an 8-byte little-endian header length N, N bytes of JSON
+# {name: {dtype, shape, data_offsets}}, then the tensors, little-endian and row-major
+
+ST_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Memory-map a .safetensors file; tensors are views of the file (copy-on-write), nothing is read yet."""
+    path = Path(path)
+    fix = "re-download or re-export the checkpoint"
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); {fix}")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}; truncated or "
+                                  f"not safetensors; {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info}; {fix}") from None
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize or begin < 0 or 8 + n + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not fit its byte "
+                                  f"range [{begin}, {end}) in a {size}-byte file; truncated or corrupt; {fix}")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + begin).view(shape)
+    return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None):
+    """Write tensors (contiguous, little-endian) to `path` atomically: a temporary name, then a rename."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                                     # align the data to 8 bytes
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Load and save a Hugging Face model folder
+
+
+def hf_names(args: ModelArgs) -> dict[str, tuple[str, int | None]]:
+    """Our parameter name -> (Hugging Face name, chunk of a fused tensor or None). The one place where
+    the two naming schemes meet; tied output weights are absent on both sides."""
+    m = {}
+    if args.model_type == "mpt":
+        m["tok_embeddings.weight"] = ("transformer.wte.weight", None)
+        m["norm.weight"] = ("transformer.norm_f.weight", None)
+        for i in range(args.n_layers):
+            p, h = f"layers.{i}.", f"transformer.blocks.{i}."
+            for j, w in enumerate(("wq", "wk", "wv")):
+                m[f"{p}attention.{w}.weight"] = (f"{h}attn.Wqkv.weight", j)   # fused q;k;v rows
+            m[f"{p}attention.wo.weight"] = (f"{h}attn.out_proj.weight", None)
+            m[f"{p}attention_norm.weight"] = (f"{h}norm_1.weight", None)
+            m[f"{p}ffn_norm.weight"] = (f"{h}norm_2.weight", None)
+            m[f"{p}feed_forward.w1.weight"] = (f"{h}ffn.up_proj.weight", None)
+            m[f"{p}feed_forward.w2.weight"] = (f"{h}ffn.down_proj.weight", None)
+        return m
+    m["tok_embeddings.weight"] = ("model.embed_tokens.weight", None)
+    m["norm.weight"] = ("model.norm.weight", None)
+    if not args.tie_embeddings:
+        m["output.weight"] = ("lm_head.weight", None)
+    for i in range(args.n_layers):
+        p, h = f"layers.{i}.", f"model.layers.{i}."
+        proj = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+        for ours, theirs in proj.items():
+            m[f"{p}attention.{ours}.weight"] = (f"{h}self_attn.{theirs}.weight", None)
+        for ours in ("wq", "wk", "wv") if args.qkv_bias else ():
+            m[f"{p}attention.{ours}.bias"] = (f"{h}self_attn.{proj[ours]}.bias", None)
+        if args.o_bias:
+            m[f"{p}attention.wo.bias"] = (f"{h}self_attn.o_proj.bias", None)
+        for ours, theirs in {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.items():
+            m[f"{p}feed_forward.{ours}.weight"] = (f"{h}mlp.{theirs}.weight", None)
+            if args.mlp_bias:
+                m[f"{p}feed_forward.{ours}.bias"] = (f"{h}mlp.{theirs}.bias", None)
+        m[f"{p}attention_norm.weight"] = (f"{h}input_layernorm.weight", None)
+        m[f"{p}ffn_norm.weight"] = (f"{h}post_attention_layernorm.weight", None)
+    return m
+
+
+def read_config(path) -> ModelArgs:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder; point to a Hugging Face model folder holding config.json")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: not found; a model folder needs its config.json next to the weights")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    return ModelArgs.from_hf(cfg, source=str(cfg_path))
+
+
+def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder by their Hugging Face names: model.safetensors, sharded safetensors
+    (model.safetensors.index.json), or pytorch_model*.bin (+ index), memory-mapped either way."""
+    path = Path(path)
+    for index_name, single, kind in (("model.safetensors.index.json", "model.safetensors", "st"),
+                                      ("pytorch_model.bin.index.json", "pytorch_model.bin", "bin")):
+        files = None
+        if (path / index_name).is_file():
+            try:
+                weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path / index_name}: not a valid index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{path / index_name}: lists shard(s) {', '.join(missing)} that are not in "
+                                      f"{path}; download the missing shard(s)")
+        elif (path / single).is_file():
+            files = [single]
+        if files is None:
+            continue
+        tensors = {}
+        for f in files:
+            if kind == "st":
+                tensors.update(read_safetensors(path / f))
+            else:
+                try:
+                    tensors.update(torch.load(path / f, map_location="cpu", mmap=True, weights_only=True))
+                except Exception as e:
+                    raise CheckpointError(f"{path / f}: cannot be read as a PyTorch checkpoint ({e}); "
+                                          f"re-download it") from None
+        return tensors
+    raise CheckpointError(f"{path}: no weights found; expected model.safetensors, "
+                          f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+@contextlib.contextmanager
+def no_init():
+    """Skip nn.init while building a model whose weights come from a file. On the meta device the random
+    init does nothing anyway, but its first call costs about 2 s of one-time setup inside torch."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *args, **kwargs: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def load_model(path, device="cpu", dtype=None) -> Transformer:
+    """Build the model of a Hugging Face folder on the meta device and assign its checkpoint tensors.
+    dtype=None keeps each tensor's dtype from the file; otherwise floating tensors are cast."""
+    args = read_config(path)
+    tensors = read_checkpoint_tensors(path)
+    with torch.device("meta"), no_init():
+        model = Transformer(args)
+    expected = model.state_dict()
+    names = hf_names(args)
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    used, problems, state = set(), [], {}
+    for ours, (theirs, chunk) in names.items():
+        if theirs not in tensors:
+            problems.append(f"missing tensor {theirs}")
+            continue
+        t = tensors[theirs]
+        used.add(theirs)
+        if chunk is not None:                       # MPT Wqkv: rows q;k;v
+            if t.shape[0] % 3:
+                problems.append(f"tensor {theirs} has shape {list(t.shape)}, not 3 equal row blocks")
+                continue
+            t = t.chunk(3, dim=0)[chunk]
+        if t.shape != expected[ours].shape:
+            problems.append(f"tensor {theirs} has shape {list(t.shape)}, config.json implies "
+                            f"{list(expected[ours].shape)}")
+            continue
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[ours] = t.to(device)
+    # Tolerated extras: a tied lm_head saved anyway, and old checkpoints' RoPE buffers.
+    extra = [k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq")
+             and not (args.tie_embeddings and k == "lm_head.weight")]
+    problems += [f"unexpected tensor {k}" for k in sorted(extra)]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{path}: checkpoint does not match config.json ({args.model_type}): {shown}")
+    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra_files=()):
+    """Write config.json and safetensors (sharded above max_shard_bytes) under Hugging Face names, plus
+    `extra_files` (e.g. tokenizer files) copied in. The folder appears whole or not at all."""
+    path = Path(path)
+    args = model.args
+    state = model.state_dict()
+    fused = {}
+    tensors = {}
+    for ours, (theirs, chunk) in hf_names(args).items():
+        t = state[ours].detach()
+        if chunk is None:
+            tensors[theirs] = t.contiguous()
+        else:
+            fused.setdefault(theirs, [None, None, None])[chunk] = t
+    for theirs, parts in fused.items():
+        tensors[theirs] = torch.cat(parts, dim=0)
+    cfg = args.to_hf()
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    cfg["torch_dtype"] = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+    # shards: fill each up to max_shard_bytes, in the model's order
+    shards, cur, cur_bytes = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[name], cur_bytes = t, cur_bytes + nbytes
+    shards.append(cur)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if len(shards) == 1:
+            write_safetensors(shards[0], tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(shard, tmp / fname)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in extra_files:
+            shutil.copy(f, tmp / Path(f).name)
+        if path.exists():                           # swap in: the old folder leaves only once the new is whole
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def load(path, device="cpu", dtype=None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of one folder, checked against each other."""
+    model, tok = load_model(path, device, dtype), load_tokenizer(path)
+    check_tokenizer_fits(tok, model, path)
+    return model, tok
+
+
+def check_tokenizer_fits(tok: Tokenizer, model: Transformer, path="model"):
+    """A tokenizer larger than the embedding is an error; a smaller one is normal (MPT: 50432 rows for
+    about 50277 tokens), and downstream code uses only the first tok.vocab_size logits."""
+    if tok.vocab_size > model.args.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's embedding has "
+                              f"only {model.args.vocab_size} rows; this tokenizer does not belong to this model")
