@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -49,31 +51,31 @@ class TrainConfig:
     lam_end: float = -1.0          # if >= 0: lambda moves linearly from lam to lam_end over training
     temperature: float = 1.0       # candidates' top-K renormalised as p^(1/T)
     avg_weights: str = "official"  # AvgCE weights: official softmax(exp(-CE)) | softmax softmax(-CE/tau)
-    tau: float = 1.0
+    tau: float = 1.0               # AvgCE softmax weights and per-token AvgCE: their temperature
     ce_unit: str = "token"         # candidates' CE compared per token (paper) or per byte of the window's text
     # optimisation
     batch_size: int = 8            # windows per micro-batch, all processes together
     grad_accum: int = 1            # micro-batches per optimizer step
-    epochs: float = 1.0
+    epochs: float = 1.0            # passes over the data (fractions allowed)
     max_steps: int = 0             # if > 0: stop after this many steps instead
-    lr: float = 3e-4
+    lr: float = 3e-4               # peak learning rate
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
     warmup: float = 0.05           # warm-up: a fraction of the steps (< 1) or a number of steps
     weight_decay: float = 0.1      # on matrices only (not norms, biases)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    beta1: float = 0.9             # AdamW beta1
+    beta2: float = 0.95            # AdamW beta2
+    grad_clip: float = 1.0         # clip the gradient norm to this
     # system
     device: str = "auto"           # auto: cuda:LOCAL_RANK if available, else cpu
-    compile: bool = False
-    grad_checkpointing: bool = False
+    compile: bool = False          # torch.compile the model
+    grad_checkpointing: bool = False# recompute each block's activations in the backward pass (less memory)
     fsdp: bool = False             # FSDP2 (fully_shard) instead of DDP when several processes run
-    seed: int = 1337
+    seed: int = 1337               # the window order (one seed: the same windows in the same order) and RNGs
     shuffle_shards: int = 16       # windows are shuffled across blocks of this many shards (0: all shards)
     # progress and checkpoints
-    log_every: int = 10
-    ckpt_every: int = 100
-    resume: bool = False
+    log_every: int = 10            # steps between progress lines
+    ckpt_every: int = 100          # steps between checkpoints (out/ckpt.pt)
+    resume: bool = False           # continue from out/ckpt.pt
     export: bool = True            # write out/final: the model (save_model) and the target's tokenizer files
     paper: bool = False            # the paper's settings (see PAPER)
 
@@ -89,16 +91,28 @@ class TrainingError(RuntimeError):
     pass
 
 
+# The settings with a fixed set of values: a typo is refused by the command line, before anything loads.
+CHOICES = {"fusion": fusellm.FUSIONS, "avg_weights": ("official", "softmax"), "ce_unit": ("token", "byte")}
+
+
+def field_help() -> dict[str, str]:
+    """The comment written after each TrainConfig field, which --help shows."""
+    src = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#(.*)$", src, re.M)}
+
+
 def parse_config(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
     for f in fields(TrainConfig):
+        what = helps.get(f.name, "")
         if f.type == "bool":
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default)
+                           default=f.default, help=what)
         else:
             cast = {"int": int, "float": float, "str": str}[f.type]
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=cast, default=f.default,
-                           help=f"default {f.default!r}")
+                           choices=CHOICES.get(f.name), help=f"{what} (default {f.default!r})")
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     explicit = {a.dest for a in p._actions if any(s in given for s in a.option_strings)}

@@ -218,6 +218,14 @@ def test_two_gloo_processes_equal_one_process(world, tmp_path, mode):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
+def test_a_typo_in_a_choice_is_refused_before_anything_loads(capsys):
+    """`--fusion minc` stops at the command line with the choices, not after every model has loaded."""
+    with pytest.raises(SystemExit):
+        train.parse_config(["--data", "nowhere", "--target", "nowhere", "--fusion", "minc"])
+    assert "invalid choice: 'minc'" in capsys.readouterr().err
+    assert train.field_help()["lam"] == "lambda: weight of the CLM loss"          # --help says what it means
+
+
 def test_paper_flag_sets_the_paper_settings_unless_overridden():
     cfg = train.parse_config(["--paper", "--lr", "2e-5"])
     assert (cfg.batch_size, cfg.warmup, cfg.lam, cfg.fusion, cfg.weight_decay) == (128, 0.008, 0.9, "mince", 0.1)
