@@ -468,7 +468,8 @@ def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None, ties: str = 
     if kind not in VOCAB_MAPS or ties not in MAP_TIES:
         raise ValueError(f"vocab map kind {kind!r}, ties {ties!r}; choose from {VOCAB_MAPS} and {MAP_TIES}")
     sv, tv = normalized_vocab(src_tok), normalized_vocab(tgt_tok)
-    key = hashlib.sha256(json.dumps([2, kind, ties, src_tok.kind, tgt_tok.kind, sv, tv]).encode()).hexdigest()[:16]
+    ends = [src_tok.bos_id, src_tok.eos_id, tgt_tok.bos_id, tgt_tok.eos_id]
+    key = hashlib.sha256(json.dumps([2, kind, ties, src_tok.kind, tgt_tok.kind, ends, sv, tv]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"vocab_map_{kind}_{ties}_{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)
@@ -516,6 +517,16 @@ def byte_ends(ids, vocab: list[str]) -> np.ndarray:
     return np.cumsum(n) - n.sum()
 
 
+def common_tail(src_ids, tgt_ids, src_vocab: list[str], tgt_vocab: list[str]) -> int:
+    """How many bytes at the end of the text both tokenizations spell alike. All of it, but for
+    sentencepiece's dummy prefix, unless a tokenizer changed the text (NFC/NFKC normalisation, collapsed
+    spaces, an unknown piece): byte ends counted back from the end are exact only inside this tail."""
+    s = "".join(src_vocab[i] for i in src_ids)
+    t = "".join(tgt_vocab[j] for j in tgt_ids)
+    tail = os.path.commonprefix([s[::-1], t[::-1]])
+    return _nbytes(tail[::-1])
+
+
 def byte_alignment(src_ids, tgt_ids, src_vocab: list[str], tgt_vocab: list[str]) -> list[list[int]]:
     """The exact alignment, from where each token sits in the text (no edit distances): for each target
     position, the source positions whose bytes overlap its bytes; a token with no bytes gets the source
@@ -543,6 +554,8 @@ def matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, p
     "exact": the source position i among alignment[j] whose token ends at the same byte as target token j,
     where also the target's next token ends no later than the source's next token: the source's distribution
     at i is over tokens like its own next one, and a target token longer than that is beyond what it says.
+    Only positions inside the common_tail of the two tokenizations count: before a place where a tokenizer
+    changed the text, byte counts no longer correspond.
     "paper": alignment[j] == [i] (1:1) and the two tokens match: their normalized strings are equal, or
     (mode "mined"/"next") the vocab map sends source token i to target token j. At the first position a
     leading '▁' is ignored in this test, since sentencepiece puts one on its first token."""
@@ -554,9 +567,10 @@ def matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, p
     out = np.full(m, -1, dtype=np.int64)
     if positions == "exact":
         s_end, t_end = byte_ends(src_ids, src_vocab), byte_ends(tgt_ids, tgt_vocab)
+        tail = common_tail(src_ids, tgt_ids, src_vocab, tgt_vocab)
         n = len(src_ids)
         for j, src in enumerate(alignment):
-            same = [i for i in src if s_end[i] == t_end[j]]
+            same = [i for i in src if s_end[i] == t_end[j] and -t_end[j] <= tail]
             # the target's next token must end within the source's next one: a source that writes ' un'
             # next says nothing about a target whose next token is ' unbelievable'
             if same and (j + 1 == m or same[-1] + 1 == n or t_end[j + 1] <= s_end[same[-1] + 1]):
@@ -607,7 +621,8 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
     after the last token), or on the current token tgt_ids[j] ("official": the official code's off-by-one,
     kept for reproducing it).
 
-    Label quality, in stats, over the matched positions where both sides have a next token ("scored"):
+    Label quality, in stats, over the positions that carry a distribution and where both sides have a next
+    token ("scored"):
     "label_mass" adds the probability the renormalised transferred distribution puts on the target's true
     next token; "oracle_mass" counts where an oracle source, whose top-1 is always its own true next token
     src_ids[i+1], would land on the target's true next token through the vocab map. A perfect transfer gives
@@ -643,10 +658,10 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
                     merged[tid] = pk
                 elif merge == "sum":
                     merged[tid] += pk
-            if j + 1 < m and i + 1 < n:
+            if merged and j + 1 < m and i + 1 < n:
                 scored += 1
                 oracle += int(vmap[src_ids[i + 1]] == tgt_ids[j + 1])
-                label_mass += merged.get(int(tgt_ids[j + 1]), 0.0) / max(sum(merged.values()), 1e-30)
+                label_mass += merged.get(int(tgt_ids[j + 1]), 0.0) / sum(merged.values())
         elif shown is not None:
             pair = (" ".join(display(src_vocab[src_ids[k]]) for k in shown[j]), display(tgt_vocab[tgt_ids[j]]))
             unmatched[pair] += 1

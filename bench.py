@@ -390,6 +390,21 @@ def oracle_quality(src, tgt, vmap, texts, positions, sv, tv) -> tuple[float, flo
     return matched / positions_n, hits / max(scored, 1)
 
 
+def shared_ends(src, tgt, texts, sv, tv) -> float:
+    """The share of target positions whose token ends at a byte where a source token ends (inside the texts'
+    common tail): what exact positions would match without their condition on the next tokens."""
+    import align
+    hits = total = 0
+    for text in texts:
+        s_ids, t_ids = src.encode(text), tgt.encode(text)
+        tail = align.common_tail(s_ids, t_ids, sv, tv)
+        s_end = set(align.byte_ends(s_ids, sv).tolist())
+        t_end = align.byte_ends(t_ids, tv)
+        hits += sum(1 for e in t_end.tolist() if e in s_end and -e <= tail)
+        total += len(t_ids)
+    return hits / total
+
+
 def bench_labels(a):
     """Label quality on real tokenizer pairs: matched share and oracle label mass (align.transfer); with --data,
     the labels of a run's real sources instead."""
@@ -421,6 +436,8 @@ def bench_labels(a):
                     maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else align.vocab_map_next(src, tgt, o)
             share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, sv, tv)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
+        rows.setdefault("(target positions whose token ends where a source token ends)", {})[
+            f"{src_name} -> {tgt_name}"] = f"{shared_ends(src, tgt, texts, sv, tv):.3f}"
         print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print()
     print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))

@@ -496,8 +496,9 @@ def stored_align_settings(out, name) -> dict:
     if not p.is_file():
         return dict(ALIGN_DEFAULTS)
     stored = json.loads(p.read_text())
-    stored.setdefault("positions", "paper")      # folders aligned before these settings existed used the paper's
-    stored.setdefault("map_ties", "lowest")      # rule and lowest-id ties
+    if "positions" not in stored:                # aligned before these settings existed: the paper's rule and
+        stored.update(positions="paper", map_ties="lowest")     # lowest-id ties
+    stored.setdefault("map_ties", "emitted")     # aligned with exact positions before the tie rule was a setting
     return align_settings(**stored)
 
 

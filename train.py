@@ -68,7 +68,7 @@ class TrainConfig:
     # system
     device: str = "auto"           # auto: cuda:LOCAL_RANK if available, else cpu
     compile: bool = False          # torch.compile the model
-    grad_checkpointing: bool = False# recompute each block's activations in the backward pass (less memory)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     fsdp: bool = False             # FSDP2 (fully_shard) instead of DDP when several processes run
     seed: int = 1337               # the window order (one seed: the same windows in the same order) and RNGs
     shuffle_shards: int = 16       # windows are shuffled across blocks of this many shards (0: all shards)

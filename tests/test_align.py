@@ -168,6 +168,24 @@ def test_lesson_same_end_byte_rule_refuses_a_token_that_ends_elsewhere():
     assert align.transfer(exact, src, tgt, oracle, np.zeros((2, 1)), vmap).stats["oracle_mass"] == 1
 
 
+def test_lesson_positions_before_a_character_a_tokenizer_changed_are_not_trusted():
+    """The source tokenizer composes 'é' (NFC: 2 bytes), the target keeps 'e' + U+0301 (3 bytes). Counted
+    back from the end, the target's '▁ab' seems to end where the source's '▁a' ends: one byte off, a label
+    in the wrong place. common_tail sees the two spellings differ from that character back, so no position
+    before it takes a distribution; the last one, inside the common tail, still does."""
+    src_vocab, tgt_vocab = ["▁a", "b", "é"], ["▁ab", "e\u0301"]
+    src, tgt = [0, 1, 2], [0, 1]
+    assert align.byte_ends(src, src_vocab).tolist() == [-3, -2, 0]
+    assert align.byte_ends(tgt, tgt_vocab).tolist() == [-3, 0]
+    assert align.common_tail(src, tgt, src_vocab, tgt_vocab) == 0
+    alignment = align.byte_alignment(src, tgt, src_vocab, tgt_vocab)
+    assert alignment == [[0], [1, 2]]
+    vmap = np.array([0, 0, 1])
+    assert align.matched_positions(alignment, src, tgt, vmap, src_vocab, tgt_vocab).tolist() == [-1, 2]
+    # the same text spelled alike (but for the dummy prefix) is trusted from its first token
+    assert align.common_tail([0, 1], [0], ["The", "▁cat"], ["▁The▁cat"]) == 7
+
+
 class GreedyTokenizer:
     """A hand-checkable tokenizer: longest vocabulary match from the left. Enough interface for vocab maps."""
 
