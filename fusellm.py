@@ -50,6 +50,13 @@ def token_losses(logits, labels, ids, probs):
     return clm, fusion
 
 
+def mince_weights(ce):
+    """MinCE (paper): per window, all weight on the candidate of minimum cross-entropy,
+    P_t = P_{argmin_c CE_c}. ce (C, B) -> weights (C, B), one-hot over candidates; ties go to the earlier
+    candidate (the target itself is candidate 0)."""
+    return F.one_hot(ce.argmin(dim=0), ce.shape[0]).T.to(ce.dtype)
+
+
 def avgce_weights(ce, kind: str = "official", tau: float = 1.0):
     """AvgCE weights over candidates from their CE (candidates on dim 0). "official": softmax(exp(-CE)), what
     the official code computes (close to uniform, since exp(-CE) lies in (0, 1]); "softmax": softmax(-CE / tau),
@@ -88,7 +95,7 @@ def fuse(cand_ids, cand_logprobs, cand_fallback, window_ce, labels, method="minc
     probs = torch.cat([p.masked_fill(fb, 0.0), onehot_p.masked_fill(~fb, 0.0)], dim=-1)
     if method in ("mince", "avgce"):
         if method == "mince":
-            w = F.one_hot(window_ce.argmin(dim=0), C).T.to(p.dtype)                    # (C, B)
+            w = mince_weights(window_ce).to(p.dtype)                                   # (C, B)
         else:
             w = avgce_weights(window_ce, avg_weights, tau)                             # (C, B)
         w = w[:, :, None, None].expand(C, B, T, 1)

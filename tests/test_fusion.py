@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusellm import avgce_weights, fuse, token_losses
+from fusellm import avgce_weights, fuse, mince_weights, token_losses
 
 V = 6
 
@@ -119,3 +119,10 @@ def test_temperature_flattens_each_candidate():
     P = dense(i, p)[0, 0]
     expected = torch.tensor([.9, .1]).sqrt() / torch.tensor([.9, .1]).sqrt().sum()      # p^(1/T), renormalised
     assert torch.allclose(P[[1, 3]], expected, atol=1e-6)
+
+
+def test_mince_weights_put_everything_on_the_lowest_ce_and_ties_on_the_target():
+    """Three candidates, two windows: CEs (2.0, 1.5, 3.0) pick candidate 1; (1.0, 1.0, 2.0) tie, and the
+    earlier candidate, the target itself, wins."""
+    ce = torch.tensor([[2.0, 1.0], [1.5, 1.0], [3.0, 2.0]])
+    assert mince_weights(ce).tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
