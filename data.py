@@ -329,6 +329,8 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logp
     import fusellm
     if logprob_bits not in (8, 16):
         raise DataError(f"--logprob-bits {logprob_bits}: choose 8 or 16")
+    if not 1 <= topk <= 255:
+        raise DataError(f"--topk {topk}: choose 1 to 255 (aligned distributions store their sizes as uint8)")
     m = load_manifest(out)
     d = Path(out) / "models" / name
     if device is None:

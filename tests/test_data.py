@@ -159,6 +159,12 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
     assert (b["cand_ids"][1, 0, pos + 1, 0] == b["input_ids"][0, pos + 1]).all()   # input token, not label
 
 
+def test_topk_that_the_storage_cannot_count_is_refused(pipeline, world):
+    """Aligned shards store each position's entry count as uint8: a top-K above 255 would wrap silently."""
+    with pytest.raises(data.DataError, match="--topk 300: choose 1 to 255"):
+        data.compute_dists(pipeline, world / "target", "big", topk=300)
+
+
 def test_alignment_settings_are_checked_before_any_work(pipeline):
     with pytest.raises(data.DataError, match="positions='bytes'; choose one of"):
         data.align_source(pipeline, "source", positions="bytes")
