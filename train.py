@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -554,9 +555,9 @@ def plot_losses(out: Path):
 
 def main(argv=None):
     given = sys.argv[1:] if argv is None else argv
-    if not given:                                    # `python train.py`: the built-in demo (demo.py)
-        import demo
-        return demo.main([])
+    if not given:             # `python train.py` is the built-in demo: demo.py, run as its own program (it
+        demo = Path(__file__).with_name("demo.py")            # imports this file; importing it here would
+        raise SystemExit(subprocess.call([sys.executable, str(demo)]))     # make a cycle)
     cfg = parse_config(argv)
     try:
         train(cfg)

@@ -218,6 +218,16 @@ def test_two_gloo_processes_equal_one_process(world, tmp_path, mode):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
+def test_no_arguments_run_the_demo_as_its_own_program(monkeypatch):
+    """`python train.py` is the demo. It runs demo.py in a child process rather than importing demo, which
+    imports train: train.py would otherwise be loaded twice, as __main__ and as train."""
+    calls = []
+    monkeypatch.setattr(train.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    with pytest.raises(SystemExit) as stop:
+        train.main([])
+    assert stop.value.code == 0 and calls == [[sys.executable, str(ROOT / "demo.py")]]
+
+
 def test_a_typo_in_a_choice_is_refused_before_anything_loads(capsys):
     """`--fusion minc` stops at the command line with the choices, not after every model has loaded."""
     with pytest.raises(SystemExit):
