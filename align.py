@@ -501,6 +501,8 @@ def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None, ties: str = 
 # '▁hel' and then teaches the target, at '▁hel', what follows 'hello'.
 
 POSITIONS = ("exact", "paper")
+FALLBACKS = ("next", "official")     # unmatched positions: one-hot on the next token, or on the current one
+MERGES = ("sum", "first")            # top-K ids landing on one target id: add them, or keep the first
 
 
 @lru_cache(maxsize=1 << 18)
@@ -628,7 +630,7 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
     src_ids[i+1], would land on the target's true next token through the vocab map. A perfect transfer gives
     oracle_mass == scored. shown/src_vocab/tgt_vocab (optional): the alignment and vocabularies, to list
     the most frequent unmatched token pairs."""
-    if fallback not in ("next", "official") or merge not in ("sum", "first"):
+    if fallback not in FALLBACKS or merge not in MERGES:
         raise ValueError(f"transfer: fallback={fallback!r} merge={merge!r} not understood")
     m, n = len(tgt_ids), len(src_ids)
     if len(matched) != m:
@@ -665,7 +667,7 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
         elif shown is not None:
             pair = (" ".join(display(src_vocab[src_ids[k]]) for k in shown[j]), display(tgt_vocab[tgt_ids[j]]))
             unmatched[pair] += 1
-        if merged:                                  # every top-K id unmapped: nothing to carry over
+        if merged:                                  # empty: unmatched, or every top-K id unmapped
             is_fallback[j] = False
             ids_out += merged.keys()
             lp_out += np.log(list(merged.values())).tolist()
@@ -693,3 +695,17 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
     matched = matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, positions, vocab_kind)
     return transfer(matched, src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, fallback, merge,
                     shown=alignment, src_vocab=src_vocab, tgt_vocab=tgt_vocab)
+
+
+def oracle_quality(src_tok, tgt_tok, vmap, texts, positions="exact") -> tuple[float, float]:
+    """Label quality of one vocab map and position rule on real text: (matched share, oracle label mass).
+    The oracle source's top-1 at each token is its own true next token; the mass is the share of scored
+    positions (transfer's stats) where that label, carried over, is the target's true next token."""
+    sv, tv = normalized_vocab(src_tok), normalized_vocab(tgt_tok)
+    totals = Counter()
+    for text in texts:
+        s_ids, t_ids = src_tok.encode(text), tgt_tok.encode(text)
+        oracle = np.array(s_ids[1:] + s_ids[-1:], dtype=np.int64)[:, None]       # (n, 1) the true next token
+        stats = carry(s_ids, t_ids, oracle, np.zeros(oracle.shape, np.float32), vmap, sv, tv, positions=positions).stats
+        totals.update({k: v for k, v in stats.items() if k != "unmatched"})
+    return totals["matched"] / totals["positions"], totals["oracle_mass"] / max(totals["scored"], 1)

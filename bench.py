@@ -373,23 +373,6 @@ LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "
                   ("exact positions, next-token map (default)", "exact", "next", True)]
 
 
-def oracle_quality(src, tgt, vmap, texts, positions, sv, tv) -> tuple[float, float]:
-    """(matched share, oracle label mass) of one vocab map over the texts: an oracle source's top-1 is its own
-    true next token; the figure is the share of matched target positions where it lands on the target's."""
-    import numpy as np
-    import align
-    matched = scored = hits = positions_n = 0
-    for text in texts:
-        s_ids, t_ids = src.encode(text), tgt.encode(text)
-        oracle = np.array(s_ids[1:] + s_ids[-1:], dtype=np.int64)[:, None]          # (n, 1) the true next token
-        tr = align.carry(s_ids, t_ids, oracle, np.zeros(oracle.shape, np.float32), vmap, sv, tv, positions=positions,
-                         vocab_kind="mined")
-        st = tr.stats
-        positions_n, matched, scored, hits = (positions_n + st["positions"], matched + st["matched"],
-                                              scored + st["scored"], hits + st["oracle_mass"])
-    return matched / positions_n, hits / max(scored, 1)
-
-
 def shared_ends(src, tgt, texts, sv, tv) -> float:
     """The share of target positions whose token ends at a byte where a source token ends (inside the texts'
     common tail): what exact positions would match without their condition on the next tokens."""
@@ -434,7 +417,7 @@ def bench_labels(a):
                     maps[kind, prefer][used] = align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
                 else:
                     maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else align.vocab_map_next(src, tgt, o)
-            share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, sv, tv)
+            share, mass = align.oracle_quality(src, tgt, maps[kind, prefer], texts, positions)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         rows.setdefault("(target positions whose token ends where a source token ends)", {})[
             f"{src_name} -> {tgt_name}"] = f"{shared_ends(src, tgt, texts, sv, tv):.3f}"

@@ -426,7 +426,7 @@ ALIGN_OFFICIAL = {"positions": "paper", "vocab_map": "mined", "map_ties": "lowes
 def align_settings(**given) -> dict:
     """ALIGN_DEFAULTS with the given settings (None: the default), each checked against its choices."""
     choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS, "map_ties": align.MAP_TIES,
-               "ties": align.TIES, "fallback": ("next", "official"), "merge": ("sum", "first")}
+               "ties": align.TIES, "fallback": align.FALLBACKS, "merge": align.MERGES}
     settings = dict(ALIGN_DEFAULTS)
     for k, v in given.items():
         if k not in choices:
@@ -678,10 +678,10 @@ def main(argv=None):
                              "the target's encoder emits) or 'lowest' (lowest id, the official code)")
         sp.add_argument("--ties", choices=list(align.TIES), default=None,
                         help="MinED path ties (paper positions only): 'closest' (default) or 'official'")
-        sp.add_argument("--fallback", choices=["next", "official"], default=None,
+        sp.add_argument("--fallback", choices=list(align.FALLBACKS), default=None,
                         help="unmatched positions: one-hot on the next token (default, correct) or on the "
                              "current one (the official code's off-by-one, stored and trained on)")
-        sp.add_argument("--merge", choices=["sum", "first"], default=None,
+        sp.add_argument("--merge", choices=list(align.MERGES), default=None,
                         help="top-K ids mapped to one target id: add their probabilities (default) or keep "
                              "the first (official)")
         sp.add_argument("--official", action="store_true",
@@ -716,8 +716,7 @@ def main(argv=None):
 def cli_align_settings(args) -> dict:
     """The alignment settings given on the command line, over ALIGN_OFFICIAL's with --official."""
     base = dict(ALIGN_OFFICIAL) if args.official else {}
-    given = {"positions": args.positions, "vocab_map": args.vocab_map, "map_ties": args.map_ties, "ties": args.ties,
-             "fallback": args.fallback, "merge": args.merge}
+    given = {k: getattr(args, k) for k in ALIGN_DEFAULTS}          # None where not given
     return {**base, **{k: v for k, v in given.items() if v is not None}}
 
 

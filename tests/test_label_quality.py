@@ -20,19 +20,6 @@ def real(tmp_path_factory):
     return toks
 
 
-def oracle_figures(src, tgt, vmap, texts, positions):
-    """(matched share of target positions, share of scored positions where the oracle lands right)."""
-    sv, tv = align.normalized_vocab(src), align.normalized_vocab(tgt)
-    positions_n = matched = scored = hits = 0
-    for text in texts:
-        s_ids, t_ids = src.encode(text), tgt.encode(text)
-        oracle = np.array(s_ids[1:] + s_ids[-1:])[:, None]
-        st = align.carry(s_ids, t_ids, oracle, np.zeros(oracle.shape), vmap, sv, tv, positions=positions).stats
-        positions_n, matched = positions_n + st["positions"], matched + st["matched"]
-        scored, hits = scored + st["scored"], hits + st["oracle_mass"]
-    return matched / positions_n, hits / scored
-
-
 def paper_map(src, tgt, texts):
     """MinED with the old lowest-id ties, only for the source ids the texts use (all the oracle reads)."""
     sv, tv = align.normalized_vocab(src), align.normalized_vocab(tgt)
@@ -50,8 +37,8 @@ def test_oracle_labels_land_on_the_targets_next_token_on_real_tokenizer_pairs(re
     pieces winning ties, mispositioned matches, and labels of the wrong granularity."""
     src, tgt = real[pair[0]], real[pair[1]]
     texts = [t[:4000] for t in stdlib_texts(12)[::3]]
-    share, mass = oracle_figures(src, tgt, align.vocab_map(src, tgt, "next"), texts, "exact")
-    paper_share, paper_mass = oracle_figures(src, tgt, paper_map(src, tgt, texts), texts, "paper")
+    share, mass = align.oracle_quality(src, tgt, align.vocab_map(src, tgt, "next"), texts, "exact")
+    paper_share, paper_mass = align.oracle_quality(src, tgt, paper_map(src, tgt, texts), texts, "paper")
     assert mass >= 0.95, (pair, share, mass)
     assert share >= paper_share - 0.005, (pair, share, paper_share)
     assert paper_mass < mass - 0.02, (pair, paper_mass, mass)
