@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import atomic_path
+
 SPACE = "\u2581"          # '▁': how a normalized token writes a space
 BYTE_BASE = 0xF700        # a stray byte b is written as chr(BYTE_BASE + b), a private-use character
 
@@ -485,9 +487,8 @@ def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None, ties: str = 
             m[s] = t
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, m)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, m)
     return m
 
 

@@ -30,9 +30,7 @@ CLM-only step (lambda = 1) on the same model and batch, each in a fresh process,
 The real tokenizers come from the registry packages in requirements-testdata.txt.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,38 +40,41 @@ import torch
 
 import fusellm
 
-CHILD = r"""
-import json, sys, time, torch
-def hwm():
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned: it inherits no memory, no imports, no CUDA state), so each
+    measurement starts clean; fn must be a module-level function of this file."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (VmHWM), in bytes."""
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
-which, path = sys.argv[1], sys.argv[2]
-import fusellm
-if which == "transformers":
-    import transformers
-base = hwm()
-t0 = time.perf_counter()
-if which == "nanofuse":
-    model = fusellm.load_model(path)
-else:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-load_s = time.perf_counter() - t0
-after_load = hwm()
-with torch.no_grad():
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def load_child(which: str, path: str) -> dict:
+    """In a fresh process: load one checkpoint with nanofuse or transformers, then one forward pass; the time
+    of each and the peak memory before, after loading and after the forward."""
+    if which == "transformers":
+        import transformers
+    base = peak_rss()
     t0 = time.perf_counter()
-    model(torch.zeros(1, 16, dtype=torch.long))
-    fwd_s = time.perf_counter() - t0
-print(json.dumps(dict(load_s=load_s, fwd_s=fwd_s, base=base, after_load=after_load, after_forward=hwm())))
-"""
-
-
-def run_child(which, path):
-    out = subprocess.run([sys.executable, "-c", CHILD, which, str(path)], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    if which == "nanofuse":
+        model = fusellm.load_model(path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    after_load = peak_rss()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(torch.zeros(1, 16, dtype=torch.long))
+        fwd_s = time.perf_counter() - t0
+    return dict(load_s=load_s, fwd_s=fwd_s, base=base, after_load=after_load, after_forward=peak_rss())
 
 
 def bench_load(a):
@@ -99,7 +100,7 @@ def bench_load(a):
             print("(transformers not installed: nanofuse only)")
         print(f"{'loader':<13}{'load s':>8}{'forward s':>11}{'peak RSS after load':>22}{'after forward':>16}")
         for which in runners:
-            r = run_child(which, path)
+            r = in_fresh_process(load_child, which, str(path))
             load_mem = (r["after_load"] - r["base"]) / size
             fwd_mem = (r["after_forward"] - r["base"]) / size
             print(f"{which:<13}{r['load_s']:>8.3f}{r['fwd_s']:>11.3f}{load_mem:>19.2f} x ckpt{fwd_mem:>11.2f} x ckpt")
@@ -283,50 +284,42 @@ def bench_dists(a):
           f"{K * 3})")
 
 
-TRAIN_CHILD = r"""
-import json, sys, time, torch
-import fusellm, train
-lam, dim, layers, steps = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cuda = torch.cuda.is_available()
-device = "cuda" if cuda else "cpu"
-torch.manual_seed(0)
-V, B, T, C, K = 32000, 4, 512, 3, 10
-args = fusellm.ModelArgs(vocab_size=V, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64, head_dim=64,
-                         hidden_dim=int(dim * 8 / 3) // 64 * 64, sliding_layers=(False,) * layers)
-model = fusellm.Transformer(args).to(device).train()
-cfg = train.TrainConfig(lam=lam, batch_size=B)
-opt = train.make_optimizer(model, cfg, device)
-g = torch.Generator().manual_seed(0)
-x = torch.randint(0, V, (B, T), generator=g)
-batch = dict(input_ids=x, labels=torch.roll(x, -1, 1), cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
-             cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1), cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
-             window_ce=torch.rand(C, B, generator=g) + 2, fusion_mask=torch.ones(B, T, dtype=torch.bool))
-autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else train._null
-def step():
-    train.step_losses(model, [batch], cfg, lam, V, device, 1, autocast)
-    opt.step(); opt.zero_grad(set_to_none=True)
-step()
-if cuda:
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-t0 = time.perf_counter()
-for _ in range(steps):
-    step()
-if cuda:
-    torch.cuda.synchronize()
-dt = (time.perf_counter() - t0) / steps
-peak = torch.cuda.max_memory_allocated() if cuda else [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps(dict(step_s=dt, peak=peak, tokens_per_s=B * T / dt, device=device)))
-"""
+def train_child(lam: float, dim: int, layers: int, steps: int) -> dict:
+    """In a fresh process: `steps` optimizer steps of train.run_steps (the training loop) on one random Llama and
+    one random batch of 3 candidates' top-10 (a first step not timed); seconds per step, peak memory, tokens/s."""
+    import train
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    V, B, T, C, K = 32000, 4, 512, 3, 10
+    args = fusellm.ModelArgs(vocab_size=V, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64,
+                             head_dim=64, hidden_dim=int(dim * 8 / 3) // 64 * 64, sliding_layers=(False,) * layers)
+    model = fusellm.Transformer(args).to(device).train()
+    cfg = train.TrainConfig(lam=lam, batch_size=B)
+    opt = train.make_optimizer(model, cfg, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (B, T), generator=g)
+    batch = fusellm.Batch(input_ids=x, labels=torch.roll(x, -1, 1), fusion_mask=torch.ones(B, T, dtype=torch.bool),
+                          cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
+                          cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1),
+                          cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
+                          window_ce=torch.rand(C, B, generator=g) + 2)
+    for rec in train.run_steps(model, opt, cfg, steps + 1, lambda k: [batch], device, V):
+        if cuda:
+            torch.cuda.synchronize()
+        if rec["step"] == 1:                    # the first step (allocations, kernel choice) is not timed
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return dict(step_s=dt, peak=peak, tokens_per_s=B * T / dt, device=device)
 
 
 def bench_train(a):
     rows = []
     for name, lam in (("CLM only (lambda=1)", 1.0), ("CLM + fusion (lambda=0.9)", 0.9)):
-        out = subprocess.run([sys.executable, "-c", TRAIN_CHILD, str(lam), str(a.dim), str(a.layers), str(a.steps)],
-                             capture_output=True, text=True, cwd=Path(__file__).parent)
-        if out.returncode:
-            raise RuntimeError(out.stderr[-2000:])
-        rows.append((name, json.loads(out.stdout.strip().splitlines()[-1])))
+        rows.append((name, in_fresh_process(train_child, lam, a.dim, a.layers, a.steps)))
     dev = rows[0][1]["device"]
     mem = "peak GPU memory" if dev == "cuda" else "peak RSS"
     print(f"train step, Llama dim={a.dim} layers={a.layers} vocab=32000, batch 4x512, 3 candidates x top-10, on {dev}")
@@ -434,19 +427,18 @@ def run_label_mass(data_dir, fusion: str = "mince") -> dict:
     import torch
     import data
     import fusellm
-    import train
     from tokenizer import load_tokenizer
     tok = load_tokenizer(data.model_info(data_dir, "target")["model"])
     fd = data.FusionData(data_dir, tokenizer=tok)
     names, K = ["target"] + fd.sources, data.model_info(data_dir, "target")["topk"]
     sums, carried, fused_sum, n = np.zeros(len(names)), np.zeros(len(names)), 0.0, 0
     for s, size in enumerate(data.shard_sizes(data.load_manifest(data_dir))):
-        b = train.make_batch(fd.shard(s)[:size], names, tok.bos_id, K)
-        mask, labels = b["fusion_mask"], b["labels"]
-        p = torch.softmax(b["cand_logprobs"], dim=-1).nan_to_num(0.0)                  # (C, B, T, K)
-        on_label = (p * (b["cand_ids"] == labels[None, ..., None])).sum(-1)             # (C, B, T)
-        carries = ~b["cand_fallback"] & mask                                            # (C, B, T)
-        ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], labels, fusion)
+        b = fusellm.collate(fd.shard(s)[:size], names, tok.bos_id, K)
+        mask, labels = b.fusion_mask, b.labels
+        p = torch.softmax(b.cand_logprobs, dim=-1).nan_to_num(0.0)                      # (C, B, T, K)
+        on_label = (p * (b.cand_ids == labels[None, ..., None])).sum(-1)                # (C, B, T)
+        carries = ~b.cand_fallback & mask                                               # (C, B, T)
+        ids, probs = fusellm.fuse(b, fusion)
         fused_sum += float(((probs * (ids == labels[..., None])).sum(-1) * mask).sum())
         sums += (on_label * carries).sum(dim=(1, 2)).numpy()
         carried += carries.sum(dim=(1, 2)).numpy()

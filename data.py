@@ -1,10 +1,10 @@
 """
 data.py: from a corpus to fusion-ready data.
 
-    python data.py windows --corpus CORPUS --target TARGET --sources A B --out DATA
-    python data.py dists   --out DATA --model TARGET --name target      # and once per source
-    python data.py align   --out DATA --name A                          # a source onto the target
-    python data.py all     --corpus CORPUS --target TARGET --sources A B --out DATA
+    python data.py windows --corpus CORPUS --target TARGET --sources A B --data DATA
+    python data.py dists   --data DATA --model TARGET --name target     # and once per source
+    python data.py align   --data DATA --name A                         # a source onto the target
+    python data.py all     --corpus CORPUS --target TARGET --sources A B --data DATA
 
 1. windows: read the corpus (.txt, .jsonl, or a folder of them) and cut documents into text windows that
    every tokenizer involved turns into at most seq_len tokens (BOS included), so all models see the same
@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import shutil
 import time
 import zipfile
 import zlib
@@ -41,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 import align
+import common
+from common import Progress, atomic_path, write_bytes, write_json
 
 LOGPROB_STEP = 16          # uint8 log-prob code q means log p = -q / 16 (codes saturate at 255: p < 1.2e-7)
 
@@ -50,54 +50,18 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Small helpers: atomic writes, progress, quantisation
-
-
-def atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj):
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+# Small helpers: shards on disk, quantisation
 
 
 def save_npz(path: Path, **arrays):
     """Like np.savez_compressed, but deterministic (fixed timestamps: the same arrays give the same bytes)
-    and atomic (a temporary name, then a rename). np.load reads it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w") as z:
+    and atomic (common.atomic_path). np.load reads it."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as z:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             with z.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
-
-
-class Progress:
-    """One line every `every` seconds: done/total items, rate, ETA."""
-
-    def __init__(self, what: str, total: int, unit: str = "windows", every: float = 5.0, quiet=False):
-        self.what, self.total, self.unit, self.every, self.quiet = what, total, unit, every, quiet
-        self.t0 = self.last = time.time()
-        self.done = self.tokens = 0
-
-    def update(self, n: int, tokens: int = 0, force=False):
-        self.done += n
-        self.tokens += tokens
-        now = time.time()
-        if self.quiet or not (force or now - self.last >= self.every):
-            return
-        self.last = now
-        el = max(now - self.t0, 1e-9)
-        rate = self.done / el
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        tok = f", {self.tokens / el:,.0f} tokens/s" if self.tokens else ""
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        print(f"[{self.what}] {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s{tok}, ETA {eta_s}",
-              flush=True)
 
 
 def quantize_logprobs(lp: np.ndarray, bits: int) -> np.ndarray:
@@ -239,21 +203,20 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
             return m
     toks = [load_tokenizer(p) for p in [target_dir, *source_dirs]]
     out.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out / f".windows.tmp{os.getpid()}"      # renamed to windows/ only once the corpus is read through
-    tmp_dir.mkdir()
     stats = CorpusStats()
     n_shards, n_windows, n_split, buf = 0, 0, 0, []
     t0 = time.time()
+    # windows/ appears only once the corpus is read through (a killed run leaves no half folder behind)
+    with atomic_path(out / "windows", folder=True) as tmp_dir:
 
-    def flush():
-        nonlocal n_shards, buf
-        if buf:
-            atomic_write_bytes(tmp_dir / f"shard-{n_shards:05d}.jsonl",
-                               "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in buf).encode())
-            n_shards += 1
-            buf = []
+        def flush():
+            nonlocal n_shards, buf
+            if buf:
+                write_bytes(tmp_dir / f"shard-{n_shards:05d}.jsonl",
+                            "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in buf).encode())
+                n_shards += 1
+                buf = []
 
-    try:
         for d, doc in enumerate(read_corpus(corpus, text_field, txt_docs, stats)):
             pieces = split_document(doc, toks, seq_len)
             n_split += len(pieces) > 1
@@ -275,17 +238,11 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
         flush()
         if n_windows == 0:
             raise DataError(f"{corpus}: the corpus has no documents with text ({dict(stats)}); nothing to do")
-    except BaseException:
-        shutil.rmtree(tmp_dir)
-        raise
-    if (out / "windows").exists():
-        shutil.rmtree(out / "windows")                 # left by a run killed before its manifest
-    os.replace(tmp_dir, out / "windows")
     m = {"complete": True, "corpus": str(corpus), "target": str(target_dir), "sources": [str(s) for s in source_dirs],
          "seq_len": seq_len, "shard_windows": shard_windows, "shards": n_shards, "windows": n_windows,
          "documents_split": n_split, "target_tokenizer": tokenizer_fingerprint(toks[0]),
          "corpus_stats": {k: v for k, v in stats.items()}}
-    atomic_write_json(manifest_path, m)
+    write_json(manifest_path, m)
     if not quiet:
         s = m["corpus_stats"]
         print(f"[windows] {s.get('documents', 0)} documents -> {n_windows} windows in {n_shards} shards "
@@ -322,10 +279,9 @@ def my_shards(n_shards: int) -> list[int]:
 # 2. Source distributions
 
 
-def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logprob_bits=8, quiet=False):
+def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", logprob_bits=8, quiet=False):
     """Stage 2: out/models/<name>/shard-*.npz with, per token of each window (the model's own tokens), the
     top-K next-token ids and log-probs, and per window the CE and a checksum of the tokens."""
-    import torch
     import fusellm
     if logprob_bits not in (8, 16):
         raise DataError(f"--logprob-bits {logprob_bits}: choose 8 or 16")
@@ -333,10 +289,7 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logp
         raise DataError(f"--topk {topk}: choose 1 to 255 (aligned distributions store their sizes as uint8)")
     m = load_manifest(out)
     d = Path(out) / "models" / name
-    if device is None:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    device = common.device(device)
     shards = my_shards(m["shards"])
     todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
     info = {"model": str(model_dir), "topk": topk, "logprob_bits": logprob_bits}
@@ -348,11 +301,11 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device=None, logp
         if not quiet:
             print(f"[dists {name}] all {len(shards)} shards done")
         return d
-    model, tok = fusellm.load(model_dir, device=device, dtype=dtype)
+    model, tok = fusellm.load(model_dir, device=device, dtype=common.dtype_for(device))
     d.mkdir(parents=True, exist_ok=True)
     info.update(vocab_size=tok.vocab_size, tokenizer=tokenizer_fingerprint(tok), bos=tok.bos_id)
     if not (d / "info.json").is_file():
-        atomic_write_json(d / "info.json", info)
+        write_json(d / "info.json", info)
     V = tok.vocab_size
     per_token = topk * (np.dtype(id_dtype(V)).itemsize + logprob_bits // 8)
     est_tokens = m["windows"] * m["seq_len"] * len(todo) / m["shards"]
@@ -456,7 +409,7 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     if (d / "settings.json").is_file() and json.loads((d / "settings.json").read_text()) != settings:
         raise DataError(f"{d} was aligned with other settings ({(d / 'settings.json').read_text()}); delete it first")
-    atomic_write_json(d / "settings.json", settings)
+    write_json(d / "settings.json", settings)
     sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
     vmap = align.vocab_map(s_tok, t_tok, settings["vocab_map"], Path(out) / "cache", settings["map_ties"])
     costs = align.PairCosts()
@@ -527,7 +480,7 @@ def _save_shard_stats(d: Path, shard: int, stats: list[dict]):
         unmatched.update(st["unmatched"])
     agg = {k: float(sum(st[k] for st in stats)) for k in STAT_KEYS}
     agg["unmatched"] = [[s, t, n] for (s, t), n in unmatched.most_common(200)]
-    atomic_write_json(d / f"stats-{shard:05d}.json", agg)
+    write_json(d / f"stats-{shard:05d}.json", agg)
 
 
 def diagnostics(out, name) -> dict:
@@ -554,7 +507,7 @@ def diagnostics(out, name) -> dict:
             "label_mass": tot["label_mass"] / max(tot["scored"], 1),
             "oracle_label_mass": tot["oracle_mass"] / max(tot["scored"], 1),
             "most_frequent_unmatched": [{"source": s, "target": t, "count": n} for (s, t), n in unmatched.most_common(20)]}
-    atomic_write_json(d / "diagnostics.json", diag)
+    write_json(d / "diagnostics.json", diag)
     return diag
 
 
@@ -641,9 +594,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", required=True)
 
-    def common(sp):
-        sp.add_argument("--out", required=True, help="the data folder")
-        sp.add_argument("--quiet", action="store_true")
+    def shared_flags(sp):
+        sp.add_argument("--data", required=True, help="the data folder (written by windows, read by every stage)")
+        sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
     w = sub.add_parser("windows", help="corpus -> text windows every tokenizer fits in seq_len")
     d = sub.add_parser("dists", help="one model's top-K next-token distributions over every window")
@@ -659,11 +612,12 @@ def main(argv=None):
         sp.add_argument("--txt-docs", choices=["file", "blocks"], default="file",
                         help="a .txt file is one document, or blank-line separated blocks are")
     for sp in (d, al):
-        sp.add_argument("--topk", type=int, default=10)
-        sp.add_argument("--batch-size", type=int, default=8)
-        sp.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-        sp.add_argument("--logprob-bits", type=int, default=8, choices=[8, 16])
-    d.add_argument("--model", required=True)
+        sp.add_argument("--topk", type=int, default=10, help="next-token entries kept per token, 1..255 (default 10)")
+        sp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+        sp.add_argument("--device", default="auto", help=common.DEVICE_HELP)
+        sp.add_argument("--logprob-bits", type=int, default=8, choices=[8, 16],
+                        help="stored log-probs: uint8 in steps of 1/16 nat (default) or fp16")
+    d.add_argument("--model", required=True, help="the model folder to run")
     d.add_argument("--name", required=True, help="'target' for the target model, any name for a source")
     a.add_argument("--name", required=True, help="the source's name given to `dists`")
     for sp in (a, al):
@@ -689,26 +643,26 @@ def main(argv=None):
                              "lowest --ties official --fallback official --merge first (options given "
                              "explicitly still win)")
     for sp in (w, d, a, al):
-        common(sp)
+        shared_flags(sp)
     args = p.parse_args(argv)
     try:
         if args.stage == "windows":
-            build_windows(args.corpus, args.target, args.sources, args.out, args.seq_len, args.shard_windows,
+            build_windows(args.corpus, args.target, args.sources, args.data, args.seq_len, args.shard_windows,
                           args.text_field, args.txt_docs, args.quiet)
         elif args.stage == "dists":
-            compute_dists(args.out, args.model, args.name, args.topk, args.batch_size, args.device,
+            compute_dists(args.data, args.model, args.name, args.topk, args.batch_size, args.device,
                           args.logprob_bits, args.quiet)
         elif args.stage == "align":
-            align_source(args.out, args.name, quiet=args.quiet, **cli_align_settings(args))
+            align_source(args.data, args.name, quiet=args.quiet, **cli_align_settings(args))
         else:
-            build_windows(args.corpus, args.target, args.sources, args.out, args.seq_len, args.shard_windows,
+            build_windows(args.corpus, args.target, args.sources, args.data, args.seq_len, args.shard_windows,
                           args.text_field, args.txt_docs, args.quiet)
             names = ["target"] + [source_name(s) for s in args.sources]
             for model, name in zip([args.target, *args.sources], names):
-                compute_dists(args.out, model, name, args.topk, args.batch_size, args.device, args.logprob_bits,
+                compute_dists(args.data, model, name, args.topk, args.batch_size, args.device, args.logprob_bits,
                               args.quiet)
             for name in names[1:]:
-                align_source(args.out, name, quiet=args.quiet, **cli_align_settings(args))
+                align_source(args.data, name, quiet=args.quiet, **cli_align_settings(args))
     except ValueError as e:                 # DataError, CheckpointError, TokenizerError: one clear line
         raise SystemExit(f"error: {e}") from None
 

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import eval as ev
 import fusellm
 import train
+from common import Progress, write_json, write_text
 from tokenizer import load_tokenizer
 
 
@@ -124,14 +124,12 @@ def build_corpora(out: Path, size: DemoSize):
             break
         fuse.append(t)
     _write_jsonl(out / "corpus" / "train" / "fuse.jsonl", fuse)
-    done.write_text("ok")
+    write_text(done, "ok")
     log("corpora: " + ", ".join(f"{d}/{s} {sum(map(len, t)) / 1e3:.0f}k chars" for (d, s), t in docs.items()))
 
 
 def _write_jsonl(path: Path, texts):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
 def corpus_texts(out: Path, domain: str, split: str) -> list[str]:
@@ -174,24 +172,21 @@ def pretrain(folder: Path, tok_file: Path, texts: list[str], dim: int, size: Dem
         for n, p in model.named_parameters():
             if p.dim() >= 2:
                 torch.nn.init.normal_(p, std=0.02)
-    cfg = train.TrainConfig(lr=3e-3, warmup=0.05, min_lr_ratio=0.1, weight_decay=0.1)
+    cfg = train.TrainConfig(lr=3e-3, warmup=0.05, min_lr_ratio=0.1, weight_decay=0.1, lam=1.0)
     opt = train.make_optimizer(model, cfg, "cpu")
     rng = np.random.default_rng(seed)
-    prog = data.Progress(f"pretrain {name}", steps, "steps", every=15)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, steps, cfg)
+
+    def batch_at(step):                       # a CLM-only batch of random windows of the stream
         starts = rng.integers(0, len(stream) - size.seq_len - 1, size.batch)
-        x = torch.from_numpy(np.stack([stream[s:s + size.seq_len + 1] for s in starts]))
-        loss = F.cross_entropy(model(x[:, :-1]).reshape(-1, args.vocab_size), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        prog.update(1, size.batch * size.seq_len)
+        x = torch.from_numpy(np.stack([stream[s:s + size.seq_len + 1] for s in starts]))   # (B, T+1)
+        return [fusellm.Batch(input_ids=x[:, :-1], labels=x[:, 1:])]
+
+    prog = Progress(f"pretrain {name}", steps, "steps", every=15)
+    for rec in train.run_steps(model, opt, cfg, steps, batch_at, "cpu", args.vocab_size):
+        prog.update(1, rec["tokens"])
     fusellm.save_model(model, folder, extra_files=[tok_file])
     log(f"pre-trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{steps} steps, last loss {loss.item():.3f})")
+        f"{steps} steps, last loss {rec['loss']:.3f})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,7 +261,7 @@ def domain_bpb(out: Path, models: dict[str, Path], window: int) -> dict:
             continue
         r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files], window=window)[name]
         table[name] = {d: r[f"bpb:{d}"] for d in SOURCES}
-        cache.write_text(json.dumps({"key": key, "bpb": table[name]}))
+        write_json(cache, {"key": key, "bpb": table[name]})
     return table
 
 
@@ -274,7 +269,7 @@ REPRO = {   # name -> (data folder, train settings); each run continue-trains th
     "target CLM-only": ("data", dict(lam=1.0)),
     "fused: MinCE": ("data", dict(lam=0.9, fusion="mince")),
     "fused: AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
-    "fused: MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources="code")),
+    "fused: MinCE, code source only": ("data", dict(lam=0.9, fusion="mince", use_sources=("code",))),
     "fused: MinCE by CE per byte (ours)": ("data", dict(lam=0.9, fusion="mince", ce_unit="byte")),
     "fused: MinCE, lambda 0.5": ("data", dict(lam=0.5, fusion="mince")),
     "fused: MinCE, paper alignment (MinED)": ("data_paper_mined", dict(lam=0.9, fusion="mince")),
@@ -337,7 +332,7 @@ def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
     print(ev.markdown_table(table, f"bits per byte, held-out, {seeds} seeds"))
     print()
     print(ev.markdown_table(paired, f"paired difference, bits per byte, {seeds} seeds; below 0: better than CLM-only"))
-    (out / "repro.json").write_text(json.dumps({"bpb": table, "minus_clm_only": paired}, indent=1))
+    write_json(out / "repro.json", {"bpb": table, "minus_clm_only": paired})
     log(f"reproduction done in {time.time() - t0:.0f} s; tables in {out / 'repro.json'}")
     return table
 

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 import fusellm
-from data import Progress, read_corpus
+import common
+from common import Progress, write_json
+from data import read_corpus
 
 
 class EvalError(ValueError):
@@ -272,16 +274,15 @@ def eval_humaneval(scorer: Scorer, path, max_new_tokens: int, timeout: float, li
 # Putting it together
 
 
-def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="cpu",
+def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="auto",
              window=1024, stride=None, shots=3, max_new_tokens=64, timeout=5.0, limit=None) -> dict:
     """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
     names = names or [Path(m).name for m in models]
     if len(names) != len(models):
         raise EvalError(f"{len(names)} names for {len(models)} models")
-    results = {}
+    results, device = {}, common.device(device)
     for path, name in zip(models, names):
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        model, tok = fusellm.load(path, device, dtype)
+        model, tok = fusellm.load(path, device, common.dtype_for(device))
         scorer = Scorer(model, tok, device, window)
         r = {}
         for f in lm:
@@ -322,11 +323,11 @@ def main(argv=None):
     p.add_argument("--humaneval", help="HumanEval-style problems (JSONL)")
     p.add_argument("--window", type=int, default=1024, help="tokens of context at most")
     p.add_argument("--stride", type=int, help="sliding-window step for long documents (default: window / 2)")
-    p.add_argument("--shots", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--shots", type=int, default=3, help="examples shown before each generation question (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length at most (HumanEval: 4x)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
     p.add_argument("--limit", type=int, help="at most this many documents / examples per task")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help=common.DEVICE_HELP)
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     try:
@@ -338,9 +339,7 @@ def main(argv=None):
     print(markdown_table(results))
     print(f"({time.time() - t0:.1f} s)")
     if a.json:
-        tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, a.json)
+        write_json(a.json, results)
     return results
 
 

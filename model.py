@@ -18,10 +18,8 @@ import contextlib
 import json
 import math
 import mmap
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from common import atomic_path
 from tokenizer import Tokenizer, load_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mpt")
@@ -398,7 +397,7 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None):
-    """Write tensors (contiguous, little-endian) to `path` atomically: a temporary name, then a rename."""
+    """Write tensors (contiguous, little-endian) to `path` atomically (common.atomic_path)."""
     header, offset = {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -407,13 +406,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | N
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                                     # align the data to 8 bytes
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
             if t.numel():
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -596,9 +593,8 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra
         cur[name], cur_bytes = t, cur_bytes + nbytes
     shards.append(cur)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    with atomic_path(path, folder=True) as tmp:     # swapped in whole: the old folder leaves only once the new is
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))                              # complete
         if len(shards) == 1:
             write_safetensors(shards[0], tmp / "model.safetensors")
         else:
@@ -612,16 +608,6 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)
-        if path.exists():                           # swap in: the old folder leaves only once the new is whole
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

@@ -15,6 +15,7 @@ of processes. `python train.py --help` lists every setting; --paper sets the pap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -32,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import fusellm
+from common import atomic_path
 
 
 @dataclass
@@ -43,9 +46,9 @@ class TrainConfig:
     target: str = ""               # the target model folder
     out: str = "runs/fuse"         # checkpoints, metrics, the exported model
     online: bool = False           # run the sources (the manifest's, or --sources) inside the loop
-    sources: str = ""              # online: comma-separated source folders (default: the manifest's)
+    sources: tuple = ()            # online: source model folders (default: the manifest's)
     topk: int = 10                 # online: top-K kept per candidate (stored data brings its own)
-    use_sources: str = ""          # stored: comma-separated source names to fuse (default: all aligned ones)
+    use_sources: tuple = ()        # stored: the names of the sources to fuse (default: every aligned one)
     # fusion
     fusion: str = "mince"          # mince | avgce (per window, paper) | mince_token | avgce_token
     lam: float = 0.9               # lambda: weight of the CLM loss
@@ -62,12 +65,12 @@ class TrainConfig:
     lr: float = 3e-4               # peak learning rate
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
     warmup: float = 0.05           # warm-up: a fraction of the steps (< 1) or a number of steps
-    weight_decay: float = 0.1      # on matrices only (not norms, biases)
+    weight_decay: float = 0.1      # AdamW decay on matrices (embeddings, projections), none on norms, biases
     beta1: float = 0.9             # AdamW beta1
     beta2: float = 0.95            # AdamW beta2
     grad_clip: float = 1.0         # clip the gradient norm to this
     # system
-    device: str = "auto"           # auto: cuda:LOCAL_RANK if available, else cpu
+    device: str = "auto"           # auto: cuda:LOCAL_RANK when a GPU is there, else cpu; or cpu, cuda:1, ...
     compile: bool = False          # torch.compile the model
     grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     fsdp: bool = False             # FSDP2 (fully_shard) instead of DDP when several processes run
@@ -93,7 +96,7 @@ class TrainingError(RuntimeError):
 
 
 # The settings with a fixed set of values: a typo is refused by the command line, before anything loads.
-CHOICES = {"fusion": fusellm.FUSIONS, "avg_weights": ("official", "softmax"), "ce_unit": ("token", "byte")}
+CHOICES = {"fusion": fusellm.FUSIONS, "avg_weights": fusellm.AVG_WEIGHTS, "ce_unit": ("token", "byte")}
 
 
 def field_help() -> dict[str, str]:
@@ -110,6 +113,8 @@ def parse_config(argv=None) -> TrainConfig:
         if f.type == "bool":
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
                            default=f.default, help=what)
+        elif f.type == "tuple":                      # a list: --sources A B (space-separated, as in every script)
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, nargs="+", default=f.default, help=what)
         else:
             cast = {"int": int, "float": float, "str": str}[f.type]
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=cast, default=f.default,
@@ -117,7 +122,8 @@ def parse_config(argv=None) -> TrainConfig:
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     explicit = {a.dest for a in p._actions if any(s in given for s in a.option_strings)}
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    cfg = TrainConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                         for f in fields(TrainConfig)})
     if cfg.paper:                     # paper settings, except what the command line sets explicitly
         cfg = dataclasses.replace(cfg, **{k: v for k, v in PAPER.items() if k not in explicit})
     return cfg
@@ -128,12 +134,8 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def setup_distributed(cfg):
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), \
-        int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = common.device(cfg.device)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
@@ -196,7 +198,7 @@ class StoredCandidates:
     """Candidates from data.py's fusion-ready data."""
 
     def __init__(self, cfg, tok):
-        chosen = [s for s in cfg.use_sources.split(",") if s] or None
+        chosen = list(cfg.use_sources) or None
         shards = data.load_manifest(cfg.data)["shards"]
         self.fd = data.FusionData(cfg.data, tokenizer=tok, sources=chosen,
                                   cache_shards=min(cfg.shuffle_shards or shards, shards))
@@ -214,9 +216,9 @@ class OnlineCandidates:
     def __init__(self, cfg, tok, device):
         import align
         m = data.load_manifest(cfg.data)
-        sources = [s for s in cfg.sources.split(",") if s] or m["sources"]
+        sources = list(cfg.sources) or m["sources"]
         self.device, self.tok, self.k = device, tok, cfg.topk
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        dtype = common.dtype_for(device)
         self.models = {"target": fusellm.load(cfg.target, device, dtype)}
         self.names = ["target"]
         for path in sources:
@@ -257,48 +259,6 @@ class OnlineCandidates:
         return items
 
 
-def make_batch(items: list[dict], names: list[str], bos: int | None, K: int, ce_unit: str = "token"):
-    """Tensors for one micro-batch. With s = [BOS] + tokens: inputs s[:-1], labels s[1:]. The stored
-    distribution at token i (predicting token i+1) belongs to input position i + (BOS ? 1 : 0).
-    Returns input_ids (B, T), labels (B, T) (-100: padding), cand_ids / cand_logprobs (C, B, T, K),
-    cand_fallback (C, B, T), window_ce (C, B), fusion_mask (B, T)."""
-    if ce_unit not in ("token", "byte"):
-        raise TrainingError(f"--ce-unit {ce_unit!r}: choose 'token' (paper) or 'byte'")
-    ce_key = "ce" if ce_unit == "token" else "ce_per_byte"
-    nb = int(bos is not None)
-    seqs = [([bos] if nb else []) + it["tokens"] for it in items]
-    B, T, C = len(items), max(len(s) for s in seqs) - 1, len(names)
-    x = np.zeros((B, T), dtype=np.int64)
-    y = np.full((B, T), -100, dtype=np.int64)
-    cid = np.zeros((C, B, T, K), dtype=np.int64)
-    clp = np.full((C, B, T, K), -np.inf, dtype=np.float32)
-    cfb = np.zeros((C, B, T), dtype=bool)
-    ce = np.zeros((C, B), dtype=np.float32)
-    mask = np.zeros((B, T), dtype=bool)
-    for b, (it, s) in enumerate(zip(items, seqs)):
-        n = len(it["tokens"])
-        x[b, :len(s) - 1], y[b, :len(s) - 1] = s[:-1], s[1:]
-        used = slice(nb, nb + n - 1)                  # input positions holding distributions 0..n-2
-        mask[b, used] = True
-        k = it["target"]["topk_ids"].shape[1]
-        cid[0, b, used, :k] = it["target"]["topk_ids"][:n - 1]
-        clp[0, b, used, :k] = it["target"]["topk_logprobs"][:n - 1]
-        ce[0, b] = it["target"][ce_key]
-        for c, name in enumerate(names[1:], 1):
-            src = it["sources"][name]
-            counts = np.asarray(src["counts"], dtype=np.int64)
-            pos = np.repeat(np.arange(len(counts)), counts)                     # entry -> its position
-            rank = np.arange(len(pos)) - np.repeat(np.cumsum(counts) - counts, counts)
-            keep = (pos < n - 1) & (rank < K)
-            cid[c, b, pos[keep] + nb, rank[keep]] = src["ids"][keep]
-            clp[c, b, pos[keep] + nb, rank[keep]] = src["logprobs"][keep]
-            cfb[c, b, used] = counts[:n - 1] == 0
-            ce[c, b] = src[ce_key]
-    t = torch.from_numpy
-    return dict(input_ids=t(x), labels=t(y), cand_ids=t(cid), cand_logprobs=t(clp), cand_fallback=t(cfb),
-                window_ce=t(ce), fusion_mask=t(mask))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Optimisation
 
@@ -328,27 +288,28 @@ def lam_at(step: int, total: int, cfg) -> float:
     return cfg.lam + (cfg.lam_end - cfg.lam) * step / max(1, total - 1)
 
 
-def step_losses(model, batches, cfg, lam, V, device, world, autocast):
+def step_losses(model, batches: list[fusellm.Batch], cfg, lam, V, device, world, autocast):
     """Forward and backward over one step's micro-batches. Both losses are sums divided by the step's global
     token counts (times world size, as DDP averages gradients), so any split over processes trains alike.
-    Returns (clm, fusion) means for logging."""
-    n_clm = sum(int((b["labels"] != -100).sum()) for b in batches)
-    n_fus = sum(int(b["fusion_mask"].sum()) for b in batches)
+    Returns (clm, fusion) means for logging, and the step's token count."""
+    n_clm = sum(int((b.labels != -100).sum()) for b in batches)
+    n_fus = sum(int(b.fusion_mask.sum()) for b in batches if b.fusion_mask is not None)
     n_clm, n_fus = all_reduce_sum([n_clm, n_fus], device, world)
     clm_sum = fus_sum = 0.0
     for i, b in enumerate(batches):
-        b = {k: v.to(device) for k, v in b.items()}
+        b = b.to(device)
         sync = i == len(batches) - 1
-        ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) else _null()
+        ctx = model.no_sync() if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext()
         with ctx:
             with autocast():
-                logits = model(b["input_ids"])[..., :V]                            # (B, T, V)
+                logits = model(b.input_ids)[..., :V]                               # (B, T, V)
             if lam == 1.0:                                 # plain CLM: no fusion computed at all
-                clm = F.cross_entropy(logits.reshape(-1, V).float(), b["labels"].reshape(-1), ignore_index=-100,
+                clm = F.cross_entropy(logits.reshape(-1, V).float(), b.labels.reshape(-1), ignore_index=-100,
                                       reduction="sum")
                 loss = clm / max(n_clm, 1)
             else:
-                clm, fus, loss = fused_loss(logits, b, cfg, lam, n_clm, n_fus)
+                loss, clm, fus = fusellm.fusion_loss(logits, b, lam, n_clm, n_fus, cfg.fusion, cfg.temperature,
+                                                     cfg.avg_weights, cfg.tau)
                 fus_sum += float(fus)
             (loss * world).backward()
         clm_sum += float(clm.detach())
@@ -356,24 +317,32 @@ def step_losses(model, batches, cfg, lam, V, device, world, autocast):
     return clm_sum / max(n_clm, 1), fus_sum / max(n_fus, 1), n_clm
 
 
-def fused_loss(logits, b, cfg, lam, n_clm, n_fus):
-    """lambda * L_CLM + (1 - lambda) * L_fusion: the fused P_t (fusellm.fuse), then both per-token losses
-    (fusellm.token_losses), each summed and divided by the step's token count. Returns (CLM sum, fusion sum,
-    loss)."""
-    ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
-                              cfg.fusion, cfg.temperature, cfg.avg_weights, cfg.tau)          # (B, T, E)
-    clm_tok, fus_tok = fusellm.token_losses(logits, b["labels"], ids, probs)                 # (B, T) each
-    fus_tok = fus_tok * b["fusion_mask"]
-    loss = lam * clm_tok.sum() / max(n_clm, 1) + (1 - lam) * fus_tok.sum() / max(n_fus, 1)
-    return clm_tok.sum(), fus_tok.sum().detach(), loss
+class LossNotFinite(TrainingError):
+    pass
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def run_steps(model, opt, cfg, total: int, batches_at, device, V: int, world: int = 1, start: int = 0):
+    """The training loop's steps, the one loop of nanofuse (train() below, the demo's pre-training and bench.py
+    all run it): for each step from `start` to `total`, set the learning rate and lambda by their schedules,
+    run forward and backward over the step's micro-batches (batches_at(step): a list of fusellm.Batch), clip
+    the gradient norm and update. Yields after each update a record: step (the steps done), loss, clm,
+    fusion, lr, lam, grad_norm, tokens. A non-finite loss stops it (LossNotFinite) before the update."""
+    cuda = str(device).startswith("cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    for step in range(start, total):
+        lr, lam = lr_at(step, total, cfg), lam_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        clm, fus, n_tok = step_losses(model, batches_at(step), cfg, lam, V, device, world, autocast)
+        loss = lam * clm + (1 - lam) * fus if lam < 1 else clm
+        if not math.isfinite(loss):
+            raise LossNotFinite(f"step {step}: the loss is {loss} (CLM {clm}, fusion {fus}); stopped without "
+                                f"updating")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        yield {"step": step + 1, "loss": loss, "clm": clm, "fusion": fus if lam < 1 else None, "lr": lr, "lam": lam,
+               "grad_norm": float(gnorm), "tokens": n_tok}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,9 +366,8 @@ def save_checkpoint(path: Path, model, opt, step, cfg, fsdp, rank):
         return
     state = {"model": msd, "optim": osd, "step": step, "config": dataclasses.asdict(cfg),
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, model, opt, fsdp):
@@ -472,51 +440,32 @@ def train(cfg: TrainConfig):
             print(f"[train] resumed from {ckpt} at step {step}")
     elif rank == 0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
-    V = tok.vocab_size
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else _null
     n_params = sum(p.numel() for p in unwrap(model).parameters())
     if rank == 0:
         print(f"[train] {n_params / 1e6:.3g}M parameters on {device} x{world}; {batches.n} windows, {total} steps of "
               f"{per_step} windows; fusion {cfg.fusion} over {candidates.names}, lambda {cfg.lam}")
-    t0, last_good, start_step = time.time(), None, step
-    tokens_done = 0
-    while step < total:
-        lr, lam = lr_at(step, total, cfg), lam_at(step, total, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro = [make_batch(batches.items(step, m), candidates.names, tok.bos_id, K, cfg.ce_unit)
-                 for m in range(cfg.grad_accum)]
-        clm, fus, n_tok = step_losses(fmodel, micro, cfg, lam, V, device, world, autocast)
-        loss = lam * clm + (1 - lam) * fus if lam < 1 else clm
-        if not math.isfinite(loss):
-            where = f"{ckpt} (step {last_good})" if last_good is not None else "none yet"
-            raise TrainingError(f"step {step}: the loss is {loss} (CLM {clm}, fusion {fus}); stopped without "
-                                f"updating. Last good checkpoint: {where}. Try a lower --lr or check the data")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_done += n_tok
-        now = time.time()
-        if rank == 0:
-            rec = {"step": step, "loss": loss, "clm": clm, "fusion": fus if lam < 1 else None, "lr": lr, "lam": lam,
-                   "grad_norm": float(gnorm), "tokens": n_tok, "time": now - t0}
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if step % cfg.log_every == 0 or step == total:
-                el = now - t0
-                tps = tokens_done / el
-                eta = time.strftime("%H:%M:%S", time.gmtime((total - step) * el / max(step - start_step, 1)))
-                mfu = ""
-                if cuda:
-                    flops = 6 * n_params * tps
-                    mfu = f", MFU {flops / (989e12 * world):.1%}"
-                fus_s = f"{fus:.4f}" if lam < 1 else "-"
-                print(f"[train] step {step}/{total} loss {loss:.4f} (CLM {clm:.4f}, fusion {fus_s}) lr {lr:.2e} "
-                      f"{tps:,.0f} tokens/s{mfu}, ETA {eta}", flush=True)
-        if step % cfg.ckpt_every == 0 or step == total:
-            save_checkpoint(ckpt, model, opt, step, cfg, cfg.fsdp and world > 1, rank)
-            last_good = step
+
+    def batches_at(k):
+        return [fusellm.collate(batches.items(k, m), candidates.names, tok.bos_id, K, cfg.ce_unit)
+                for m in range(cfg.grad_accum)]
+
+    t0, last_good, start_step, tokens_done = time.time(), None, step, 0
+    try:
+        for rec in run_steps(fmodel, opt, cfg, total, batches_at, device, tok.vocab_size, world, start=step):
+            step, now = rec["step"], time.time()
+            tokens_done += rec["tokens"]
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({**rec, "time": now - t0}) + "\n")
+                if step % cfg.log_every == 0 or step == total:
+                    print(progress_line(rec, total, tokens_done / (now - t0), (total - step) * (now - t0) /
+                                        max(step - start_step, 1), n_params, world, cuda), flush=True)
+            if step % cfg.ckpt_every == 0 or step == total:
+                save_checkpoint(ckpt, model, opt, step, cfg, cfg.fsdp and world > 1, rank)
+                last_good = step
+    except LossNotFinite as e:
+        where = f"{ckpt} (step {last_good})" if last_good is not None else "none yet"
+        raise TrainingError(f"{e}. Last good checkpoint: {where}. Try a lower --lr or check the data") from None
     if cfg.export:
         state, _ = full_state(model, opt, cfg.fsdp and world > 1)      # a collective under FSDP: every rank
         if rank == 0:
@@ -526,6 +475,14 @@ def train(cfg: TrainConfig):
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def progress_line(rec, total, tokens_per_s, eta_s, n_params, world, cuda) -> str:
+    """step, losses, lr, tokens/s, (on GPU: model FLOPs utilisation against H100 bf16 peak,) ETA."""
+    mfu = f", MFU {6 * n_params * tokens_per_s / (989e12 * world):.1%}" if cuda else ""
+    fus = f"{rec['fusion']:.4f}" if rec["fusion"] is not None else "-"
+    return (f"[train] step {rec['step']}/{total} loss {rec['loss']:.4f} (CLM {rec['clm']:.4f}, fusion {fus}) "
+            f"lr {rec['lr']:.2e} {tokens_per_s:,.0f} tokens/s{mfu}, ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
 
 
 def plot_losses(out: Path):
@@ -546,10 +503,9 @@ def plot_losses(out: Path):
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     fig.tight_layout()
-    tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")
     return out / "loss.png"
 
 

@@ -135,8 +135,7 @@ def test_fusion_data_gives_every_candidate_per_window(pipeline, world):
 def test_official_fallback_stores_the_current_token_and_training_uses_it(world, pipeline, tmp_path):
     """--fallback official (the official code's off-by-one) is stored: every unmatched position carries a
     one-hot on its own current target token, where the default stores nothing (training then puts the
-    next-token label there). make_batch passes the stored one-hot on as the candidate's distribution."""
-    import train
+    next-token label there). fusellm.collate passes the stored one-hot on as the candidate's distribution."""
     d = tmp_path / "d"
     shutil.copytree(pipeline, d)
     shutil.rmtree(d / "aligned" / "source")
@@ -152,11 +151,11 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
     assert (official["logprobs"][starts[fell_back]] == 0).all()                             # probability 1
     assert (official["counts"][~fell_back] == default["counts"][~fell_back]).all()
     fd = data.FusionData(d, tokenizer=tok)
-    b = train.make_batch(fd.shard(0)[:1], ["target", "source"], tok.bos_id, 5)
+    b = fusellm.collate(fd.shard(0)[:1], ["target", "source"], tok.bos_id, 5)
     n = len(tok.encode(data.read_windows(d, 0)[0]["text"]))
     pos = np.flatnonzero(fell_back[:n - 1])                       # window 0's fallback positions with a label
-    assert not b["cand_fallback"][1, 0, pos + 1].any()            # +1: BOS comes first in the batch
-    assert (b["cand_ids"][1, 0, pos + 1, 0] == b["input_ids"][0, pos + 1]).all()   # input token, not label
+    assert not b.cand_fallback[1, 0, pos + 1].any()            # +1: BOS comes first in the batch
+    assert (b.cand_ids[1, 0, pos + 1, 0] == b.input_ids[0, pos + 1]).all()   # input token, not label
 
 
 def test_topk_that_the_storage_cannot_count_is_refused(pipeline, world):
@@ -185,7 +184,7 @@ def test_adding_a_source_later_leaves_the_first_untouched(world, pipeline, tmp_p
 
 def test_command_line_runs_all_stages_and_prints_progress(world, tmp_path, capsys):
     data.main(["all", "--corpus", str(world / "corpus"), "--target", str(world / "target"), "--sources",
-               str(world / "source"), "--out", str(tmp_path / "d"), "--seq-len", str(SEQ), "--topk", "3"])
+               str(world / "source"), "--data", str(tmp_path / "d"), "--seq-len", str(SEQ), "--topk", "3"])
     out = capsys.readouterr().out
     assert "expected disk at most" in out and "tokens/s" in out and "ETA" in out and "carry the source's distribution" in out
     assert (tmp_path / "d" / "aligned" / "source" / "diagnostics.json").is_file()

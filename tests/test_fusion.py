@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusellm import avgce_weights, fuse, mince_weights, token_losses
+from fusellm import Batch, avgce_weights, fuse, token_losses
 
 V = 6
 
@@ -17,7 +17,7 @@ def dense(ids, probs, V=V):
 
 
 def test_sparse_losses_and_gradients_equal_dense_cross_entropies():
-    """The training losses (token_losses, what train.fused_loss calls) equal torch's dense cross-entropy with
+    """The training losses (token_losses, what fusellm.fusion_loss calls) equal torch's dense cross-entropy with
     probability targets and with class labels, values and gradients. Catches a gather on the wrong ids, a
     missing log-softmax, or duplicates in the sparse P_t counted once."""
     g = torch.Generator().manual_seed(0)
@@ -38,22 +38,22 @@ def test_sparse_losses_and_gradients_equal_dense_cross_entropies():
     assert torch.allclose(clm, expected_clm, atol=1e-5) and clm[1, 3] == 0
 
 
-def candidates():
+def candidates(labels=(3, 4), ce=(2.0, 0.5, 1.0), p=None):
     """Three candidates, one window (B=1), two positions, K=2, labels (3, 4).
     candidate 0 (the target):  pos 0 {1: .5, 3: .5}   pos 1 {4: .5, 2: .5}   CE 2.0
     candidate 1:               pos 0 {3: .8, 2: .2}   pos 1 falls back       CE 0.5
     candidate 2:               pos 0 {5: 1.0}         pos 1 {4: .9, 0: .1}   CE 1.0"""
-    ids = torch.tensor([[[[1, 3], [4, 2]]], [[[3, 2], [0, 0]]], [[[5, 0], [4, 0]]]])
-    p = torch.tensor([[[[.5, .5], [.5, .5]]], [[[.8, .2], [0., 0.]]], [[[1., 0.], [.9, .1]]]])
-    lp = torch.log(p)
-    fallback = torch.tensor([[[False, False]], [[False, True]], [[False, False]]])
-    ce = torch.tensor([[2.0], [0.5], [1.0]])
-    labels = torch.tensor([[3, 4]])
-    return ids, lp, fallback, ce, labels
+    ids = torch.tensor([[[[1, 3], [4, 2]]], [[[3, 2], [0, 0]]], [[[5, 0], [4, 0]]]])      # (C, B, T, K)
+    if p is None:
+        p = [[[[.5, .5], [.5, .5]]], [[[.8, .2], [0., 0.]]], [[[1., 0.], [.9, .1]]]]
+    fallback = torch.tensor([[[False, False]], [[False, True]], [[False, False]]])       # (C, B, T)
+    return Batch(input_ids=torch.zeros(1, 2, dtype=torch.long), labels=torch.tensor([labels]),
+                 fusion_mask=torch.ones(1, 2, dtype=torch.bool), cand_ids=ids, cand_logprobs=torch.log(torch.tensor(p)),
+                 cand_fallback=fallback, window_ce=torch.tensor([[c] for c in ce]))
 
 
 def test_mince_picks_lowest_ce_candidate_and_its_fallback_one_hot():
-    ids, probs = fuse(*candidates(), method="mince")
+    ids, probs = fuse(candidates(), method="mince")
     P = dense(ids, probs)[0]
     assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))     # candidate 1 (CE 0.5)
     assert torch.allclose(P[1], torch.tensor([0, 0, 0, 0, 1., 0]))      # it falls back: one-hot on the label 4
@@ -69,8 +69,8 @@ def test_avgce_official_weights_are_softmax_of_exp_minus_ce():
 
 def test_avgce_mixes_every_candidate_with_its_weight():
     c = candidates()
-    ids, probs = fuse(*c, method="avgce")
-    w = avgce_weights(c[3], "official")[:, 0]
+    ids, probs = fuse(c, method="avgce")
+    w = avgce_weights(c.window_ce, "official")[:, 0]
     P = dense(ids, probs)[0]
     expected0 = w[0] * torch.tensor([0, .5, 0, .5, 0, 0]) + w[1] * torch.tensor([0, 0, .2, .8, 0, 0]) + \
         w[2] * torch.tensor([0, 0, 0, 0, 0, 1.])
@@ -82,24 +82,23 @@ def test_avgce_mixes_every_candidate_with_its_weight():
 def test_token_mince_picks_the_candidate_most_sure_of_the_label():
     """Position 0 (label 3): candidate 1 gives it 0.8, the target 0.5, candidate 2 nothing -> candidate 1.
     Position 1 (label 4): candidate 1 falls back and does not compete; candidate 2 gives 0.9 -> candidate 2."""
-    ids, probs = fuse(*candidates(), method="mince_token")
+    ids, probs = fuse(candidates(), method="mince_token")
     P = dense(ids, probs)[0]
     assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))
     assert torch.allclose(P[1], torch.tensor([.1, 0, 0, 0, .9, 0]))
 
 
 def test_token_fusion_with_no_candidate_knowing_the_label_is_a_one_hot():
-    ids, lp, fallback, ce, _ = candidates()
-    labels = torch.tensor([[0, 1]])                       # no candidate has 0 at position 0 nor 1 at position 1
+    c = candidates(labels=(0, 1))                        # no candidate has 0 at position 0 nor 1 at position 1
     for method in ("mince_token", "avgce_token"):
-        i, p = fuse(ids, lp, fallback, ce, labels, method=method)
+        i, p = fuse(c, method=method)
         P = dense(i, p)[0]
         assert torch.allclose(P[0], torch.eye(V)[0]) and torch.allclose(P[1], torch.eye(V)[1])
 
 
 def test_token_avgce_weights_by_token_ce():
     """Position 0, label 3: competing candidates 0 (p=.5) and 1 (p=.8); weights softmax(log p) = p / sum p."""
-    ids, probs = fuse(*candidates(), method="avgce_token", tau=1.0)
+    ids, probs = fuse(candidates(), method="avgce_token", tau=1.0)
     P = dense(ids, probs)[0]
     w0, w1 = .5 / 1.3, .8 / 1.3
     assert torch.allclose(P[0], w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + w1 * torch.tensor([0, 0, .2, .8, 0, 0]),
@@ -108,21 +107,47 @@ def test_token_avgce_weights_by_token_ce():
 
 @pytest.mark.parametrize("method", ["mince", "avgce", "mince_token", "avgce_token"])
 def test_every_fusion_is_a_distribution(method):
-    ids, probs = fuse(*candidates(), method=method)
+    ids, probs = fuse(candidates(), method=method)
     assert torch.allclose(probs.sum(-1), torch.ones(1, 2)) and (probs >= 0).all()
 
 
 def test_temperature_flattens_each_candidate():
-    ids, lp, fallback, ce, labels = candidates()
-    lp = torch.log(torch.tensor([[[[.9, .1], [.5, .5]]], [[[.8, .2], [1., 0.]]], [[[1., 0.], [.9, .1]]]]))
-    i, p = fuse(ids, lp, fallback, torch.tensor([[0.0], [1.0], [2.0]]), labels, method="mince", temperature=2.0)
+    c = candidates(ce=(0.0, 1.0, 2.0), p=[[[[.9, .1], [.5, .5]]], [[[.8, .2], [1., 0.]]], [[[1., 0.], [.9, .1]]]])
+    i, p = fuse(c, method="mince", temperature=2.0)
     P = dense(i, p)[0, 0]
     expected = torch.tensor([.9, .1]).sqrt() / torch.tensor([.9, .1]).sqrt().sum()      # p^(1/T), renormalised
     assert torch.allclose(P[[1, 3]], expected, atol=1e-6)
 
 
-def test_mince_weights_put_everything_on_the_lowest_ce_and_ties_on_the_target():
-    """Three candidates, two windows: CEs (2.0, 1.5, 3.0) pick candidate 1; (1.0, 1.0, 2.0) tie, and the
-    earlier candidate, the target itself, wins."""
-    ce = torch.tensor([[2.0, 1.0], [1.5, 1.0], [3.0, 2.0]])
-    assert mince_weights(ce).tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
+def test_mince_takes_the_lowest_ce_window_and_ties_go_to_the_target():
+    """CEs (2.0, 0.5, 1.0) pick candidate 1 (its position-0 top-K {3: .8, 2: .2}); CEs (1.0, 1.0, 2.0) tie, and
+    the earlier candidate, the target itself, wins ({1: .5, 3: .5}). Catches argmax for argmin, or the last of
+    tied candidates."""
+    P = dense(*fuse(candidates(ce=(2.0, 0.5, 1.0)), method="mince"))[0, 0]
+    assert torch.allclose(P, torch.tensor([0, 0, .2, .8, 0, 0]))
+    P = dense(*fuse(candidates(ce=(1.0, 1.0, 2.0)), method="mince"))[0, 0]
+    assert torch.allclose(P, torch.tensor([0, .5, 0, .5, 0, 0]))
+
+
+def test_avgce_softmax_weights_divide_the_ce_by_tau():
+    """softmax(-CE / tau) with CE (1, 2) and tau 2: e^-0.5 / (e^-0.5 + e^-1) = 0.6225. Multiplying by tau instead
+    would give e^-2 / (e^-2 + e^-4) = 0.8808; tau 1 cannot tell the two apart."""
+    w = avgce_weights(torch.tensor([1.0, 2.0]), "softmax", tau=2.0)
+    assert torch.allclose(w, torch.tensor([0.6225, 0.3775]), atol=1e-4)
+    c = candidates(ce=(1.0, 2.0, 1.0))
+    P = dense(*fuse(c, method="avgce", avg_weights="softmax", tau=2.0))[0, 0]
+    w = torch.softmax(-torch.tensor([1.0, 2.0, 1.0]) / 2, dim=0)                        # 0.3837, 0.2327, 0.3837
+    expected = w[0] * torch.tensor([0, .5, 0, .5, 0, 0]) + w[1] * torch.tensor([0, 0, .2, .8, 0, 0]) + \
+        w[2] * torch.tensor([0, 0, 0, 0, 0, 1.])
+    assert torch.allclose(P, expected, atol=1e-6)
+
+
+def test_token_avgce_weights_divide_the_token_ce_by_tau():
+    """Position 0, label 3: candidates 0 and 1 compete with p = .5 and .8; weights softmax(log p / tau) are
+    p^(1/tau), renormalised: with tau 2, sqrt(.5) / (sqrt(.5) + sqrt(.8)) = 0.4416. Multiplying by tau would give
+    .25 / (.25 + .64) = 0.2809."""
+    P = dense(*fuse(candidates(), method="avgce_token", tau=2.0))[0, 0]
+    w0 = .5 ** .5 / (.5 ** .5 + .8 ** .5)
+    assert abs(w0 - 0.4416) < 1e-4
+    expected = w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + (1 - w0) * torch.tensor([0, 0, .2, .8, 0, 0])
+    assert torch.allclose(P, expected, atol=1e-6)

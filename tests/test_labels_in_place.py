@@ -55,7 +55,7 @@ def read_shards(d, source="source") -> list[dict]:
 
 @pytest.fixture(scope="module")
 def stored(world):
-    """The target model and tokenizer, every window read by hand, and train.make_batch's batch of all of them (in the
+    """The target model and tokenizer, every window read by hand, and fusellm.collate's batch of all of them (in the
     same order) with the target's logits on its input_ids."""
     model, tok = fusellm.load(world / "target")
     windows = read_shards(world / "data")
@@ -66,9 +66,9 @@ def stored(world):
     cands = train.StoredCandidates(cfg, tok)
     assert cands.names == ["target", "source"]
     items = cands.items([(w["shard"], w["window"]) for w in windows])
-    batch = train.make_batch(items, cands.names, tok.bos_id, 5)
+    batch = fusellm.collate(items, cands.names, tok.bos_id, 5)
     with torch.no_grad():
-        logits = model(batch["input_ids"])[..., :tok.vocab_size]
+        logits = model(batch.input_ids)[..., :tok.vocab_size]
     return {"model": model, "tok": tok, "windows": windows, "items": items, "batch": batch, "logits": logits,
             "cfg": cfg, "names": cands.names}
 
@@ -98,7 +98,7 @@ def test_batch_inputs_labels_and_fusion_mask_follow_the_window_text(stored):
     labels, or a fusion mask one position off (covering BOS's position, or the last real one left out)."""
     b, tok = stored["batch"], stored["tok"]
     nb = int(tok.bos_id is not None)
-    x, y, mask = b["input_ids"].numpy(), b["labels"].numpy(), b["fusion_mask"].numpy()
+    x, y, mask = b.input_ids.numpy(), b.labels.numpy(), b.fusion_mask.numpy()
     for i, win in enumerate(stored["windows"]):
         t, n = win["tokens"], len(win["tokens"])
         seq = ([tok.bos_id] if nb else []) + t
@@ -117,16 +117,16 @@ def test_batch_inputs_labels_and_fusion_mask_follow_the_window_text(stored):
 
 def test_stored_target_topk_is_the_target_models_own_distribution_at_every_fused_position(stored):
     """At each fused position the batch's target candidate is the target model's top-K there (model called here on
-    input_ids). Catches the target's rows placed one position early or late by make_batch (a shifted `used` slice) or
+    input_ids). Catches the target's rows placed one position early or late by collate (a shifted `used` slice) or
     stored without the BOS offset by data.window_topk / compute_dists."""
     b, V = stored["batch"], stored["tok"].vocab_size
-    mask = b["fusion_mask"]
+    mask = b.fusion_mask
     logp = torch.log_softmax(stored["logits"].double(), -1)[mask]                   # (N, V)
     where = mask.nonzero()
     assert len(where) == sum(len(w["tokens"]) - 1 for w in stored["windows"])
-    assert_rows_are_the_models(b["cand_ids"][0][mask], b["cand_logprobs"][0][mask], logp, QUANT,
+    assert_rows_are_the_models(b.cand_ids[0][mask], b.cand_logprobs[0][mask], logp, QUANT,
                                lambda r: f"window {int(where[r, 0])} position {int(where[r, 1])}")
-    assert (b["cand_ids"][0][mask] < V).all()
+    assert (b.cand_ids[0][mask] < V).all()
 
 
 @pytest.mark.parametrize("name", ["target", "source"])
@@ -239,9 +239,9 @@ def by_hand_window_losses(windows, logp, nb, winners):
 
 @pytest.mark.parametrize("winner", ["by CE", "source forced"])
 def test_fusion_loss_equals_a_mince_loss_rebuilt_by_hand_from_the_shards(stored, winner):
-    """train.fused_loss on make_batch's batch equals, window by window, a MinCE loss built here from the npz files with
+    """fusellm.fusion_loss on fusellm.collate's batch equals, window by window, a MinCE loss built here from the npz files with
     plain loops (the lowest window CE wins, the target on ties; with the source forced to win every window too, so
-    every source row is scored). Catches make_batch putting any candidate's rows (a source's `pos + nb` or the
+    every source row is scored). Catches collate putting any candidate's rows (a source's `pos + nb` or the
     target's `used`) one position off, a fallback one-hot on the current token instead of the next, the wrong MinCE
     winner, and top-K rows left unrenormalised."""
     tok, windows, cfg = stored["tok"], stored["windows"], stored["cfg"]
@@ -253,8 +253,8 @@ def test_fusion_loss_equals_a_mince_loss_rebuilt_by_hand_from_the_shards(stored,
     else:
         winners = [0 if w["rows"]["target"]["ce"] <= w["aligned_ce"] else 1 for w in windows]
         assert 0 in winners
-    b = train.make_batch(items, stored["names"], tok.bos_id, 5)
-    assert torch.equal(b["input_ids"], stored["batch"]["input_ids"])
+    b = fusellm.collate(items, stored["names"], tok.bos_id, 5)
+    assert torch.equal(b.input_ids, stored["batch"].input_ids)
     logits = stored["logits"]
     logp = torch.log_softmax(logits.double(), -1).numpy()
     want = by_hand_window_losses(windows, logp, nb, winners)
@@ -262,14 +262,15 @@ def test_fusion_loss_equals_a_mince_loss_rebuilt_by_hand_from_the_shards(stored,
     n_fus = sum(len(w["tokens"]) - 1 for w in windows)
     n_clm = sum(len(w["tokens"]) - 1 + nb for w in windows)
     def per_window(i):                                    # the batch cut down to window i
-        return {k: v[:, i:i + 1] if k.startswith("cand_") or k == "window_ce" else v[i:i + 1] for k, v in b.items()}
+        return fusellm.Batch(**{k: v[:, i:i + 1] if k.startswith("cand_") or k == "window_ce" else v[i:i + 1]
+                                for k, v in vars(b).items()})
 
     for i, w in enumerate(windows):
-        _, fus, _ = train.fused_loss(logits[i:i + 1], per_window(i), cfg, 0.0, 1, 1)
+        _, _, fus = fusellm.fusion_loss(logits[i:i + 1], per_window(i), 0.0, 1, 1, cfg.fusion)
         assert float(fus) == pytest.approx(want[i], rel=1e-5), \
-            f"shard {w['shard']} window {w['window']} (winner {stored['names'][winners[i]]}): fused_loss gives " \
+            f"shard {w['shard']} window {w['window']} (winner {stored['names'][winners[i]]}): fusion_loss gives " \
             f"{float(fus):.6f}, by hand {want[i]:.6f}"
-    clm, fus, loss = train.fused_loss(logits, b, cfg, 0.3, n_clm, n_fus)
+    loss, clm, fus = fusellm.fusion_loss(logits, b, 0.3, n_clm, n_fus, cfg.fusion)
     assert float(fus) == pytest.approx(want.sum(), rel=1e-5)
     assert float(clm) == pytest.approx(clm_want, rel=1e-5)
     assert float(loss) == pytest.approx(0.3 * clm_want / n_clm + 0.7 * want.sum() / n_fus, rel=1e-5)
@@ -278,18 +279,18 @@ def test_fusion_loss_equals_a_mince_loss_rebuilt_by_hand_from_the_shards(stored,
 def test_online_target_topk_is_the_target_models_own_distribution_at_every_fused_position(world, stored):
     """The online path (train.OnlineCandidates, the target run inside the loop) places the target's top-K like the
     stored one: at each fused position it is the model's top-K on the batch's input_ids, unquantised. Catches
-    data.window_topk without the BOS offset, and make_batch's `used` shift, on the online path."""
+    data.window_topk without the BOS offset, and collate's `used` shift, on the online path."""
     cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--online",
                               "--topk", "5"])
     tok = stored["tok"]
     cands = train.OnlineCandidates(cfg, tok, "cpu")
     chosen = [stored["windows"][k] for k in (0, len(stored["windows"]) // 2, -1)]
     picked = [(w["shard"], w["window"]) for w in chosen]
-    b = train.make_batch(cands.items(picked), cands.names, tok.bos_id, 5)
+    b = fusellm.collate(cands.items(picked), cands.names, tok.bos_id, 5)
     with torch.no_grad():
-        logp = torch.log_softmax(stored["model"](b["input_ids"])[..., :tok.vocab_size].double(), -1)
-    mask = b["fusion_mask"]
+        logp = torch.log_softmax(stored["model"](b.input_ids)[..., :tok.vocab_size].double(), -1)
+    mask = b.fusion_mask
     where = mask.nonzero()
     assert len(where) == sum(len(w["tokens"]) - 1 for w in chosen)
-    assert_rows_are_the_models(b["cand_ids"][0][mask], b["cand_logprobs"][0][mask], logp[mask], 1e-4,
+    assert_rows_are_the_models(b.cand_ids[0][mask], b.cand_logprobs[0][mask], logp[mask], 1e-4,
                                lambda r: f"window {picked[int(where[r, 0])]} position {int(where[r, 1])}")

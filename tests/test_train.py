@@ -87,16 +87,15 @@ def test_training_loss_equals_dense_cross_entropies_of_the_fused_distribution(wo
     cfg = train.parse_config(["--data", str(world / "data"), "--target", str(world / "target"), "--fusion", "avgce"])
     model, tok = fusellm.load(world / "target")
     cands = train.StoredCandidates(cfg, tok)
-    b = train.make_batch(cands.items([(0, 0), (0, 1), (1, 0)]), cands.names, tok.bos_id, 5)
-    logits = model(b["input_ids"])[..., :tok.vocab_size]
-    n_clm, n_fus = int((b["labels"] != -100).sum()), int(b["fusion_mask"].sum())
-    clm, fus, loss = train.fused_loss(logits, b, cfg, 0.7, n_clm, n_fus)
-    ids, probs = fusellm.fuse(b["cand_ids"], b["cand_logprobs"], b["cand_fallback"], b["window_ce"], b["labels"],
-                              "avgce")
+    b = fusellm.collate(cands.items([(0, 0), (0, 1), (1, 0)]), cands.names, tok.bos_id, 5)
+    logits = model(b.input_ids)[..., :tok.vocab_size]
+    n_clm, n_fus = int((b.labels != -100).sum()), int(b.fusion_mask.sum())
+    loss, clm, fus = fusellm.fusion_loss(logits, b, 0.7, n_clm, n_fus, cfg.fusion)
+    ids, probs = fusellm.fuse(b, "avgce")
     P = torch.zeros(*ids.shape[:-1], tok.vocab_size).scatter_add_(-1, ids, probs)            # dense P_t
     soft = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2), reduction="none")       # (B, T)
-    expected_fus = (soft * b["fusion_mask"]).sum()
-    expected_clm = F.cross_entropy(logits.reshape(-1, tok.vocab_size), b["labels"].reshape(-1), reduction="sum")
+    expected_fus = (soft * b.fusion_mask).sum()
+    expected_clm = F.cross_entropy(logits.reshape(-1, tok.vocab_size), b.labels.reshape(-1), reduction="sum")
     assert torch.allclose(fus, expected_fus, rtol=1e-5) and torch.allclose(clm, expected_clm, rtol=1e-5)
     assert torch.allclose(loss, 0.7 * expected_clm / n_clm + 0.3 * expected_fus / n_fus, rtol=1e-5)
 
@@ -256,6 +255,28 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert train.lr_at(110, 110, cfg) == pytest.approx(0.1)
 
 
+def test_weight_decay_falls_on_matrices_only():
+    """make_optimizer puts AdamW's weight decay on every matrix (the embedding, the attention and MLP projections,
+    the untied output) and on nothing 1-D (norm weights, biases), as TrainConfig.weight_decay documents. Decay
+    on a norm's weight pulls it towards 0 and shrinks the activations it scales; catches the groups swapped,
+    norms or biases decayed, or the embedding left out."""
+    args = fusellm.ModelArgs(vocab_size=40, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, hidden_dim=32,
+                             qkv_bias=True, sliding_layers=(False, False))
+    model = fusellm.Transformer(args)
+    cfg = train.TrainConfig(weight_decay=0.1)
+    opt = train.make_optimizer(model, cfg, "cpu")
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay.isdisjoint(no_decay) and decay | no_decay == {id(p) for p in named.values()}
+    decayed = sorted(n for n, p in named.items() if id(p) in decay)
+    kept = sorted(n for n, p in named.items() if id(p) in no_decay)
+    assert "tok_embeddings.weight" in decayed and "output.weight" in decayed
+    assert any("wq.weight" in n for n in decayed) and any("w1.weight" in n for n in decayed)
+    assert kept and all(("norm" in n) or n.endswith(".bias") for n in kept), kept
+    assert any("norm" in n for n in kept) and any(n.endswith(".bias") for n in kept)
+
+
 def test_ce_per_byte_can_reverse_the_mince_choice():
     """Candidate A: 2.0 nats per token over 10 predictions of a 40-byte text = 0.5 nats per byte. Candidate B,
     with a finer tokenizer: 1.5 nats per token over 20 predictions = 0.75 per byte. Per token MinCE picks B;
@@ -266,8 +287,8 @@ def test_ce_per_byte_can_reverse_the_mince_choice():
                        "ce_per_byte": 0.5},
             "sources": {"B": {"counts": np.zeros(3, dtype=np.int64), "ids": np.zeros(0, dtype=np.int64),
                               "logprobs": np.zeros(0), "ce": 1.5, "ce_per_byte": 0.75}}}
-    per_token = train.make_batch([item], ["target", "B"], 1, 1, "token")["window_ce"][:, 0]
-    per_byte = train.make_batch([item], ["target", "B"], 1, 1, "byte")["window_ce"][:, 0]
+    per_token = fusellm.collate([item], ["target", "B"], 1, 1, "token").window_ce[:, 0]
+    per_byte = fusellm.collate([item], ["target", "B"], 1, 1, "byte").window_ce[:, 0]
     assert per_token.argmin() == 1 and per_byte.argmin() == 0
 
 
