@@ -40,7 +40,7 @@ import data
 import eval as ev
 import fusellm
 import train
-from common import Progress, write_json, write_text
+from common import Progress, write_bytes, write_json, write_text
 from tokenizer import load_tokenizer
 
 
@@ -151,7 +151,7 @@ def train_tokenizer(path: Path, texts: list[str], model_type: str, vocab: int):
                                    remove_extra_whitespaces=False, split_digits=True,
                                    allow_whitespace_only_pieces=True, character_coverage=0.995, minloglevel=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def pretrain(folder: Path, tok_file: Path, texts: list[str], dim: int, size: DemoSize, steps: int, seed: int,
@@ -345,10 +345,11 @@ def mean_sd(vals: list[float], sign: str = "") -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro"])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--size", default="full", choices=list(SIZES))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro"],
+                   help="demo (default): one fused and one CLM-only run; repro: the paper's comparisons, several seeds")
+    p.add_argument("--out", default="runs/demo", help="every stage's output, cached (default runs/demo)")
+    p.add_argument("--size", default="full", choices=list(SIZES), help="full (default) or tiny (the tests' size)")
+    p.add_argument("--seeds", type=int, default=3, help="repro: seeds of the continue-training (default 3)")
     a = p.parse_args(argv)
     if a.what == "demo":
         return run_demo(a.out, a.size)
