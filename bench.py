@@ -456,23 +456,25 @@ def stdlib_blocks(n_files: int, chars: int) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace")[:chars] for f in files]
 
 
+def model_size(sp, dim: int):
+    sp.add_argument("--dim", type=int, default=dim, help=f"the random Llama's width (default {dim})")
+    sp.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
     load = sub.add_parser("load", help="time and peak memory of load_model against the checkpoint size")
-    load.add_argument("--dim", type=int, default=1024, help="the random Llama's width (default 1024)")
-    load.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
+    model_size(load, 1024)
     load.add_argument("--vocab", type=int, default=32000, help="its vocabulary (default 32000)")
     al = sub.add_parser("align", help="MinED DTW throughput against the official-style DTW")
     al.add_argument("--blocks", type=int, default=20, help="2048-token blocks aligned (default 20)")
     vm = sub.add_parser("vocab-map", help="MinED vocab map time for real-sized vocabularies")
     vm.add_argument("--source-size", type=int, default=50000, help="cl100k tokens mapped (default 50000)")
     ds = sub.add_parser("dists", help="forward + top-K throughput against transformers; bytes/token")
-    ds.add_argument("--dim", type=int, default=512, help="the random Llama's width (default 512)")
-    ds.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
+    model_size(ds, 512)
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
-    tr.add_argument("--dim", type=int, default=512, help="the random Llama's width (default 512)")
-    tr.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
+    model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")
     lq = sub.add_parser("labels", help="label quality on real tokenizer pairs: matched share, oracle label mass")
     lq.add_argument("--files", type=int, default=24, help="standard-library files read (default 24)")

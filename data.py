@@ -620,24 +620,22 @@ def main(argv=None):
     d.add_argument("--model", required=True, help="the model folder to run")
     d.add_argument("--name", required=True, help="'target' for the target model, any name for a source")
     a.add_argument("--name", required=True, help="the source's name given to `dists`")
+    align_flags = {   # alignment setting -> (its choices, what it decides); default None: ALIGN_DEFAULTS
+        "positions": (align.POSITIONS, "which target positions take a source distribution: 'exact' (default: "
+                      "tokens that end at the same byte) or 'paper' (1:1 MinED-aligned tokens that match)"),
+        "vocab_map": (align.VOCAB_MAPS, "source id -> target id: 'next' (default: the token the target emits "
+                      "first for the source token's text), 'mined' (paper: nearest string), 'em' (equal strings)"),
+        "map_ties": (align.MAP_TIES, "vocab-map ties between target tokens of one text: 'emitted' (default: the "
+                     "one the target's encoder emits) or 'lowest' (lowest id, the official code)"),
+        "ties": (align.TIES, "MinED path ties (paper positions only): 'closest' (default) or 'official'"),
+        "fallback": (align.FALLBACKS, "unmatched positions: one-hot on the next token (default, correct) or on "
+                     "the current one (the official code's off-by-one, stored and trained on)"),
+        "merge": (align.MERGES, "top-K ids mapped to one target id: add their probabilities (default) or keep "
+                  "the first (official)"),
+    }
     for sp in (a, al):
-        sp.add_argument("--positions", choices=list(align.POSITIONS), default=None,
-                        help="which target positions take a source distribution: 'exact' (default: tokens that "
-                             "end at the same byte) or 'paper' (1:1 MinED-aligned tokens that match)")
-        sp.add_argument("--vocab-map", choices=list(align.VOCAB_MAPS), default=None,
-                        help="source id -> target id: 'next' (default: the token the target emits first for "
-                             "the source token's text), 'mined' (paper: nearest string), 'em' (equal strings)")
-        sp.add_argument("--map-ties", choices=list(align.MAP_TIES), default=None,
-                        help="vocab-map ties between target tokens of one text: 'emitted' (default: the one "
-                             "the target's encoder emits) or 'lowest' (lowest id, the official code)")
-        sp.add_argument("--ties", choices=list(align.TIES), default=None,
-                        help="MinED path ties (paper positions only): 'closest' (default) or 'official'")
-        sp.add_argument("--fallback", choices=list(align.FALLBACKS), default=None,
-                        help="unmatched positions: one-hot on the next token (default, correct) or on the "
-                             "current one (the official code's off-by-one, stored and trained on)")
-        sp.add_argument("--merge", choices=list(align.MERGES), default=None,
-                        help="top-K ids mapped to one target id: add their probabilities (default) or keep "
-                             "the first (official)")
+        for key, (choices, what) in align_flags.items():
+            sp.add_argument(f"--{key.replace('_', '-')}", choices=list(choices), default=None, help=what)
         sp.add_argument("--official", action="store_true",
                         help="the official code's alignment: --positions paper --vocab-map mined --map-ties "
                              "lowest --ties official --fallback official --merge first (options given "

@@ -73,17 +73,13 @@ def read_jsonl(path, required: dict[str, type]) -> list[dict]:
 
 def read_mc(path) -> list[dict]:
     """Multiple-choice examples: JSONL, or a BIG-bench task.json with target_scores (gold: the highest score)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        spec = _bigbench(path)
-        rows = [{"context": spec.get("example_input_prefix", "") + ex["input"] + spec.get("example_output_prefix", " "),
-                 "choices": list(ex["target_scores"]),
-                 "label": max(range(len(ex["target_scores"])), key=lambda i: list(ex["target_scores"].values())[i])}
-                for ex in spec["examples"] if "target_scores" in ex]
-        if not rows:
-            raise EvalError(f"{path}: no examples with target_scores (a generation task? use --gen)")
-        return rows
-    rows = read_jsonl(path, {"context": str, "choices": list, "label": int})
+    rows = read_task(path, "target_scores", "target_scores (a generation task? use --gen)",
+                     lambda spec, ex: {"context": spec.get("example_input_prefix", "") + ex["input"] +
+                                       spec.get("example_output_prefix", " "),
+                                       "choices": list(ex["target_scores"]),
+                                       "label": max(range(len(ex["target_scores"])),
+                                                    key=lambda i: list(ex["target_scores"].values())[i])},
+                     {"context": str, "choices": list, "label": int})
     for n, r in enumerate(rows, 1):
         if not r["choices"] or not 0 <= r["label"] < len(r["choices"]):
             raise EvalError(f"{path}: example {n}: label {r['label']} is not an index into its {len(r['choices'])} choices")
@@ -91,15 +87,24 @@ def read_mc(path) -> list[dict]:
 
 
 def read_gen(path) -> list[dict]:
+    """Generation examples: JSONL {"input", "target"}, or a BIG-bench task.json with "target" examples."""
+    return read_task(path, "target", "a target (a multiple-choice task? use --mc)",
+                     lambda spec, ex: {"input": ex["input"],
+                                       "target": ex["target"] if isinstance(ex["target"], str) else ex["target"][0]},
+                     {"input": str, "target": str})
+
+
+def read_task(path, needs: str, needs_text: str, bigbench_row, fields: dict) -> list[dict]:
+    """A task file's rows: from a BIG-bench task.json, bigbench_row(spec, example) for each example that has
+    the key `needs` (none: an error saying "no examples with <needs_text>"); else JSONL lines with `fields`."""
     path = Path(path)
-    if path.suffix == ".json":
-        spec = _bigbench(path)
-        rows = [{"input": ex["input"], "target": ex["target"] if isinstance(ex["target"], str) else ex["target"][0]}
-                for ex in spec["examples"] if "target" in ex]
-        if not rows:
-            raise EvalError(f"{path}: no examples with a target (a multiple-choice task? use --mc)")
-        return rows
-    return read_jsonl(path, {"input": str, "target": str})
+    if path.suffix != ".json":
+        return read_jsonl(path, fields)
+    spec = _bigbench(path)
+    rows = [bigbench_row(spec, ex) for ex in spec["examples"] if needs in ex]
+    if not rows:
+        raise EvalError(f"{path}: no examples with {needs_text}")
+    return rows
 
 
 def _bigbench(path: Path) -> dict:
