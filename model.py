@@ -31,7 +31,19 @@ import torch.utils.checkpoint
 from common import atomic_path
 from tokenizer import Tokenizer, load_tokenizer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mpt")
+# What each family changes from the Llama block (ModelArgs fields); MPT has its own reader below.
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm="head"),
+    "phi3": {},                                       # the same math; q;k;v and gate;up stored fused
+    "olmo2": dict(norm="rms_fp32", qk_norm="all", block_norms="post"),
+    "gemma2": dict(norm="gemma", block_norms="sandwich", embed_scale=True, mlp="geglu"),
+    "gemma3_text": dict(norm="gemma", block_norms="sandwich", embed_scale=True, mlp="geglu", qk_norm="head"),
+}
+SUPPORTED_MODEL_TYPES = (*FAMILIES, "mpt")
+ROPE_TYPES = ("default", "llama3", "linear")
 
 
 class CheckpointError(ValueError):
@@ -53,8 +65,16 @@ class ModelArgs:
     head_dim: int = 128
     hidden_dim: int = 11008        # MLP width
     norm_eps: float = 1e-6
-    norm: str = "rms"              # "rms" (Llama) or "layer" (MPT: LayerNorm, weight only)
-    mlp: str = "swiglu"            # "swiglu" (Llama) or "gelu" (MPT)
+    norm: str = "rms"              # rms (Llama) | rms_fp32 (OLMo 2: scaled before the cast) | gemma (x (1 + w))
+                                   # | layer (MPT: LayerNorm, weight only)
+    block_norms: str = "pre"       # pre (Llama: norm -> sublayer) | sandwich (Gemma: norm -> sublayer -> norm)
+                                   # | post (OLMo 2: sublayer -> norm), around attention and MLP alike
+    qk_norm: str = ""              # RMSNorm of q and k before RoPE: "head" (each head: Qwen3, Gemma 3) or "all"
+                                   # (the whole projection: OLMo 2)
+    mlp: str = "swiglu"            # swiglu (Llama) | geglu (Gemma: tanh-GELU gate) | gelu (MPT)
+    embed_scale: bool = False      # Gemma: embeddings times sqrt(dim)
+    attn_softcap: float | None = None    # Gemma 2: attention scores s -> c tanh(s / c)
+    final_softcap: float | None = None   # Gemma 2: logits z -> c tanh(z / c)
     qkv_bias: bool = False         # Qwen2, Llama attention_bias
     o_bias: bool = False           # Llama attention_bias
     mlp_bias: bool = False         # Llama mlp_bias
@@ -63,6 +83,7 @@ class ModelArgs:
     pos: str = "rope"              # "rope" or "alibi"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", ...} or None
+    rope_local: dict | None = None    # Gemma 3: the sliding layers' own {"rope_theta", "rope_type", ...}
     alibi_bias_max: float = 8
     attn_scale: float | None = None   # None: 1/sqrt(head_dim)
     clip_qkv: float | None = None     # MPT
@@ -87,47 +108,69 @@ class ModelArgs:
 
         if mt == "mpt":
             return cls._from_mpt(cfg, source, need)
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu' for {mt})")
+        family = FAMILIES[mt]
+        gemma = mt.startswith("gemma")
+        act_key = "hidden_activation" if gemma and "hidden_activation" in cfg else "hidden_act"
+        act, want = cfg.get(act_key, "gelu_pytorch_tanh" if gemma else "silu"), ("gelu_pytorch_tanh" if gemma else "silu")
+        if act != want:
+            raise CheckpointError(f"{source}: {act_key} {act!r} is not supported (only {want!r} for {mt})")
         if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-            raise CheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+            raise CheckpointError(f"{source}: partial_rotary_factor {cfg['partial_rotary_factor']} is not supported "
+                                  f"(RoPE over the whole head only)")
+        if cfg.get("use_bidirectional_attention"):
+            raise CheckpointError(f"{source}: use_bidirectional_attention is not supported (causal models only)")
         n_heads = need("num_attention_heads")
         dim = need("hidden_size")
         n_layers = need("num_hidden_layers")
-        # RoPE: older configs put rope_theta at the top and scaling in `rope_scaling`; newer ones put both
-        # in `rope_parameters`.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise CheckpointError(f"{source}: RoPE type {rope_type!r} is not supported (default, llama3, linear)")
-        rope["rope_type"] = rope_type
-        if rope_type == "llama3":
-            rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
-        # sliding window: Mistral applies it to every layer; Qwen2 to the layers marked in layer_types
+        # RoPE: older configs put rope_theta at the top and scaling in `rope_scaling`; newer ones put both in
+        # `rope_parameters`, per layer type for Gemma 3 ({"full_attention": ..., "sliding_attention": ...}).
+        params = dict(cfg.get("rope_parameters") or {})
+        local = None
+        if mt == "gemma3_text":
+            full = dict(params.get("full_attention") or cfg.get("rope_scaling") or {})
+            full.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+            local = dict(params.get("sliding_attention") or {})
+            local.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+            params = full
+        theta, scaling = rope_settings(params or cfg.get("rope_scaling") or {}, cfg, source)
+        if local is not None:
+            local_theta, local_scaling = rope_settings(local, cfg, source, "rope_parameters.sliding_attention")
+            local = {"rope_theta": local_theta, **(local_scaling or {"rope_type": "default"})}
+        # sliding window: Mistral and Phi-3 apply it to every layer; Qwen2/3 and Gemma to the layers marked in
+        # layer_types (Gemma's older configs: every 2nd layer for Gemma 2, all but every 6th for Gemma 3)
         window = cfg.get("sliding_window")
-        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+        if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             window = None
         layer_types = cfg.get("layer_types")
+        if not layer_types and gemma:
+            every = 2 if mt == "gemma2" else cfg.get("sliding_window_pattern", 6)
+            layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
+        if layer_types and len(layer_types) != n_layers:
+            raise CheckpointError(f"{source}: layer_types has {len(layer_types)} entries for {n_layers} layers")
         if window is None:
             sliding = (False,) * n_layers
         elif layer_types:
             sliding = tuple(t == "sliding_attention" for t in layer_types)
-        elif mt == "qwen2":
+        elif mt in ("qwen2", "qwen3"):
             sliding = tuple(i >= cfg.get("max_window_layers", 28) for i in range(n_layers))
         else:
             sliding = (True,) * n_layers
         attention_bias = bool(cfg.get("attention_bias", False))
+        head_dim = cfg.get("head_dim") or dim // n_heads
         return cls(
             model_type=mt, vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or dim // n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
             hidden_dim=need("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            qkv_bias=(mt == "qwen2") or attention_bias, o_bias=attention_bias,
+            qkv_bias=family.get("qkv_bias", False) or attention_bias, o_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else rope,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            norm=family.get("norm", "rms"), block_norms=family.get("block_norms", "pre"),
+            qk_norm=family.get("qk_norm", ""), mlp=family.get("mlp", "swiglu"),
+            embed_scale=family.get("embed_scale", False),
+            attn_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma and cfg.get("query_pre_attn_scalar") else None,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+            rope_theta=float(theta), rope_scaling=scaling, rope_local=local,
             sliding_window=window if any(sliding) else None, sliding_layers=sliding,
             max_seq_len=cfg.get("max_position_embeddings", 4096), hf_config=dict(cfg))
 
@@ -183,6 +226,26 @@ class ModelArgs:
         return cfg
 
 
+def rope_settings(params: dict, cfg: dict, source: str, where: str = "rope_parameters / rope_scaling"):
+    """(theta, scaling dict or None) from one RoPE parameter dict; a type we cannot compute is an error."""
+    params = dict(params)
+    theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{source}: {where}: RoPE type {rope_type!r} is not supported "
+                              f"({', '.join(ROPE_TYPES)}); this checkpoint's positions cannot be computed")
+    if rope_type == "default":
+        return float(theta), None
+    params["rope_type"] = rope_type
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+    missing = [k for k in need if k not in params]
+    if missing:
+        raise CheckpointError(f"{source}: {where}: RoPE type {rope_type!r} needs {', '.join(missing)}")
+    if rope_type == "llama3":
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
+    return float(theta), params
+
+
 def _int_if_whole(x):
     return int(x) if float(x).is_integer() else x
 
@@ -192,27 +255,31 @@ def _int_if_whole(x):
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama) or weight-only LayerNorm (MPT), computed in fp32 as the references do."""
+    """RMSNorm, computed in fp32 as the references do, in three spellings, or MPT's weight-only LayerNorm:
+    rms (Llama): w * cast(x / rms(x));  rms_fp32 (OLMo 2): cast(w * x / rms(x));  gemma: cast((1 + w) * x / rms(x))."""
 
     def __init__(self, dim: int, eps: float, kind: str):
         super().__init__()
         self.eps, self.kind = eps, kind
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if kind == "gemma" else torch.ones(dim))
 
-    def forward(self, x):  # (B, T, C)
+    def forward(self, x):  # (..., C)
         if self.kind == "layer":
             return F.layer_norm(x, (x.shape[-1],), self.weight, None, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "gemma":
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        if self.kind == "rms_fp32":
+            return (self.weight.float() * h).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, s: dict | None) -> torch.Tensor:
     """theta_i = base^(-2i/d), with Llama-3.1 ("llama3") or linear scaling applied. (head_dim/2,) fp32."""
-    d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    s = args.rope_scaling
-    if not s:
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    if not s or s.get("rope_type", "default") == "default":
         return inv_freq
     if s["rope_type"] == "linear":
         return inv_freq / s["factor"]
@@ -252,59 +319,91 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        self.scale, self.clip = args.attn_scale, args.clip_qkv
-        self.window = args.sliding_window if args.sliding_layers[layer_id] else None
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:                            # over each head's hd, or over all heads at once
+            per = args.head_dim if args.qk_norm == "head" else None
+            self.q_norm = Norm(per or args.n_heads * args.head_dim, args.norm_eps, args.norm)
+            self.k_norm = Norm(per or args.n_kv_heads * args.head_dim, args.norm_eps, args.norm)
+        self.scale, self.clip, self.softcap = args.attn_scale, args.clip_qkv, args.attn_softcap
+        self.sliding = bool(args.sliding_layers[layer_id])
+        self.window = args.sliding_window if self.sliding else None
 
-    def forward(self, x, rope, alibi):  # x (B, T, C)
+    def forward(self, x, rope, alibi):  # x (B, T, C); rope: (cos, sin) of full and of sliding layers
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clip:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope[1] if self.sliding and rope[1] is not None else rope[0]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if alibi is not None:                       # (1, H, T, T): -slope*(i-j), -inf above the diagonal
             mask, causal = alibi, False
-        elif self.window is not None and T > self.window:
+        elif self.window is not None and T > self.window or self.softcap:
             i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)  # (T, T)
-            causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+            mask, causal = i[None, :] <= i[:, None], False                               # (T, T) causal
+            if self.window is not None:
+                mask = mask & (i[None, :] > i[:, None] - self.window)                      # and in the window
+        if self.softcap:                            # Gemma 2: scores capped by c tanh(s / c) before the softmax
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # (B, H, T, hd)
+            scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+            s = (q @ k.transpose(-1, -2)) * scale                                            # (B, H, T, T)
+            s = self.softcap * torch.tanh(s / self.softcap)
+            s = s.masked_fill(~mask, float("-inf"))
+            y = torch.softmax(s.float(), dim=-1).to(q.dtype) @ v                            # (B, H, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))                             # (B, T, C)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU w2(silu(w1 x) * w3 x) for the Llama family; w2(gelu(w1 x)) for MPT."""
+    """SwiGLU w2(silu(w1 x) * w3 x) for the Llama family; GeGLU w2(gelu_tanh(w1 x) * w3 x) for Gemma;
+    w2(gelu(w1 x)) for MPT."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.kind = args.mlp
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)   # gate (MPT: up)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)   # down
-        if self.kind == "swiglu":
+        if self.kind != "gelu":
             self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
 
     def forward(self, x):  # (B, T, C)
         if self.kind == "gelu":
             return self.w2(F.gelu(self.w1(x)))
+        if self.kind == "geglu":
+            return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
+    """x + attention(x), then x + MLP(x), each sublayer with its norms: before it (pre, Llama), before and
+    after it (sandwich, Gemma), or after it (post, OLMo 2)."""
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention_norm = Norm(args.dim, args.norm_eps, args.norm)
+        pre, post = args.block_norms in ("pre", "sandwich"), args.block_norms in ("post", "sandwich")
+
+        def norm(wanted):
+            return Norm(args.dim, args.norm_eps, args.norm) if wanted else nn.Identity()
+
+        self.attention_norm, self.post_attention_norm = norm(pre), norm(post)
         self.attention = Attention(args, layer_id)
-        self.ffn_norm = Norm(args.dim, args.norm_eps, args.norm)
+        self.ffn_norm, self.post_ffn_norm = norm(pre), norm(post)
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, rope, alibi):  # (B, T, C)
-        x = x + self.attention(self.attention_norm(x), rope, alibi)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, alibi))
+        return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -320,7 +419,8 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def positions(self, T: int, device, dtype):
-        """RoPE (cos, sin) of shape (T, hd), or the ALiBi additive mask (1, H, T, T)."""
+        """RoPE (cos, sin) of shape (T, hd) for full-attention layers and for sliding layers (None: the same),
+        or the ALiBi additive mask (1, H, T, T)."""
         t = torch.arange(T, device=device, dtype=torch.float32)
         if self.args.pos == "alibi":
             slopes = alibi_slopes(self.args.n_heads, self.args.alibi_bias_max).to(device)
@@ -328,20 +428,31 @@ class Transformer(nn.Module):
             bias = slopes[:, None, None] * dist                              # (H, T, T)
             bias = bias.masked_fill(dist > 0, float("-inf"))                 # causal
             return None, bias[None].to(dtype)
-        freqs = torch.outer(t, rope_inv_freq(self.args).to(device))           # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                              # (T, hd)
-        return (emb.cos().to(dtype), emb.sin().to(dtype)), None
+        a = self.args
+
+        def cos_sin(theta, scaling):
+            freqs = torch.outer(t, rope_inv_freq(a.head_dim, theta, scaling).to(device))   # (T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)                                          # (T, hd)
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+
+        local = cos_sin(a.rope_local["rope_theta"], a.rope_local) if a.rope_local else None
+        return (cos_sin(a.rope_theta, a.rope_scaling), local), None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32."""
         x = self.tok_embeddings(input_ids)                                   # (B, T, C)
+        if self.args.embed_scale:                                            # Gemma: x sqrt(C), in x's dtype
+            x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype)
         rope, alibi = self.positions(input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:               # recompute activations in backward
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, alibi, use_reentrant=False)
             else:
                 x = layer(x, rope, alibi)
-        return self.output(self.norm(x)).float()                            # (B, T, V)
+        logits = self.output(self.norm(x)).float()                          # (B, T, V)
+        if self.args.final_softcap:                                          # Gemma 2: c tanh(z / c)
+            logits = self.args.final_softcap * torch.tanh(logits / self.args.final_softcap)
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,17 +528,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | N
 # Load and save a Hugging Face model folder
 
 
-def hf_names(args: ModelArgs) -> dict[str, tuple[str, int | None]]:
-    """Our parameter name -> (Hugging Face name, chunk of a fused tensor or None). The one place where
-    the two naming schemes meet; tied output weights are absent on both sides."""
+def hf_names(args: ModelArgs) -> dict[str, tuple[str, tuple | None]]:
+    """Our parameter name -> (Hugging Face name, None or (part, row sizes) of a fused tensor). The one place
+    where the two naming schemes meet; tied output weights are absent on both sides."""
     m = {}
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     if args.model_type == "mpt":
         m["tok_embeddings.weight"] = ("transformer.wte.weight", None)
         m["norm.weight"] = ("transformer.norm_f.weight", None)
         for i in range(args.n_layers):
             p, h = f"layers.{i}.", f"transformer.blocks.{i}."
             for j, w in enumerate(("wq", "wk", "wv")):
-                m[f"{p}attention.{w}.weight"] = (f"{h}attn.Wqkv.weight", j)   # fused q;k;v rows
+                m[f"{p}attention.{w}.weight"] = (f"{h}attn.Wqkv.weight", (j, (q, kv, kv)))   # rows q;k;v
             m[f"{p}attention.wo.weight"] = (f"{h}attn.out_proj.weight", None)
             m[f"{p}attention_norm.weight"] = (f"{h}norm_1.weight", None)
             m[f"{p}ffn_norm.weight"] = (f"{h}norm_2.weight", None)
@@ -438,21 +550,38 @@ def hf_names(args: ModelArgs) -> dict[str, tuple[str, int | None]]:
     m["norm.weight"] = ("model.norm.weight", None)
     if not args.tie_embeddings:
         m["output.weight"] = ("lm_head.weight", None)
+    pre, post = args.block_norms in ("pre", "sandwich"), args.block_norms in ("post", "sandwich")
     for i in range(args.n_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
         proj = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
         for ours, theirs in proj.items():
             m[f"{p}attention.{ours}.weight"] = (f"{h}self_attn.{theirs}.weight", None)
+        if args.model_type == "phi3":                       # Phi-3: rows q;k;v in qkv_proj, gate;up in gate_up_proj
+            for j, ours in enumerate(("wq", "wk", "wv")):
+                m[f"{p}attention.{ours}.weight"] = (f"{h}self_attn.qkv_proj.weight", (j, (q, kv, kv)))
         for ours in ("wq", "wk", "wv") if args.qkv_bias else ():
             m[f"{p}attention.{ours}.bias"] = (f"{h}self_attn.{proj[ours]}.bias", None)
         if args.o_bias:
             m[f"{p}attention.wo.bias"] = (f"{h}self_attn.o_proj.bias", None)
+        if args.qk_norm:
+            m[f"{p}attention.q_norm.weight"] = (f"{h}self_attn.q_norm.weight", None)
+            m[f"{p}attention.k_norm.weight"] = (f"{h}self_attn.k_norm.weight", None)
         for ours, theirs in {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.items():
             m[f"{p}feed_forward.{ours}.weight"] = (f"{h}mlp.{theirs}.weight", None)
             if args.mlp_bias:
                 m[f"{p}feed_forward.{ours}.bias"] = (f"{h}mlp.{theirs}.bias", None)
-        m[f"{p}attention_norm.weight"] = (f"{h}input_layernorm.weight", None)
-        m[f"{p}ffn_norm.weight"] = (f"{h}post_attention_layernorm.weight", None)
+        if args.model_type == "phi3":
+            for j, ours in enumerate(("w1", "w3")):
+                m[f"{p}feed_forward.{ours}.weight"] = (f"{h}mlp.gate_up_proj.weight", (j, (args.hidden_dim,) * 2))
+        # the norms: Llama's post_attention_layernorm is the norm *before* the MLP; Gemma and OLMo 2 name
+        # the ones after each sublayer post_attention_ / post_feedforward_layernorm
+        if pre:
+            m[f"{p}attention_norm.weight"] = (f"{h}input_layernorm.weight", None)
+            m[f"{p}ffn_norm.weight"] = (f"{h}pre_feedforward_layernorm.weight" if post else
+                                        f"{h}post_attention_layernorm.weight", None)
+        if post:
+            m[f"{p}post_attention_norm.weight"] = (f"{h}post_attention_layernorm.weight", None)
+            m[f"{p}post_ffn_norm.weight"] = (f"{h}post_feedforward_layernorm.weight", None)
     return m
 
 
@@ -539,11 +668,13 @@ def load_model(path, device="cpu", dtype=None) -> Transformer:
             continue
         t = tensors[theirs]
         used.add(theirs)
-        if chunk is not None:                       # MPT Wqkv: rows q;k;v
-            if t.shape[0] % 3:
-                problems.append(f"tensor {theirs} has shape {list(t.shape)}, not 3 equal row blocks")
+        if chunk is not None:                       # a fused tensor (MPT Wqkv, Phi-3 qkv_proj): its row block
+            part, sizes = chunk
+            if t.shape[0] != sum(sizes):
+                problems.append(f"tensor {theirs} has {t.shape[0]} rows, config.json implies {sum(sizes)} "
+                                f"({' + '.join(map(str, sizes))})")
                 continue
-            t = t.chunk(3, dim=0)[chunk]
+            t = t.split(list(sizes), dim=0)[part]
         if t.shape != expected[ours].shape:
             problems.append(f"tensor {theirs} has shape {list(t.shape)}, config.json implies "
                             f"{list(expected[ours].shape)}")
@@ -577,7 +708,8 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra
         if chunk is None:
             tensors[theirs] = t.contiguous()
         else:
-            fused.setdefault(theirs, [None, None, None])[chunk] = t
+            part, sizes = chunk
+            fused.setdefault(theirs, [None] * len(sizes))[part] = t
     for theirs, parts in fused.items():
         tensors[theirs] = torch.cat(parts, dim=0)
     cfg = args.to_hf()

@@ -29,7 +29,7 @@ def test_folder_without_config_json(ckpt):
 def test_unknown_model_type_lists_the_supported_ones(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
-    with pytest.raises(CheckpointError, match=r"'gpt2' is not supported; nanofuse loads llama, mistral, qwen2, mpt"):
+    with pytest.raises(CheckpointError, match=r"'gpt2' is not supported; nanofuse loads llama, mistral, qwen2, qwen3, phi3, olmo2, gemma2, gemma3_text, mpt"):
         fusellm.load_model(ckpt)
 
 

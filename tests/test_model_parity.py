@@ -5,8 +5,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MptConfig,  # noqa: E402
-                          Qwen2Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig,  # noqa: E402
+                          MistralConfig, MptConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 import fusellm  # noqa: E402
 from conftest import randomize_  # noqa: E402
@@ -16,6 +16,9 @@ LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_lay
              max_position_embeddings=128)
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=32)
+# head_dim 16, base 500000: wavelengths 2 pi 500000^(i/8) = 6.3, 32.5, 168, ... With 64 original positions the
+# smoothing band (64 / high_freq_factor, 64 / low_freq_factor) = (16, 64) holds 32.5: one frequency is blended.
+LLAMA3_ROPE_BAND = dict(LLAMA3_ROPE, original_max_position_embeddings=64)
 
 CASES = {
     "llama_mha_untied": (LlamaConfig, dict(LLAMA, num_key_value_heads=4, tie_word_embeddings=False)),
@@ -28,6 +31,30 @@ CASES = {
     "qwen2_biases_tied": (Qwen2Config, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2_sliding_upper_layers": (Qwen2Config, dict(LLAMA, num_hidden_layers=3, num_key_value_heads=2, use_sliding_window=True,
                                                      sliding_window=5, max_window_layers=1)),
+    # Qwen3: RMSNorm on each head's q and k before RoPE
+    "qwen3_qk_norm": (Qwen3Config, dict(LLAMA, num_key_value_heads=2, head_dim=16)),
+    # Phi-3: q;k;v rows fused in qkv_proj (unequal blocks under GQA), gate;up in gate_up_proj; window everywhere
+    "phi3_fused_gqa_sliding": (Phi3Config, dict(LLAMA, num_key_value_heads=2, sliding_window=7, pad_token_id=0)),
+    # OLMo 2: norms after attention and MLP only, q/k norms over the whole projection
+    "olmo2_post_norms": (Olmo2Config, dict(LLAMA, num_key_value_heads=2)),
+    # Gemma 2: (1 + w) sandwich norms, sqrt(C) embeddings, GeGLU, query_pre_attn_scalar, both soft-caps, a
+    # sliding window on every other layer
+    "gemma2_softcaps": (Gemma2Config, dict(LLAMA, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                                           sliding_window=7, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                           final_logit_softcapping=3.0, pad_token_id=0)),
+    # Gemma 3: as Gemma 2 without soft-caps, plus q/k norms, and RoPE per layer type (linear scaling on the
+    # global layers, another base on the sliding ones)
+    "gemma3_text": (Gemma3TextConfig, dict(LLAMA, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+                                           sliding_window=7, query_pre_attn_scalar=24, pad_token_id=0,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                           rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                                                   rope_theta=100000.0),
+                                                            "sliding_attention": dict(rope_type="default",
+                                                                                      rope_theta=500.0)})),
+    # RoPE scaling where it acts: llama3 with wavelengths inside the smoothing band, and linear
+    "llama3_rope_in_band": (LlamaConfig, dict(LLAMA, rope_parameters=dict(LLAMA3_ROPE_BAND, rope_theta=500000.0))),
+    "llama_linear_rope": (LlamaConfig, dict(LLAMA, rope_parameters=dict(rope_type="linear", factor=4.0,
+                                                                        rope_theta=10000.0))),
     "mpt_4_heads": (MptConfig, dict(d_model=64, n_heads=4, n_layers=2, vocab_size=97, max_seq_len=128)),
     "mpt_6_heads": (MptConfig, dict(d_model=48, n_heads=6, n_layers=2, vocab_size=97, max_seq_len=128)),
 }
@@ -53,7 +80,7 @@ def test_logits_match_transformers(tmp_path, case):
     config_cls, kwargs = CASES[case]
     ref = build_reference(tmp_path, config_cls, kwargs)
     ours = fusellm.load_model(tmp_path)
-    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 97, (2, 72), generator=torch.Generator().manual_seed(1))   # past every window and band
     expected = logits_of(ref, ids)
     assert expected.abs().max() > 1.0, "logits near zero would make the comparison vacuous"
     assert (logits_of(ours, ids) - expected).abs().max().item() < TOL
@@ -123,3 +150,57 @@ def test_bf16_checkpoint_keeps_its_dtype_and_dtype_argument_casts(tmp_path):
     # a fresh reference: .to(bfloat16) above also rounded its RoPE buffer, which .float() cannot undo
     ref32 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert (logits_of(m32, ids) - logits_of(ref32, ids)).abs().max().item() < TOL
+
+
+def test_the_llama3_band_case_has_a_wavelength_inside_the_band():
+    """The in-band case above is only a test of the smoothing if some wavelength falls between
+    original / high_freq_factor and original / low_freq_factor."""
+    import math
+    wavelengths = [2 * math.pi * 500000.0 ** (i / 8) for i in range(8)]
+    assert any(64 / 4 < w < 64 / 1 for w in wavelengths)
+
+
+def test_gemma3_older_config_spelling_means_the_same(tmp_path):
+    """Gemma 3 configs on the Hub before transformers 5 write rope_theta, rope_local_base_freq, rope_scaling (for
+    the global layers) and sliding_window_pattern instead of rope_parameters and layer_types."""
+    config_cls, kwargs = CASES["gemma3_text"]
+    ref = build_reference(tmp_path, config_cls, kwargs)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types"):
+        cfg.pop(key)
+    cfg.update(rope_theta=100000.0, rope_local_base_freq=500.0, rope_scaling=dict(rope_type="linear", factor=4.0),
+               sliding_window_pattern=2)          # layers 0, 2 sliding; layer 1 global, as layer_types said
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = fusellm.load_model(tmp_path)
+    assert ours.args.sliding_layers == (True, False, True) and ours.args.rope_local["rope_theta"] == 500.0
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(6))
+    assert (logits_of(ours, ids) - logits_of(ref, ids)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("rope_parameters", dict(rope_type="yarn", factor=4.0, rope_theta=10000.0), "RoPE type 'yarn' is not supported"),
+    ("rope_parameters", dict(rope_type="linear", rope_theta=10000.0), "'linear' needs factor"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor 0.5 is not supported"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+])
+def test_config_fields_the_model_cannot_honour_are_named(tmp_path, field, value, says):
+    """A setting we cannot compute is an error naming it, never ignored (a yarn model run with plain RoPE would
+    load and give wrong logits)."""
+    build_reference(tmp_path, LlamaConfig, LLAMA)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fusellm.CheckpointError, match=says):
+        fusellm.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["phi3_fused_gqa_sliding", "gemma3_text", "olmo2_post_norms"])
+def test_a_loaded_family_saves_back_to_a_folder_transformers_loads(tmp_path, case):
+    """save_model writes a family's own names back, fused tensors re-fused (Phi-3's unequal q;k;v rows), so
+    transformers loads our copy to the same logits. Catches the fused blocks re-joined in the wrong order."""
+    config_cls, kwargs = CASES[case]
+    ref = build_reference(tmp_path / "ref", config_cls, kwargs)
+    fusellm.save_model(fusellm.load_model(tmp_path / "ref"), tmp_path / "ours")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(7))
+    assert (logits_of(again, ids) - logits_of(ref, ids)).abs().max().item() < TOL
