@@ -36,6 +36,10 @@ class TokenizerError(ValueError):
 # The GPT-2 pre-tokenizer regex that HF's ByteLevel(use_regex=True) applies.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Llama-3's pattern (also what its tiktoken-format tokenizer.model needs).
+# StarCoder: HF's Digits(individual_digits) before the GPT-2 regex, as one regex: every numeric character
+# (\p{N}, "½" too) a piece of its own, and a whitespace run before one taken whole, as the GPT-2 regex takes
+# a run that ends its text (HF runs it on the text between the digits).
+STARCODER_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}").replace(r"\s+(?!\S)", r"\s+(?=\p{N})|\s+(?!\S)")
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -131,11 +135,15 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenBPE(Tokenizer):
-    """A byte-level BPE run by tiktoken. ranks: token bytes -> rank; rank_to_id maps ranks to our ids;
-    added: text -> id for tokens matched in the text before BPE (HF's added tokens)."""
+    """A byte-level BPE run by tiktoken. ranks: token bytes -> rank; rank_to_id maps ranks to our ids (-1: a
+    byte the vocabulary has no token for: dropped, as HF drops it, or `unk_id` when the file names one);
+    added: text -> id for tokens matched in the text before BPE (HF's added tokens). merges_only: the file's
+    BPE has ignore_merges false, so a pre-token that is itself a token still goes through the merges (tiktoken
+    takes it whole; the rare token the merges cannot reach on its own is split as HF splits it)."""
 
     def __init__(self, kind, name, pattern, ranks: dict[bytes, int], rank_to_id: np.ndarray,
-                 added: dict[str, int], special: set[str], bos_id, eos_id, nfc=False):
+                 added: dict[str, int], special: set[str], bos_id, eos_id, nfc=False, merges_only=False,
+                 unk_id=None, fuse_unk=False, rules: dict | None = None, exact: bool = False):
         import tiktoken
         self.kind = kind
         self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
@@ -146,11 +154,24 @@ class TiktokenBPE(Tokenizer):
         self.bos_id, self.eos_id = bos_id, eos_id
         self.piece_bytes = [b""] * self.vocab_size
         for b, r in ranks.items():
-            self.piece_bytes[int(rank_to_id[r])] = b
+            if rank_to_id[r] >= 0:
+                self.piece_bytes[int(rank_to_id[r])] = b
         self.pieces = [bytes_to_display(b) for b in self.piece_bytes]
         for s, i in added.items():
             self.piece_bytes[i] = s.encode()
             self.pieces[i] = s
+        self.unk_id, self.fuse_unk, self.has_holes = unk_id, fuse_unk, bool((rank_to_id < 0).any())
+        self.merges_only, self.ranks, self.rules, self.exact = merges_only, ranks, rules, exact
+        if exact:                               # the exact path: HF's own algorithm, pre-token by pre-token
+            import regex
+            self.pre = regex.compile(pattern)
+            self._piece = lru_cache(maxsize=1 << 16)(self._piece_by_rules)
+        if merges_only:
+            self.rank_bytes = [b""] * len(ranks)
+            for b, r in ranks.items():
+                self.rank_bytes[r] = b
+            self.reached = np.zeros(len(ranks), dtype=np.int8)    # 0: not checked yet, 1: merges reach it, 2: not
+            self.merged = {}                                       # rank -> the ranks the merges give instead
 
     def encode(self, text):
         if self.nfc:
@@ -165,7 +186,57 @@ class TiktokenBPE(Tokenizer):
     def _bpe(self, text):
         if not text:
             return []
-        return self.rank_to_id[self.enc.encode_ordinary(text)].tolist()
+        if self.exact:
+            r = np.asarray([k for piece in self.pre.findall(text) for k in self._piece(piece.encode())], dtype=np.int64)
+        else:                                   # the fast path: tiktoken
+            r = np.asarray(self.enc.encode_ordinary(text), dtype=np.int64)
+            if self.merges_only:
+                r = self._through_merges(r)
+        ids = self.rank_to_id[r]
+        if self.has_holes:                      # bytes with no token: dropped, or the unknown token
+            if self.unk_id is None:
+                ids = ids[ids >= 0]
+            else:
+                hole = ids < 0
+                if self.fuse_unk:               # a run of unknown bytes is one unknown token
+                    keep = ~(hole & np.concatenate([[False], hole[:-1]]))
+                    ids, hole = ids[keep], hole[keep]
+                ids = np.where(hole, self.unk_id, ids)
+        return ids.tolist()
+
+    def _piece_by_rules(self, piece: bytes) -> tuple[int, ...]:
+        """One pre-token's ranks by HF's merge rules (the exact path): whole, when ignore_merges allows it."""
+        if not self.merges_only and piece in self.ranks:
+            return (self.ranks[piece],)
+        return tuple(self.ranks[p] for p in bpe_by_rules(piece, self.rules))
+
+    def _through_merges(self, r: np.ndarray) -> np.ndarray:
+        """tiktoken takes a pre-token that is a whole token as that token. HF without ignore_merges runs the
+        merges on it anyway, which give the same token unless some higher-priority merge inside it gets in the
+        way. Such a token is never made by merges inside a longer pre-token either (the merges inside its
+        span happen in the same order, or one crosses its edge), so it appears in tiktoken's output only as a
+        whole pre-token: replace it by what the merges give. Each rank is checked once, when first seen."""
+        for k in np.unique(r[self.reached[r] == 0]).tolist():
+            parts = bpe_by_rules(self.rank_bytes[k], self.rules)
+            self.reached[k] = 1 if len(parts) == 1 else 2
+            if len(parts) > 1:
+                self.merged[k] = [self.ranks[p] for p in parts]
+        if not (self.reached[r] == 2).any():
+            return r
+        return np.asarray([x for k in r.tolist() for x in self.merged.get(k, (k,))], dtype=np.int64)
+
+
+def bpe_by_rules(piece: bytes, rules: dict[tuple[bytes, bytes], int]) -> list[bytes]:
+    """HF's BPE, the readable way: start from single bytes and repeatedly apply the merge rule (pair -> rank)
+    of lowest rank among adjacent pairs, the leftmost on ties, until no rule applies."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        found = [(rules[pair], i) for i, pair in enumerate(zip(parts, parts[1:])) if pair in rules]
+        if not found:
+            break
+        _, i = min(found)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def _load_tiktoken_file(path: Path, config: dict) -> TiktokenBPE:
@@ -210,6 +281,11 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
         spec = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    return bpe_from_spec(spec, path, config)
+
+
+def bpe_from_spec(spec: dict, path: Path, config: dict) -> TiktokenBPE:
+    """A byte-level BPE from a tokenizer.json's content (read from the file, or rebuilt from a GGUF)."""
     bad = lambda what: TokenizerError(  # noqa: E731
         f"{path}: {what}; nanofuse runs byte-level BPE tokenizer.json files exactly (GPT-2, GPT-NeoX, "
         f"Llama-3, Qwen2 style) and sentencepiece models through tokenizer.model")
@@ -230,10 +306,12 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
     # pre-tokenizer: ByteLevel with the GPT-2 regex, or Split(regex, Isolated) + ByteLevel(use_regex=False)
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    pattern = None
+    pattern, digits = None, False
     for s in steps:
         t = s.get("type")
-        if t == "Split" and pattern is None and "Regex" in (s.get("pattern") or {}):
+        if t == "Digits" and s.get("individual_digits") and pattern is None and not digits:
+            digits = True                                   # StarCoder: every numeric character alone
+        elif t == "Split" and pattern is None and not digits and "Regex" in (s.get("pattern") or {}):
             if s.get("behavior") != "Isolated" or s.get("invert"):
                 raise bad(f"Split behavior {s.get('behavior')!r} invert={s.get('invert')} is not supported")
             pattern = s["pattern"]["Regex"]
@@ -246,31 +324,37 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
             if s.get("use_regex", True):
                 if pattern is not None:
                     raise bad("two pre-tokenizer regexes")
-                pattern = GPT2_PATTERN
+                pattern = STARCODER_PATTERN if digits else GPT2_PATTERN
         else:
             raise bad(f"pre-tokenizer {t!r} is not supported")
     if pattern is None or not any(s.get("type") == "ByteLevel" for s in steps):
         raise bad("the pre-tokenizer is not byte-level")
 
     vocab: dict[str, int] = model.get("vocab") or {}
+    added_specs = spec.get("added_tokens") or []
+    added_text = {a["id"]: a["content"] for a in added_specs}
     to_byte = unicode_to_bytes()
-    try:
-        tok_bytes = {tok: bytes(to_byte[c] for c in tok) for tok in vocab}
-    except KeyError:
-        raise bad("the vocabulary has tokens that are not byte-level (outside GPT-2's byte table)") from None
-    byte_ids = {b: i for tok, i in vocab.items() if len(b := tok_bytes[tok]) == 1}
-    if len(byte_ids) != 256:
-        raise bad(f"the vocabulary has {len(byte_ids)} of the 256 single-byte tokens; tiktoken needs all of them")
+    tok_bytes = {}
+    for tok, i in vocab.items():
+        if i in added_text:        # GPT-NeoX keeps its space-run added tokens in the vocabulary as plain text
+            tok_bytes[tok] = added_text[i].encode()
+            continue
+        try:
+            tok_bytes[tok] = bytes(to_byte[c] for c in tok)
+        except KeyError:
+            raise bad(f"vocabulary token {tok!r} (id {i}) is neither byte-level text nor an added token") from None
+    byte_ids = {b: i for tok, i in vocab.items() if len(b := tok_bytes[tok]) == 1 and i not in added_text}
     # ranks: single bytes first, then one rank per merged token in merge order
     ranks = {b: v for v, b in enumerate(sorted(byte_ids))}
     rank_ids = [byte_ids[b] for b in sorted(byte_ids)]
-    last = None
+    last, rules = None, {}
     for n, merge in enumerate(model.get("merges") or []):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         tok = a + b
-        if tok not in vocab:
-            raise bad(f"merge {n} ({a!r} {b!r}) makes {tok!r}, which is not in the vocabulary")
+        if tok not in vocab or a not in vocab or b not in vocab:
+            raise bad(f"merge {n} ({a!r} {b!r}) joins or makes a token that is not in the vocabulary")
         tb = tok_bytes[tok]
+        rules.setdefault((tok_bytes[a], tok_bytes[b]), n)
         if tb in ranks:
             if tok != last:
                 raise bad(f"merge {n} makes {tok!r} again after other merges; its rules are not contiguous, "
@@ -282,11 +366,24 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
     if model.get("ignore_merges"):
         # tokens no merge makes are still reachable as whole pre-tokens
         for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-            if tok_bytes[tok] not in ranks:
+            if tok_bytes[tok] not in ranks and i not in added_text:
                 ranks[tok_bytes[tok]] = len(ranks)
                 rank_ids.append(i)
+    # Bytes without a token (StarCoder's vocabulary has 242 of the 256; the 14 missing never occur in UTF-8 text):
+    # tiktoken needs every byte, so each gets the last ranks, which no merge uses, and id -1; HF drops such a
+    # byte, or writes the unknown token when the file names one.
+    for b in range(256):
+        if bytes([b]) not in ranks:
+            ranks[bytes([b])] = len(ranks)
+            rank_ids.append(-1)
+    unk_id = vocab.get(model["unk_token"]) if model.get("unk_token") else None
+    # tiktoken joins any two adjacent parts whose bytes form a token; HF only the pairs its rules list. They
+    # agree when every way to cut a token into two tokens is a rule. Otherwise the exact path runs HF's
+    # algorithm in Python (slower, cached per pre-token).
+    exact = any((t[:k], t[k:]) not in rules and t[:k] in ranks and t[k:] in ranks
+                for t in ranks if len(t) > 1 for k in range(1, len(t)))
     added, special, unreachable = {}, set(), {}
-    for a in spec.get("added_tokens") or []:
+    for a in added_specs:
         if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
             raise bad(f"added token {a['content']!r} uses lstrip/rstrip/single_word")
         added[a["content"]] = a["id"]
@@ -296,7 +393,8 @@ def _load_tokenizer_json(path: Path, config: dict) -> TiktokenBPE:
         if tok_bytes[tok] not in ranks and i not in added.values():
             unreachable[i] = tok      # no merge makes it, but its id exists: keep its bytes for decode
     tk = TiktokenBPE("bpe", path.name, pattern, ranks, np.asarray(rank_ids, dtype=np.int64), added, special,
-                     None, None, nfc=bool(norm))
+                     None, None, nfc=bool(norm), merges_only=not model.get("ignore_merges"), unk_id=unk_id,
+                     fuse_unk=bool(model.get("fuse_unk")), rules=rules, exact=exact)
     for i, tok in unreachable.items():
         tk.piece_bytes[i], tk.pieces[i] = tok_bytes[tok], tok
     table = {**{t: i for t, i in vocab.items()}, **added}
@@ -348,8 +446,142 @@ def load_tokenizer(path) -> Tokenizer:
     return load_tokenizer_file(path, config)
 
 
+# ----------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's format): the vocabulary travels inside the model file. A byte-level BPE ("gpt2" model)
+# keeps its tokens, merges, token types and special ids, but not its pre-tokenizer regex: only a name
+# (tokenizer.ggml.pre), which this table turns back into the regex, normalizer and ignore_merges of the
+# original tokenizer.json.
+
+_QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE = {   # tokenizer.ggml.pre -> (regex, NFC, ignore_merges)
+    "gpt-2": (GPT2_PATTERN, False, False),
+    "gpt2": (GPT2_PATTERN, False, False),
+    "mpt": (GPT2_PATTERN, True, False),             # GPT-NeoX-20B's tokenizer
+    "gpt-neox": (GPT2_PATTERN, True, False),
+    "starcoder": (STARCODER_PATTERN, False, False),
+    "llama-bpe": (LLAMA3_PATTERN, False, True),     # Llama-3
+    "llama3": (LLAMA3_PATTERN, False, True),
+    "qwen2": (_QWEN2_PATTERN, True, False),
+}
+
+
+def read_gguf(path) -> tuple[dict, list[dict], int]:
+    """A GGUF file's header, read directly: the metadata {key: value}, the tensors' infos (name, shape in
+    numpy order, ggml type, offset from the data start) and where the data starts. The layout (little-endian):
+    b"GGUF", version u32, tensor count u64, metadata count u64; each metadata entry a string key, a u32 type and
+    its value (strings: u64 length + UTF-8; arrays: u32 element type, u64 count, elements); each tensor a string
+    name, u32 dims, u64 sizes (innermost first), u32 ggml type, u64 offset; then the data, aligned to
+    general.alignment (32 by default)."""
+    import mmap
+    import struct
+    path = Path(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf[:4] != b"GGUF":
+        raise TokenizerError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    numpy_of = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v[0]
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+
+    def value(kind):
+        nonlocal pos
+        if kind == 8:
+            return string()
+        if kind == 9:
+            elem, n = take("<I"), take("<Q")
+            if elem == 8:
+                return [string() for _ in range(n)]
+            if elem not in numpy_of:
+                raise TokenizerError(f"{path}: metadata array of type {elem} is not supported")
+            arr = np.frombuffer(buf, dtype=numpy_of[elem], count=n, offset=pos)
+            pos += arr.nbytes
+            return arr.tolist()
+        if kind not in scalar:
+            raise TokenizerError(f"{path}: metadata value of type {kind} is not supported (a corrupt file?)")
+        return take(scalar[kind])
+
+    try:
+        version, n_tensors, n_kv = take("<4x I"), take("<Q"), take("<Q")
+        if version not in (2, 3):
+            raise TokenizerError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        fields = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(take("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name, n_dims = string(), take("<I")
+            dims = [take("<Q") for _ in range(n_dims)]
+            tensors.append({"name": name, "shape": dims[::-1], "type": take("<I"), "offset": take("<Q")})
+    except struct.error:
+        raise TokenizerError(f"{path}: the GGUF header is truncated; re-download the file") from None
+    align = int(fields.get("general.alignment", 32))
+    return fields, tensors, (pos + align - 1) // align * align
+
+
+def gguf_fields(path) -> dict:
+    """A GGUF file's metadata."""
+    return read_gguf(path)[0]
+
+
+def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
+    """The tokenizer.json content and tokenizer_config names of a GGUF file's byte-level BPE vocabulary.
+    Token types: 1 normal, 3 control (special added tokens), 4 user-defined (added, not special, and kept in
+    the vocabulary, as GPT-NeoX's space runs are); llama.cpp's [PAD<n>] fillers are left out."""
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(f"{path}: GGUF vocabulary of type {kind!r}; nanofuse reads byte-level BPE ('gpt2') "
+                             f"vocabularies from GGUF; for sentencepiece ('llama') ones use the model's "
+                             f"tokenizer.model")
+    pre = fields.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in GGUF_PRE:
+        raise TokenizerError(f"{path}: pre-tokenizer {pre!r} is unknown (known: {', '.join(GGUF_PRE)}); use the "
+                             f"model's tokenizer.json instead")
+    pattern, nfc, ignore_merges = GGUF_PRE[pre]
+    tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type")
+    types = types or [1] * len(tokens)
+    vocab, added = {}, []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == 4 and re.fullmatch(r"\[PAD\d+\]", t):
+            continue
+        if ty in (1, 4):
+            vocab[t] = i
+        if ty in (3, 4):
+            added.append({"id": i, "content": t, "special": ty == 3, "normalized": ty == 4})
+    spec = {"model": {"type": "BPE", "vocab": vocab, "merges": list(fields.get("tokenizer.ggml.merges") or []),
+                      "ignore_merges": ignore_merges},
+            "normalizer": {"type": "NFC"} if nfc else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+            "added_tokens": added}
+    config = {}
+    for name in ("bos", "eos"):
+        i = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if i is not None and int(i) < len(tokens):
+            config[f"{name}_token"] = tokens[int(i)]
+    return spec, config
+
+
 def load_tokenizer_file(path: Path, config: dict | None = None) -> Tokenizer:
     config = config or {}
+    if path.suffix == ".gguf":
+        spec, names = gguf_tokenizer_spec(path, gguf_fields(path))
+        return bpe_from_spec(spec, path, {**names, **config})
     if path.suffix == ".json":
         return _load_tokenizer_json(path, config)
     if path.suffix in (".model", ".tiktoken"):

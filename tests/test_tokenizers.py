@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import MIXED_TEXT, package_file, stdlib_texts
-from tokenizer import load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer
 
 hf = pytest.importorskip("tokenizers")
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -48,6 +48,7 @@ def assert_same_ids(reference, ours, texts=TEXTS):
 
 
 def saved(tmp_path, tok):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     tok.save(str(tmp_path / "tokenizer.json"))
     return load_tokenizer(tmp_path)
 
@@ -82,6 +83,166 @@ def test_gpt_neox_style_whitespace_added_tokens_match_hf(tmp_path):
     assert_same_ids(ref, ours)
     eight = ours.encode("x" + " " * 8 + "y")
     assert ours.added[" " * 8] in eight
+
+
+SPACE_RUNS_TEXT = ("def f(x):\n" + "".join(" " * n + f"y{n} = x\t# {n}\n" for n in range(1, 41)) +
+                   "a  b   c    d" + " " * 30 + "e\u3000\u3000f 漢字  かな 🙂  🙂" +
+                   " antidisestablishmentarianism floccinaucinihilipilification Pneumonoultramicroscopic")
+
+
+def edited(tok, edit):
+    """The tokenizer's tokenizer.json, changed by edit(spec), as a new HF tokenizer."""
+    spec = json.loads(tok.to_str())
+    edit(spec)
+    return hf.Tokenizer.from_str(json.dumps(spec))
+
+
+def test_gpt_neox_space_runs_in_the_vocabulary_match_hf(tmp_path):
+    """The real GPT-NeoX-20B tokenizer.json (MPT-7B's) holds runs of 2 to 24 plain spaces both as added tokens
+    (normalized, not special) and in the BPE vocabulary under the same ids, as plain text, not byte-level
+    strings. HF matches them in the text before pre-tokenization, longest first. Catches the file refused,
+    and runs matched shortest first or left to the BPE."""
+    runs = [" " * n for n in range(2, 25)]
+    base = train_byte_level_bpe(vocab_size=800)
+    base.add_tokens([AddedToken(r, normalized=True, special=False) for r in runs])
+
+    def into_vocab(spec):
+        for a in spec["added_tokens"]:
+            if a["content"] in runs:
+                spec["model"]["vocab"][a["content"]] = a["id"]
+    ref = edited(base, into_vocab)
+    assert " " * 3 in ref.get_vocab() and ref.encode(" " * 3).ids == [ref.get_vocab()[" " * 3]]
+    ours = saved(tmp_path, ref)
+    assert_same_ids(ref, ours, TEXTS + [SPACE_RUNS_TEXT])
+    assert ours.encode(" " * 30) == [ours.added[" " * 24], ours.added[" " * 6]]
+
+
+def test_bytes_without_a_token_are_dropped_as_hf_drops_them(tmp_path):
+    """StarCoder's vocabulary has 242 of the 256 single bytes: the 14 that never occur in UTF-8 text (0xC0, 0xC1,
+    0xF5-0xFF) are missing, so every text encodes as in HF. A missing byte that does occur (here BEL, 0x07) is
+    dropped by HF when the file names no unknown token, and becomes the unknown token when it does."""
+    from tokenizer import bytes_to_unicode
+    b2u = bytes_to_unicode()
+    never = [0xC0, 0xC1, *range(0xF5, 0x100)]
+
+    def drop(codes):
+        def edit(spec):
+            for b in codes:
+                spec["model"]["vocab"].pop(b2u[b])
+        return edit
+    base = train_byte_level_bpe(vocab_size=800)
+    starcoder_like = edited(base, drop(never))
+    assert len([t for t in starcoder_like.get_vocab() if len(t) == 1 and ord(t) < 400]) <= 242 + 20
+    ours = saved(tmp_path / "a", starcoder_like)
+    assert_same_ids(starcoder_like, ours, TEXTS + [SPACE_RUNS_TEXT])
+    bel = edited(base, drop([0x07]))
+    ours = saved(tmp_path / "b", bel)
+    assert_same_ids(bel, ours, ["a\x07b c\x07\x07", SPACE_RUNS_TEXT])
+    assert len(ours.encode("a\x07b")) == len(bel.encode("a\x07b").ids) == 2
+
+    def with_unk(spec):
+        drop([0x07])(spec)
+        spec["model"]["unk_token"] = "<|endoftext|>"
+    unk = edited(base, with_unk)
+    ours = saved(tmp_path / "c", unk)
+    assert_same_ids(unk, ours, ["a\x07b c\x07\x07", SPACE_RUNS_TEXT])
+
+
+def tiny_bpe(tmp_path, merges, ignore_merges):
+    """A byte-level BPE with the given merges (byte-level strings), as HF builds it and as we load it."""
+    from tokenizer import bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    ref = hf.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = decoders.ByteLevel()
+    return ref, saved(tmp_path, ref), vocab
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_ignore_merges_is_honoured_both_ways_on_the_fast_path(tmp_path, ignore_merges):
+    """Merges b c, a b, c d, ab cd: for the pre-token "abcd" the merges give a + bc + d (b c comes first, and no
+    rule joins a, bc or d), so the token "abcd" is never reached on its own. HF with ignore_merges takes the
+    whole pre-token from the vocabulary; without it, it runs the merges. tiktoken always takes whole pre-tokens,
+    so without ignore_merges ours splits such a token as the merges do. Every cut of a token into two tokens is
+    a rule here, so tiktoken runs it (the fast path). Catches ignore_merges ignored either way."""
+    ref, ours, vocab = tiny_bpe(tmp_path, [("b", "c"), ("a", "b"), ("c", "d"), ("ab", "cd")], ignore_merges)
+    assert not ours.exact
+    assert ref.encode("abcd").ids == ([vocab["abcd"]] if ignore_merges else [vocab["a"], vocab["bc"], vocab["d"]])
+    assert_same_ids(ref, ours, ["abcd", "abcd abcd xabcd abcde", "ab cd", SPACE_RUNS_TEXT, MIXED_TEXT])
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_a_vocabulary_tiktoken_would_merge_differently_runs_on_the_exact_path(tmp_path, ignore_merges):
+    """Merges b c, a b, ab c: "abc" is also a + bc, two tokens that no rule joins. tiktoken joins any two parts
+    that form a token, so on " abc" it would give Ġ + abc where HF gives Ġ + a + bc. The loader sees the cut
+    that is no rule and runs HF's algorithm in Python (bpe_by_rules) instead. Catches the fast path used where
+    it differs."""
+    ref, ours, vocab = tiny_bpe(tmp_path, [("b", "c"), ("a", "b"), ("ab", "c")], ignore_merges)
+    assert ours.exact
+    assert ref.encode(" abc").ids[1:] == [vocab["a"], vocab["bc"]]
+    assert_same_ids(ref, ours, ["abc", "abc abc xabc abcd", "ab bc", SPACE_RUNS_TEXT, MIXED_TEXT])
+
+
+def test_starcoder_digits_pre_tokenizer_matches_hf(tmp_path):
+    """StarCoder's tokenizer.json splits every numeric character off (Digits, individual_digits) before the
+    GPT-2 regex: " 42" is Ġ, 4, 2, and "½" (a numeric character too) stands alone. Catches the GPT-2 regex's
+    " ?\\p{N}+" left in place, which keeps " 42" together."""
+    base = train_byte_level_bpe(vocab_size=800)
+    ref = edited(base, lambda spec: spec.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}))
+    ours = saved(tmp_path, ref)
+    assert_same_ids(ref, ours, TEXTS + [SPACE_RUNS_TEXT, "ied 4 ½ months, x = 1234567 + 0.5e-10, v2.13.0"])
+
+
+def write_gguf(path, ref, pre: str, nfc_text_types=None):
+    """A GGUF file holding an HF byte-level BPE's vocabulary the way llama.cpp's converter writes it: tokens,
+    token types (1 normal, 3 control, 4 user-defined), merges, the pre-tokenizer's name, special ids."""
+    gguf = pytest.importorskip("gguf")
+    spec = json.loads(ref.to_str())
+    vocab = {**spec["model"]["vocab"], **{a["content"]: a["id"] for a in spec["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    kinds = {a["content"]: 3 if a["special"] else 4 for a in spec["added_tokens"]}
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([kinds.get(t, 1) for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(vocab["<|endoftext|>"])
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_vocabulary_loads_as_the_tokenizer_it_came_from(tmp_path):
+    """A .gguf file's byte-level BPE vocabulary (GPT-NeoX style: NFC, space runs as user-defined tokens) gives
+    the ids of the HF tokenizer it was written from; the pre-tokenizer regex comes back from its name. Our
+    GGUF header reader also agrees with the `gguf` package's on every metadata key."""
+    gguf = pytest.importorskip("gguf")
+    from tokenizer import read_gguf
+    runs = [" " * n for n in range(2, 25)]
+    ref = train_byte_level_bpe(nfc=True, vocab_size=800)
+    ref.add_tokens([AddedToken(r, normalized=True, special=False) for r in runs])
+    write_gguf(tmp_path / "model.gguf", ref, "mpt")
+    ours = load_tokenizer(tmp_path / "model.gguf")
+    assert_same_ids(ref, ours, TEXTS + [SPACE_RUNS_TEXT])
+    assert ours.bos_id == ours.eos_id == ref.token_to_id("<|endoftext|>")
+    fields = read_gguf(tmp_path / "model.gguf")[0]
+    reference = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "model.gguf").fields.items()
+                 if not k.startswith("GGUF.")}
+    assert fields == reference
+
+
+def test_gguf_with_an_unknown_pre_tokenizer_is_refused(tmp_path):
+    write_gguf(tmp_path / "model.gguf", train_byte_level_bpe(vocab_size=600), "deepseek-coder")
+    with pytest.raises(TokenizerError, match="pre-tokenizer 'deepseek-coder' is unknown"):
+        load_tokenizer(tmp_path / "model.gguf")
 
 
 def test_display_strings_and_bytes_follow_hf_convention(tmp_path):
