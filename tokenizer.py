@@ -460,6 +460,7 @@ GGUF_PRE = {   # tokenizer.ggml.pre -> (regex, NFC, ignore_merges)
     "mpt": (GPT2_PATTERN, True, False),             # GPT-NeoX-20B's tokenizer
     "gpt-neox": (GPT2_PATTERN, True, False),
     "starcoder": (STARCODER_PATTERN, False, False),
+    "refact": (STARCODER_PATTERN, False, False),
     "llama-bpe": (LLAMA3_PATTERN, False, True),     # Llama-3
     "llama3": (LLAMA3_PATTERN, False, True),
     "qwen2": (_QWEN2_PATTERN, True, False),
