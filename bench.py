@@ -5,7 +5,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py load [--dim 1024 --layers 8 --vocab 32000]
     python bench.py align [--blocks 20]
     python bench.py vocab-map [--source-size 50000]
-    python bench.py dists [--dim 512 --layers 8]
+    python bench.py dists [--dim 512 --layers 8 --vocab 32000 --batch 4 --seq 512]
     python bench.py train [--dim 512 --layers 8 --steps 5]
     python bench.py vocabs --dir LLAMA_CPP/models
 
@@ -24,8 +24,10 @@ its pair-cost cache over consecutive blocks, against the readable reference DP a
 pure-Python DTW (per-cell loop, C edit distance from the `editdistance` package), checking equal output.
 vocab-map: MinED vocab map of the first N cl100k tokens onto Mistral's 32768, against the official
 approach (every pair through editdistance), extrapolated from a timed sample.
-dists: forward + top-K throughput of our model against transformers on one random checkpoint, and the
-bytes per token of the shards data.py writes.
+dists: source distributions (top-K and CE at every position) on one random checkpoint: nanofuse's
+data.window_topk, whose output head runs on slices of positions, against transformers' forward + log_softmax
++ topk, each in a fresh process: tokens/s and the peak memory each adds to the loaded model; then the bytes
+per token of the shards data.py writes. --vocab 262144 is Gemma 3's vocabulary.
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
 CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
 vocabs: real byte-level BPE vocabularies (GPT-2, GPT-NeoX/MPT, StarCoder, Qwen2, Llama-3, ...) from llama.cpp's
@@ -236,9 +238,57 @@ def bench_vocab_map(a):
           f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
 
 
-def bench_dists(a):
+def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int) -> dict:
+    """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
+    (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
+    data.window_topk (the output head in slices), or transformers' forward + log_softmax + topk + gather.
+    Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident)."""
+    import types
     import data
-    args = fusellm.ModelArgs(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if which == "nanofuse":
+        model = fusellm.load_model(path, device, dtype)
+    else:
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    V = model.config.vocab_size if which != "nanofuse" else model.args.vocab_size
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    tok = types.SimpleNamespace(bos_id=None, vocab_size=V)
+    batch = [row.tolist() for row in x]
+
+    def run():
+        if which == "nanofuse":
+            return data.window_topk(model, tok, batch, K, device)
+        with torch.no_grad():
+            logp = model(x.to(device)).logits.float().log_softmax(-1)                       # (B, T, V)
+            top = logp.topk(K, dim=-1)
+            ce = -logp[:, :-1].gather(-1, x[:, 1:].to(device)[..., None]).mean(dim=(1, 2))
+            return top.indices.cpu(), top.values.cpu(), ce.cpu()
+
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = peak_rss()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return dict(tokens_per_s=B * T / dt, extra=peak - base, device=device)
+
+
+def bench_dists(a):
+    """Source distributions on a random Llama: nanofuse's sliced head against transformers' full logits, each
+    in a fresh process, and the bytes per token of the shards data.py writes."""
+    import data
+    args = fusellm.ModelArgs(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                              n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
                              sliding_layers=(False,) * a.layers)
     torch.manual_seed(0)
@@ -246,47 +296,37 @@ def bench_dists(a):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    B, T, K = 4, 512, 10
-    x = torch.randint(0, 32000, (B, T))
-
-    def ours():
-        with torch.no_grad():
-            return model(x).log_softmax(-1).topk(K)
-
-    def time_it(f, reps=3):
-        f()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        return (time.perf_counter() - t0) / reps
-
-    rows = [("nanofuse", B * T / time_it(ours))]
-    try:
-        import transformers
-        with tempfile.TemporaryDirectory() as d:
-            fusellm.save_model(model, d)
-            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-
-            def theirs():
-                with torch.no_grad():
-                    return ref(x).logits.log_softmax(-1).topk(K)
-            rows.append(("transformers", B * T / time_it(theirs)))
-    except ImportError:
-        pass
-    print(f"forward + top-{K}, Llama dim={a.dim} layers={a.layers} vocab=32000, batch {B}x{T}, fp32 on "
-          f"{torch.get_num_threads()} CPU threads")
-    for name, tps in rows:
-        print(f"{name:<14}{tps:>10,.0f} tokens/s{tps / rows[0][1]:>8.2f}x")
+    B, T, K = a.batch, a.seq, 10
+    with tempfile.TemporaryDirectory() as d:
+        fusellm.save_model(model, d)
+        rows = [("nanofuse (sliced head)", in_fresh_process(dists_child, "nanofuse", d, B, T, K, a.reps))]
+        import importlib.util
+        if importlib.util.find_spec("transformers") is not None:
+            rows.append(("transformers (full logits)", in_fresh_process(dists_child, "transformers", d, B, T, K,
+                                                                        a.reps)))
+        else:
+            print("(transformers not installed: nanofuse only)")
+    dev = rows[0][1]["device"]
+    where = "GPU memory allocated" if dev == "cuda" else "resident memory"
+    print(f"source distributions (top-{K} + CE), Llama dim={a.dim} layers={a.layers} vocab={a.vocab}, batch {B}x{T}, "
+          f"{'bf16 on cuda' if dev == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}")
+    print(f"{'':<28}{'tokens/s':>10}{'peak ' + where + ' added':>36}")
+    for name, r in rows:
+        print(f"{name:<28}{r['tokens_per_s']:>10,.0f}{r['extra'] / 2**20:>30,.0f} MiB")
+    if len(rows) == 2:
+        (_, o), (_, t) = rows
+        print(f"nanofuse / transformers: speed {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+              f"memory {o['extra'] / max(t['extra'], 1):.3f}x")
     # bytes per token of the stored format, on this model's real top-K
     with torch.no_grad():
-        top = ours()
-    ids = top.indices.reshape(-1, K).numpy().astype(data.id_dtype(32000))
+        top = model(torch.randint(0, a.vocab, (1, 256))).log_softmax(-1).topk(K)
+    ids = top.indices.reshape(-1, K).numpy().astype(data.id_dtype(a.vocab))
     lp = data.quantize_logprobs(top.values.reshape(-1, K).numpy(), 8)
     with tempfile.TemporaryDirectory() as d:
         data.save_npz(Path(d) / "s.npz", topk_ids=ids, topk_logprobs=lp)
         size = (Path(d) / "s.npz").stat().st_size
-    print(f"stored: {size / (B * T):.1f} bytes/token (official format: ~120; raw uint16 ids + uint8 log-probs: "
-          f"{K * 3})")
+    print(f"stored: {size / 256:.1f} bytes/token (official format: ~120; raw ids + uint8 log-probs: "
+          f"{K * (ids.itemsize + 1)})")
 
 
 def train_child(lam: float, dim: int, layers: int, steps: int) -> dict:
@@ -506,8 +546,12 @@ def main():
     al.add_argument("--blocks", type=int, default=20, help="2048-token blocks aligned (default 20)")
     vm = sub.add_parser("vocab-map", help="MinED vocab map time for real-sized vocabularies")
     vm.add_argument("--source-size", type=int, default=50000, help="cl100k tokens mapped (default 50000)")
-    ds = sub.add_parser("dists", help="forward + top-K throughput against transformers; bytes/token")
+    ds = sub.add_parser("dists", help="source distributions (sliced head) against transformers: speed, memory")
     model_size(ds, 512)
+    ds.add_argument("--vocab", type=int, default=32000, help="vocabulary (Gemma 3: 262144; default 32000)")
+    ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
+    ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
+    ds.add_argument("--reps", type=int, default=3, help="timed passes after one untimed (default 3)")
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
     model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")

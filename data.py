@@ -334,10 +334,11 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
     return d
 
 
-def window_topk(model, tok, batch: list[list[int]], topk: int, device):
+def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 2**26):
     """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one, right-padded).
     For each list of n tokens: (n, K) top-K ids and log-probs at each token (predicting the next one), and
-    the CE: mean -log p of every text token given what precedes it."""
+    the CE: mean -log p of every text token given what precedes it. The output head runs on a slice of
+    positions at a time (head_topk), so no (B, T, V) tensor is ever built."""
     import torch
     bos = [tok.bos_id] if tok.bos_id is not None else []
     seqs = [bos + t for t in batch]
@@ -346,18 +347,41 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device):
     for r, s in enumerate(seqs):
         x[r, :len(s)] = torch.tensor(s)
     with torch.no_grad():
-        logp = model(x.to(device))[:, :, :tok.vocab_size].float().log_softmax(-1)   # (B, T, V)
-        top = logp.topk(topk, dim=-1)
-    out_ids, out_lp, out_ce = [], [], []
-    for r, s in enumerate(seqs):
+        h = model.hidden(x.to(device))                                           # (B, T, C)
+        # the real positions, row after row, and the token each predicts (-1: the last, nothing to predict)
+        h = torch.cat([h[r, :len(s)] for r, s in enumerate(seqs)])              # (N, C)
+        nxt = torch.tensor([t for s in seqs for t in s[1:] + [-1]], device=h.device)   # (N,)
+        top_ids, top_lp, label_lp = head_topk(model, h, nxt, topk, tok.vocab_size, head_elements)
+    out_ids, out_lp, out_ce, at = [], [], [], 0
+    for s in seqs:
         nb = len(bos)
         n = len(s) - nb                                       # text tokens
-        out_ids.append(top.indices[r, nb:nb + n].cpu().numpy())
-        out_lp.append(top.values[r, nb:nb + n].cpu().numpy())
-        targets = torch.tensor(s[1:], device=logp.device)     # next tokens of positions 0..len-2
-        nll = -logp[r, :len(s) - 1].gather(-1, targets[:, None])[:, 0]
+        out_ids.append(top_ids[at + nb:at + nb + n].cpu().numpy())
+        out_lp.append(top_lp[at + nb:at + nb + n].cpu().numpy())
+        nll = -label_lp[at:at + len(s) - 1]                   # positions 0..len-2 predict tokens 1..len-1
         out_ce.append(float(nll.mean()) if len(nll) else float("nan"))
+        at += len(s)
     return out_ids, out_lp, out_ce
+
+
+def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 2**26):
+    """The output head, a slice of positions at a time: hidden states h (N, C) -> logits of `rows` positions
+    (rows, V) -> log-sum-exp, top-K and the next token's logit -> the next slice. Peak memory is one slice's
+    logits, about head_elements floats (256 MB in fp32), whatever N: Gemma 3's 262,144-token vocabulary over
+    8 windows of 2048 tokens would be 17 GB at once. nxt (N,): the next token at each position (-1: none).
+    Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
+    import torch
+    rows = max(1, head_elements // V)
+    ids, lps, label = [], [], []
+    for i in range(0, len(h), rows):
+        z = model.logits(h[i:i + rows])[:, :V]                                 # (rows, V) fp32
+        lse = z.logsumexp(-1, keepdim=True)                                    # (rows, 1)
+        top = z.topk(k, dim=-1)
+        ids.append(top.indices)
+        lps.append(top.values - lse)                                           # log-probs over the whole vocabulary
+        t = nxt[i:i + rows]
+        label.append((z.gather(-1, t.clamp(min=0)[:, None]) - lse)[:, 0] * (t >= 0))
+    return torch.cat(ids), torch.cat(lps), torch.cat(label)
 
 
 def read_dists(out, name, shard):

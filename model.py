@@ -440,6 +440,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32."""
+        return self.logits(self.hidden(input_ids))
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> the final normed hidden states (B, T, C), what the output head reads."""
         x = self.tok_embeddings(input_ids)                                   # (B, T, C)
         if self.args.embed_scale:                                            # Gemma: x sqrt(C), in x's dtype
             x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype)
@@ -449,10 +453,14 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, alibi, use_reentrant=False)
             else:
                 x = layer(x, rope, alibi)
-        logits = self.output(self.norm(x)).float()                          # (B, T, V)
+        return self.norm(x)                                                  # (B, T, C)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V) in fp32: the output head (and Gemma 2's soft-cap)."""
+        z = self.output(h).float()
         if self.args.final_softcap:                                          # Gemma 2: c tanh(z / c)
-            logits = self.args.final_softcap * torch.tanh(logits / self.args.final_softcap)
-        return logits
+            z = self.args.final_softcap * torch.tanh(z / self.args.final_softcap)
+        return z
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -246,3 +246,24 @@ def test_changed_tokenizer_is_caught_at_alignment(world, pipeline, tmp_path):
 def test_stages_out_of_order_say_what_to_run(tmp_path):
     with pytest.raises(data.DataError, match="run `python data.py windows`"):
         data.compute_dists(tmp_path, tmp_path, "x", quiet=True)
+
+
+def test_the_head_in_slices_gives_the_full_computation(world):
+    """window_topk runs the output head on a few positions at a time (here 3, so windows are cut mid-way), never
+    building (B, T, V). Its top-K, log-probs and CE equal the whole-batch log_softmax + topk written here.
+    Catches a slice boundary that drops or repeats a position, a log-sum-exp taken over the slice instead of
+    the vocabulary, and the CE read one position off."""
+    model, tok = fusellm.load(world / "target")
+    texts = stdlib_texts(3)
+    batch = [tok.encode(t[:300]) for t in texts]
+    V = tok.vocab_size
+    ids, lps, ces = data.window_topk(model, tok, batch, 5, "cpu", head_elements=3 * V)
+    for toks, i_, l_, ce in zip(batch, ids, lps, ces):
+        s = [tok.bos_id] + toks
+        with torch.no_grad():
+            logp = model(torch.tensor([s]))[0, :, :V].log_softmax(-1)                 # (n+1, V)
+        top = logp[1:].topk(5, dim=-1)                                               # at each text token
+        assert np.array_equal(i_, top.indices.numpy())
+        assert np.allclose(l_, top.values.numpy(), atol=1e-5)
+        want = -logp[:-1].gather(-1, torch.tensor(s[1:])[:, None]).mean()
+        assert abs(ce - float(want)) < 1e-5
