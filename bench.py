@@ -238,7 +238,7 @@ def bench_vocab_map(a):
           f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
 
 
-def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int) -> dict:
+def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 2**26) -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
     data.window_topk (the output head in slices), or transformers' forward + log_softmax + topk + gather.
@@ -260,20 +260,25 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int) -> dic
 
     def run():
         if which == "nanofuse":
-            return data.window_topk(model, tok, batch, K, device)
+            return data.window_topk(model, tok, batch, K, device, head_elements)
         with torch.no_grad():
             logp = model(x.to(device)).logits.float().log_softmax(-1)                       # (B, T, V)
             top = logp.topk(K, dim=-1)
             ce = -logp[:, :-1].gather(-1, x[:, 1:].to(device)[..., None]).mean(dim=(1, 2))
             return top.indices.cpu(), top.values.cpu(), ce.cpu()
 
-    run()
-    if cuda:
+    with torch.no_grad():                       # page in every weight (load_model maps the file lazily)
+        for p in model.parameters():
+            p.sum()
+    if cuda:                                    # the model is loaded: what the computation adds from here
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         base = peak_rss()
+    run()                                       # untimed: allocations, kernel choice
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         run()
@@ -299,7 +304,8 @@ def bench_dists(a):
     B, T, K = a.batch, a.seq, 10
     with tempfile.TemporaryDirectory() as d:
         fusellm.save_model(model, d)
-        rows = [("nanofuse (sliced head)", in_fresh_process(dists_child, "nanofuse", d, B, T, K, a.reps))]
+        rows = [("nanofuse (sliced head)", in_fresh_process(dists_child, "nanofuse", d, B, T, K, a.reps,
+                                                            a.head_elements))]
         import importlib.util
         if importlib.util.find_spec("transformers") is not None:
             rows.append(("transformers (full logits)", in_fresh_process(dists_child, "transformers", d, B, T, K,
@@ -552,6 +558,8 @@ def main():
     ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
     ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     ds.add_argument("--reps", type=int, default=3, help="timed passes after one untimed (default 3)")
+    ds.add_argument("--head-elements", type=int, default=2**26,
+                    help="logits per slice of the output head (default 2^26: 256 MiB in fp32)")
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
     model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")
