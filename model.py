@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -660,7 +661,10 @@ def no_init():
 
 def load_model(path, device="cpu", dtype=None) -> Transformer:
     """Build the model of a Hugging Face folder on the meta device and assign its checkpoint tensors.
-    dtype=None keeps each tensor's dtype from the file; otherwise floating tensors are cast."""
+    dtype=None keeps each tensor's dtype from the file; otherwise floating tensors are cast. A .gguf file
+    is read by load_gguf_model."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        return load_gguf_model(path, device, dtype)
     args = read_config(path)
     tensors = read_checkpoint_tensors(path)
     with torch.device("meta"), no_init():
@@ -749,6 +753,113 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF model files (llama.cpp, Ollama): the config in the metadata, tensors quantised in blocks. The config
+# becomes a Hugging Face config.json dict (so one reader, ModelArgs.from_hf, builds every model, and
+# save_model writes a folder transformers loads); tensors are dequantised with the `gguf` package.
+
+GGUF_LAYER_NAMES = {   # GGUF name inside blk.N -> ours inside layers.N (norms: GGUF_PLUS_ONE below)
+    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
+    "attn_q.bias": "attention.wq.bias", "attn_k.bias": "attention.wk.bias", "attn_v.bias": "attention.wv.bias",
+    "attn_q_norm.weight": "attention.q_norm.weight", "attn_k_norm.weight": "attention.k_norm.weight",
+    "attn_norm.weight": "attention_norm.weight", "post_attention_norm.weight": "post_attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight", "post_ffw_norm.weight": "post_ffn_norm.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_up.weight": "feed_forward.w3.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+}
+
+
+def gguf_config(fields: dict, path) -> dict:
+    """A Hugging Face config.json dict from a GGUF file's metadata (architectures llama and gemma3). What GGUF
+    leaves out, llama.cpp fixes per architecture, and so does this: Gemma 3's sliding layers (every 6th layer
+    global), their RoPE base 10,000, and query_pre_attn_scalar = head_dim."""
+    arch = fields.get("general.architecture")
+    if arch not in ("llama", "gemma3"):
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama, gemma3); use the "
+                              f"Hugging Face folder of the model instead")
+    g = lambda key, default=None: fields.get(f"{arch}.{key}", default)  # noqa: E731
+    if g("embedding_length") is None or g("block_count") is None:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.embedding_length or block_count")
+    heads = g("attention.head_count")
+    head_dim = g("attention.key_length") or g("embedding_length") // heads
+    cfg = {"hidden_size": g("embedding_length"), "num_hidden_layers": g("block_count"),
+           "intermediate_size": g("feed_forward_length"), "num_attention_heads": heads,
+           "num_key_value_heads": g("attention.head_count_kv") or heads, "head_dim": head_dim,
+           "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
+           "max_position_embeddings": g("context_length", 4096), "vocab_size": len(fields["tokenizer.ggml.tokens"])}
+    scaling = g("rope.scaling.type")
+    if scaling and scaling != "none":
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": g("rope.scaling.factor")}
+    if arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **cfg}
+    n = cfg["num_hidden_layers"]
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **cfg,
+            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": g("attention.sliding_window", 4096),
+            "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
+            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": head_dim, "tie_word_embeddings": True}
+
+
+def load_gguf_model(path, device="cpu", dtype=None) -> Transformer:
+    """A model from a .gguf file: its config from the metadata, every tensor dequantised to fp32 (then cast
+    to dtype when given). llama.cpp stores Gemma's norm weights as 1 + w and Llama's q/k rows interleaved
+    for its RoPE; both are undone here."""
+    from tokenizer import read_gguf
+    path = Path(path)
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
+    fields, infos, start = read_gguf(path)
+    cfg = gguf_config(fields, path)
+    args = ModelArgs.from_hf(cfg, source=str(path))
+    with torch.device("meta"), no_init():
+        model = Transformer(args)
+    expected = model.state_dict()
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    state, problems = {}, []
+    for t in infos:
+        name = t["name"]
+        if name.startswith("blk."):
+            _, layer, rest = name.split(".", 2)
+            ours = f"layers.{layer}.{GGUF_LAYER_NAMES.get(rest, rest)}"
+        else:
+            ours = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                    "output.weight": "output.weight"}.get(name, name)
+        if ours not in expected:
+            problems.append(f"unexpected tensor {name}")
+            continue
+        qtype = gguf.GGMLQuantizationType(t["type"])
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        rows, cols = math.prod(t["shape"][:-1]), t["shape"][-1]
+        size = rows * cols // block * nbytes
+        data = raw[start + t["offset"]:start + t["offset"] + size]
+        if len(data) != size:
+            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file; truncated, re-download it")
+        w = torch.from_numpy(np.array(dequantize(data.reshape(rows, -1), qtype), dtype=np.float32))
+        w = w.reshape(t["shape"])
+        if args.norm == "gemma" and ours.endswith("norm.weight"):
+            w = w - 1                                   # llama.cpp wrote 1 + w
+        if args.model_type == "llama" and ours.endswith(("wq.weight", "wk.weight")):
+            h = args.n_heads if ours.endswith("wq.weight") else args.n_kv_heads
+            w = w.reshape(h, 2, w.shape[0] // h // 2, -1).transpose(1, 2).reshape(w.shape)   # undo the interleave
+        if w.shape != expected[ours].shape:
+            problems.append(f"tensor {name} has shape {list(w.shape)}, the metadata implies {list(expected[ours].shape)}")
+            continue
+        state[ours] = w.to(dtype or torch.float32).to(device)
+    problems += [f"missing tensor for {k}" for k in expected if k not in state]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{path}: tensors do not match the metadata ({args.model_type}): {shown}")
+    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
 
 
 def load(path, device="cpu", dtype=None) -> tuple[Transformer, Tokenizer]:

@@ -104,11 +104,14 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, model_proto: bytes | None = None):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.load(str(path))
+            if model_proto is not None:                 # a model built in memory (from a GGUF vocabulary)
+                self.sp.load_from_serialized_proto(model_proto)
+            else:
+                self.sp.load(str(path))
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a sentencepiece model ({e}); expected a tokenizer.model "
                                  f"from a Llama-2/Mistral-style checkpoint") from None
@@ -578,10 +581,70 @@ def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
     return spec, config
 
 
+def sentencepiece_model_bytes(pieces: list[tuple[str, float, int]], bpe: bool, byte_fallback: bool,
+                              add_dummy_prefix: bool, unk_id: int | None) -> bytes:
+    """A sentencepiece ModelProto, written in protobuf's wire format by hand (no protobuf needed): the pieces
+    (text, score, type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), the model type, byte
+    fallback, and an identity normaliser that writes spaces as U+2581 (what GGUF's llama vocabularies assume)."""
+    import struct
+
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    def key(field, wire):
+        return varint(field << 3 | wire)
+
+    def blob(field, data: bytes):
+        return key(field, 2) + varint(len(data)) + data
+
+    def number(field, n):
+        return key(field, 0) + varint(n)
+
+    out = bytearray()
+    for text, score, kind in pieces:
+        out += blob(1, blob(1, text.encode()) + key(2, 5) + struct.pack("<f", score) + number(3, kind))
+    trainer = number(3, 2 if bpe else 1) + number(35, int(byte_fallback))
+    if unk_id is not None:
+        trainer += number(40, unk_id)
+    out += blob(2, trainer)
+    out += blob(3, blob(1, b"identity") + number(3, int(add_dummy_prefix)) + number(4, 0) + number(5, 1))
+    return bytes(out)
+
+
+def gguf_sentencepiece(path: Path, fields: dict) -> "SentencePieceTokenizer":
+    """A GGUF file's sentencepiece-style ('llama') vocabulary, run by the sentencepiece library: Llama-2,
+    Mistral, Gemma. The scores decide a BPE vocabulary's merges (llama.cpp's convention: Gemma's are BPE)."""
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.scores")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    scores = scores or [0.0] * len(tokens)
+    # llama.cpp writes user-defined pieces (Gemma's runs of spaces, tabs, newlines) with plain spaces; sentencepiece
+    # matches them after its normaliser has turned spaces into U+2581
+    pieces = [(t.replace(" ", "\u2581") if kind == 4 else t, float(x), int(kind))
+              for t, x, kind in zip(tokens, scores, types)]
+    is_bpe = fields.get("general.architecture", "").startswith("gemma") or any(t == 6 for t in types)
+    model = sentencepiece_model_bytes(pieces, bpe=is_bpe, byte_fallback=any(t == 6 for t in types),
+                                      add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)),
+                                      unk_id=fields.get("tokenizer.ggml.unknown_token_id"))
+    tok = SentencePieceTokenizer(path, model_proto=model)
+    for name in ("bos", "eos"):
+        i = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if i is not None:
+            setattr(tok, f"{name}_id", int(i))
+    return tok
+
+
 def load_tokenizer_file(path: Path, config: dict | None = None) -> Tokenizer:
     config = config or {}
     if path.suffix == ".gguf":
-        spec, names = gguf_tokenizer_spec(path, gguf_fields(path))
+        fields = gguf_fields(path)
+        if fields.get("tokenizer.ggml.model") == "llama":
+            return gguf_sentencepiece(path, fields)
+        spec, names = gguf_tokenizer_spec(path, fields)
         return bpe_from_spec(spec, path, {**names, **config})
     if path.suffix == ".json":
         return _load_tokenizer_json(path, config)
