@@ -847,7 +847,7 @@ def load_gguf_model(path, device="cpu", dtype=None) -> Transformer:
             w = w - 1                                   # llama.cpp wrote 1 + w
         if args.model_type == "llama" and ours.endswith(("wq.weight", "wk.weight")):
             h = args.n_heads if ours.endswith("wq.weight") else args.n_kv_heads
-            w = w.reshape(h, 2, w.shape[0] // h // 2, -1).transpose(1, 2).reshape(w.shape)   # undo the interleave
+            w = w.reshape(h, w.shape[0] // h // 2, 2, -1).transpose(1, 2).reshape(w.shape)   # undo the interleave
         if w.shape != expected[ours].shape:
             problems.append(f"tensor {name} has shape {list(w.shape)}, the metadata implies {list(expected[ours].shape)}")
             continue

@@ -204,3 +204,64 @@ def test_a_loaded_family_saves_back_to_a_folder_transformers_loads(tmp_path, cas
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(7))
     assert (logits_of(again, ids) - logits_of(ref, ids)).abs().max().item() < TOL
+
+
+def write_llama_gguf(path, ref, vocab_size):
+    """A tiny Llama as llama.cpp's converter writes it: llama metadata, f32 tensors under GGUF names, q and k
+    rows interleaved for llama.cpp's RoPE (its `permute`), and a byte-level BPE vocabulary to satisfy readers."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([f"t{i}" for i in range(vocab_size)])
+    w.add_token_types([1] * vocab_size)
+
+    def permute(t, heads):
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for k, v in ref.state_dict().items():
+        v = v.float().numpy()
+        if k == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", v)
+        elif k == "model.norm.weight":
+            w.add_tensor("output_norm.weight", v)
+        elif k == "lm_head.weight":
+            w.add_tensor("output.weight", v)
+        else:
+            _, _, i, rest = k.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            if module == "self_attn.q_proj":
+                v = permute(v, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                v = permute(v, c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{names[module]}.weight", v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_llama_gguf_file_gives_the_logits_transformers_reads_from_it(tmp_path):
+    """A .gguf Llama (untied, GQA) loads with the logits transformers computes from the same file (gguf_file=),
+    which undoes llama.cpp's q/k interleave on its own. Catches the interleave left in place, or undone with
+    the query head count on the keys."""
+    pytest.importorskip("accelerate")
+    ref = build_reference(tmp_path / "hf", LlamaConfig, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False))
+    write_llama_gguf(tmp_path / "tiny.gguf", ref, 97)
+    ours = fusellm.load_model(tmp_path / "tiny.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(8))
+    assert (logits_of(ours, ids) - logits_of(ref, ids)).abs().max().item() < TOL
+    assert (logits_of(theirs, ids) - logits_of(ref, ids)).abs().max().item() < TOL
