@@ -698,11 +698,18 @@ def load_model(path, device="cpu", dtype=None) -> Transformer:
     extra = [k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq")
              and not (args.tie_embeddings and k == "lm_head.weight")]
     problems += [f"unexpected tensor {k}" for k in sorted(extra)]
+    return assign(model, state, problems, f"{path}: checkpoint does not match config.json ({args.model_type})")
+
+
+def assign(model: Transformer, state: dict, problems: list[str], what: str) -> Transformer:
+    """The checkpoint's tensors put into the model built on the meta device, or one error that lists every
+    tensor that does not fit (the first 8)."""
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"{path}: checkpoint does not match config.json ({args.model_type}): {shown}")
-    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
+        raise CheckpointError(f"{what}: {shown}")
+    tied = model.args.tie_embeddings
+    model.load_state_dict(state, assign=True, strict=not tied)
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -853,13 +860,7 @@ def load_gguf_model(path, device="cpu", dtype=None) -> Transformer:
             continue
         state[ours] = w.to(dtype or torch.float32).to(device)
     problems += [f"missing tensor for {k}" for k in expected if k not in state]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"{path}: tensors do not match the metadata ({args.model_type}): {shown}")
-    model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return assign(model, state, problems, f"{path}: tensors do not match the metadata ({args.model_type})")
 
 
 def load(path, device="cpu", dtype=None) -> tuple[Transformer, Tokenizer]:
