@@ -396,20 +396,43 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
             tgt_by_len.setdefault(len(tgt_vocab[j]), []).append(j)
     tgt_by_len = {k: np.array(v) for k, v in tgt_by_len.items()}
     lengths = sorted(tgt_by_len)
+    # which targets of each length hold a character: two strings with no character in common are exactly
+    # max(len) edits apart (every aligned pair a substitution), so only targets sharing a character need the DP
+    holding: dict[int, dict[str, np.ndarray]] = {}
+    for ell, ids in tgt_by_len.items():
+        cols_of: dict[str, list[int]] = {}
+        for col, j in enumerate(ids.tolist()):
+            for c in set(tgt_vocab[j]):
+                cols_of.setdefault(c, []).append(col)
+        holding[ell] = {c: np.array(v) for c, v in cols_of.items()}
+    codes = {ell: np.array([[ord(c) for c in tgt_vocab[j]] for j in ids.tolist()], dtype=np.int32).reshape(len(ids), ell)
+             for ell, ids in tgt_by_len.items()}                # each length's targets as code points, once
     by_len: dict[int, list[int]] = {}
     for i in todo:
         by_len.setdefault(len(src_vocab[i]), []).append(i)
-    chunks = [(L, rows[k:k + 64]) for L, rows in by_len.items() for k in range(0, len(rows), 64)]
+    for rows in by_len.values():                       # rows of one script together: fewer targets to share with
+        rows.sort(key=lambda i: (min(src_vocab[i]), src_vocab[i]))
+    chunks = [(L, rows[k:k + 16]) for L, rows in by_len.items() for k in range(0, len(rows), 16)]
 
     def search(job):
         L, rows = job
         bd = np.full(len(rows), 1 << 30, dtype=np.int64)
         bj = np.full(len(rows), order[0], dtype=np.int64)
+        chars = set("".join(src_vocab[i] for i in rows))
+        mine = np.array([[ord(c) for c in src_vocab[i]] for i in rows], dtype=np.int32).reshape(len(rows), L)
         for ell in sorted(lengths, key=lambda x: (abs(x - L), x)):
             if abs(ell - L) > bd.max():
                 break
             ids = tgt_by_len[ell]
-            d = edit_distances([src_vocab[i] for i in rows], [tgt_vocab[j] for j in ids])   # (r, n_ell)
+            shares = np.zeros(len(ids), dtype=bool)
+            for c in chars:
+                if c in holding[ell]:
+                    shares[holding[ell][c]] = True
+            cols = np.flatnonzero(shares)
+            d = np.full((len(rows), len(ids)), max(L, ell), dtype=np.int32)                    # (r, n_ell)
+            if len(cols):                              # the DP over the shorter side (the distance is symmetric)
+                d[:, cols] = _wagner_fischer(mine, codes[ell][cols]) if L <= ell else \
+                    _wagner_fischer(codes[ell][cols], mine).T
             k = d.argmin(axis=1)                        # first minimum: the preferred id within this length
             dk = d[np.arange(len(rows)), k].astype(np.int64)
             jk = ids[k]
