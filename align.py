@@ -365,7 +365,8 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
 
     Exact, but not |Vs| x |Vt| edit distances: distance 0 and 1 come from dictionaries, and for the rest
     the target vocabulary is searched by length, nearest lengths first (|len(s) - len(t)| is a lower bound
-    on the distance), stopping once no unsearched length can beat the best found."""
+    on the distance), stopping once no unsearched length can beat the best found. Within a length, only
+    targets sharing a character with the source token need the DP: the others are max(len) edits away."""
     order = np.arange(len(tgt_vocab)) if order is None else np.asarray(order)
     rank = _ranks(order, len(tgt_vocab))
     em = vocab_map_em(src_vocab, tgt_vocab, order)
