@@ -249,9 +249,9 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident)."""
     import types
     import data
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    import common
+    device = common.device("auto")
+    cuda, dtype = device.startswith("cuda"), common.dtype_for(device)
     if which == "nanofuse":
         model = fusellm.load_model(path, device, dtype)
     else:
@@ -317,9 +317,9 @@ def bench_dists(a):
         else:
             print("(transformers not installed: nanofuse only)")
     dev = rows[0][1]["device"]
-    where = "GPU memory allocated" if dev == "cuda" else "resident memory"
+    where = "GPU memory allocated" if dev.startswith("cuda") else "resident memory"
     print(f"source distributions (top-{K} + CE), Llama dim={a.dim} layers={a.layers} vocab={a.vocab}, batch {B}x{T}, "
-          f"{'bf16 on cuda' if dev == 'cuda' else f'fp32 on {torch.get_num_threads()} CPU threads'}")
+          f"{'bf16 on cuda' if dev.startswith('cuda') else f'fp32 on {torch.get_num_threads()} CPU threads'}")
     print(f"{'':<28}{'tokens/s':>10}{'peak ' + where + ' added':>36}")
     for name, r in rows:
         print(f"{name:<28}{r['tokens_per_s']:>10,.0f}{r['extra'] / 2**20:>30,.0f} MiB")

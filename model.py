@@ -563,11 +563,10 @@ def hf_names(args: ModelArgs) -> dict[str, tuple[str, tuple | None]]:
     for i in range(args.n_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
         proj = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-        for ours, theirs in proj.items():
-            m[f"{p}attention.{ours}.weight"] = (f"{h}self_attn.{theirs}.weight", None)
-        if args.model_type == "phi3":                       # Phi-3: rows q;k;v in qkv_proj, gate;up in gate_up_proj
-            for j, ours in enumerate(("wq", "wk", "wv")):
-                m[f"{p}attention.{ours}.weight"] = (f"{h}self_attn.qkv_proj.weight", (j, (q, kv, kv)))
+        phi3 = args.model_type == "phi3"                    # Phi-3: rows q;k;v in qkv_proj, gate;up in gate_up_proj
+        for j, (ours, theirs) in enumerate(proj.items()):
+            m[f"{p}attention.{ours}.weight"] = ((f"{h}self_attn.qkv_proj.weight", (j, (q, kv, kv)))
+                                                 if phi3 and ours != "wo" else (f"{h}self_attn.{theirs}.weight", None))
         for ours in ("wq", "wk", "wv") if args.qkv_bias else ():
             m[f"{p}attention.{ours}.bias"] = (f"{h}self_attn.{proj[ours]}.bias", None)
         if args.o_bias:
@@ -576,12 +575,10 @@ def hf_names(args: ModelArgs) -> dict[str, tuple[str, tuple | None]]:
             m[f"{p}attention.q_norm.weight"] = (f"{h}self_attn.q_norm.weight", None)
             m[f"{p}attention.k_norm.weight"] = (f"{h}self_attn.k_norm.weight", None)
         for ours, theirs in {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}.items():
-            m[f"{p}feed_forward.{ours}.weight"] = (f"{h}mlp.{theirs}.weight", None)
+            m[f"{p}feed_forward.{ours}.weight"] = ((f"{h}mlp.gate_up_proj.weight", (int(ours == "w3"), (args.hidden_dim,) * 2))
+                                                   if phi3 and ours != "w2" else (f"{h}mlp.{theirs}.weight", None))
             if args.mlp_bias:
                 m[f"{p}feed_forward.{ours}.bias"] = (f"{h}mlp.{theirs}.bias", None)
-        if args.model_type == "phi3":
-            for j, ours in enumerate(("w1", "w3")):
-                m[f"{p}feed_forward.{ours}.weight"] = (f"{h}mlp.gate_up_proj.weight", (j, (args.hidden_dim,) * 2))
         # the norms: Llama's post_attention_layernorm is the norm *before* the MLP; Gemma and OLMo 2 name
         # the ones after each sublayer post_attention_ / post_feedforward_layernorm
         if pre:

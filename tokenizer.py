@@ -169,7 +169,7 @@ class TiktokenBPE(Tokenizer):
             import regex
             self.pre = regex.compile(pattern)
             self._piece = lru_cache(maxsize=1 << 16)(self._piece_by_rules)
-        if merges_only:
+        if merges_only and not exact:           # the fast path's check of whole pre-tokens (_through_merges)
             self.rank_bytes = [b""] * len(ranks)
             for b, r in ranks.items():
                 self.rank_bytes[r] = b

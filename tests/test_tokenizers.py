@@ -197,7 +197,7 @@ def test_starcoder_digits_pre_tokenizer_matches_hf(tmp_path):
     assert_same_ids(ref, ours, TEXTS + [SPACE_RUNS_TEXT, "ied 4 ½ months, x = 1234567 + 0.5e-10, v2.13.0"])
 
 
-def write_gguf(path, ref, pre: str, nfc_text_types=None):
+def write_gguf(path, ref, pre: str):
     """A GGUF file holding an HF byte-level BPE's vocabulary the way llama.cpp's converter writes it: tokens,
     token types (1 normal, 3 control, 4 user-defined), merges, the pre-tokenizer's name, special ids."""
     gguf = pytest.importorskip("gguf")
