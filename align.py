@@ -365,8 +365,9 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
 
     Exact, but not |Vs| x |Vt| edit distances: distance 0 and 1 come from dictionaries, and for the rest
     the target vocabulary is searched by length, nearest lengths first (|len(s) - len(t)| is a lower bound
-    on the distance), stopping once no unsearched length can beat the best found. Within a length, only
-    targets sharing a character with the source token need the DP: the others are max(len) edits away."""
+    on the distance), stopping once no unsearched length can beat the best found. Within a length, the
+    characters two strings share give a second lower bound, max(len) - common, exact when nothing is shared:
+    the DP runs only on targets whose bound could still beat (or tie) the best found."""
     order = np.arange(len(tgt_vocab)) if order is None else np.asarray(order)
     rank = _ranks(order, len(tgt_vocab))
     em = vocab_map_em(src_vocab, tgt_vocab, order)
@@ -397,15 +398,19 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
             tgt_by_len.setdefault(len(tgt_vocab[j]), []).append(j)
     tgt_by_len = {k: np.array(v) for k, v in tgt_by_len.items()}
     lengths = sorted(tgt_by_len)
-    # which targets of each length hold a character: two strings with no character in common are exactly
-    # max(len) edits apart (every aligned pair a substitution), so only targets sharing a character need the DP
-    holding: dict[int, dict[str, np.ndarray]] = {}
+    # which targets of each length hold a character, and how many times: an edit script keeps at most
+    # `common` characters in place (the multiset intersection), and every other character of the longer string
+    # costs an edit, so distance >= max(len) - common. With no character in common that bound is the distance
+    # (every aligned pair a substitution); the DP runs only where the bound could beat the best found so far.
+    holding: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for ell, ids in tgt_by_len.items():
         cols_of: dict[str, list[int]] = {}
+        counts_of: dict[str, list[int]] = {}
         for col, j in enumerate(ids.tolist()):
-            for c in set(tgt_vocab[j]):
+            for c, n in Counter(tgt_vocab[j]).items():
                 cols_of.setdefault(c, []).append(col)
-        holding[ell] = {c: np.array(v) for c, v in cols_of.items()}
+                counts_of.setdefault(c, []).append(n)
+        holding[ell] = {c: (np.array(v), np.array(counts_of[c], dtype=np.int32)) for c, v in cols_of.items()}
     codes = {ell: np.array([[ord(c) for c in tgt_vocab[j]] for j in ids.tolist()], dtype=np.int32).reshape(len(ids), ell)
              for ell, ids in tgt_by_len.items()}                # each length's targets as code points, once
     by_len: dict[int, list[int]] = {}
@@ -419,18 +424,20 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
         L, rows = job
         bd = np.full(len(rows), 1 << 30, dtype=np.int64)
         bj = np.full(len(rows), order[0], dtype=np.int64)
-        chars = set("".join(src_vocab[i] for i in rows))
         mine = np.array([[ord(c) for c in src_vocab[i]] for i in rows], dtype=np.int32).reshape(len(rows), L)
+        counts = [Counter(src_vocab[i]) for i in rows]
+        held = {c: np.array([n.get(c, 0) for n in counts], dtype=np.int32) for c in set().union(*counts)}  # (r,)
         for ell in sorted(lengths, key=lambda x: (abs(x - L), x)):
             if abs(ell - L) > bd.max():
                 break
             ids = tgt_by_len[ell]
-            shares = np.zeros(len(ids), dtype=bool)
-            for c in chars:
+            common = np.zeros((len(rows), len(ids)), dtype=np.int32)                           # (r, n_ell)
+            for c, n in held.items():
                 if c in holding[ell]:
-                    shares[holding[ell][c]] = True
-            cols = np.flatnonzero(shares)
-            d = np.full((len(rows), len(ids)), max(L, ell), dtype=np.int32)                    # (r, n_ell)
+                    cols, m = holding[ell][c]
+                    common[:, cols] += np.minimum(n[:, None], m[None, :])
+            d = max(L, ell) - common                   # the lower bound; exact where nothing is shared
+            cols = np.flatnonzero(((common > 0) & (d <= bd[:, None])).any(axis=0))
             if len(cols):                              # the DP over the shorter side (the distance is symmetric)
                 d[:, cols] = _wagner_fischer(mine, codes[ell][cols]) if L <= ell else \
                     _wagner_fischer(codes[ell][cols], mine).T

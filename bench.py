@@ -5,7 +5,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py load [--dim 1024 --layers 8 --vocab 32000]
     python bench.py align [--blocks 20]
     python bench.py vocab-map [--source-size 50000]
-    python bench.py dists [--dim 512 --layers 8 --vocab 32000 --batch 4 --seq 512]
+    python bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512]
     python bench.py train [--dim 512 --layers 8 --steps 5]
     python bench.py vocabs --dir LLAMA_CPP/models
 
@@ -25,7 +25,7 @@ pure-Python DTW (per-cell loop, C edit distance from the `editdistance` package)
 vocab-map: MinED vocab map of the first N cl100k tokens onto Mistral's 32768, against the official
 approach (every pair through editdistance), extrapolated from a timed sample.
 dists: source distributions (top-K and CE at every position) on one random checkpoint: nanofuse's
-data.window_topk, whose output head runs on slices of positions, against transformers' forward + log_softmax
+data.window_topk, whose output head runs on blocks of positions x vocabulary, against transformers' forward + log_softmax
 + topk, each in a fresh process: tokens/s and the peak memory each adds to the loaded model; then the bytes
 per token of the shards data.py writes. --vocab 262144 is Gemma 3's vocabulary.
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
@@ -62,6 +62,17 @@ def peak_rss() -> int:
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Start VmHWM again from the current resident memory (Linux: write 5 to /proc/self/clear_refs), so a peak
+    reached while loading does not hide what a computation adds; returns the resident memory now (VmRSS)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def load_child(which: str, path: str) -> dict:
@@ -242,10 +253,11 @@ def bench_vocab_map(a):
           f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
 
 
-def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 2**26) -> dict:
+def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 2**26,
+                head_cols: int = 0) -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
-    data.window_topk (the output head in slices), or transformers' forward + log_softmax + topk + gather.
+    data.window_topk (the output head in blocks), or transformers' forward + log_softmax + topk + gather.
     Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident)."""
     import types
     import data
@@ -256,7 +268,10 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         model = fusellm.load_model(path, device, dtype)
     else:
         import transformers
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        p = Path(path)
+        where = dict(pretrained_model_name_or_path=p.parent, gguf_file=p.name) if p.suffix == ".gguf" else \
+            dict(pretrained_model_name_or_path=p)
+        model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=dtype).to(device).eval()
     V = model.config.vocab_size if which != "nanofuse" else model.args.vocab_size
     x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
     tok = types.SimpleNamespace(bos_id=None, vocab_size=V)
@@ -264,7 +279,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
 
     def run():
         if which == "nanofuse":
-            return data.window_topk(model, tok, batch, K, device, head_elements)
+            return data.window_topk(model, tok, batch, K, device, head_elements, head_cols)
         with torch.no_grad():
             logp = model(x.to(device)).logits.float().log_softmax(-1)                       # (B, T, V)
             top = logp.topk(K, dim=-1)
@@ -279,7 +294,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = peak_rss()
+        base = reset_peak_rss()
     run()                                       # untimed: allocations, kernel choice
     if cuda:
         torch.cuda.synchronize()
@@ -293,9 +308,35 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     return dict(tokens_per_s=B * T / dt, extra=peak - base, device=device)
 
 
+def dists_table(a, path, title):
+    """Run both children on one checkpoint, each in a fresh process, and print tokens/s and peak memory."""
+    B, T, K = a.batch, a.seq, 10
+    rows = [("nanofuse (head in blocks)", in_fresh_process(dists_child, "nanofuse", path, B, T, K, a.reps,
+                                                           a.head_elements, a.head_cols))]
+    import importlib.util
+    if importlib.util.find_spec("transformers") is not None:
+        rows.append(("transformers (full logits)", in_fresh_process(dists_child, "transformers", path, B, T, K,
+                                                                    a.reps)))
+    else:
+        print("(transformers not installed: nanofuse only)")
+    dev = rows[0][1]["device"]
+    where = "GPU memory allocated" if dev.startswith("cuda") else "resident memory"
+    print(f"source distributions (top-{K} + CE), {title}, batch {B}x{T}, "
+          f"{'bf16 on ' + dev if dev.startswith('cuda') else f'fp32 on {torch.get_num_threads()} CPU threads'}")
+    print(f"{'':<28}{'tokens/s':>10}{'peak ' + where + ' added':>36}")
+    for name, r in rows:
+        print(f"{name:<28}{r['tokens_per_s']:>10,.0f}{r['extra'] / 2**20:>30,.0f} MiB")
+    if len(rows) == 2:
+        (_, o), (_, t) = rows
+        print(f"nanofuse / transformers: speed {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+              f"memory {o['extra'] / max(t['extra'], 1):.3f}x")
+
+
 def bench_dists(a):
-    """Source distributions on a random Llama: nanofuse's sliced head against transformers' full logits, each
-    in a fresh process, and the bytes per token of the shards data.py writes."""
+    """Source distributions on a real checkpoint (--model) or a random Llama: nanofuse's head in blocks against
+    transformers' full logits, each in a fresh process, and the bytes per token of the shards data.py writes."""
+    if a.model:
+        return dists_table(a, a.model, Path(a.model).name)
     import data
     args = fusellm.ModelArgs(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                              n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
@@ -305,28 +346,10 @@ def bench_dists(a):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    B, T, K = a.batch, a.seq, 10
+    K = 10
     with tempfile.TemporaryDirectory() as d:
         fusellm.save_model(model, d)
-        rows = [("nanofuse (sliced head)", in_fresh_process(dists_child, "nanofuse", d, B, T, K, a.reps,
-                                                            a.head_elements))]
-        import importlib.util
-        if importlib.util.find_spec("transformers") is not None:
-            rows.append(("transformers (full logits)", in_fresh_process(dists_child, "transformers", d, B, T, K,
-                                                                        a.reps)))
-        else:
-            print("(transformers not installed: nanofuse only)")
-    dev = rows[0][1]["device"]
-    where = "GPU memory allocated" if dev.startswith("cuda") else "resident memory"
-    print(f"source distributions (top-{K} + CE), Llama dim={a.dim} layers={a.layers} vocab={a.vocab}, batch {B}x{T}, "
-          f"{'bf16 on cuda' if dev.startswith('cuda') else f'fp32 on {torch.get_num_threads()} CPU threads'}")
-    print(f"{'':<28}{'tokens/s':>10}{'peak ' + where + ' added':>36}")
-    for name, r in rows:
-        print(f"{name:<28}{r['tokens_per_s']:>10,.0f}{r['extra'] / 2**20:>30,.0f} MiB")
-    if len(rows) == 2:
-        (_, o), (_, t) = rows
-        print(f"nanofuse / transformers: speed {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-              f"memory {o['extra'] / max(t['extra'], 1):.3f}x")
+        dists_table(a, d, f"random Llama dim={a.dim} layers={a.layers} vocab={a.vocab}")
     # bytes per token of the stored format, on this model's real top-K
     with torch.no_grad():
         top = model(torch.randint(0, a.vocab, (1, 256))).log_softmax(-1).topk(K)
@@ -557,14 +580,17 @@ def main():
     vm = sub.add_parser("vocab-map", help="MinED vocab map time for real-sized vocabularies")
     vm.add_argument("--source-size", type=int, default=50000, help="source tokens mapped (default 50000)")
     vm.add_argument("--source", default="", help="the source tokenizer (default: cl100k); e.g. Gemma 3's .gguf")
-    ds = sub.add_parser("dists", help="source distributions (sliced head) against transformers: speed, memory")
+    ds = sub.add_parser("dists", help="source distributions (head in blocks) against transformers: speed, memory")
     model_size(ds, 512)
+    ds.add_argument("--model", default="", help="a real checkpoint (HF folder or .gguf) instead of a random Llama")
     ds.add_argument("--vocab", type=int, default=32000, help="vocabulary (Gemma 3: 262144; default 32000)")
     ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
     ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     ds.add_argument("--reps", type=int, default=3, help="timed passes after one untimed (default 3)")
     ds.add_argument("--head-elements", type=int, default=2**26,
-                    help="logits per slice of the output head (default 2^26: 256 MiB in fp32)")
+                    help="logits per block of the output head (default 2^26: 256 MiB in fp32)")
+    ds.add_argument("--head-cols", type=int, default=0,
+                    help="vocabulary entries per block (default 0: 4096 on CPU, the whole vocabulary on GPU)")
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
     model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")

@@ -456,9 +456,10 @@ class Transformer(nn.Module):
                 x = layer(x, rope, alibi)
         return self.norm(x)                                                  # (B, T, C)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., C) -> logits (..., V) in fp32: the output head (and Gemma 2's soft-cap)."""
-        z = self.output(h).float()
+    def logits(self, h: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V) in fp32: the output head (and Gemma 2's soft-cap); `vocab`:
+        only these output ids (data.head_topk walks the vocabulary in blocks)."""
+        z = F.linear(h, self.output.weight[vocab]).float()
         if self.args.final_softcap:                                          # Gemma 2: c tanh(z / c)
             z = self.args.final_softcap * torch.tanh(z / self.args.final_softcap)
         return z

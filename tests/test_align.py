@@ -352,5 +352,18 @@ def test_mined_vocab_map_equals_brute_force_with_ties_in_preference_order(shuffl
         assert dist[i] == min(ds) and got[i] == order[ds.index(min(ds))], (s, got[i], dist[i])
 
 
+def test_mined_vocab_map_keeps_searching_for_a_preferred_tie_the_bounds_allow():
+    """'abc' is 3 edits from 'xyz' (same length, searched first, nothing shared) and 3 from 'abcxxx' (three
+    insertions), which comes first in the order. Both lower bounds of 'abcxxx' (length 6 - 3, and
+    max(len) - shared characters = 6 - 3) equal the best found, so it must still be searched and win the tie.
+    'cbaxxx' has the same bounds but is 5 edits away, so it must lose to 'xyz'. Catches a bound compared with
+    < instead of <= (a target at the bound then never searched, and its bound taken for its distance), and the
+    search stopping at a length whose bound equals the best."""
+    got, dist = align.vocab_map_mined(["abc"], ["abcxxx", "xyz"], threads=1)
+    assert got.tolist() == [0] and dist.tolist() == [3]
+    got, dist = align.vocab_map_mined(["abc"], ["cbaxxx", "xyz"], threads=1)
+    assert got.tolist() == [1] and dist.tolist() == [3]
+
+
 def test_em_vocab_map_needs_equal_strings():
     assert align.vocab_map_em(["▁a", "b", "", "c"], ["b", "▁a", ""]).tolist() == [1, 0, -1, -1]

@@ -248,16 +248,20 @@ def test_stages_out_of_order_say_what_to_run(tmp_path):
         data.compute_dists(tmp_path, tmp_path, "x", quiet=True)
 
 
-def test_the_head_in_slices_gives_the_full_computation(world):
-    """window_topk runs the output head on a few positions at a time (here 3, so windows are cut mid-way), never
-    building (B, T, V). Its top-K, log-probs and CE equal the whole-batch log_softmax + topk written here.
-    Catches a slice boundary that drops or repeats a position, a log-sum-exp taken over the slice instead of
-    the vocabulary, and the CE read one position off."""
+@pytest.mark.parametrize("blocks", ["positions", "positions x vocabulary"])
+def test_the_head_in_blocks_gives_the_full_computation(world, blocks):
+    """window_topk runs the output head on a block of positions x vocabulary at a time, never building (B, T, V):
+    here 3 positions (windows cut mid-way) by the whole vocabulary, or by a third of it plus one (so the last
+    block is short). Its top-K, log-probs and CE equal the whole-batch log_softmax + topk written here.
+    Catches a block boundary that drops or repeats a position, a log-sum-exp taken over a block instead of the
+    vocabulary, a block's top-K ids not shifted by the block's start, the next token's logit read from the
+    wrong block, and the CE read one position off."""
     model, tok = fusellm.load(world / "target")
     texts = stdlib_texts(3)
     batch = [tok.encode(t[:300]) for t in texts]
     V = tok.vocab_size
-    ids, lps, ces = data.window_topk(model, tok, batch, 5, "cpu", head_elements=3 * V)
+    cols = V if blocks == "positions" else V // 3 + 1
+    ids, lps, ces = data.window_topk(model, tok, batch, 5, "cpu", head_elements=3 * cols, head_cols=cols)
     for toks, i_, l_, ce in zip(batch, ids, lps, ces):
         s = [tok.bos_id] + toks
         with torch.no_grad():
