@@ -777,34 +777,51 @@ GGUF_LAYER_NAMES = {   # GGUF name inside blk.N -> ours inside layers.N (norms: 
 }
 
 
-def gguf_config(fields: dict, path) -> dict:
-    """A Hugging Face config.json dict from a GGUF file's metadata (architectures llama and gemma3). What GGUF
-    leaves out, llama.cpp fixes per architecture, and so does this: Gemma 3's sliding layers (every 6th layer
-    global), their RoPE base 10,000, and query_pre_attn_scalar = head_dim."""
+GGUF_ARCHS = {   # GGUF general.architecture -> (Hugging Face model_type, architectures, what GGUF leaves out)
+    "llama": ("llama", "LlamaForCausalLM", {"hidden_act": "silu"}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {"hidden_act": "silu"}),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", {"hidden_act": "silu"}),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", {"hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", {"hidden_activation": "gelu_pytorch_tanh",
+                                                    "rope_local_base_freq": 10000.0}),
+}
+
+
+def gguf_config(fields: dict, path, tensor_names=()) -> dict:
+    """A Hugging Face config.json dict from a GGUF file's metadata (architectures in GGUF_ARCHS). What GGUF
+    leaves out, llama.cpp fixes per architecture, and so does this: Gemma's sliding layers (Gemma 2: every
+    other layer, from the first; Gemma 3: all but every 6th), Gemma 3's local RoPE base 10,000, Gemma's
+    query_pre_attn_scalar (head_dim; Gemma 2 27B: hidden / heads). Embeddings are tied when the file has no
+    output.weight."""
     arch = fields.get("general.architecture")
-    if arch not in ("llama", "gemma3"):
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llama, gemma3); use the "
-                              f"Hugging Face folder of the model instead")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHS)}); "
+                              f"use the Hugging Face folder of the model instead")
     g = lambda key, default=None: fields.get(f"{arch}.{key}", default)  # noqa: E731
     if g("embedding_length") is None or g("block_count") is None:
         raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.embedding_length or block_count")
-    heads = g("attention.head_count")
+    heads, n = g("attention.head_count"), g("block_count")
     head_dim = g("attention.key_length") or g("embedding_length") // heads
-    cfg = {"hidden_size": g("embedding_length"), "num_hidden_layers": g("block_count"),
+    model_type, cls, extra = GGUF_ARCHS[arch]
+    cfg = {"architectures": [cls], "model_type": model_type, **extra,
+           "hidden_size": g("embedding_length"), "num_hidden_layers": n,
            "intermediate_size": g("feed_forward_length"), "num_attention_heads": heads,
            "num_key_value_heads": g("attention.head_count_kv") or heads, "head_dim": head_dim,
            "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
-           "max_position_embeddings": g("context_length", 4096), "vocab_size": len(fields["tokenizer.ggml.tokens"])}
+           "max_position_embeddings": g("context_length", 4096), "vocab_size": len(fields["tokenizer.ggml.tokens"]),
+           "tie_word_embeddings": bool(tensor_names) and "output.weight" not in tensor_names}
     scaling = g("rope.scaling.type")
     if scaling and scaling != "none":
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": g("rope.scaling.factor")}
-    if arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **cfg}
-    n = cfg["num_hidden_layers"]
-    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **cfg,
-            "hidden_activation": "gelu_pytorch_tanh", "sliding_window": g("attention.sliding_window", 4096),
-            "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
-            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": head_dim, "tie_word_embeddings": True}
+    if arch in ("gemma2", "gemma3"):
+        every = 2 if arch == "gemma2" else 6
+        cfg.update(sliding_window=g("attention.sliding_window", 4096),
+                   layer_types=["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)],
+                   query_pre_attn_scalar=g("embedding_length") // heads if arch == "gemma2" and n == 46 else head_dim)
+    if arch == "gemma2":
+        cfg.update(attn_logit_softcapping=g("attn_logit_softcapping", 50.0),
+                   final_logit_softcapping=g("final_logit_softcapping", 30.0))
+    return cfg
 
 
 def load_gguf_model(path, device="cpu", dtype=None) -> Transformer:
@@ -819,7 +836,7 @@ def load_gguf_model(path, device="cpu", dtype=None) -> Transformer:
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
     fields, infos, start = read_gguf(path)
-    cfg = gguf_config(fields, path)
+    cfg = gguf_config(fields, path, [t["name"] for t in infos])
     args = ModelArgs.from_hf(cfg, source=str(path))
     with torch.device("meta"), no_init():
         model = Transformer(args)

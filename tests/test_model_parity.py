@@ -206,20 +206,35 @@ def test_a_loaded_family_saves_back_to_a_folder_transformers_loads(tmp_path, cas
     assert (logits_of(again, ids) - logits_of(ref, ids)).abs().max().item() < TOL
 
 
-def write_llama_gguf(path, ref, vocab_size):
-    """A tiny Llama as llama.cpp's converter writes it: llama metadata, f32 tensors under GGUF names, q and k
-    rows interleaved for llama.cpp's RoPE (its `permute`), and a byte-level BPE vocabulary to satisfy readers."""
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GEMMA_GGUF_NAMES = dict(GGUF_NAMES, post_attention_layernorm="post_attention_norm",
+                        pre_feedforward_layernorm="ffn_norm", post_feedforward_layernorm="post_ffw_norm")
+
+
+def write_gguf(path, ref, arch, vocab_size):
+    """A tiny model as llama.cpp's converter writes it: `arch` metadata, f32 tensors under GGUF names, for
+    llama the q and k rows interleaved for llama.cpp's RoPE (its `permute`), for Gemma the norm weights
+    stored as 1 + w, no output.weight when the embeddings are tied, and a byte-level BPE vocabulary to
+    satisfy readers."""
     gguf = pytest.importorskip("gguf")
     c = ref.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if arch == "gemma2":
+        w.add_sliding_window(c.sliding_window)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list([f"t{i}" for i in range(vocab_size)])
@@ -228,38 +243,56 @@ def write_llama_gguf(path, ref, vocab_size):
     def permute(t, heads):
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = GEMMA_GGUF_NAMES if arch.startswith("gemma") else GGUF_NAMES
     for k, v in ref.state_dict().items():
         v = v.float().numpy()
+        if arch.startswith("gemma") and k.endswith("norm.weight"):
+            v = v + 1
         if k == "model.embed_tokens.weight":
             w.add_tensor("token_embd.weight", v)
         elif k == "model.norm.weight":
             w.add_tensor("output_norm.weight", v)
         elif k == "lm_head.weight":
-            w.add_tensor("output.weight", v)
+            if not c.tie_word_embeddings:
+                w.add_tensor("output.weight", v)
         else:
             _, _, i, rest = k.split(".", 3)
-            module = rest.rsplit(".", 1)[0]
-            if module == "self_attn.q_proj":
+            module, kind = rest.rsplit(".", 1)
+            if arch == "llama" and module == "self_attn.q_proj":
                 v = permute(v, c.num_attention_heads)
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 v = permute(v, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{names[module]}.weight", v)
+            w.add_tensor(f"blk.{i}.{names[module]}.{kind}", v)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def test_a_llama_gguf_file_gives_the_logits_transformers_reads_from_it(tmp_path):
-    """A .gguf Llama (untied, GQA) loads with the logits transformers computes from the same file (gguf_file=),
-    which undoes llama.cpp's q/k interleave on its own. Catches the interleave left in place, or undone with
-    the query head count on the keys."""
+GGUF_CASES = {   # GGUF architecture -> the reference model it is written from
+    "llama": (LlamaConfig, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
+    # head_dim 128: transformers' GGUF reader ignores qwen3.attention.key_length and takes Qwen3's default
+    "qwen3": (Qwen3Config, dict(LLAMA, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False)),
+    # head_dim 256 and Gemma 2's real soft-caps: GGUF stores no query_pre_attn_scalar, transformers' reader
+    # ignores the soft-caps, and both fall back to these
+    "gemma2": (Gemma2Config, dict(LLAMA, num_hidden_layers=3, num_key_value_heads=1, head_dim=256,
+                                  sliding_window=7, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                                  final_logit_softcapping=30.0, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CASES))
+def test_a_gguf_file_gives_the_logits_transformers_reads_from_it(tmp_path, arch):
+    """A .gguf model of each architecture loads with the reference's logits, as transformers loads it from the
+    same file (gguf_file=). Catches llama's q/k interleave left in place or undone with the query head count on
+    the keys (llama: untied, GQA), biases or q/k norms dropped (qwen2, qwen3), embeddings not tied when the file
+    has no output.weight (qwen2), Gemma's 1 + w norms kept, its sliding layers or soft-caps wrong (gemma2;
+    30 tokens against a window of 7)."""
     pytest.importorskip("accelerate")
-    ref = build_reference(tmp_path / "hf", LlamaConfig, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False))
-    write_llama_gguf(tmp_path / "tiny.gguf", ref, 97)
+    config_cls, kwargs = GGUF_CASES[arch]
+    ref = build_reference(tmp_path / "hf", config_cls, kwargs)
+    write_gguf(tmp_path / "tiny.gguf", ref, arch, 97)
     ours = fusellm.load_model(tmp_path / "tiny.gguf")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(8))
