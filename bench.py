@@ -525,7 +525,8 @@ def bench_vocabs(a):
         texts = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
         ids = [[int(x) for x in line.split()] for line in out.read_text().split("\n")]
         same = sum(tok.encode(t) == want for t, want in zip(texts, ids))
-        print(f"{name:<20}{pre:<16}{n:>8}{load_s:>8.2f}  {'exact' if tok.exact else 'fast':<7}{same:>9}/{len(texts)}")
+        path = {True: "exact", False: "fast", None: "spm"}[getattr(tok, "exact", None)]   # spm: sentencepiece
+        print(f"{name:<20}{pre:<16}{n:>8}{load_s:>8.2f}  {path:<7}{same:>9}/{len(texts)}")
 
 
 def stdlib_blocks(n_files: int, chars: int) -> list[str]:

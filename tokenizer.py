@@ -549,8 +549,8 @@ def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
     kind = fields.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF vocabulary of type {kind!r}; nanofuse reads byte-level BPE ('gpt2') "
-                             f"vocabularies from GGUF; for sentencepiece ('llama') ones use the model's "
-                             f"tokenizer.model")
+                             f"and sentencepiece ('llama') vocabularies from GGUF; use the model's tokenizer "
+                             f"files instead")
     pre = fields.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in GGUF_PRE:
         raise TokenizerError(f"{path}: pre-tokenizer {pre!r} is unknown (known: {', '.join(GGUF_PRE)}); use the "
@@ -620,8 +620,14 @@ def gguf_sentencepiece(path: Path, fields: dict) -> "SentencePieceTokenizer":
     """A GGUF file's sentencepiece-style ('llama') vocabulary, run by the sentencepiece library: Llama-2,
     Mistral, Gemma. The scores decide a BPE vocabulary's merges (llama.cpp's convention: Gemma's are BPE)."""
     tokens, scores = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.scores")
-    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     scores = scores or [0.0] * len(tokens)
+    # sentencepiece allows one unknown piece: the file's unknown_token_id. llama.cpp also types its [PAD<n>]
+    # fillers (Phi-3) as unknown; they become unused pieces, which the encoder never emits
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    types = [5 if kind == 2 and i != unk else kind for i, kind in enumerate(types)]
+    if unk is not None:
+        types[unk] = 2
     # llama.cpp writes user-defined pieces (Gemma's runs of spaces, tabs, newlines) with plain spaces; sentencepiece
     # matches them after its normaliser has turned spaces into U+2581
     pieces = [(t.replace(" ", "\u2581") if kind == 4 else t, float(x), int(kind))

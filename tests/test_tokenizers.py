@@ -245,6 +245,41 @@ def test_gguf_with_an_unknown_pre_tokenizer_is_refused(tmp_path):
         load_tokenizer(tmp_path / "model.gguf")
 
 
+@pytest.mark.parametrize("phi3_quirks", [False, True])
+def test_gguf_sentencepiece_vocabulary_encodes_as_the_model_it_came_from(tmp_path, phi3_quirks):
+    """Mistral's real sentencepiece model written as llama.cpp's converter writes a `llama` vocabulary (pieces,
+    scores, types: 2 unknown, 3 control, 6 byte) gives the ids the `sentencepiece` library gives from the
+    original file. With Phi-3's quirks, as in its real GGUF: the unknown piece typed control, and [PAD<n>]
+    fillers typed unknown after the vocabulary (sentencepiece allows one unknown piece). Catches a byte-fallback
+    or BPE flag lost in the rebuilt model, a dummy prefix dropped, and the fillers refused."""
+    gguf = pytest.importorskip("gguf")
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(package_file("mistral_common", "data", "tokenizer.model.v1")))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    scores = [sp.get_score(i) for i in range(len(pieces))]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(len(pieces))]
+    if phi3_quirks:
+        types[sp.unk_id()] = 3
+        pieces, scores, types = pieces + [f"[PAD{i}]" for i in range(3)], scores + [0.0] * 3, types + [2] * 3
+    w = gguf.GGUFWriter(str(tmp_path / "model.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(sp.unk_id())
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_tokenizer(tmp_path / "model.gguf")
+    for text in TEXTS + ["  two spaces\tand a tab", "unknown bytes: \x00\x7f 🙂 漢字"]:
+        assert ours.encode(text) == sp.encode(text), text[:60]
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (sp.bos_id(), sp.eos_id(), len(pieces))
+
+
 def test_display_strings_and_bytes_follow_hf_convention(tmp_path):
     ours = saved(tmp_path, train_byte_level_bpe())
     ids = ours.encode(" the\n")
