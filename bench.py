@@ -253,7 +253,7 @@ def bench_vocab_map(a):
           f"~{t_official / 60:.1f} CPU-minutes extrapolated from {len(sample)} tokens; ratio {t_official / t_ours:.0f}x")
 
 
-def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 2**26,
+def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 0,
                 head_cols: int = 0) -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
@@ -559,8 +559,8 @@ def main():
     ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
     ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     ds.add_argument("--reps", type=int, default=3, help="timed passes after one untimed (default 3)")
-    ds.add_argument("--head-elements", type=int, default=2**26,
-                    help="logits per block of the output head (default 2^26: 256 MiB in fp32)")
+    ds.add_argument("--head-elements", type=int, default=0,
+                    help="logits per block of the output head (default 0: 2^21 on CPU, 2^26 on GPU)")
     ds.add_argument("--head-cols", type=int, default=0,
                     help="vocabulary entries per block (default 0: 4096 on CPU, the whole vocabulary on GPU)")
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")

@@ -334,7 +334,7 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
     return d
 
 
-def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 2**26,
+def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 0,
                 head_cols: int = 0):
     """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one, right-padded).
     For each list of n tokens: (n, K) top-K ids and log-probs at each token (predicting the next one), and
@@ -365,21 +365,21 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elem
     return out_ids, out_lp, out_ce
 
 
-def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 2**26, head_cols: int = 0):
+def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: int = 0):
     """The output head in blocks of positions x vocabulary, never the whole (N, V) logits: for a slice of `rows`
     positions, walk the vocabulary `cols` entries at a time -> logits (rows, cols) -> fold them into a running
     log-sum-exp (logaddexp), a running top-K (the block's top-K merged with the best so far) and the next
-    token's logit when it falls in this block -> the next block. Peak memory is one block, about head_elements
-    floats (256 MB in fp32) whatever N and V: Gemma 3's 262,144-token vocabulary over 8 windows of 2048 tokens
-    would be 17 GB at once.
-    head_cols: vocabulary entries per block (0: 4096 on CPU, where a block of a few MB stays in cache for the
-    exp and top-K passes that follow the matrix product, 1.4x faster than whole-vocabulary rows on Gemma 3;
-    the whole vocabulary on GPU, where each block costs kernel launches). nxt (N,): the next token at each
-    position (-1: none). Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where
-    nxt is -1)."""
+    token's logit when it falls in this block -> the next block. Peak memory is one block of head_elements
+    floats whatever N and V: Gemma 3's 262,144-token vocabulary over 8 windows of 2048 tokens would be 17 GB
+    at once.
+    Block shape (0: by device). On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays
+    in cache for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that
+    is 1.4x faster than whole-vocabulary rows. On GPU, where each block costs kernel launches, 2^26 floats
+    (256 MiB) and the whole vocabulary per block. nxt (N,): the next token at each position (-1: none).
+    Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
     import torch
     cols = min(V, head_cols or (V if h.is_cuda else 4096))
-    rows = max(1, head_elements // cols)
+    rows = max(1, (head_elements or (2**26 if h.is_cuda else 2**21)) // cols)
     ids, lps, label = [], [], []
     for i in range(0, len(h), rows):
         hs, t = h[i:i + rows], nxt[i:i + rows]                                 # (r, C), (r,)
