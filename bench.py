@@ -24,10 +24,11 @@ its pair-cost cache over consecutive blocks, against the readable reference DP a
 pure-Python DTW (per-cell loop, C edit distance from the `editdistance` package), checking equal output.
 vocab-map: MinED vocab map of the first N cl100k tokens onto Mistral's 32768, against the official
 approach (every pair through editdistance), extrapolated from a timed sample.
-dists: source distributions (top-K and CE at every position) on one random checkpoint: nanofuse's
-data.window_topk, whose output head runs on blocks of positions x vocabulary, against transformers' forward + log_softmax
-+ topk, each in a fresh process: tokens/s and the peak memory each adds to the loaded model; then the bytes
-per token of the shards data.py writes. --vocab 262144 is Gemma 3's vocabulary.
+dists: source distributions (top-K and CE at every position) on a real checkpoint (--model, e.g. Gemma 3
+270M's .gguf) or a random one: nanofuse's data.window_topk, whose output head runs on blocks of positions x
+vocabulary, against transformers' forward + log_softmax + topk, each in a fresh process: tokens/s and the
+peak memory each adds to the loaded model; for a random model also the bytes per token of the shards
+data.py writes.
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
 CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
 vocabs: real byte-level BPE vocabularies (GPT-2, GPT-NeoX/MPT, StarCoder, Qwen2, Llama-3, ...) from llama.cpp's
