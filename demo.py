@@ -32,6 +32,7 @@ import json
 import shutil
 import statistics
 import sysconfig
+import tempfile
 import time
 import tokenize
 from dataclasses import dataclass
@@ -322,8 +323,19 @@ def real_inputs(source: str, target_tokenizer: str) -> tuple[Path, Path]:
             raise data.DataError(f"--target-tokenizer {target_tokenizer}: no tokenizer.json or tokenizer.model there")
         target_tokenizer = found[0]
     load_tokenizer(source)
-    load_tokenizer(target_tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:       # loaded under the name it will have in the target's folder
+        copy = Path(tmp) / real_tokenizer_name(target_tokenizer)
+        copy.write_bytes(target_tokenizer.read_bytes())
+        try:
+            load_tokenizer(copy)
+        except ValueError as e:                      # TokenizerError, about the copy: name the user's file
+            raise data.DataError(f"--target-tokenizer {target_tokenizer}: {str(e).removeprefix(f'{copy}: ')}") from None
     return source, target_tokenizer
+
+
+def real_tokenizer_name(path: Path) -> str:
+    """The target tokenizer's file name in the target's folder (a registry file may be named tokenizer.model.v1)."""
+    return "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
 
 
 def build_real_corpus(out: Path, size: DemoSize, chars: dict):
@@ -358,8 +370,7 @@ def run_real(out="runs/real", source="", target_tokenizer="", size="full", seed=
     out, (sz, chars) = Path(out), REAL_SIZES[size]
     source, target_tokenizer = real_inputs(source, target_tokenizer)
     build_real_corpus(out, sz, chars)
-    name = "tokenizer.json" if target_tokenizer.suffix == ".json" else "tokenizer.model"  # what a folder holds
-    tok_file = out / "tok" / name
+    tok_file = out / "tok" / real_tokenizer_name(target_tokenizer)
     if not tok_file.is_file():
         tok_file.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(tok_file, target_tokenizer.read_bytes())

@@ -90,3 +90,16 @@ def test_gemma3_270m_fuses_into_a_target_with_another_real_tokenizer(gemma_gguf,
     gemma, own = labels["candidate: source"], labels["candidate: target"]
     assert gemma["share of positions carried"] > 0.5
     assert gemma["mass on the true next token"] > own["mass on the true next token"] + 0.1
+
+
+def test_demo_real_names_a_bad_target_tokenizer_before_any_work(gemma_gguf, tmp_path):
+    """A file that is no tokenizer, given as the target's, ends `demo.py real` with one error naming that file,
+    before anything is written. Catches the check made on the renamed copy only (the message then names a
+    temporary file) and a corpus or model written before the error."""
+    import demo
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["real", "--source", str(gemma_gguf), "--target-tokenizer", str(bad), "--out", str(tmp_path / "o")])
+    assert str(e.value).startswith(f"error: --target-tokenizer {bad}: not a sentencepiece model")
+    assert not (tmp_path / "o").exists()
