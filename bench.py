@@ -5,7 +5,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py load [--dim 1024 --layers 8 --vocab 32000]
     python bench.py align [--blocks 20]
     python bench.py vocab-map [--source-size 50000]
-    python bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512]
+    python bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512] [--rounds 3]
     python bench.py train [--dim 512 --layers 8 --steps 5]
     python bench.py vocabs --dir LLAMA_CPP/models
 
@@ -39,6 +39,7 @@ The real tokenizers come from the registry packages in requirements-testdata.txt
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -310,27 +311,38 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
 
 
 def dists_table(a, path, title):
-    """Run both children on one checkpoint, each in a fresh process, and print tokens/s and peak memory."""
+    """Run both children on one checkpoint, each in a fresh process, and print tokens/s and peak memory.
+    --rounds N: N rounds, nanofuse then transformers in each, so that a slow spell of a shared machine hits
+    both sides of a round; each round's ratio is printed, then their median."""
     B, T, K = a.batch, a.seq, 10
-    rows = [("nanofuse (head in blocks)", in_fresh_process(dists_child, "nanofuse", path, B, T, K, a.reps,
-                                                           a.head_elements, a.head_cols))]
     import importlib.util
-    if importlib.util.find_spec("transformers") is not None:
-        rows.append(("transformers (full logits)", in_fresh_process(dists_child, "transformers", path, B, T, K,
-                                                                    a.reps)))
-    else:
+    has_hf = importlib.util.find_spec("transformers") is not None
+    if not has_hf:
         print("(transformers not installed: nanofuse only)")
-    dev = rows[0][1]["device"]
+    rounds = []
+    for r in range(a.rounds):
+        ours = in_fresh_process(dists_child, "nanofuse", path, B, T, K, a.reps, a.head_elements, a.head_cols)
+        theirs = in_fresh_process(dists_child, "transformers", path, B, T, K, a.reps) if has_hf else None
+        rounds.append((ours, theirs))
+        if a.rounds > 1:
+            print(f"round {r + 1}/{a.rounds}: nanofuse {ours['tokens_per_s']:,.0f} tokens/s" + (
+                f", transformers {theirs['tokens_per_s']:,.0f}: "
+                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if theirs else ""), flush=True)
+    dev = rounds[0][0]["device"]
     where = "GPU memory allocated" if dev.startswith("cuda") else "resident memory"
     print(f"source distributions (top-{K} + CE), {title}, batch {B}x{T}, "
-          f"{'bf16 on ' + dev if dev.startswith('cuda') else f'fp32 on {torch.get_num_threads()} CPU threads'}")
+          f"{'bf16 on ' + dev if dev.startswith('cuda') else f'fp32 on {torch.get_num_threads()} CPU threads'}"
+          + (f", median of {a.rounds} rounds" if a.rounds > 1 else ""))
     print(f"{'':<28}{'tokens/s':>10}{'peak ' + where + ' added':>36}")
-    for name, r in rows:
+    med = {name: {k: statistics.median(r[i][k] for r in rounds) for k in ("tokens_per_s", "extra")}
+           for i, name in enumerate(["nanofuse (head in blocks)", "transformers (full logits)"][:1 + has_hf])}
+    for name, r in med.items():
         print(f"{name:<28}{r['tokens_per_s']:>10,.0f}{r['extra'] / 2**20:>30,.0f} MiB")
-    if len(rows) == 2:
-        (_, o), (_, t) = rows
-        print(f"nanofuse / transformers: speed {o['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-              f"memory {o['extra'] / max(t['extra'], 1):.3f}x")
+    if has_hf:
+        speed = statistics.median(o["tokens_per_s"] / t["tokens_per_s"] for o, t in rounds)
+        memory = statistics.median(o["extra"] / max(t["extra"], 1) for o, t in rounds)
+        print(f"nanofuse / transformers: speed {speed:.2f}x, memory {memory:.3f}x"
+              + (" (medians of the rounds' ratios)" if a.rounds > 1 else ""))
 
 
 def bench_dists(a):
@@ -560,6 +572,8 @@ def main():
     ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
     ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")
     ds.add_argument("--reps", type=int, default=3, help="timed passes after one untimed (default 3)")
+    ds.add_argument("--rounds", type=int, default=1,
+                    help="rounds of both implementations, alternating; the median is reported (default 1)")
     ds.add_argument("--head-elements", type=int, default=0,
                     help="logits per block of the output head (default 0: 2^21 on CPU, 2^26 on GPU)")
     ds.add_argument("--head-cols", type=int, default=0,

@@ -374,7 +374,7 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
     at once.
     Block shape (0: by device). On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays
     in cache for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that
-    is 1.4x faster than whole-vocabulary rows. On GPU, where each block costs kernel launches, 2^26 floats
+    is 1.4x faster than whole-vocabulary rows (README, bench.py dists). On GPU, where each block costs kernel launches, 2^26 floats
     (256 MiB) and the whole vocabulary per block. nxt (N,): the next token at each position (-1: none).
     Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
     import torch
@@ -389,12 +389,14 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
         lab = torch.zeros(len(hs), device=h.device)                            # (r,) the next token's logit
         for c in range(0, V, cols):
             z = model.logits(hs, slice(c, min(c + cols, V)))                  # (r, cols) fp32
-            lse = torch.logaddexp(lse, z.logsumexp(-1))
-            bv, bi = z.topk(min(k, z.shape[1]), dim=-1)
-            top_v, j = torch.cat([top_v, bv], 1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
-            top_i = torch.cat([top_i, bi + c], 1).gather(1, j)
+            bv, bi = z.topk(min(k, z.shape[1]), dim=-1)                        # (r, k): bv[:, 0] is the block's max
             here = (t >= c) & (t < c + z.shape[1])                             # the next token is in this block
             lab = torch.where(here, z.gather(1, (t - c).clamp(0, z.shape[1] - 1)[:, None])[:, 0], lab)
+            # the block's log-sum-exp, max + log sum exp(z - max), with z overwritten in place (one pass less
+            # and no second (r, cols) tensor), folded into the running one
+            lse = torch.logaddexp(lse, bv[:, 0] + z.sub_(bv[:, :1]).exp_().sum(-1).log())
+            top_v, j = torch.cat([top_v, bv], 1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
+            top_i = torch.cat([top_i, bi + c], 1).gather(1, j)
         ids.append(top_i)
         lps.append(top_v - lse[:, None])                                       # log-probs over the whole vocabulary
         label.append((lab - lse) * (t >= 0))
