@@ -5,6 +5,8 @@ common.py: the plumbing every script shares, so each does it one way.
   a temporary name beside it and renamed into place when complete, so a kill never leaves half a file under
   the real name (and a rerun that checks for the file redoes exactly the unfinished work).
 - Progress: one line every few seconds for long work: items done of the total, rate, ETA.
+- rank_world / barrier / first_rank_then_all: processes under torchrun. One rank builds what all of them share
+  (the windows, a vocab map, diagnostics) while the others wait; the per-shard work is split between them.
 - device / dtype_for: the device a script runs on ("auto": the GPU of this process when there is one, else
   the CPU) and the dtype a frozen model runs in there (bf16 on GPU, fp32 on CPU).
 """
@@ -101,6 +103,39 @@ class Progress:
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         print(f"[{self.what}] {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s{tok}, ETA {eta_s}",
               flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes under torchrun
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): torchrun sets RANK and WORLD_SIZE; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def barrier():
+    """Wait until every process under torchrun has come here (alone: return at once). The process group is set
+    up on first use when the script has none (data.py): gloo, which needs no GPU and only passes the meeting
+    along, with a day's timeout, since a rank that finished its shards may wait hours for the slowest one.
+    If any rank dies, torchrun stops the others, so no rank waits forever."""
+    if rank_world()[1] == 1:
+        return
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+    dist.barrier()
+
+
+def first_rank_then_all(build):
+    """build() on rank 0 alone, then on the other ranks once rank 0 has finished: for work whose result goes to
+    disk (a cache, a folder) and is only read back by the later calls, so it is done once and no rank reads,
+    deletes or rewrites what another is writing. Returns build()'s result on every rank."""
+    rank = rank_world()[0]
+    result = build() if rank == 0 else None
+    barrier()
+    return result if rank == 0 else build()
 
 
 # ----------------------------------------------------------------------------------------------------

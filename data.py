@@ -12,11 +12,17 @@ data.py: from a corpus to fusion-ready data.
    processes run later.
 2. dists: run one model over every window (batched, bf16 on GPU, fp32 on CPU) and keep, at each of its
    tokens, the top-K next-token ids with log-probs normalised over its whole vocabulary, plus the window's
-   cross-entropy (CE). Under torchrun each rank takes every world_size-th shard.
+   cross-entropy (CE).
 3. align: carry a source's top-K onto the target's tokens and vocabulary (align.py) and write diagnostics.
 
 Every shard is written under a temporary name and renamed, and a rerun skips finished shards, so a kill
-loses at most the shard in progress. Adding a source later runs dists + align for that source only.
+loses at most the shard in progress.
+
+Under torchrun (`torchrun --nproc_per_node N data.py all ...`) each rank takes every N-th shard of dists and
+align; what all ranks share is built by rank 0 alone while the others wait (common.first_rank_then_all): the
+windows, each vocab map, and the diagnostics, merged from every shard's statistics once all ranks are done.
+No rank reads, deletes or rewrites what another is writing, and the outputs are byte for byte those of one
+process (for the same floating-point results: the same device and thread count). Adding a source later runs dists + align for that source only.
 
 Storage (per model, per token): top-K ids in the narrowest unsigned type the vocabulary allows
 (uint16 up to 65536 ids), log-probs quantised to uint8 in steps of 1/16 nat (or fp16 with
@@ -29,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 import zipfile
 import zlib
@@ -191,7 +196,14 @@ def split_document(doc: str, tokenizers, seq_len: int) -> list[str]:
 
 def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_windows=256, text_field="text",
                   txt_docs="file", quiet=False) -> dict:
-    """Stage 1: write out/windows/shard-*.jsonl and out/manifest.json."""
+    """Stage 1: write out/windows/shard-*.jsonl and out/manifest.json (under torchrun: rank 0 writes them while
+    the other ranks wait, then every rank reads the manifest)."""
+    quiet = quiet or common.rank_world()[0] != 0      # the other ranks find them built: nothing to say
+    return common.first_rank_then_all(lambda: _build_windows(corpus, target_dir, source_dirs, out, seq_len,
+                                                             shard_windows, text_field, txt_docs, quiet))
+
+
+def _build_windows(corpus, target_dir, source_dirs, out, seq_len, shard_windows, text_field, txt_docs, quiet):
     from tokenizer import load_tokenizer
     out = Path(out)
     manifest_path = out / "manifest.json"
@@ -271,8 +283,14 @@ def read_windows(out, shard: int) -> list[dict]:
 
 def my_shards(n_shards: int) -> list[int]:
     """This process's shards: every world_size-th, starting at its rank (torchrun sets RANK and WORLD_SIZE)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = common.rank_world()
     return list(range(rank, n_shards, world))
+
+
+def rank_label(what: str) -> str:
+    """A progress label, with the rank when several processes print."""
+    rank, world = common.rank_world()
+    return f"{what} rank {rank}/{world}" if world > 1 else what
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,7 +322,7 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
     model, tok = fusellm.load(model_dir, device=device, dtype=common.dtype_for(device))
     d.mkdir(parents=True, exist_ok=True)
     info.update(vocab_size=tok.vocab_size, tokenizer=tokenizer_fingerprint(tok), bos=tok.bos_id)
-    if not (d / "info.json").is_file():
+    if not (d / "info.json").is_file() and common.rank_world()[0] == 0:
         write_json(d / "info.json", info)
     V = tok.vocab_size
     per_token = topk * (np.dtype(id_dtype(V)).itemsize + logprob_bits // 8)
@@ -313,7 +331,7 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
         print(f"[dists {name}] {len(todo)} of {len(shards)} shards to do on {device}; expected disk at most "
               f"{est_tokens * per_token / 2**20:,.1f} MiB ({per_token} bytes/token before compression, "
               f"<= {est_tokens:,.0f} tokens)")
-    prog = Progress(f"dists {name}", sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
+    prog = Progress(rank_label(f"dists {name}"), sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
     for s in todo:
         windows = read_windows(out, s)
         offsets, ids_all, lp_all, ce, crc = [0], [], [], [], []
@@ -441,6 +459,8 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
     merge (align_settings; stored in out/aligned/<name>/settings.json)."""
     from tokenizer import load_tokenizer
     settings = align_settings(**settings)
+    common.barrier()                            # every rank's distributions are written before any rank aligns
+    rank = common.rank_world()[0]
     m = load_manifest(out)
     src_info = model_info(out, name)
     tgt_info = model_info(out, target)
@@ -452,13 +472,16 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     if (d / "settings.json").is_file() and json.loads((d / "settings.json").read_text()) != settings:
         raise DataError(f"{d} was aligned with other settings ({(d / 'settings.json').read_text()}); delete it first")
-    write_json(d / "settings.json", settings)
+    if rank == 0 and not (d / "settings.json").is_file():
+        write_json(d / "settings.json", settings)
     sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
-    vmap = align.vocab_map(s_tok, t_tok, settings["vocab_map"], Path(out) / "cache", settings["map_ties"])
+    # built once, on rank 0; the other ranks then read it from the cache
+    vmap = common.first_rank_then_all(
+        lambda: align.vocab_map(s_tok, t_tok, settings["vocab_map"], Path(out) / "cache", settings["map_ties"]))
     costs = align.PairCosts()
     shards = my_shards(m["shards"])
     todo = [s for s in shards if not (d / f"shard-{s:05d}.npz").is_file()]
-    prog = Progress(f"align {name}", sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
+    prog = Progress(rank_label(f"align {name}"), sum(shard_sizes(m)[s] for s in todo), quiet=quiet)
     T_dtype = id_dtype(t_tok.vocab_size)
     for s in todo:
         windows, src, tgt = read_windows(out, s), read_dists(out, name, s), read_dists(out, target, s)
@@ -482,10 +505,14 @@ def align_source(out, name, target="target", quiet=False, **settings) -> dict:
                  ce=src["ce"], target_offsets=tgt["offsets"])
         _save_shard_stats(d, s, stats)
     prog.update(0, force=True)
-    diag = diagnostics(out, name)
-    if not quiet:
-        print_diagnostics(name, diag)
-    return diag
+    common.barrier()                            # every shard's statistics are written: rank 0 merges them
+
+    def merged():
+        diag = diagnostics(out, name) if rank == 0 else json.loads((d / "diagnostics.json").read_text())
+        if rank == 0 and not quiet:
+            print_diagnostics(name, diag)
+        return diag
+    return common.first_rank_then_all(merged)
 
 
 def stored_align_settings(out, name) -> dict:

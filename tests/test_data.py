@@ -1,7 +1,13 @@
 """The data pipeline turns a corpus into fusion-ready shards: windows every tokenizer fits, each model's top-K,
 sources aligned onto the target; resumable, shard by shard, with nothing half-written."""
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +15,7 @@ import torch
 
 import data
 import fusellm
-from conftest import SEQ, stdlib_texts             # the `world` fixture comes from conftest
+from conftest import ROOT, SEQ, stdlib_texts             # the `world` fixture comes from conftest
 from tokenizer import load_tokenizer
 
 
@@ -103,6 +109,65 @@ def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, 
             done = sorted(p.name for p in (tmp_path / "models" / "target").glob("shard-*.npz"))
             assert done == [f"shard-{s:05d}.npz" for s in range(0, data.load_manifest(tmp_path)["shards"], 2)]
     assert tree(tmp_path / "models" / "target") == tree(pipeline / "models" / "target")
+
+
+def data_all(world, out, ranks: int = 1, wait=True, slow_filesystem=False):
+    """`python data.py all` on the world's target and source, or `torchrun --nproc_per_node <ranks> data.py all`,
+    optionally through tests/slow_filesystem.py. One thread per process, so every process gets the same
+    floating-point results."""
+    args = [*([str(ROOT / "tests" / "slow_filesystem.py")] if slow_filesystem else []), str(ROOT / "data.py"), "all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
+            "--sources", str(world / "source"), "--data", str(out), "--seq-len", str(SEQ), "--shard-windows", "4",
+            "--topk", "5", "--batch-size", "3", "--device", "cpu"]
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                "--master_port", str(port), *args]
+    p = subprocess.Popen([sys.executable, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    if wait:
+        log = p.communicate(timeout=300)[0].decode()
+        assert p.returncode == 0, log
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    data_all(world, out)
+    return tree(out)
+
+
+@pytest.mark.slow
+def test_torchrun_data_preparation_equals_one_process_byte_for_byte(world, one_process, tmp_path):
+    """Two ranks on a slow filesystem (folder renames stall, rank 1 lags): rank 0 alone builds the windows and
+    the vocab map, each rank aligns its own shards, and rank 0 merges the diagnostics once both are done.
+    Catches ranks that both build windows/ (the second swaps it away while the first reads it), diagnostics
+    merged before the slow rank's shards are in, and a rank that skips or repeats another's shards."""
+    data_all(world, tmp_path, ranks=2, slow_filesystem=True)
+    two = tree(tmp_path)
+    assert sorted(two) == sorted(one_process)
+    assert [k for k in two if two[k] != one_process[k]] == []
+    diag = json.loads(two["aligned/source/diagnostics.json"])
+    assert diag["positions"] == sum(int(np.load(f)["offsets"][-1]) for f in (tmp_path / "models" / "target").glob("*.npz"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["models/source/shard-00000.npz", "aligned/source/shard-00000.npz"])
+def test_torchrun_data_preparation_killed_and_rerun_equals_one_process(world, one_process, tmp_path, kill_at):
+    """Killed (every process, at once) as soon as a file of the given stage appears, then run again with two
+    ranks: the result is byte for byte one process's. Catches a rerun that redoes a stage over another rank's
+    finished files, keeps a half-written one, or never merges the diagnostics."""
+    p = data_all(world, tmp_path, ranks=2, wait=False)
+    t0 = time.time()
+    while not (tmp_path / kill_at).is_file() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "aligned" / "source" / "diagnostics.json").is_file(), "killed too late to test a resume"
+    data_all(world, tmp_path, ranks=2)
+    assert {k: v for k, v in tree(tmp_path).items() if not k.rsplit("/", 1)[-1].startswith(".")} == one_process
 
 
 # --- alignment, diagnostics, fusion-ready data -------------------------------------------------------------
