@@ -392,7 +392,8 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
     at once.
     Block shape (0: by device). On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays
     in cache for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that
-    is 1.4x faster than whole-vocabulary rows (README, bench.py dists). On GPU, where each block costs kernel launches, 2^26 floats
+    is 1.4x faster than whole-vocabulary rows (README, bench.py dists). On GPU, where each block costs kernel
+    launches, 2^26 floats
     (256 MiB) and the whole vocabulary per block. nxt (N,): the next token at each position (-1: none).
     Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
     import torch

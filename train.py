@@ -58,8 +58,8 @@ class TrainConfig:
     tau: float = 1.0               # AvgCE softmax weights and per-token AvgCE: their temperature
     ce_unit: str = "token"         # candidates' CE compared per token (paper) or per byte of the window's text
     # optimisation
-    batch_size: int = 8            # windows per micro-batch, all processes together
-    grad_accum: int = 1            # micro-batches per optimizer step
+    batch_size: int = 8            # windows per optimizer step, all processes together (the global batch)
+    micro_batch: int = 0           # windows per forward pass on each process (0: largest divisor of its share <= 8)
     epochs: float = 1.0            # passes over the data (fractions allowed)
     max_steps: int = 0             # if > 0: stop after this many steps instead
     lr: float = 3e-4               # peak learning rate
@@ -172,21 +172,45 @@ def window_order(windows_per_shard: list[int], seed: int, epoch: int, block: int
     return order
 
 
-class Batches:
-    """The windows of micro-batch m of step k, for this rank: item i of the global micro-batch goes to rank
-    i % world. The order depends only on (seed, step), which is all a resumed run needs."""
+def batch_plan(batch_size: int, micro_batch: int, world: int) -> tuple[int, int]:
+    """The global batch (windows per optimizer step, all processes together) is the setting; what each process
+    does follows from it: (windows per forward pass on each process, forward passes per step), with
+    batch_size = world x micro x accumulation exactly. micro_batch 0 picks the largest divisor of each
+    process's share up to 8 windows. A split that does not come out even is an error that says which fit."""
+    if batch_size < 1 or micro_batch < 0:
+        raise TrainingError(f"--batch-size {batch_size} --micro-batch {micro_batch}: the global batch must be at "
+                            f"least 1 window and the micro-batch 0 (automatic) or more")
+    if batch_size % world:
+        lo = batch_size // world * world
+        raise TrainingError(f"--batch-size {batch_size} is the global batch (windows per optimizer step, all "
+                            f"processes together); it must split evenly over the {world} processes: use a "
+                            f"multiple of {world}, e.g. {max(lo, world)} or {lo + world}")
+    share = batch_size // world
+    fits = [d for d in range(1, share + 1) if share % d == 0]
+    if micro_batch and micro_batch not in fits:
+        raise TrainingError(f"--micro-batch {micro_batch} must divide the {share} windows each of the {world} "
+                            f"processes takes per step (--batch-size {batch_size}): choose one of {fits}")
+    micro = micro_batch or max(d for d in fits if d <= 8)
+    return micro, share // micro
 
-    def __init__(self, source, cfg, rank, world):
-        self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
+
+class Batches:
+    """The windows of micro-batch m of step k, for this rank. A step is the next batch_size windows of the
+    order; its micro-batch m is the m-th run of micro x world of them, and item i of that run goes to rank
+    i % world. The order depends only on (seed, step), which is all a resumed run needs, and the windows of a
+    step do not depend on how many processes share it or how it is cut into micro-batches."""
+
+    def __init__(self, source, cfg, rank, world, micro: int):
+        self.source, self.cfg, self.rank, self.world, self.micro = source, cfg, rank, world, micro
         self.sizes = data.shard_sizes(data.load_manifest(cfg.data))
         self.n = sum(self.sizes)
         self._orders = {}
 
     def items(self, step: int, micro: int) -> list[dict]:
-        per_step = self.cfg.batch_size * self.cfg.grad_accum
-        start = step * per_step + micro * self.cfg.batch_size
+        run = self.micro * self.world                                  # windows of one micro-batch, all ranks
+        start = step * self.cfg.batch_size + micro * run
         picked = []
-        for g in range(start + self.rank, start + self.cfg.batch_size, self.world):
+        for g in range(start + self.rank, start + run, self.world):
             epoch, i = divmod(g, self.n)
             if epoch not in self._orders:
                 self._orders = {epoch: window_order(self.sizes, self.cfg.seed, epoch, self.cfg.shuffle_shards)}
@@ -406,6 +430,7 @@ def train(cfg: TrainConfig):
         raise TrainingError("give --data (a data.py folder) and --target (the target model folder); "
                             "`python train.py --help` lists every setting")
     rank, world, device = setup_distributed(cfg)
+    micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch, world)      # before anything loads
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -427,8 +452,8 @@ def train(cfg: TrainConfig):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     opt = make_optimizer(model, cfg, device)
     fmodel = torch.compile(model) if cfg.compile else model
-    batches = Batches(candidates, cfg, rank, world)
-    per_step = cfg.batch_size * cfg.grad_accum
+    batches = Batches(candidates, cfg, rank, world, micro)
+    per_step = cfg.batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.n / per_step))
     ckpt = out / "ckpt.pt"
     step = 0
@@ -442,12 +467,19 @@ def train(cfg: TrainConfig):
         (out / "metrics.jsonl").unlink()
     n_params = sum(p.numel() for p in unwrap(model).parameters())
     if rank == 0:
+        seq = data.load_manifest(cfg.data)["seq_len"]
         print(f"[train] {n_params / 1e6:.3g}M parameters on {device} x{world}; {batches.n} windows, {total} steps of "
               f"{per_step} windows; fusion {cfg.fusion} over {candidates.names}, lambda {cfg.lam}")
+        print(f"[train] global batch {per_step} windows per step = {world} process{'es' * (world > 1)} x "
+              f"{micro} windows per forward pass x {accum} accumulation step{'s' * (accum > 1)}; at most "
+              f"{per_step * seq:,} tokens per step (windows of <= {seq} tokens)")
+        if cfg.paper and seq != 2048:
+            print(f"[train] note: the paper's windows are 2048 tokens (128 x 2048 tokens per step); this data's "
+                  f"are {seq} (`data.py windows --seq-len 2048` for the paper's)")
 
     def batches_at(k):
         return [fusellm.collate(batches.items(k, m), candidates.names, tok.bos_id, K, cfg.ce_unit)
-                for m in range(cfg.grad_accum)]
+                for m in range(accum)]
 
     t0, last_good, start_step, tokens_done = time.time(), None, step, 0
     try:

@@ -2,9 +2,11 @@
 over processes or killed and resumed without changing a single loss."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -308,10 +310,48 @@ def test_gradient_accumulation_equals_one_big_batch(world, tmp_path):
     """Two micro-batches of 2 windows train exactly like one batch of 4: the losses are normalised by the
     whole step's token counts, not per micro-batch."""
     whole = run(world, tmp_path / "a", "--batch-size", "4", "--max-steps", "3")
-    accum = run(world, tmp_path / "b", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3")
+    accum = run(world, tmp_path / "b", "--batch-size", "4", "--micro-batch", "2", "--max-steps", "3")
     for a, b in zip(whole, accum):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["fusion"] == pytest.approx(b["fusion"], abs=1e-5)
+
+
+@pytest.mark.parametrize("batch, micro, world, plan", [
+    (128, 0, 8, (8, 2)),        # --paper on 8 GPUs: 16 windows each, 8 per forward pass, 2 accumulation steps
+    (128, 2, 8, (2, 8)),        # the same 128 windows per step with smaller forward passes
+    (128, 4, 1, (4, 32)),       # --paper on one GPU: still 128 windows per step
+    (6, 0, 2, (3, 1)),          # a share of 3: 3 per forward pass
+    (24, 0, 1, (8, 3)),         # the largest divisor of 24 up to 8
+    (14, 0, 1, (7, 2)),         # 14 = 7 x 2: not 8
+])
+def test_the_global_batch_is_the_setting_and_the_rest_follows(batch, micro, world, plan):
+    """Catches the old arithmetic, where --paper's 128 with --grad-accum 8 silently became 1,024 windows per
+    step: processes x micro-batch x accumulation always equals --batch-size."""
+    assert train.batch_plan(batch, micro, world) == plan
+    assert world * plan[0] * plan[1] == batch
+
+
+@pytest.mark.parametrize("batch, micro, world, says", [
+    (128, 0, 3, "must split evenly over the 3 processes: use a multiple of 3, e.g. 126 or 129"),
+    (128, 3, 8, "--micro-batch 3 must divide the 16 windows each of the 8 processes takes per step"),
+    (0, 0, 1, "--batch-size 0"),
+])
+def test_a_batch_that_does_not_split_evenly_is_one_clear_error(batch, micro, world, says):
+    with pytest.raises(train.TrainingError, match=re.escape(says)):
+        train.batch_plan(batch, micro, world)
+
+
+def test_a_steps_windows_do_not_depend_on_processes_or_micro_batches(world):
+    """Step k takes the same windows whether one process runs 4 per pass or two processes run 1 per pass twice,
+    and item i of a micro-batch goes to rank i % world. Catches a micro-batch that starts at
+    micro x micro_batch instead of micro x micro_batch x world (ranks would repeat windows and skip others)."""
+    cfg = train.TrainConfig(data=str(world / "data"), batch_size=4)
+    echo = types.SimpleNamespace(items=lambda picked: picked)
+    one = train.Batches(echo, cfg, 0, 1, micro=4)
+    ranks = [train.Batches(echo, cfg, r, 2, micro=1) for r in (0, 1)]
+    for step in range(5):
+        split = [ranks[r].items(step, m) for m in range(2) for r in (0, 1)]
+        assert split == [[w] for w in one.items(step, 0)]
 
 
 def test_gradient_checkpointing_changes_memory_not_results(world, tmp_path):
