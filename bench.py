@@ -7,6 +7,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py vocab-map [--source-size 50000]
     python bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512] [--rounds 3]
     python bench.py train [--dim 512 --layers 8 --steps 5]
+    python bench.py generate [--model GGUF_OR_DIR | --dim 512 --layers 8] [--prompt 256 --new 64]
     python bench.py vocabs --dir LLAMA_CPP/models
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
@@ -31,6 +32,8 @@ peak memory each adds to the loaded model; for a random model also the bytes per
 data.py writes.
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
 CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
+generate: eval.py's greedy decoding with the KV cache against running the whole context at every new token, on
+the same model and prompt in one process: new tokens/s of each, and whether they chose the same tokens.
 vocabs: real byte-level BPE vocabularies (GPT-2, GPT-NeoX/MPT, StarCoder, Qwen2, Llama-3, ...) from llama.cpp's
 ggml-vocab-*.gguf files, each loaded by nanofuse and compared with the ids the original HF tokenizer gives on
 llama.cpp's test inputs. The files: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
@@ -511,6 +514,52 @@ def bench_labels(a):
     print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))
 
 
+def bench_generate(a):
+    """eval.Scorer.generate with the KV cache and without (the model wrapped so eval.py does not know it), same
+    prompt, one process; random prompt ids, so any checkpoint runs without its tokenizer."""
+    import types
+    import common
+    import eval as ev
+    device = common.device("auto")
+    if a.model:
+        model = fusellm.load_model(a.model, device, common.dtype_for(device))
+        title = Path(a.model).name
+    else:
+        args = fusellm.ModelArgs(vocab_size=32000, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
+                                 n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
+                                 sliding_layers=(False,) * a.layers)
+        torch.manual_seed(0)
+        model = fusellm.Transformer(args).to(device, common.dtype_for(device)).eval()
+        title = f"random Llama dim={a.dim} layers={a.layers}"
+    V = model.args.vocab_size
+    prompt = torch.randint(0, V, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    # a tokenizer stand-in: the prompt is given as ids, and each new token "decodes" to one character
+    tok = types.SimpleNamespace(bos_id=None, eos_id=None, vocab_size=V, encode=lambda text: prompt,
+                                decode=lambda ids: "".join(chr(65 + i % 26) for i in ids))
+
+    class Uncached(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)
+
+    rows = []
+    for name, m in (("KV cache", model), ("whole context each token", Uncached(model))):
+        scorer = ev.Scorer(m, tok, device, window=a.prompt + a.new)
+        t0 = time.perf_counter()
+        text = scorer.generate("", a.new, [])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rows.append((name, a.new / (time.perf_counter() - t0), text))
+    print(f"greedy generation, {title}, prompt {a.prompt} tokens, {a.new} new tokens, on {device}"
+          f"{'' if device.startswith('cuda') else f' ({torch.get_num_threads()} threads)'}")
+    for name, rate, _ in rows:
+        print(f"{name:<28}{rate:>10,.1f} new tokens/s")
+    print(f"KV cache / whole context: {rows[0][1] / rows[1][1]:.1f}x; same tokens: {rows[0][2] == rows[1][2]}")
+
+
 def bench_vocabs(a):
     """Real tokenizers against the ids their original Hugging Face tokenizers give: llama.cpp ships, for many
     real vocabularies, a ggml-vocab-<name>.gguf with test inputs (.inp) and the HF ids (.out)."""
@@ -581,6 +630,11 @@ def main():
     tr = sub.add_parser("train", help="fusion step against CLM-only step: time, memory, tokens/s")
     model_size(tr, 512)
     tr.add_argument("--steps", type=int, default=5, help="timed optimizer steps, after one untimed (default 5)")
+    gn = sub.add_parser("generate", help="greedy generation with the KV cache against the whole context per token")
+    model_size(gn, 512)
+    gn.add_argument("--model", default="", help="a real checkpoint (HF folder or .gguf) instead of a random Llama")
+    gn.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
+    gn.add_argument("--new", type=int, default=64, help="new tokens generated (default 64)")
     vc = sub.add_parser("vocabs", help="real tokenizers from llama.cpp's ggml-vocab-*.gguf against HF's ids")
     vc.add_argument("--dir", required=True, help="llama.cpp's models/ folder (in the llama-cpp-python sdist: "
                                                  "vendor/llama.cpp/models)")
@@ -590,7 +644,7 @@ def main():
     lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
     a = p.parse_args(sys.argv[1:] or ["labels"])
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
-     "train": bench_train, "vocabs": bench_vocabs}[a.cmd](a)
+     "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -180,17 +180,31 @@ class Scorer:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
-        """Greedy decoding until a stop string appears (cut there) or max_new_tokens."""
+        """Greedy decoding until a stop string appears (cut there) or max_new_tokens. Each token sees the last
+        `window` tokens. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
+        alone, attending to the keys and values cached so far; past the window, the context slides and each
+        step runs the last `window` tokens again, as without a cache (the same tokens: a test)."""
         ids = self.prefix + self.tok.encode(prompt)
-        out = []
-        text = ""
-        for _ in range(max_new_tokens):
-            x = torch.tensor([ids[-self.window:]], device=self.device)
-            nxt = int(self.model(x)[0, -1, :self.tok.vocab_size].argmax())
+        cached = isinstance(self.model, fusellm.Transformer)
+        out, text, cache, new = [], "", None, ids
+        for step in range(max_new_tokens):
+            if not cached or len(ids) > self.window:
+                cache, new = None, ids[-self.window:]                # the whole context, as it stands
+            elif cache is None:                                      # the first step: the prompt fills the cache
+                param = next(self.model.parameters())
+                cache = fusellm.KVCache(self.model.args, 1, min(self.window, len(ids) + max_new_tokens - step),
+                                        param.device, param.dtype)
+            x = torch.tensor([new], device=self.device)
+            if cached:                                               # the output head on the last position only
+                logits = self.model.logits(self.model.hidden(x, cache)[:, -1])[0]                 # (V,)
+            else:
+                logits = self.model(x)[0, -1]
+            nxt = int(logits[:self.tok.vocab_size].argmax())
             if nxt == self.tok.eos_id:
                 break
             ids.append(nxt)
             out.append(nxt)
+            new = [nxt]                                              # what the cache has not seen yet
             text = self.tok.decode(out)
             hit = [text.find(s) for s in stops if s in text]
             if hit:

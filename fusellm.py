@@ -40,7 +40,7 @@ import torch
 import common
 
 # re-exported: the model, its checkpoints and tokenizers, for `from fusellm import ...`
-from model import (CheckpointError, ModelArgs, Transformer, alibi_slopes, load, load_model,  # noqa: F401
+from model import (CheckpointError, KVCache, ModelArgs, Transformer, alibi_slopes, load, load_model,  # noqa: F401
                    read_safetensors, save_model, write_safetensors)
 from tokenizer import load_tokenizer  # noqa: F401
 

@@ -328,8 +328,9 @@ class Attention(nn.Module):
         self.scale, self.clip, self.softcap = args.attn_scale, args.clip_qkv, args.attn_softcap
         self.sliding = bool(args.sliding_layers[layer_id])
         self.window = args.sliding_window if self.sliding else None
+        self.layer_id = layer_id
 
-    def forward(self, x, rope, alibi):  # x (B, T, C); rope: (cos, sin) of full and of sliding layers
+    def forward(self, x, rope, alibi, cache=None):  # x (B, T, C); rope: (cos, sin) of full and of sliding layers
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clip:
@@ -344,20 +345,23 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope[1] if self.sliding and rope[1] is not None else rope[0]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:                       # the keys and values of every position so far
+            k, v = cache.update(self.layer_id, k, v)                                     # (B, Hkv, S, hd)
+        S = k.shape[2]                              # queries are positions S-T .. S-1 of the S keys
         mask, causal = None, True
-        if alibi is not None:                       # (1, H, T, T): -slope*(i-j), -inf above the diagonal
+        if alibi is not None:                       # (1, H, T, S): -slope*(i-j), -inf where j > i
             mask, causal = alibi, False
-        elif self.window is not None and T > self.window or self.softcap:
-            i = torch.arange(T, device=x.device)
-            mask, causal = i[None, :] <= i[:, None], False                               # (T, T) causal
+        elif S > T or self.window is not None and S > self.window or self.softcap:
+            i, j = torch.arange(S - T, S, device=x.device), torch.arange(S, device=x.device)
+            mask, causal = j[None, :] <= i[:, None], False                               # (T, S) causal
             if self.window is not None:
-                mask = mask & (i[None, :] > i[:, None] - self.window)                      # and in the window
+                mask = mask & (j[None, :] > i[:, None] - self.window)                      # and in the window
         if self.softcap:                            # Gemma 2: scores capped by c tanh(s / c) before the softmax
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)       # (B, H, T, hd)
             scale = self.scale if self.scale is not None else self.head_dim ** -0.5
             s = (q @ k.transpose(-1, -2)) * scale                                            # (B, H, T, T)
-            s = self.softcap * torch.tanh(s / self.softcap)
+            s = self.softcap * torch.tanh(s / self.softcap)                                 # (B, H, T, S)
             s = s.masked_fill(~mask, float("-inf"))
             y = torch.softmax(s.float(), dim=-1).to(q.dtype) @ v                            # (B, H, T, hd)
         else:
@@ -402,9 +406,31 @@ class Block(nn.Module):
         self.ffn_norm, self.post_ffn_norm = norm(pre), norm(post)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, rope, alibi):  # (B, T, C)
-        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, alibi))
+    def forward(self, x, rope, alibi, cache=None):  # (B, T, C)
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, alibi, cache))
         return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x)))
+
+
+class KVCache:
+    """The keys and values every layer has computed so far, so that generating one more token runs the model
+    on that token alone: model(new_ids, cache=c) attends to everything c holds, then c holds the new ones too.
+    Per layer (B, Hkv, max_len, hd), filled from position 0; `len` is how many positions it holds."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0
+
+    def update(self, layer: int, k, v):
+        """Store one layer's k, v (B, Hkv, T, hd) for positions len .. len+T-1; return all of its keys and values
+        so far (B, Hkv, len+T, hd). Transformer.hidden advances len once every layer has stored."""
+        end = self.len + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"the KV cache holds {self.k.shape[3]} positions; {end} were asked for")
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class Transformer(nn.Module):
@@ -419,14 +445,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False
 
-    def positions(self, T: int, device, dtype):
-        """RoPE (cos, sin) of shape (T, hd) for full-attention layers and for sliding layers (None: the same),
-        or the ALiBi additive mask (1, H, T, T)."""
-        t = torch.arange(T, device=device, dtype=torch.float32)
+    def positions(self, T: int, device, dtype, start: int = 0):
+        """For positions start .. start+T-1: RoPE (cos, sin) of shape (T, hd) for full-attention layers and for
+        sliding layers (None: the same), or the ALiBi additive mask (1, H, T, start+T) over every key so far."""
+        t = torch.arange(start, start + T, device=device, dtype=torch.float32)
         if self.args.pos == "alibi":
             slopes = alibi_slopes(self.args.n_heads, self.args.alibi_bias_max).to(device)
-            dist = t[None, :] - t[:, None]                                   # (T, T): j - i
-            bias = slopes[:, None, None] * dist                              # (H, T, T)
+            dist = torch.arange(start + T, device=device, dtype=torch.float32)[None, :] - t[:, None]  # (T, S): j - i
+            bias = slopes[:, None, None] * dist                              # (H, T, S)
             bias = bias.masked_fill(dist > 0, float("-inf"))                 # causal
             return None, bias[None].to(dtype)
         a = self.args
@@ -439,21 +465,25 @@ class Transformer(nn.Module):
         local = cos_sin(a.rope_local["rope_theta"], a.rope_local) if a.rope_local else None
         return (cos_sin(a.rope_theta, a.rope_scaling), local), None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V) in fp32."""
-        return self.logits(self.hidden(input_ids))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) in fp32. With a cache: input_ids continue what it holds."""
+        return self.logits(self.hidden(input_ids, cache))
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> the final normed hidden states (B, T, C), what the output head reads."""
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the final normed hidden states (B, T, C), what the output head reads. With a
+        cache (generation), input_ids are the positions after those it holds, and it then holds them too."""
         x = self.tok_embeddings(input_ids)                                   # (B, T, C)
         if self.args.embed_scale:                                            # Gemma: x sqrt(C), in x's dtype
             x = x * torch.tensor(self.args.dim ** 0.5, dtype=x.dtype)
-        rope, alibi = self.positions(input_ids.shape[1], x.device, x.dtype)
+        start = cache.len if cache is not None else 0
+        rope, alibi = self.positions(input_ids.shape[1], x.device, x.dtype, start)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:               # recompute activations in backward
                 x = torch.utils.checkpoint.checkpoint(layer, x, rope, alibi, use_reentrant=False)
             else:
-                x = layer(x, rope, alibi)
+                x = layer(x, rope, alibi, cache)
+        if cache is not None:
+            cache.len += input_ids.shape[1]
         return self.norm(x)                                                  # (B, T, C)
 
     def logits(self, h: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
