@@ -40,24 +40,25 @@ def atomic_path(path, folder: bool = False):
     The temporary keeps the suffix (np.save and savefig choose the format by it) and starts with a dot."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    _remove(tmp)                                            # left by a killed process that had our pid
+    remove_path(tmp)                                            # left by a killed process that had our pid
     if folder:
         tmp.mkdir(parents=True)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
-            _remove(old)
+            remove_path(old)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
-def _remove(p: Path):
+def remove_path(p: Path):
+    """Remove a file, a link or a whole folder, if it is there."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():

@@ -40,8 +40,8 @@ import torch
 import common
 
 # re-exported: the model, its checkpoints and tokenizers, for `from fusellm import ...`
-from model import (CheckpointError, KVCache, ModelArgs, Transformer, alibi_slopes, load, load_model,  # noqa: F401
-                   read_safetensors, save_model, write_safetensors)
+from model import (CheckpointError, KVCache, ModelArgs, Transformer, alibi_slopes, checkpoint_layout, load,  # noqa: F401
+                   load_model, read_safetensors, save_model, write_safetensors)
 from tokenizer import load_tokenizer  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Read top to bottom: config -> model -> safetensors -> load/save.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -670,6 +671,27 @@ def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
         return tensors
     raise CheckpointError(f"{path}: no weights found; expected model.safetensors, "
                           f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def checkpoint_layout(path) -> tuple[torch.dtype, int]:
+    """What an export of a model loaded from `path` keeps: (the dtype of most of its floating weights, the
+    tensor bytes of its largest weights file, as save_model's max_shard_bytes: its greedy fill then cuts the
+    same tensors into the same files). A .gguf file (quantised blocks, no torch dtype): bf16, 5 GiB shards."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return torch.bfloat16, 5 * 2**30
+    by_dtype = collections.Counter()
+    for t in read_checkpoint_tensors(path).values():          # memory-mapped: only headers are read
+        if t.is_floating_point():
+            by_dtype[t.dtype] += t.numel()
+    sizes = []                                                 # the tensor bytes of each weights file
+    for f in path.iterdir():
+        if f.suffix == ".safetensors" and f.is_file():
+            with open(f, "rb") as fh:
+                sizes.append(f.stat().st_size - 8 - struct.unpack("<Q", fh.read(8))[0])
+        elif f.suffix == ".bin" and f.is_file():
+            sizes.append(f.stat().st_size)
+    return by_dtype.most_common(1)[0][0], max(sizes)
 
 
 @contextlib.contextmanager

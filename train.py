@@ -78,8 +78,8 @@ class TrainConfig:
     shuffle_shards: int = 16       # windows are shuffled across blocks of this many shards (0: all shards)
     # progress and checkpoints
     log_every: int = 10            # steps between progress lines
-    ckpt_every: int = 100          # steps between checkpoints (out/ckpt.pt)
-    resume: bool = False           # continue from out/ckpt.pt
+    ckpt_every: int = 100          # steps between checkpoints (out/ckpt.pt; under FSDP the sharded out/ckpt/)
+    resume: bool = False           # continue from the checkpoint in --out
     export: bool = True            # write out/final: the model (save_model) and the target's tokenizer files
     paper: bool = False            # the paper's settings (see PAPER)
 
@@ -384,23 +384,53 @@ def full_state(model, opt, fsdp):
     return unwrap(model).state_dict(), opt.state_dict()
 
 
+def checkpoint_path(out: Path, fsdp: bool) -> Path:
+    """out/ckpt.pt (one file, written by rank 0), or under FSDP out/ckpt/ (torch.distributed.checkpoint: each
+    rank writes its own shards of the weights and Adam state, and no rank ever holds the whole model)."""
+    return out / "ckpt" if fsdp else out / "ckpt.pt"
+
+
 def save_checkpoint(path: Path, model, opt, step, cfg, fsdp, rank):
+    extra = {"step": step, "config": dataclasses.asdict(cfg),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(model, opt)                  # this rank's shards (DTensors)
+        tmp = path.with_name(f".{path.name}.tmp")              # the same name on every rank
+        if rank == 0:
+            common.remove_path(tmp)
+        torch.distributed.barrier()
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+        torch.distributed.barrier()                            # every rank's shards are written
+        if rank == 0:
+            torch.save(extra, tmp / "train_state.pt")
+            old = path.with_name(f".{path.name}.old")
+            common.remove_path(old)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)                              # the new checkpoint appears whole
+            common.remove_path(old)
+        torch.distributed.barrier()
+        return
     msd, osd = full_state(model, opt, fsdp)
     if rank != 0:
         return
-    state = {"model": msd, "optim": osd, "step": step, "config": dataclasses.asdict(cfg),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({"model": msd, "optim": osd, **extra}, tmp)
 
 
 def load_checkpoint(path: Path, model, opt, fsdp):
-    state = torch.load(path, map_location="cpu", weights_only=False)
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(full_state_dict=True))
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)                    # each rank reads its own shards
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        state.update(torch.load(path / "train_state.pt", weights_only=False))
     else:
+        state = torch.load(path, map_location="cpu", weights_only=False)
         unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -409,16 +439,40 @@ def load_checkpoint(path: Path, model, opt, fsdp):
     return state["step"]
 
 
-def export(args: fusellm.ModelArgs, state: dict, tok_dir: Path, out: Path):
-    """The trained weights as a model folder (save_model) with the target's tokenizer files."""
+def load_target(cfg, device, world):
+    """The target in fp32, the master weights (bf16 autocast computes on GPU), without an fp32 copy of the
+    whole model on the host: the checkpoint is memory-mapped, and each tensor is cast and moved to the device
+    on its own. Under FSDP2 each rank builds the model on the meta device, shards it, then takes from each
+    memory-mapped tensor only its own shard (the file's pages are shared by the processes of a node)."""
+    if not (cfg.fsdp and world > 1):
+        model, tok = fusellm.load(cfg.target, device=device, dtype=torch.float32)
+        return model, tok
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    mapped, tok = fusellm.load(cfg.target)                    # views of the file: nothing read yet
+    with torch.device("meta"):
+        model = fusellm.Transformer(mapped.args)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, mapped.state_dict(), options=StateDictOptions(full_state_dict=True))
+    return model, tok
+
+
+def export(args: fusellm.ModelArgs, state: dict, target: Path, out: Path):
+    """The trained weights as a model folder (save_model) with the target's tokenizer files, in the target
+    checkpoint's own dtype (bf16 in, bf16 out) and shards no larger than its largest."""
+    dtype, shard_bytes = fusellm.checkpoint_layout(target)
     with torch.device("meta"):
         final = fusellm.Transformer(args)
-    final.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, assign=True, strict=False)
+    final.load_state_dict({k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
+                           for k, v in state.items()}, assign=True, strict=False)
     if args.tie_embeddings:
         final.output.weight = final.tok_embeddings.weight
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-    extra = [tok_dir / n for n in names if (tok_dir / n).is_file()]
-    return fusellm.save_model(final, out, extra_files=extra)
+    extra = [target / n for n in names if (target / n).is_file()]
+    return fusellm.save_model(final, out, max_shard_bytes=shard_bytes, extra_files=extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,28 +492,26 @@ def train(cfg: TrainConfig):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     cuda = device.startswith("cuda")
-    model, tok = fusellm.load(cfg.target, device="cpu", dtype=torch.float32)
-    model = model.to(device).train()
+    model, tok = load_target(cfg, device, world)
+    model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
     candidates = OnlineCandidates(cfg, tok, device) if cfg.online else StoredCandidates(cfg, tok)
     K = cfg.topk if cfg.online else data.model_info(cfg.data, "target")["topk"]
-    if cfg.fsdp and world > 1:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif world > 1:
+    if world > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     opt = make_optimizer(model, cfg, device)
     fmodel = torch.compile(model) if cfg.compile else model
     batches = Batches(candidates, cfg, rank, world, micro)
     per_step = cfg.batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.n / per_step))
-    ckpt = out / "ckpt.pt"
+    ckpt = checkpoint_path(out, cfg.fsdp and world > 1)
     step = 0
     if cfg.resume:
-        if not ckpt.is_file():
-            raise TrainingError(f"--resume: no checkpoint at {ckpt}")
+        if not ckpt.exists():
+            other = checkpoint_path(out, not (cfg.fsdp and world > 1))
+            hint = (f"; {other} is there, written by a run {'with' if other.is_dir() else 'without'} FSDP on "
+                    f"several processes: resume the same way") if other.exists() else ""
+            raise TrainingError(f"--resume: no checkpoint at {ckpt}{hint}")
         step = load_checkpoint(ckpt, model, opt, cfg.fsdp and world > 1)
         if rank == 0:
             print(f"[train] resumed from {ckpt} at step {step}")

@@ -7,7 +7,6 @@ import eval as ev
 import fusellm
 from conftest import llama
 from test_model_parity import CASES, build_reference
-from tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("case", list(CASES))

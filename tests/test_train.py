@@ -193,30 +193,76 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_processes_equal_one_process(world, tmp_path, mode):
-    """DDP (or FSDP2) on two CPU processes, each with half of every global batch, trains like one process."""
+def final_weights(out):
+    """The weights of a run's last checkpoint: ckpt.pt, or FSDP's sharded ckpt/ converted to one file."""
+    if (out / "ckpt").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        dcp_to_torch_save(out / "ckpt", out / "ckpt_full.pt")
+        return torch.load(out / "ckpt_full.pt", weights_only=False)["model"]
+    return torch.load(out / "ckpt.pt", weights_only=False)["model"]
+
+
+def launch(world, out, ranks, *extra, crash=False):
+    """train.py for 6 steps with a checkpoint every 2, on one process or `torchrun` with `ranks`; crash: through
+    tests/crash_after_checkpoint.py, every process killed once the step-2 checkpoint is saved."""
     args = ["--data", str(world / "data"), "--target", str(world / "target"), "--batch-size", "4", "--max-steps",
-            "4", "--lr", "3e-3", "--warmup", "1", "--ckpt-every", "4", "--no-export", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")], check=True,
-                   env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out",
-                    str(tmp_path / "two"), *(["--fsdp"] if mode == "fsdp" else [])], check=True, env=env,
-                   capture_output=True, timeout=300)
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        assert a["tokens"] == b["tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["fusion"] == pytest.approx(b["fusion"], abs=1e-5)
-    w1 = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    w2 = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+            "6", "--lr", "3e-3", "--warmup", "1", "--ckpt-every", "2", "--no-export", "--device", "cpu",
+            "--out", str(out), *extra]
+    script = str(ROOT / "tests" / "crash_after_checkpoint.py") if crash else str(ROOT / "train.py")
+    run_with = [sys.executable, script] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), script]
+    p = subprocess.run([*run_with, *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=300)
+    log = p.stdout.decode()
+    assert (p.returncode != 0) == crash, log[-3000:]
+    return log
+
+
+def metrics(out):
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_run(one, two):
+    a, b = metrics(one), metrics(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for k in a:
+        assert a[k]["tokens"] == b[k]["tokens"]
+        assert a[k]["loss"] == pytest.approx(b[k]["loss"], abs=1e-5)
+        assert a[k]["fusion"] == pytest.approx(b[k]["fusion"], abs=1e-5)
+    w1, w2 = final_weights(one), final_weights(two)
+    assert sorted(w1) == sorted(w2)
     # Adam turns last-bit differences in a gradient coordinate that nearly cancels (|g| near eps = 1e-8) into
     # update differences of up to a sizeable share of lr: seen 1.2e-5 on one embedding weight, 1e-6 elsewhere
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process_run")
+    launch(world, out, 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process(world, one_process_run, tmp_path, mode):
+    """DDP (or FSDP2) on two CPU processes, each with half of every global batch, trains like one process. Under
+    FSDP2 each rank loads only its shard of the target and writes its shards of the checkpoint (ckpt/)."""
+    launch(world, tmp_path, 2, *(["--fsdp"] if mode == "fsdp" else []))
+    assert (tmp_path / "ckpt").is_dir() == (mode == "fsdp") and (tmp_path / "ckpt.pt").is_file() == (mode == "ddp")
+    assert_same_run(one_process_run, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_and_resumed_from_its_sharded_checkpoint_equals_one_process(world, one_process_run, tmp_path):
+    """Both FSDP2 ranks killed as soon as the first sharded checkpoint (step 2) is saved, then resumed: the steps
+    after it and the final weights are one uninterrupted process's. Catches a checkpoint without the Adam
+    state or the step, shards read back by the wrong rank, and a half-written ckpt/ taken for a whole one."""
+    launch(world, tmp_path, 2, "--fsdp", crash=True)
+    assert sorted(metrics(tmp_path)) == [1, 2]
+    assert "at step 2" in launch(world, tmp_path, 2, "--fsdp", "--resume")
+    assert_same_run(one_process_run, tmp_path)
 
 
 def test_no_arguments_run_the_demo_as_its_own_program(monkeypatch):
@@ -378,3 +424,20 @@ def test_compiled_model_trains_like_the_eager_one(world, tmp_path):
     eager = run(world, tmp_path / "a", "--max-steps", "2")
     compiled = run(world, tmp_path / "b", "--max-steps", "2", "--compile")
     assert [r["loss"] for r in eager] == pytest.approx([r["loss"] for r in compiled], abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype, shard_bytes", [(torch.bfloat16, 12_000), (torch.float32, 5 * 2**30)])
+def test_export_keeps_the_targets_dtype_and_shards(tmp_path, dtype, shard_bytes):
+    """Training holds fp32 master weights; the exported model comes out as the target went in: a bf16 target in
+    several shards gives bf16 in as many shards (not 2x the disk in fp32), an fp32 single file gives one fp32 file."""
+    from conftest import llama
+    model = llama(60, 0)
+    fusellm.save_model(model.to(dtype), tmp_path / "target", max_shard_bytes=shard_bytes)
+    shards_in = sorted(p.name for p in (tmp_path / "target").glob("*.safetensors"))
+    trained = {k: v.float() + 1 for k, v in model.state_dict().items()}                       # fp32, changed
+    train.export(model.args, trained, tmp_path / "target", tmp_path / "final")
+    shards_out = sorted(p.name for p in (tmp_path / "final").glob("*.safetensors"))
+    assert shards_out == shards_in and (len(shards_in) > 1) == (dtype == torch.bfloat16)
+    back = fusellm.load_model(tmp_path / "final")
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    assert torch.equal(back.tok_embeddings.weight, trained["tok_embeddings.weight"].to(dtype))
