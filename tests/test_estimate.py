@@ -1,0 +1,72 @@
+"""estimate.py's memory model counts what PyTorch really keeps: the tensors saved for backward, and the weights,
+gradients and Adam state after a step, measured on small models on the CPU; and its figures add up."""
+import pytest
+import torch
+
+import estimate
+import train
+from model import ModelArgs, Transformer
+
+LLAMA = ModelArgs(vocab_size=300, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=352,
+                  sliding_layers=(False,) * 3)
+MPT = ModelArgs(model_type="mpt", vocab_size=300, dim=96, n_layers=2, n_heads=6, n_kv_heads=6, head_dim=16,
+                hidden_dim=384, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi", sliding_layers=(False,) * 2)
+
+
+def saved_for_backward(model, x) -> int:
+    """Bytes of the tensors autograd keeps from a forward pass, each storage once, the parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("args", [LLAMA, MPT], ids=["llama", "mpt"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_memory_is_what_autograd_keeps(args, checkpointing):
+    """Exact for the paper's two block kinds (Llama: RMSNorm, GQA, SwiGLU, RoPE; MPT: LayerNorm, GELU, ALiBi).
+    Catches a forgotten tensor (the attention's log-sum-exp, the norms' saved statistics), the GLU's product
+    counted once instead of four hidden-wide tensors, and ALiBi's (H, T, T) mask left out."""
+    torch.manual_seed(0)
+    model = Transformer(args).train()
+    model.gradient_checkpointing = checkpointing
+    b, T = 2, 48
+    measured = saved_for_backward(model, torch.randint(0, 300, (b, T)))
+    if checkpointing and args.pos == "rope":      # cos and sin go into each checkpointed layer as its inputs: the
+        measured += 2 * T * args.head_dim * 4     # checkpoint holds them, not autograd's saved tensors
+    est = estimate.training_memory(args, 0, b, T, 1, False, checkpointing)["activations kept"]
+    assert est == measured
+
+
+def test_weights_gradients_and_adam_are_16_bytes_a_parameter_split_by_fsdp():
+    model = Transformer(LLAMA).train()
+    opt = train.make_optimizer(model, train.TrainConfig(), "cpu")
+    model(torch.randint(0, 300, (1, 8))).sum().backward()
+    opt.step()
+    held = sum(p.numel() * p.element_size() * 2 for p in model.parameters())             # weights and gradients
+    held += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.numel() > 1)
+    params = estimate.n_params(LLAMA)
+    assert params == sum(p.numel() for p in model.parameters())                          # counted on meta
+    assert estimate.training_memory(LLAMA, params, 1, 8, 1, False, False)["weights, gradients, Adam"] == held
+    assert estimate.training_memory(LLAMA, params, 1, 8, 8, True, False)["weights, gradients, Adam"] == held / 8
+
+
+def test_the_paper_estimate_adds_up_and_counts_the_published_sizes():
+    """The paper's models have 6.74B (Llama-2 7B, OpenLLaMA 7B) and 6.65B (MPT 7B) parameters; training time is
+    6 x parameters x tokens FLOPs at the assumed share of the GPUs' peak."""
+    models = estimate.paper_models()
+    counts = [estimate.n_params(a) for a in models.values()]
+    assert [round(c / 1e9, 2) for c in counts] == [6.74, 6.74, 6.65]
+    plan = estimate.Plan(models, 1.8e9, 8, "a100-40")
+    text = estimate.report(plan)
+    hours = 6 * counts[0] * 1.8e9 / (8 * 312e12 * 0.4) / 3600
+    assert f"train (1 epoch){'':<25}{hours:>12,.1f} h" in text
+    assert "fits in 40 GiB" in text
+    assert "does NOT fit" in estimate.report(estimate.Plan(models, 1.8e9, 1, "a100-40", fsdp=False))
