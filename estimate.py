@@ -126,13 +126,21 @@ def training_memory(a: ModelArgs, params: int, micro_windows: int, seq: int, wor
     return out
 
 
-def dists_memory(a: ModelArgs, params: int, windows: int, seq: int) -> dict[str, float]:
-    """Bytes per GPU of data.py dists: the weights in bf16, the working set of one layer over the batch (the
-    residual stream, q/k/v, the MLP's hidden) in bf16, and one block of the output head (2^26 fp32 logits,
-    data.head_topk's GPU default, plus their exp in place)."""
+def dists_memory(a: ModelArgs, params: int, windows: int, seq: int, elem: int = 2, head_elements: int = 2**26,
+                 head_cols: int = 0, K: int = 10) -> dict[str, float]:
+    """Bytes per GPU of data.py dists (bf16: elem 2), the peak of its two phases (checked against the tensors
+    alive, in the tests). The layers: at a block's MLP the block's input, its residual sum and the normed
+    input (3 C per token) are alive with the MLP's activation, up projection and product (3 x hidden for a
+    GLU; 2 x hidden for a plain MLP). The output head (data.head_topk): the final hidden states (C per
+    token), one block of logits, rows x cols (the whole vocabulary per block on GPU), in the model's dtype
+    and again in fp32, and the running and the block's top-K rows with their merge (4 x K values and ids)."""
     tokens = windows * seq
-    work = tokens * (4 * a.dim + 3 * a.hidden_dim + 2 * a.n_heads * a.head_dim) * 2
-    return {"weights (bf16)": params * 2, "working set": work, "head block": 2**26 * 4 * 2}
+    mlp = 3 * a.hidden_dim if a.mlp != "gelu" else 2 * a.hidden_dim
+    body = (tokens * (3 * a.dim + mlp) + position_elements(a, seq)) * elem
+    cols = min(a.vocab_size, head_cols or a.vocab_size)
+    block = min(tokens, max(1, head_elements // cols)) * cols
+    head = tokens * a.dim * elem + block * (4 + (elem if elem != 4 else 0)) + tokens * K * 4 * (4 + 8)
+    return {"weights": params * elem, "layers" if body >= head else "output head": max(body, head)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,7 +193,8 @@ def report(p: Plan) -> str:
     lines += [f"  {k:<40}{fmt_bytes(v):>14}" for k, v in disk.items()]
     lines += [f"  {'total':<40}{fmt_bytes(sum(disk.values())):>14}", ""]
 
-    lines.append(f"data.py dists, per GPU (one model per GPU, bf16, {p.dists_batch} windows per pass):")
+    lines.append(f"data.py dists, per GPU (one model per GPU, bf16, {p.dists_batch} windows per pass; the peak of "
+                 f"the layers' and the output head's working sets):")
     for n, a in p.models.items():
         m = dists_memory(a, counts[n], p.dists_batch, p.seq)
         lines.append(f"  {n:<40}{fmt_bytes(sum(m.values())):>14}   ("
