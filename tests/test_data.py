@@ -155,7 +155,7 @@ def test_torchrun_data_preparation_equals_one_process_byte_for_byte(world, one_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["models/source/shard-00000.npz", "aligned/source/shard-00000.npz"])
+@pytest.mark.parametrize("kill_at", ["manifest.json", "models/source/shard-00000.npz", "aligned/source/shard-00000.npz"])
 def test_torchrun_data_preparation_killed_and_rerun_equals_one_process(world, one_process, tmp_path, kill_at):
     """Killed (every process, at once) as soon as a file of the given stage appears, then run again with two
     ranks: the result is byte for byte one process's. Catches a rerun that redoes a stage over another rank's
