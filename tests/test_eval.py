@@ -95,6 +95,31 @@ def test_two_tokenisations_are_normalised_by_the_same_bytes(tmp_path):
     assert results["bpe"] == pytest.approx(n_bpe * math.log2(bpe_tok.vocab_size) / len(text.encode()), rel=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_eval_lm_reports_bits_per_byte_and_perplexity_of_a_uniform_model_exactly(tmp_path, kind):
+    """Through the public eval_lm on a two-document file: a uniform model over V tokens costs log2(V) bits a
+    token, so bits per byte is tokens x log2(V) / bytes (8.0 for bytes) and perplexity per token is V. With
+    BPE, tokens and bytes differ: dividing by tokens instead of bytes, or summing one document only, fails."""
+    docs = [stdlib_texts(2)[0][:1500], "ünïcödé text, then code: x = [i * 2 for i in range(9)]\n"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    if kind == "bytes":
+        tok = byte_tokenizer(tmp_path / "t")
+    else:
+        byte_level_bpe(stdlib_texts(8), 600).save(str(tmp_path / "tokenizer.json"))
+        tok = load_tokenizer(tmp_path)
+    r = ev.eval_lm(ev.Scorer(uniform_model(tok.vocab_size), tok, window=256), tmp_path / "docs.jsonl", 100, None)
+    start = tok.bos_id if tok.bos_id is not None else tok.eos_id         # what each document is predicted from
+    firsts = 0 if start is not None else sum(len(tok.token_bytes(tok.encode(d)[0])) for d in docs)  # else unscored
+    assert r["bytes"] == sum(len(d.encode()) for d in docs) - firsts
+    assert r["tokens"] == sum(len(tok.encode(d)) - (start is None) for d in docs)
+    assert r["bits_per_byte"] == pytest.approx(r["tokens"] * math.log2(tok.vocab_size) / r["bytes"], rel=1e-6)
+    assert r["ppl_per_token"] == pytest.approx(tok.vocab_size, rel=1e-5)
+    if kind == "bytes":
+        assert r["bits_per_byte"] == pytest.approx(8.0) and r["ppl_per_token"] == pytest.approx(256)
+    else:
+        assert r["tokens"] < 0.6 * r["bytes"]                               # the two divisions differ
+
+
 def test_sliding_windows_score_each_token_once_and_match_one_pass(world):
     """With a window covering the whole document, sliding in small strides scores the same tokens with the
     same context as one pass; the totals agree with a direct computation."""
