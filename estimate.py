@@ -1,8 +1,8 @@
 """
 estimate.py: what a fusion run will cost before you pay for it: disk, memory per process, time.
 
-    python estimate.py --paper                       # the paper's run: Llama-2 7B target, OpenLLaMA 7B and
-                                                     # MPT 7B sources, MiniPile (1.8B tokens), 8 x A100-40GB
+    python estimate.py --paper --fsdp --grad-checkpointing --micro-batch 2   # the paper's run: Llama-2 7B target,
+                                    # OpenLLaMA 7B and MPT 7B sources, MiniPile (1.8B tokens), 8 x A100-40GB
     python estimate.py --target T --sources A B --tokens 1.8e9 --gpus 8 --gpu h100
 
 Models are read from their config.json (or .gguf header) and built on the meta device to count their
@@ -13,7 +13,8 @@ parameters: nothing is loaded, nothing is allocated. Then, for data.py and train
 - memory per GPU: data.py dists (one model per GPU, bf16: its weights, one batch's working set, one block
   of the output head) and train.py (fp32 master weights, gradients and Adam state, whole per GPU under DDP
   and split under FSDP; the activations of one micro-batch; the logits and their log-softmax);
-- time: FLOPs (2 x parameters per token for a forward pass, 6 x for a training step) at an assumed share
+- time: FLOPs (2 x parameters per token for a forward pass, 6 x for a training step, 8 x with gradient
+  checkpointing, which runs the forward twice) at an assumed share
   of the GPU's peak (--mfu), and alignment at the CPU speed bench.py align measured.
 
 The training memory is the sum of what train.py allocates, counted per token from the code: the test checks
@@ -164,10 +165,10 @@ class Plan:
     seq: int = 2048
     K: int = 10
     batch: int = 128                     # global batch, windows per optimizer step
-    micro: int = 1                       # windows per forward pass per GPU in training
+    micro: int = 0                       # windows per forward pass per GPU (0: train.py's automatic choice)
     dists_batch: int = 8                 # windows per forward pass in data.py dists
-    fsdp: bool = True
-    checkpointing: bool = True
+    fsdp: bool = False                   # train.py --fsdp
+    checkpointing: bool = False          # train.py --grad-checkpointing
     mfu: float = 0.4
     bytes_per_token: float = 4.0         # text bytes per target token (English prose with a 32k vocabulary)
     cpus: int = 8                        # processes for data.py align
@@ -203,20 +204,23 @@ def report(p: Plan) -> str:
                  "and about one tensor")
     lines.append("")
 
-    micro, accum = p.micro, p.batch // (p.micro * p.gpus)
-    mem = training_memory(target, counts[names[0]], micro, p.seq, p.gpus, p.fsdp, p.checkpointing, p.K)
+    import train
+    micro, accum = train.batch_plan(p.batch, p.micro, p.gpus)          # exactly as train.py splits the batch
+    mem = training_memory(target, counts[names[0]], micro, p.seq, p.gpus, p.fsdp and p.gpus > 1, p.checkpointing, p.K)
     total = sum(mem.values())
-    lines.append(f"train.py, per GPU ({'FSDP2' if p.fsdp else 'DDP'}, {'with' if p.checkpointing else 'without'} "
-                 f"gradient checkpointing; global batch {p.batch} = {p.gpus} GPUs x {micro} x {accum} "
-                 f"accumulation steps):")
+    flags = f"--batch-size {p.batch} --micro-batch {micro}" + " --fsdp" * p.fsdp + " --grad-checkpointing" * p.checkpointing
+    lines.append(f"train.py, per GPU (torchrun --nproc_per_node {p.gpus} train.py {flags}: "
+                 f"{'FSDP2' if p.fsdp and p.gpus > 1 else 'DDP' if p.gpus > 1 else 'one process'}; global batch "
+                 f"{p.batch} = {p.gpus} GPUs x {micro} x {accum} accumulation steps):")
     lines += [f"  {k:<40}{fmt_bytes(v):>14}" for k, v in mem.items()]
-    fits = "fits" if total <= 0.9 * gib * GIB else "does NOT fit: add GPUs, --fsdp, --grad-checkpointing, or lower --micro-batch"
-    lines += [f"  {'total':<40}{fmt_bytes(total):>14}   {fits} in {gib} GiB", ""]
+    fits = (f"fits in {gib} GiB" if total <= 0.9 * gib * GIB else
+            f"does NOT fit in {gib} GiB: add GPUs, --fsdp, --grad-checkpointing, or lower --micro-batch")
+    lines += [f"  {'total':<40}{fmt_bytes(total):>14}   {fits}", ""]
 
     peak = p.gpus * tflops * 1e12 * p.mfu
     t_dists = {n: 2 * counts[n] * p.tokens / peak for n in names}
     t_align = (len(names) - 1) * p.tokens / (ALIGN_TOKENS_PER_S * p.cpus)
-    t_train = 6 * counts[names[0]] * p.tokens / peak
+    t_train = (8 if p.checkpointing else 6) * counts[names[0]] * p.tokens / peak   # checkpointing: the forward twice
     lines.append("time:")
     lines += [f"  {'dists ' + n:<40}{fmt_time(t):>14}" for n, t in t_dists.items()]
     lines.append(f"  {f'align ({p.cpus} CPU processes)':<40}{fmt_time(t_align):>14}")
@@ -235,9 +239,10 @@ def main(argv=None):
     ap.add_argument("--gpu", choices=list(GPUS), default=None, help="GPU kind (default a100-40 with --paper, else h100)")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
     ap.add_argument("--batch-size", type=int, default=128, help="global batch, windows per step (default 128)")
-    ap.add_argument("--micro-batch", type=int, default=1, help="windows per forward pass per GPU (default 1)")
-    ap.add_argument("--no-fsdp", action="store_true", help="DDP: every GPU holds the whole model and Adam state")
-    ap.add_argument("--no-grad-checkpointing", action="store_true", help="keep every layer's activations")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="windows per forward pass per GPU (default 0: train.py's choice, the largest divisor up to 8)")
+    ap.add_argument("--fsdp", action="store_true", help="as train.py --fsdp (default: DDP, the whole model per GPU)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="as train.py --grad-checkpointing")
     ap.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak reached (default 0.4)")
     ap.add_argument("--cpus", type=int, default=8, help="processes for data.py align (default 8)")
     a = ap.parse_args(argv)
@@ -251,11 +256,13 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     else:
         raise SystemExit("error: give --paper, or --target (and --sources) model folders")
-    if a.batch_size % (a.micro_batch * a.gpus):
-        raise SystemExit(f"error: --batch-size {a.batch_size} does not split into {a.gpus} GPUs x "
-                         f"--micro-batch {a.micro_batch}; see train.py's batch arithmetic")
+    import train
+    try:
+        train.batch_plan(a.batch_size, a.micro_batch, a.gpus)
+    except train.TrainingError as e:
+        raise SystemExit(f"error: {e}") from None
     plan = Plan(models, a.tokens, a.gpus, a.gpu or ("a100-40" if a.paper else "h100"), a.seq_len,
-                batch=a.batch_size, micro=a.micro_batch, fsdp=not a.no_fsdp, checkpointing=not a.no_grad_checkpointing,
+                batch=a.batch_size, micro=a.micro_batch, fsdp=a.fsdp, checkpointing=a.grad_checkpointing,
                 mfu=a.mfu, cpus=a.cpus)
     print(report(plan))
 

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -266,8 +267,11 @@ HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 SANDBOX = r"""
 import builtins, faulthandler, os, resource, shutil, subprocess, sys
 memory, file_size, cpu = (int(v) for v in sys.argv[2:5])
+token, write = sys.argv.pop(), os.write             # printed only if the program runs to its end (not on exit(0))
 for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_FSIZE, file_size),
                      (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+    hard = resource.getrlimit(limit)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
     resource.setrlimit(limit, (value, value))      # RLIMIT_NPROC 0: no new process (root is exempt: see below)
 faulthandler.disable()
 program = open(sys.argv[1]).read()
@@ -287,6 +291,7 @@ for name in ("ipdb", "joblib", "resource", "psutil", "tkinter", "multiprocessing
     sys.modules[name] = None
 del builtins, faulthandler, os, resource, shutil, subprocess
 exec(compile(program, "program.py", "exec"), {"__name__": "__main__"})
+write(1, token.encode())
 """
 
 
@@ -300,12 +305,13 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30, file_si
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "program.py"
         path.write_text(program)
-        with open(Path(d) / "stderr.txt", "w+") as err:  # a file, not a pipe: a child left holding a pipe open
+        token = secrets.token_hex(16)      # the program passes only if the runner prints it after the program ends
+        with open(Path(d) / "stderr.txt", "w+") as err, open(Path(d) / "stdout.txt", "w+") as out:
             p = subprocess.Popen([sys.executable, "-I", "-c", SANDBOX, str(path), str(memory), str(file_size),
-                                  str(math.ceil(timeout) + 1)], cwd=d, stdout=subprocess.DEVNULL, stderr=err,
+                                  str(math.ceil(timeout) + 1), token], cwd=d, stdout=out, stderr=err,
                                  env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-                                 start_new_session=True)    # would make us wait for it
-            try:
+                                 start_new_session=True)    # files, not pipes: a child left holding a pipe open
+            try:                                            # would make us wait for it
                 p.wait(timeout=timeout)
                 why = ""
             except subprocess.TimeoutExpired:
@@ -317,9 +323,13 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30, file_si
                     pass
                 p.wait()
             err.seek(0)
+            out.seek(0)
             last = (err.read().strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+            finished = token in out.read()
     if why or p.returncode:
         return False, why or last
+    if not finished:                                        # sys.exit(0) or os._exit(0) before the tests ran
+        return False, "the program exited before its end"
     return True, ""
 
 

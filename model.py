@@ -637,9 +637,10 @@ def read_config(path) -> ModelArgs:
     return ModelArgs.from_hf(cfg, source=str(cfg_path))
 
 
-def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
-    """All tensors of a model folder by their Hugging Face names: model.safetensors, sharded safetensors
-    (model.safetensors.index.json), or pytorch_model*.bin (+ index), memory-mapped either way."""
+def checkpoint_files(path) -> tuple[str, list[str]]:
+    """The weights files of a model folder and their kind ("st" or "bin"): model.safetensors, sharded safetensors
+    (model.safetensors.index.json), or pytorch_model*.bin (+ index); other files beside them (an optimizer.bin,
+    a consolidated.safetensors) are not the model's."""
     path = Path(path)
     for index_name, single, kind in (("model.safetensors.index.json", "model.safetensors", "st"),
                                       ("pytorch_model.bin.index.json", "pytorch_model.bin", "bin")):
@@ -656,21 +657,27 @@ def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
                                       f"{path}; download the missing shard(s)")
         elif (path / single).is_file():
             files = [single]
-        if files is None:
-            continue
-        tensors = {}
-        for f in files:
-            if kind == "st":
-                tensors.update(read_safetensors(path / f))
-            else:
-                try:
-                    tensors.update(torch.load(path / f, map_location="cpu", mmap=True, weights_only=True))
-                except Exception as e:
-                    raise CheckpointError(f"{path / f}: cannot be read as a PyTorch checkpoint ({e}); "
-                                          f"re-download it") from None
-        return tensors
+        if files is not None:
+            return kind, files
     raise CheckpointError(f"{path}: no weights found; expected model.safetensors, "
                           f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder by their Hugging Face names (checkpoint_files), memory-mapped."""
+    path = Path(path)
+    kind, files = checkpoint_files(path)
+    tensors = {}
+    for f in files:
+        if kind == "st":
+            tensors.update(read_safetensors(path / f))
+        else:
+            try:
+                tensors.update(torch.load(path / f, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:
+                raise CheckpointError(f"{path / f}: cannot be read as a PyTorch checkpoint ({e}); "
+                                      f"re-download it") from None
+    return tensors
 
 
 def checkpoint_layout(path) -> tuple[torch.dtype, int]:
@@ -684,13 +691,14 @@ def checkpoint_layout(path) -> tuple[torch.dtype, int]:
     for t in read_checkpoint_tensors(path).values():          # memory-mapped: only headers are read
         if t.is_floating_point():
             by_dtype[t.dtype] += t.numel()
+    kind, files = checkpoint_files(path)
     sizes = []                                                 # the tensor bytes of each weights file
-    for f in path.iterdir():
-        if f.suffix == ".safetensors" and f.is_file():
-            with open(f, "rb") as fh:
-                sizes.append(f.stat().st_size - 8 - struct.unpack("<Q", fh.read(8))[0])
-        elif f.suffix == ".bin" and f.is_file():
-            sizes.append(f.stat().st_size)
+    for f in files:
+        size = (path / f).stat().st_size
+        if kind == "st":                                       # less the 8-byte length and the JSON header
+            with open(path / f, "rb") as fh:
+                size -= 8 + struct.unpack("<Q", fh.read(8))[0]
+        sizes.append(size)
     return by_dtype.most_common(1)[0][0], max(sizes)
 
 

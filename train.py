@@ -377,11 +377,12 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def full_state(model, opt, fsdp):
+def full_weights(model, fsdp):
+    """The whole model's weights (under FSDP gathered into host memory, without the optimizer state), for export."""
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict(), opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
 
 
 def checkpoint_path(out: Path, fsdp: bool) -> Path:
@@ -413,9 +414,9 @@ def save_checkpoint(path: Path, model, opt, step, cfg, fsdp, rank):
             common.remove_path(old)
         torch.distributed.barrier()
         return
-    msd, osd = full_state(model, opt, fsdp)
     if rank != 0:
         return
+    msd, osd = unwrap(model).state_dict(), opt.state_dict()
     with atomic_path(path) as tmp:
         torch.save({"model": msd, "optim": osd, **extra}, tmp)
 
@@ -442,13 +443,18 @@ def load_checkpoint(path: Path, model, opt, fsdp):
 def load_target(cfg, device, world):
     """The target in fp32, the master weights (bf16 autocast computes on GPU), without an fp32 copy of the
     whole model on the host: the checkpoint is memory-mapped, and each tensor is cast and moved to the device
-    on its own. Under FSDP2 each rank builds the model on the meta device, shards it, then takes from each
-    memory-mapped tensor only its own shard (the file's pages are shared by the processes of a node)."""
+    on its own. Under FSDP2 each rank builds the model on the meta device and shards it; then, one tensor at
+    a time, every rank reads the whole tensor from the mapped file (whose pages the node's processes share),
+    moves it to its device and keeps only its own shard."""
     if not (cfg.fsdp and world > 1):
         model, tok = fusellm.load(cfg.target, device=device, dtype=torch.float32)
         return model, tok
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
+    if Path(cfg.target).suffix == ".gguf":
+        raise TrainingError(f"--target {cfg.target}: under --fsdp every rank would dequantise the whole .gguf into "
+                            f"host memory; convert it to a model folder first: python -c \"import fusellm; "
+                            f"fusellm.save_model(fusellm.load_model('{cfg.target}'), 'target_folder')\"")
     mapped, tok = fusellm.load(cfg.target)                    # views of the file: nothing read yet
     with torch.device("meta"):
         model = fusellm.Transformer(mapped.args)
@@ -506,6 +512,8 @@ def train(cfg: TrainConfig):
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.n / per_step))
     ckpt = checkpoint_path(out, cfg.fsdp and world > 1)
     step = 0
+    if cfg.resume and not ckpt.exists() and ckpt.with_name(f".{ckpt.name}.old").is_dir():
+        ckpt = ckpt.with_name(f".{ckpt.name}.old")              # killed while swapping in a new checkpoint
     if cfg.resume:
         if not ckpt.exists():
             other = checkpoint_path(out, not (cfg.fsdp and world > 1))
@@ -551,7 +559,7 @@ def train(cfg: TrainConfig):
         where = f"{ckpt} (step {last_good})" if last_good is not None else "none yet"
         raise TrainingError(f"{e}. Last good checkpoint: {where}. Try a lower --lr or check the data") from None
     if cfg.export:
-        state, _ = full_state(model, opt, cfg.fsdp and world > 1)      # a collective under FSDP: every rank
+        state = full_weights(model, cfg.fsdp and world > 1)           # a collective under FSDP: every rank
         if rank == 0:
             print(f"[train] exported {export(unwrap(model).args, state, Path(cfg.target), out / 'final')}")
     if rank == 0:

@@ -67,16 +67,18 @@ def test_weights_gradients_and_adam_are_16_bytes_a_parameter_split_by_fsdp():
 
 def test_the_paper_estimate_adds_up_and_counts_the_published_sizes():
     """The paper's models have 6.74B (Llama-2 7B, OpenLLaMA 7B) and 6.65B (MPT 7B) parameters; training time is
-    6 x parameters x tokens FLOPs at the assumed share of the GPUs' peak."""
+    8 x parameters x tokens FLOPs with gradient checkpointing (6 x without) at the assumed share of the GPUs'
+    peak; the batch splits as train.py splits it."""
     models = estimate.paper_models()
     counts = [estimate.n_params(a) for a in models.values()]
     assert [round(c / 1e9, 2) for c in counts] == [6.74, 6.74, 6.65]
-    plan = estimate.Plan(models, 1.8e9, 8, "a100-40")
-    text = estimate.report(plan)
-    hours = 6 * counts[0] * 1.8e9 / (8 * 312e12 * 0.4) / 3600
+    text = estimate.report(estimate.Plan(models, 1.8e9, 8, "a100-40", micro=2, fsdp=True, checkpointing=True))
+    hours = 8 * counts[0] * 1.8e9 / (8 * 312e12 * 0.4) / 3600
     assert f"train (1 epoch){'':<25}{hours:>12,.1f} h" in text
+    assert "--micro-batch 2 --fsdp --grad-checkpointing" in text and "8 GPUs x 2 x 8 accumulation steps" in text
     assert "fits in 40 GiB" in text
-    assert "does NOT fit" in estimate.report(estimate.Plan(models, 1.8e9, 1, "a100-40", fsdp=False))
+    ddp = estimate.report(estimate.Plan(models, 1.8e9, 8, "a100-40"))
+    assert "8 GPUs x 8 x 2 accumulation steps" in ddp and "does NOT fit in 40 GiB" in ddp
 
 
 class LiveTensors(TorchDispatchMode):

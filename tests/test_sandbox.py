@@ -19,6 +19,17 @@ def test_a_correct_completion_still_passes():
     assert run("    import math, json, collections\n    return 1\n") == (True, "")
 
 
+@pytest.mark.parametrize("escape", ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
+                                    "    raise SystemExit\n"], ids=["sys.exit", "os._exit", "SystemExit"])
+def test_a_completion_that_exits_cleanly_before_the_tests_fails(escape):
+    """Exit status 0 is not a pass: the tests must have run to the end (the reference harness agrees)."""
+    assert run(escape) == (False, "the program exited before its end")
+
+
+def test_what_the_program_prints_does_not_hide_its_end():
+    assert run("    print('lots of output ' * 1000, end='')\n    return 1\n") == (True, "")
+
+
 @pytest.mark.parametrize("attack", [
     "    import os\n    os.remove({path!r})\n    return 1\n",
     "    import shutil\n    shutil.rmtree({folder!r})\n    return 1\n",

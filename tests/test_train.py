@@ -429,11 +429,13 @@ def test_compiled_model_trains_like_the_eager_one(world, tmp_path):
 @pytest.mark.parametrize("dtype, shard_bytes", [(torch.bfloat16, 12_000), (torch.float32, 5 * 2**30)])
 def test_export_keeps_the_targets_dtype_and_shards(tmp_path, dtype, shard_bytes):
     """Training holds fp32 master weights; the exported model comes out as the target went in: a bf16 target in
-    several shards gives bf16 in as many shards (not 2x the disk in fp32), an fp32 single file gives one fp32 file."""
+    several shards gives bf16 in as many shards (not 2x the disk in fp32), an fp32 single file gives one fp32 file;
+    other files in the folder (an optimizer.bin) do not count."""
     from conftest import llama
     model = llama(60, 0)
     fusellm.save_model(model.to(dtype), tmp_path / "target", max_shard_bytes=shard_bytes)
     shards_in = sorted(p.name for p in (tmp_path / "target").glob("*.safetensors"))
+    (tmp_path / "target" / "optimizer.bin").write_bytes(bytes(2**20))      # not the model's: must not count
     trained = {k: v.float() + 1 for k, v in model.state_dict().items()}                       # fp32, changed
     train.export(model.args, trained, tmp_path / "target", tmp_path / "final")
     shards_out = sorted(p.name for p in (tmp_path / "final").glob("*.safetensors"))
