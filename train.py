@@ -134,7 +134,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def setup_distributed(cfg):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = common.rank_world()
     device = common.device(cfg.device)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -254,9 +254,10 @@ class OnlineCandidates:
         for name in self.names[1:]:
             s_tok = self.models[name][1]
             self.settings[name] = data.stored_align_settings(cfg.data, name)
-            self.align[name] = (align.vocab_map(s_tok, tok, self.settings[name]["vocab_map"], Path(cfg.data) / "cache",
-                                                self.settings[name]["map_ties"]),
-                                align.normalized_vocab(s_tok), tv, align.PairCosts())
+            kind, ties = self.settings[name]["vocab_map"], self.settings[name]["map_ties"]
+            vmap = common.first_rank_then_all(      # built once, on rank 0; the others read it from the cache
+                lambda: align.vocab_map(s_tok, tok, kind, Path(cfg.data) / "cache", ties))
+            self.align[name] = (vmap, align.normalized_vocab(s_tok), tv, align.PairCosts())
         self.out = cfg.data
 
     def items(self, picked):
