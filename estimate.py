@@ -213,8 +213,9 @@ def report(p: Plan) -> str:
                  f"{'FSDP2' if p.fsdp and p.gpus > 1 else 'DDP' if p.gpus > 1 else 'one process'}; global batch "
                  f"{p.batch} = {p.gpus} GPUs x {micro} x {accum} accumulation steps):")
     lines += [f"  {k:<40}{fmt_bytes(v):>14}" for k, v in mem.items()]
-    fits = (f"fits in {gib} GiB" if total <= 0.9 * gib * GIB else
-            f"does NOT fit in {gib} GiB: add GPUs, --fsdp, --grad-checkpointing, or lower --micro-batch")
+    fits = (f"fits in {gib} GiB (less 10% for the allocator)" if total <= 0.9 * gib * GIB else
+            f"does NOT fit in {gib} GiB less 10% for the allocator: add GPUs, --fsdp, --grad-checkpointing, or lower "
+            f"--micro-batch")
     lines += [f"  {'total':<40}{fmt_bytes(total):>14}   {fits}", ""]
 
     peak = p.gpus * tflops * 1e12 * p.mfu
