@@ -22,7 +22,9 @@ Under torchrun (`torchrun --nproc_per_node N data.py all ...`) each rank takes e
 align; what all ranks share is built by rank 0 alone while the others wait (common.first_rank_then_all): the
 windows, each vocab map, and the diagnostics, merged from every shard's statistics once all ranks are done.
 No rank reads, deletes or rewrites what another is writing, and the outputs are byte for byte those of one
-process (for the same floating-point results: the same device and thread count). Adding a source later runs dists + align for that source only.
+process (for the same floating-point results: the same device and thread count).
+
+Adding a source later runs dists + align for that source only.
 
 Storage (per model, per token): top-K ids in the narrowest unsigned type the vocabulary allows
 (uint16 up to 65536 ids), log-probs quantised to uint8 in steps of 1/16 nat (or fp16 with
@@ -393,8 +395,8 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
     Block shape (0: by device). On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays
     in cache for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that
     is 1.4x faster than whole-vocabulary rows (README, bench.py dists). On GPU, where each block costs kernel
-    launches, 2^26 floats
-    (256 MiB) and the whole vocabulary per block. nxt (N,): the next token at each position (-1: none).
+    launches, 2^26 floats (256 MiB) and the whole vocabulary per block. nxt (N,): the next token at each
+    position (-1: none).
     Returns top-K ids and log-probs (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
     import torch
     cols = min(V, head_cols or (V if h.is_cuda else 4096))

@@ -189,12 +189,12 @@ class Scorer:
         ids = self.prefix + self.tok.encode(prompt)
         cached = isinstance(self.model, fusellm.Transformer)
         out, text, cache, new = [], "", None, ids
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if not cached or len(ids) > self.window:
                 cache, new = None, ids[-self.window:]                # the whole context, as it stands
             elif cache is None:                                      # the first step: the prompt fills the cache
                 param = next(self.model.parameters())
-                cache = fusellm.KVCache(self.model.args, 1, min(self.window, len(ids) + max_new_tokens - step),
+                cache = fusellm.KVCache(self.model.args, 1, min(self.window, len(ids) + max_new_tokens),
                                         param.device, param.dtype)
             x = torch.tensor([new], device=self.device)
             if cached:                                               # the output head on the last position only

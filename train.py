@@ -441,13 +441,13 @@ def load_checkpoint(path: Path, model, opt, fsdp):
     return state["step"]
 
 
-def load_target(cfg, device, world):
+def load_target(cfg, device, fsdp: bool):
     """The target in fp32, the master weights (bf16 autocast computes on GPU), without an fp32 copy of the
     whole model on the host: the checkpoint is memory-mapped, and each tensor is cast and moved to the device
     on its own. Under FSDP2 each rank builds the model on the meta device and shards it; then, one tensor at
     a time, every rank reads the whole tensor from the mapped file (whose pages the node's processes share),
     moves it to its device and keeps only its own shard."""
-    if not (cfg.fsdp and world > 1):
+    if not fsdp:
         model, tok = fusellm.load(cfg.target, device=device, dtype=torch.float32)
         return model, tok
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -492,6 +492,7 @@ def train(cfg: TrainConfig):
                             "`python train.py --help` lists every setting")
     rank, world, device = setup_distributed(cfg)
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch, world)      # before anything loads
+    fsdp = cfg.fsdp and world > 1                  # FSDP2 shards only across several processes; alone it is off
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -499,29 +500,29 @@ def train(cfg: TrainConfig):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     cuda = device.startswith("cuda")
-    model, tok = load_target(cfg, device, world)
+    model, tok = load_target(cfg, device, fsdp)
     model.train()
     model.gradient_checkpointing = cfg.grad_checkpointing
     candidates = OnlineCandidates(cfg, tok, device) if cfg.online else StoredCandidates(cfg, tok)
     K = cfg.topk if cfg.online else data.model_info(cfg.data, "target")["topk"]
-    if world > 1 and not cfg.fsdp:
+    if world > 1 and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
     opt = make_optimizer(model, cfg, device)
     fmodel = torch.compile(model) if cfg.compile else model
     batches = Batches(candidates, cfg, rank, world, micro)
     per_step = cfg.batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * batches.n / per_step))
-    ckpt = checkpoint_path(out, cfg.fsdp and world > 1)
+    ckpt = checkpoint_path(out, fsdp)
     step = 0
     if cfg.resume and not ckpt.exists() and ckpt.with_name(f".{ckpt.name}.old").is_dir():
         ckpt = ckpt.with_name(f".{ckpt.name}.old")              # killed while swapping in a new checkpoint
     if cfg.resume:
         if not ckpt.exists():
-            other = checkpoint_path(out, not (cfg.fsdp and world > 1))
+            other = checkpoint_path(out, not fsdp)
             hint = (f"; {other} is there, written by a run {'with' if other.is_dir() else 'without'} FSDP on "
                     f"several processes: resume the same way") if other.exists() else ""
             raise TrainingError(f"--resume: no checkpoint at {ckpt}{hint}")
-        step = load_checkpoint(ckpt, model, opt, cfg.fsdp and world > 1)
+        step = load_checkpoint(ckpt, model, opt, fsdp)
         if rank == 0:
             print(f"[train] resumed from {ckpt} at step {step}")
     elif rank == 0 and (out / "metrics.jsonl").exists():
@@ -554,13 +555,13 @@ def train(cfg: TrainConfig):
                     print(progress_line(rec, total, tokens_done / (now - t0), (total - step) * (now - t0) /
                                         max(step - start_step, 1), n_params, world, cuda), flush=True)
             if step % cfg.ckpt_every == 0 or step == total:
-                save_checkpoint(ckpt, model, opt, step, cfg, cfg.fsdp and world > 1, rank)
+                save_checkpoint(ckpt, model, opt, step, cfg, fsdp, rank)
                 last_good = step
     except LossNotFinite as e:
         where = f"{ckpt} (step {last_good})" if last_good is not None else "none yet"
         raise TrainingError(f"{e}. Last good checkpoint: {where}. Try a lower --lr or check the data") from None
     if cfg.export:
-        state = full_weights(model, cfg.fsdp and world > 1)           # a collective under FSDP: every rank
+        state = full_weights(model, fsdp)           # a collective under FSDP: every rank
         if rank == 0:
             print(f"[train] exported {export(unwrap(model).args, state, Path(cfg.target), out / 'final')}")
     if rank == 0:
