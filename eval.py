@@ -5,13 +5,16 @@ eval.py: compare models side by side on the same text and tasks, fairly across t
         --gen tasks/sample_bbh.json --humaneval tasks/sample_humaneval.jsonl
 
 - Language modelling (--lm, .txt / .jsonl / folder): bits per byte, the headline since it does not depend on
-  the tokenizer, and each model's perplexity per token of its own tokenizer. Long documents are scored with
-  sliding windows (--window, --stride): every token once, with up to a window of context.
+  the tokenizer, word perplexity, and each model's perplexity per token of its own tokenizer. Long documents
+  are scored in windows of --window tokens, each token once (lm-eval's loglikelihood_rolling; --stride below
+  the window gives every token more context).
+- Every text starts with BOS when the model's tokenizer adds one by default (--bos auto), as lm-eval's `hf`
+  backend does; the numbers then equal lm-eval 0.4.13's (a test compares them).
 - Multiple choice (--mc): JSONL lines {"context": str, "choices": [str, ...], "label": int} (the shape of
   ARC, HellaSwag, BoolQ, OpenBookQA), or a BIG-bench task.json whose examples have "target_scores". Each
-  choice is scored by the log-likelihood of its tokens after the context: acc takes the highest total,
-  acc_norm the highest total divided by the choice's length in characters (lm-evaluation-harness's
-  definitions). Choices are appended to the context as written: include a leading space if you want one.
+  choice is scored as lm-evaluation-harness scores it: the log-likelihood of " " + choice (--target-delimiter)
+  after the context; acc takes the highest total, acc_norm the highest per character of the choice, acc_bytes
+  per byte. Write choices bare ("Paris", not " Paris").
 - Generation (--gen): greedy decoding with stop strings and exact match, for BBH-style tasks: a BIG-bench
   task.json with "target" examples, or JSONL {"input": str, "target": str}; the first --shots examples
   become the few-shot prompt ("Q: ...\\nA: ...") and are not scored.
@@ -25,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -77,7 +81,7 @@ def read_mc(path) -> list[dict]:
     """Multiple-choice examples: JSONL, or a BIG-bench task.json with target_scores (gold: the highest score)."""
     rows = read_task(path, "target_scores", "target_scores (a generation task? use --gen)",
                      lambda spec, ex: {"context": spec.get("example_input_prefix", "") + ex["input"] +
-                                       spec.get("example_output_prefix", " "),
+                                       spec.get("example_output_prefix", ""),
                                        "choices": list(ex["target_scores"]),
                                        "label": max(range(len(ex["target_scores"])),
                                                     key=lambda i: list(ex["target_scores"].values())[i])},
@@ -127,58 +131,75 @@ def _bigbench(path: Path) -> dict:
 
 
 class Scorer:
-    def __init__(self, model, tok, device="cpu", window=1024):
+    """One model and its tokenizer, scoring text as lm-evaluation-harness's `hf` backend does (lm-eval 0.4.13).
+    bos: None follows the tokenizer's own default (tok.add_bos: Llama, Mistral and Gemma put BOS before a text,
+    GPT-2 and Qwen2 do not), as lm-eval's add_bos_token=None does; True or False forces it. The prefix token
+    (BOS, else EOS) is what the first token of a text is predicted from when nothing precedes it. window: the
+    most tokens the model sees in one forward pass (lm-eval's max_length)."""
+
+    def __init__(self, model, tok, device="cpu", window=1024, bos: bool | None = None):
         self.model, self.tok, self.device, self.window = model, tok, device, window
-        start = tok.bos_id if tok.bos_id is not None else tok.eos_id       # GPT-2 style models start from EOS
-        self.prefix = [start] if start is not None else []                  # what every sequence begins with
+        self.add_bos = tok.add_bos if bos is None else bos
+        if self.add_bos and tok.bos_id is None:
+            raise EvalError(f"BOS asked for, but the tokenizer {tok!r} has no BOS token; use --bos no or auto")
+        self.prefix_id = tok.bos_id if tok.bos_id is not None else tok.eos_id       # lm-eval's prefix_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """The tokens of a text as the model's own tokenizer gives them: BOS first when it adds one."""
+        return ([self.tok.bos_id] if self.add_bos else []) + self.tok.encode(text)
 
     @torch.no_grad()
     def logprobs(self, ids: list[int]) -> torch.Tensor:
-        """log p(ids[i] | ids[:i]) for i >= 1: (len(ids) - 1,) in nats."""
+        """log p(ids[i] | ids[:i]) for i >= 1: (len(ids) - 1,) in nats. The model sees ids[:-1]."""
         x = torch.tensor([ids], device=self.device)
-        logp = self.model(x)[0, :, :self.tok.vocab_size].float().log_softmax(-1)
-        return logp[:-1].gather(-1, x[0, 1:, None])[:, 0].cpu()
+        logp = self.model(x[:, :-1])[0, :, :self.tok.vocab_size].float().log_softmax(-1)          # (T-1, V)
+        return logp.gather(-1, x[0, 1:, None])[:, 0].cpu()
 
-    def document_nats(self, text: str, stride: int) -> tuple[float, int, int]:
-        """(nats, scored tokens, scored bytes) of a document with sliding windows: each token is scored once,
-        with as much preceding context as the window holds. The first token is predicted from BOS (or EOS);
-        with neither it cannot be scored and its bytes are left out."""
-        stride = max(1, min(stride, self.window - 1))   # each window keeps at least one token of context
-        ids = self.tok.encode(text)
+    def document_nats(self, text: str, stride: int | None = None) -> tuple[float, int, int]:
+        """(nats, scored tokens, scored bytes) of a whole document: lm-eval's loglikelihood_rolling. The tokens
+        are encode(text), BOS included when the tokenizer adds one (lm-eval scores it too, after the prefix
+        token). The first window predicts the first `window` tokens from the prefix token on; each later window
+        predicts the next `stride` tokens (default: window, lm-eval's non-overlapping windows) from the
+        `window` tokens before each one at most. A smaller stride gives every token more context. With neither
+        BOS nor EOS the first token cannot be predicted and its bytes are left out."""
+        stride = max(1, min(stride or self.window, self.window))
+        ids = self.encode(text)
         n_bytes = len(text.encode("utf-8"))
-        if not self.prefix and ids:
+        if self.prefix_id is None and ids:
             n_bytes -= len(self.tok.token_bytes(ids[0]))
-        seq = self.prefix + ids
-        nats, done = 0.0, 1                       # seq[:done] are scored (or the start token)
+        seq = ([self.prefix_id] if self.prefix_id is not None else []) + ids
+        nats, done = 0.0, 1                       # seq[:done] are scored (or the prefix token)
         while done < len(seq):
-            end = min(len(seq), done + stride)
-            begin = max(0, end - self.window)
-            lp = self.logprobs(seq[begin:end])    # predictions of seq[begin+1:end]
+            end = min(len(seq), done + (self.window if done == 1 else stride))
+            begin = max(0, end - 1 - self.window)
+            lp = self.logprobs(seq[begin:end])    # predictions of seq[begin+1:end], the last end-done new
             nats -= float(lp[done - begin - 1:].sum())
             done = end
         return nats, len(seq) - 1, n_bytes
 
-    def continuation_logprob(self, context: str, continuation: str) -> float:
-        """log p(continuation | context): the text is encoded whole, and the tokens that end after the context's
-        bytes are the continuation's (a token straddling the boundary counts as continuation)."""
-        ids = self.tok.encode(context + continuation)
-        cut = self.context_tokens(ids, len(context.encode("utf-8")))
-        if cut == len(ids):
-            raise EvalError(f"the continuation {continuation!r} adds no tokens after {context[-40:]!r}")
-        lp = self.logprobs((self.prefix + ids)[-self.window:])
-        n_cont = len(ids) - cut
-        return float(lp[-n_cont:].sum())
+    def split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens), lm-eval's _encode_pair: whitespace ending the context moves
+        to the continuation ("Answer: " + "Paris" is scored as "Answer:" + " Paris"); context + continuation
+        is encoded whole, and the continuation is what follows the context's own encoding in it. An empty
+        context is the prefix token alone."""
+        if not context:
+            return [self.prefix_id], self.tok.encode(continuation)
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
 
-    def context_tokens(self, ids: list[int], n_context_bytes: int) -> int:
-        """How many leading tokens lie wholly inside the context's bytes."""
-        spelled = b"".join(self.tok.token_bytes(i) for i in ids)
-        lead = 1 if getattr(self.tok, "kind", "") == "sentencepiece" and spelled[:1] == b" " else 0   # dummy prefix
-        end = -lead
-        for k, i in enumerate(ids):
-            end += len(self.tok.token_bytes(i))
-            if end > n_context_bytes:
-                return k
-        return len(ids)
+    def continuation_logprob(self, context: str, continuation: str) -> float:
+        """log p(continuation | context) in nats, from the last `window` tokens before each continuation token."""
+        ctx, cont = self.split(context, continuation)
+        if not cont:
+            raise EvalError(f"the continuation {continuation!r} adds no tokens after {context[-40:]!r}")
+        ctx = ctx or [self.prefix_id]             # a context of whitespace only, without BOS
+        if None in ctx:
+            raise EvalError(f"{self.tok!r} has neither BOS nor EOS to predict {continuation!r} from an empty context")
+        ids = (ctx + cont)[-(self.window + 1):]
+        return float(self.logprobs(ids)[-len(cont):].sum())
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
@@ -186,7 +207,7 @@ class Scorer:
         `window` tokens. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
         alone, attending to the keys and values cached so far; past the window, the context slides and each
         step runs the last `window` tokens again, as without a cache (the same tokens: a test)."""
-        ids = self.prefix + self.tok.encode(prompt)
+        ids = self.encode(prompt) or [self.prefix_id]
         cached = isinstance(self.model, fusellm.Transformer)
         out, text, cache, new = [], "", None, ids
         for _ in range(max_new_tokens):
@@ -214,30 +235,49 @@ class Scorer:
         return text
 
 
-def eval_lm(scorer: Scorer, path, stride: int, limit: int | None) -> dict:
+def eval_lm(scorer: Scorer, path, stride: int | None, limit: int | None) -> dict:
+    """Bits per byte, byte and word perplexity over all documents, as lm-eval reports a loglikelihood_rolling
+    task: totals first, then one division (-Σ ll / Σ bytes / ln 2, exp(-Σ ll / Σ bytes), exp(-Σ ll / Σ words),
+    words being re.split(r"\\s+", text)), and perplexity per token of the model's own tokenizer."""
     docs = list(read_corpus(path))[:limit]
     if not docs:
         raise EvalError(f"{path}: no documents with text to score")
     prog = Progress(f"lm {Path(path).name}", len(docs), "documents")
-    nats = tokens = n_bytes = 0
+    nats = tokens = n_bytes = words = 0
     for d in docs:
         a, b, c = scorer.document_nats(d, stride)
-        nats, tokens, n_bytes = nats + a, tokens + b, n_bytes + c
+        nats, tokens, n_bytes, words = nats + a, tokens + b, n_bytes + c, words + len(re.split(r"\s+", d))
         prog.update(1, b)
-    return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "ppl_per_token": math.exp(nats / max(tokens, 1)),
-            "tokens": tokens, "bytes": n_bytes}
+    return {"bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "byte_perplexity": _exp(nats / max(n_bytes, 1)),
+            "word_perplexity": _exp(nats / max(words, 1)), "ppl_per_token": _exp(nats / max(tokens, 1)),
+            "tokens": tokens, "bytes": n_bytes, "words": words}
 
 
-def eval_mc(scorer: Scorer, path, limit: int | None) -> dict:
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709 else math.inf          # a random model's word perplexity can pass float's range
+
+
+def eval_mc(scorer: Scorer, path, limit: int | None, delimiter: str = " ") -> dict:
+    """lm-eval's multiple_choice: each choice is scored as the continuation delimiter + choice after the context;
+    acc takes the highest log-likelihood, acc_norm the highest per character of the choice (without the
+    delimiter), acc_bytes per UTF-8 byte of the choice. Ties go to the first choice, as numpy's argmax."""
     rows = read_mc(path)[:limit]
+    if delimiter and any(c[:1].isspace() for r in rows for c in r["choices"]):
+        print(f"warning: {path}: some choices start with whitespace and the delimiter {delimiter!r} is added before "
+              f"each choice; lm-eval would score both. Write the choices bare, or pass --target-delimiter ''",
+              file=sys.stderr)
     prog = Progress(f"mc {Path(path).name}", len(rows), "examples")
-    acc = acc_norm = 0
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
+    lls = []
     for r in rows:
-        ll = [scorer.continuation_logprob(r["context"], c) for c in r["choices"]]
-        acc += max(range(len(ll)), key=lambda i: ll[i]) == r["label"]
-        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / max(len(r["choices"][i]), 1)) == r["label"]
+        ll = [scorer.continuation_logprob(r["context"], delimiter + c) for c in r["choices"]]
+        per = {"acc": [1] * len(ll), "acc_norm": [len(c) for c in r["choices"]],
+               "acc_bytes": [len(c.encode("utf-8")) for c in r["choices"]]}
+        for metric, size in per.items():
+            hits[metric] += max(range(len(ll)), key=lambda i: ll[i] / max(size[i], 1)) == r["label"]
+        lls.append(ll)
         prog.update(1)
-    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "n": len(rows)}
+    return {**{m: h / len(rows) for m, h in hits.items()}, "n": len(rows), "loglikelihoods": lls}
 
 
 def few_shot_prompt(shots: list[dict], question: str) -> str:
@@ -353,7 +393,8 @@ def eval_humaneval(scorer: Scorer, path, max_new_tokens: int, timeout: float, li
 
 
 def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="auto",
-             window=1024, stride=None, shots=3, max_new_tokens=64, timeout=5.0, limit=None) -> dict:
+             window=1024, stride=None, shots=3, max_new_tokens=64, timeout=5.0, limit=None, bos: bool | None = None,
+             delimiter: str = " ") -> dict:
     """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
     names = names or [Path(m).name for m in models]
     if len(names) != len(models):
@@ -361,15 +402,16 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
     results, device = {}, common.device(device)
     for path, name in zip(models, names):
         model, tok = fusellm.load(path, device, common.dtype_for(device))
-        scorer = Scorer(model, tok, device, window)
+        scorer = Scorer(model, tok, device, window, bos)
         r = {}
         for f in lm:
-            m = eval_lm(scorer, f, stride or window // 2, limit)
-            r[f"bpb:{Path(f).stem}"] = m["bits_per_byte"]
-            r[f"ppl/token:{Path(f).stem}"] = m["ppl_per_token"]
+            m = eval_lm(scorer, f, stride, limit)
+            for key, metric in (("bpb", "bits_per_byte"), ("word_ppl", "word_perplexity"), ("ppl/token", "ppl_per_token")):
+                r[f"{key}:{Path(f).stem}"] = m[metric]
         for f in mc:
-            m = eval_mc(scorer, f, limit)
-            r[f"acc:{Path(f).stem}"], r[f"acc_norm:{Path(f).stem}"] = m["acc"], m["acc_norm"]
+            m = eval_mc(scorer, f, limit, delimiter)
+            for metric in ("acc", "acc_norm", "acc_bytes"):
+                r[f"{metric}:{Path(f).stem}"] = m[metric]
         for f in gen:
             r[f"em:{Path(f).stem}"] = eval_gen(scorer, f, shots, max_new_tokens, limit)["exact_match"]
         if humaneval:
@@ -399,8 +441,14 @@ def main(argv=None):
     p.add_argument("--mc", nargs="*", default=[], help="multiple-choice tasks (JSONL or BIG-bench task.json)")
     p.add_argument("--gen", nargs="*", default=[], help="exact-match generation tasks (JSONL or BIG-bench task.json)")
     p.add_argument("--humaneval", help="HumanEval-style problems (JSONL)")
-    p.add_argument("--window", type=int, default=1024, help="tokens of context at most")
-    p.add_argument("--stride", type=int, help="sliding-window step for long documents (default: window / 2)")
+    p.add_argument("--window", type=int, default=1024, help="tokens the model sees at once (lm-eval's max_length)")
+    p.add_argument("--stride", type=int, help="tokens predicted per window after the first in long documents "
+                                              "(default: window, lm-eval's non-overlapping rolling windows)")
+    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start texts with BOS: auto = as the model's tokenizer does by default (lm-eval's "
+                        "add_bos_token unset), yes/no = lm-eval's add_bos_token=True/False")
+    p.add_argument("--target-delimiter", default=" ", help="joined between a multiple-choice context and each choice "
+                                                           "(default ' ', lm-eval's target_delimiter)")
     p.add_argument("--shots", type=int, default=3, help="examples shown before each generation question (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length at most (HumanEval: 4x)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
@@ -411,7 +459,8 @@ def main(argv=None):
     try:
         t0 = time.time()
         results = evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device, a.window, a.stride, a.shots,
-                           a.max_new_tokens, a.timeout, a.limit)
+                           a.max_new_tokens, a.timeout, a.limit, {"auto": None, "yes": True, "no": False}[a.bos],
+                           a.target_delimiter)
     except ValueError as e:                    # EvalError, CheckpointError, TokenizerError, DataError
         raise SystemExit(f"error: {e}") from None
     print(markdown_table(results))

@@ -75,13 +75,16 @@ def unicode_to_bytes() -> dict[str, int]:
 
 class Tokenizer:
     """encode(text) -> ids (no BOS/EOS added), decode(ids) -> text, and per token its bytes and display
-    string. vocab_size counts every id, special tokens included."""
+    string. vocab_size counts every id, special tokens included. add_bos: whether the checkpoint's own
+    tokenizer puts BOS before a text by default (what Hugging Face's encode does: Llama, Mistral and Gemma do,
+    GPT-2 and Qwen2 do not); evaluation follows it unless told otherwise."""
 
     kind: str
     vocab_size: int
     special: set[str]      # display strings of special/control tokens
     bos_id: int | None
     eos_id: int | None
+    add_bos: bool = False
     pieces: list[str]      # display string per id (HF convention)
     piece_bytes: list[bytes]  # bytes per id
 
@@ -119,6 +122,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = n
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.add_bos = self.bos_id is not None           # Hugging Face's LlamaTokenizer default
         self.pieces = [self.sp.id_to_piece(i) for i in range(n)]
         self.special = {p for i, p in enumerate(self.pieces) if self.sp.is_control(i)}
         self.piece_bytes = []
@@ -269,7 +273,9 @@ def _load_tiktoken_file(path: Path, config: dict) -> TiktokenBPE:
         raise TokenizerError(f"{path}: ranks are not 0..{n_base - 1}; not a Llama-3 tokenizer.model")
     bos = _named_id(config.get("bos_token"), special) or special.get("<|begin_of_text|>")
     eos = _named_id(config.get("eos_token"), special) or special.get("<|end_of_text|>")
-    return TiktokenBPE("tiktoken", path.name, LLAMA3_PATTERN, ranks, rank_to_id, special, set(special), bos, eos)
+    tok = TiktokenBPE("tiktoken", path.name, LLAMA3_PATTERN, ranks, rank_to_id, special, set(special), bos, eos)
+    tok.add_bos = bos is not None                        # Llama-3 starts every text with <|begin_of_text|>
+    return tok
 
 
 def _named_id(tok, table):
@@ -407,7 +413,24 @@ def bpe_from_spec(spec: dict, path: Path, config: dict) -> TiktokenBPE:
         tk.bos_id = next((table[s] for s in ("<|begin_of_text|>", "<s>", "<|startoftext|>") if s in table), None)
     if tk.eos_id is None and "eos_token" not in config:
         tk.eos_id = next((table[s] for s in ("<|end_of_text|>", "</s>", "<|endoftext|>") if s in table), None)
+    first = template_start(spec.get("post_processor"))        # the special token HF's encode puts first, if any
+    if first is not None and first in table:
+        tk.add_bos = True
+        tk.bos_id = tk.bos_id if tk.bos_id is not None else table[first]
     return tk
+
+
+def template_start(post: dict | None) -> str | None:
+    """The special token a tokenizer.json's post-processor puts before a single text (TemplateProcessing, e.g.
+    "<|begin_of_text|> $A" or "<bos> $A", possibly inside a Sequence), or None (ByteLevel, none at all)."""
+    if not post:
+        return None
+    if post.get("type") == "Sequence":
+        return next((t for t in map(template_start, post.get("processors", [])) if t is not None), None)
+    if post.get("type") == "TemplateProcessing" and post.get("single"):
+        head = post["single"][0]
+        return head["SpecialToken"]["id"] if "SpecialToken" in head else None
+    return None
 
 
 def _is_sentencepiece(path: Path) -> bool:
@@ -440,13 +463,20 @@ def load_tokenizer(path) -> Tokenizer:
         first_error = None
         for c in found:
             try:
-                return load_tokenizer_file(c, config)
+                return _configured(load_tokenizer_file(c, config), config)
             except TokenizerError as e:
                 first_error = first_error or e
         raise first_error
     if not path.is_file():
         raise TokenizerError(f"{path}: no such tokenizer file or folder")
-    return load_tokenizer_file(path, config)
+    return _configured(load_tokenizer_file(path, config), config)
+
+
+def _configured(tok: Tokenizer, config: dict) -> Tokenizer:
+    """tokenizer_config.json's add_bos_token, where it says, decides whether a text starts with BOS."""
+    if isinstance(config.get("add_bos_token"), bool):
+        tok.add_bos = config["add_bos_token"] and tok.bos_id is not None
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -641,6 +671,7 @@ def gguf_sentencepiece(path: Path, fields: dict) -> "SentencePieceTokenizer":
         i = fields.get(f"tokenizer.ggml.{name}_token_id")
         if i is not None:
             setattr(tok, f"{name}_id", int(i))
+    tok.add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True)) and tok.bos_id is not None
     return tok
 
 
@@ -651,7 +682,9 @@ def load_tokenizer_file(path: Path, config: dict | None = None) -> Tokenizer:
         if fields.get("tokenizer.ggml.model") == "llama":
             return gguf_sentencepiece(path, fields)
         spec, names = gguf_tokenizer_spec(path, fields)
-        return bpe_from_spec(spec, path, {**names, **config})
+        tok = bpe_from_spec(spec, path, {**names, **config})
+        tok.add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False)) and tok.bos_id is not None
+        return tok
     if path.suffix == ".json":
         return _load_tokenizer_json(path, config)
     if path.suffix in (".model", ".tiktoken"):

@@ -120,22 +120,55 @@ def test_eval_lm_reports_bits_per_byte_and_perplexity_of_a_uniform_model_exactly
         assert r["tokens"] < 0.6 * r["bytes"]                               # the two divisions differ
 
 
-def test_sliding_windows_score_each_token_once_and_match_one_pass(world):
-    """With a window covering the whole document, sliding in small strides scores the same tokens with the
-    same context as one pass; the totals agree with a direct computation."""
+class Recorder(torch.nn.Module):
+    """Uniform logits, and a record of every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x[0].tolist())
+        return torch.zeros(*x.shape, 256)
+
+
+@pytest.mark.parametrize("stride,windows", [
+    (None, [["P", 0, 1, 2], [3, 4, 5, 6], [5, 6, 7, 8]]),              # lm-eval's docstring example
+    (2, [["P", 0, 1, 2], [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8]]),
+])
+def test_rolling_windows_are_lm_evals_and_score_each_token_once(tmp_path, stride, windows):
+    """Ten tokens, window 4, prefix P (here EOS): lm-eval's loglikelihood_rolling feeds [P 0 1 2] predicting
+    0-3, then [3 4 5 6] predicting 4-7, then [5 6 7 8] predicting only 8-9 (a full window of context). With
+    stride 2, later windows predict 2 tokens each from the 4 before. Each token is scored once either way:
+    10 x ln 256 nats. An off-by-one in where a window starts, or a token scored twice, fails this."""
+    tok = byte_tokenizer(tmp_path / "t")
+    tok.eos_id = ord("P")
+    text = "".join(chr(ord("0") + i) for i in range(10))
+    rec = Recorder()
+    nats, tokens, n_bytes = ev.Scorer(rec, tok, window=4).document_nats(text, stride)
+    assert rec.seen == [[ord(str(t)) for t in w] for w in windows]
+    assert (tokens, n_bytes) == (10, 10) and nats == pytest.approx(10 * math.log(256))
+
+
+def test_one_window_equals_a_direct_computation_and_bos_is_scored_as_lm_eval_does(world):
+    """A window as long as the document is one pass: the total equals log-softmax over [BOS] + encode(text)
+    computed here. This tokenizer adds BOS (sentencepiece, as Llama's), so the tokens scored begin with that BOS,
+    predicted from the BOS prefix, exactly as lm-eval 0.4.13 scores them (the parity test checks it there)."""
     model, tok = fusellm.load(world / "target")
+    assert tok.add_bos
     text = stdlib_texts(3)[2][:600]
-    ids = tok.encode(text)
-    big = ev.Scorer(model, tok, window=len(ids) + 1)
-    one_pass, tokens, _ = big.document_nats(text, stride=len(ids) + 1)
-    strided, tokens2, _ = big.document_nats(text, stride=7)
-    assert tokens == tokens2 == len(ids)
+    s = ev.Scorer(model, tok, window=10_000)
+    ids = s.encode(text)
+    assert ids == [tok.bos_id] + tok.encode(text)
+    nats, tokens, _ = s.document_nats(text)
     with torch.no_grad():
         logp = model(torch.tensor([[tok.bos_id] + ids]))[0, :, :tok.vocab_size].log_softmax(-1)
     direct = -float(logp[:-1].gather(1, torch.tensor(ids)[:, None]).sum())
-    assert one_pass == pytest.approx(direct, rel=1e-5) and strided == pytest.approx(direct, rel=1e-5)
-    short, tokens3, _ = ev.Scorer(model, tok, window=32).document_nats(text, stride=16)
-    assert tokens3 == len(ids) and short != pytest.approx(direct, rel=1e-9)   # less context, every token still once
+    assert tokens == len(ids) and nats == pytest.approx(direct, rel=1e-5)
+    short, tokens2, _ = ev.Scorer(model, tok, window=32).document_nats(text)
+    assert tokens2 == len(ids) and short != pytest.approx(direct, rel=1e-9)   # less context, every token still once
+    no_bos, tokens3, _ = ev.Scorer(model, tok, window=10_000, bos=False).document_nats(text)
+    assert tokens3 == len(ids) - 1
 
 
 # --- multiple choice -----------------------------------------------------------------------------------------
@@ -144,35 +177,66 @@ def test_rigged_model_picks_the_continuation_it_prefers(tmp_path):
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(Rigged({ord("B"): 8.0}), tok)
     task = tmp_path / "mc.jsonl"
-    task.write_text(json.dumps({"context": "Pick one:", "choices": [" A", " B", " C"], "label": 1}) + "\n" +
-                    json.dumps({"context": "Again:", "choices": [" B", " D"], "label": 0}) + "\n")
-    assert ev.eval_mc(s, task, None) == {"acc": 1.0, "acc_norm": 1.0, "n": 2}
+    task.write_text(json.dumps({"context": "Pick one:", "choices": ["A", "B", "C"], "label": 1}) + "\n" +
+                    json.dumps({"context": "Again:", "choices": ["B", "D"], "label": 0}) + "\n")
+    r = ev.eval_mc(s, task, None)
+    assert (r["acc"], r["acc_norm"], r["acc_bytes"], r["n"]) == (1.0, 1.0, 1.0, 2)
 
 
 def test_acc_norm_differs_from_acc_when_lengths_differ(tmp_path):
     """'B' is likely and ' ' unlikely. ' B' has the higher total log-likelihood (two tokens), but ' BBBBBB' has
-    the higher log-likelihood per character (the space's cost spread over 7 characters)."""
+    the higher log-likelihood per character of the choice (the delimiter's cost spread over 6 characters;
+    dividing by the 7 characters of ' BBBBBB', as nanofuse once did, would change the margin, not this pick:
+    the parity test against lm-eval catches that)."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(Rigged({ord("B"): 12.0, ord(" "): 3.0}), tok)
     short, long = s.continuation_logprob("x:", " B"), s.continuation_logprob("x:", " BBBBBB")
     assert short > long and short / 2 < long / 7
     task = tmp_path / "mc.jsonl"
-    task.write_text(json.dumps({"context": "x:", "choices": [" B", " BBBBBB"], "label": 1}) + "\n")
-    assert ev.eval_mc(s, task, None) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    task.write_text(json.dumps({"context": "x:", "choices": ["B", "BBBBBB"], "label": 1}) + "\n")
+    r = ev.eval_mc(s, task, None)
+    assert (r["acc"], r["acc_norm"], r["loglikelihoods"]) == (0.0, 1.0, [[short, long]])
 
 
-def test_continuation_split_survives_sentencepiece_dummy_prefix(world):
-    """Context and continuation are encoded together; the continuation is the tokens after the context's bytes."""
+def test_acc_bytes_divides_by_utf8_bytes_and_acc_norm_by_characters(tmp_path):
+    """'é' is one character and two bytes (two byte tokens), 'ab' two of each. Here ll('é') ≈ -9.1 and
+    ll('ab') ≈ -13.1: acc picks 'é', per character 'ab' wins (-6.5 against -9.1), per byte 'é' wins again
+    (-4.5 against -6.5). Swapping the two divisions fails it."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(Rigged({0xC3: 2.0, 0xA9: 2.0, ord(" "): 5.0}), tok)
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "x:", "choices": ["é", "ab"], "label": 0}, ensure_ascii=False) + "\n")
+    r = ev.eval_mc(s, task, None)
+    e, ab = r["loglikelihoods"][0]
+    assert ab < e < ab / 2
+    assert (r["acc"], r["acc_norm"], r["acc_bytes"]) == (1.0, 0.0, 1.0)
+
+
+def test_whitespace_ending_the_context_moves_into_the_continuation(tmp_path):
+    """lm-eval's _encode_pair: "x: " + "한" is scored as "x:" + " 한", so the space's byte is the continuation's
+    (nanofuse once counted it as context: -60.0 against lm-eval's -70.9 nats on GPT-2's tokenizer). An empty
+    context is the prefix token alone."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(NextByte(), tok)
+    assert s.split("x: ", "한") == s.split("x:", " 한") == (list(b"x:"), list(" 한".encode()))
+    assert s.split("x:\n\n", "a") == (list(b"x:"), list(b"\n\na"))
+    tok.eos_id = 0
+    assert ev.Scorer(NextByte(), tok).split("", "ab") == ([0], list(b"ab"))
+
+
+def test_continuation_is_what_follows_the_contexts_own_encoding(world):
+    """Context and continuation are encoded whole and the continuation is the tokens after len(encode(context)),
+    also under a sentencepiece tokenizer that adds BOS and a dummy prefix."""
     model, tok = fusellm.load(world / "target")
-    assert tok.kind == "sentencepiece"
     s = ev.Scorer(model, tok)
-    ids = tok.encode("def f(x): return x")
-    assert s.context_tokens(ids, len("def f(x):".encode())) == len(tok.encode("def f(x):"))
+    ctx, cont = s.split("def f(x):", " return x")
+    whole = s.encode("def f(x): return x")
+    assert ctx == s.encode("def f(x):") and ctx[0] == tok.bos_id and ctx + cont == whole
 
 
 def test_bigbench_task_json_is_read_for_both_kinds(tmp_path):
     mc = ev.read_mc(ROOT / "tasks" / "sample_bbh.json")
-    assert mc == [{"context": "not ( False or False ) is ", "choices": ["True", "False"], "label": 0}]
+    assert mc == [{"context": "not ( False or False ) is", "choices": ["True", "False"], "label": 0}]
     gen = ev.read_gen(ROOT / "tasks" / "sample_bbh.json")
     assert len(gen) == 7 and gen[0] == {"input": "not ( True ) and ( True ) is", "target": "False"}
 
@@ -254,8 +318,8 @@ def test_command_runs_every_sample_task_and_writes_the_table(world, tmp_path, ca
                        "--gen", str(t / "sample_bbh.json"), "--humaneval", str(t / "sample_humaneval.jsonl"),
                        "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
-    cols = ["bpb:sample_text", "ppl/token:sample_text", "acc:sample_mc", "acc_norm:sample_mc", "em:sample_bbh",
-            "pass@1:sample_humaneval"]
+    cols = ["bpb:sample_text", "word_ppl:sample_text", "ppl/token:sample_text", "acc:sample_mc",
+            "acc_norm:sample_mc", "acc_bytes:sample_mc", "em:sample_bbh", "pass@1:sample_humaneval"]
     table = [line for line in out.splitlines() if line.startswith("|")]      # progress lines may come first
     assert table[0] == "| model | " + " | ".join(cols) + " |"
     assert [line.split(" |")[0] for line in table[2:4]] == ["| target", "| source"]
