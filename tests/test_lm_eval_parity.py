@@ -198,3 +198,54 @@ def test_bbh_generations_equal_lm_evals(tmp_path, monkeypatch):
     assert any(len(g) > 10 for g in ours), "generations cut at once would compare little"
     em = ev.eval_bbh(scorer, [tmp_path / "bbh" / "date_understanding.jsonl"], max_new_tokens=24)
     assert em["exact_match"] == out["results"]["nf_bbh_date_understanding"]["exact_match,get-answer"]
+
+
+# --- the paper's commonsense tasks, from their datasets' own rows ---------------------------------------------
+
+COMMONSENSE = {   # lm-eval task file -> rows in the Hugging Face dataset's fields (made up here, not the data)
+    "arc/arc_easy.yaml": [{"id": "1", "question": "Which gas do plants take in?", "answerKey": "B",
+                           "choices": {"text": ["oxygen", "carbon dioxide", "helium"], "label": ["A", "B", "C"]}},
+                          {"id": "2", "question": "How many legs has a spider? ", "answerKey": "2",
+                           "choices": {"text": ["six", "eight"], "label": ["1", "2"]}}],
+    "openbookqa/openbookqa.yaml": [{"id": "1", "question_stem": "The sun is responsible for", "answerKey": " D",
+                                    "choices": {"text": ["puppies", "water", "rain", "plants sprouting"],
+                                                "label": ["A", "B", "C", "D"]}}],
+    "super_glue/boolq/default.yaml": [{"question": "is the sky blue", "passage": "The sky is blue by day.",
+                                       "idx": 0, "label": 1}],
+    "hellaswag/hellaswag.yaml": [{"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man "
+                                  "writes over the snow [title] covering the window.", "ctx_b": "the man",
+                                  "endings": [" [header] stops.", "sprays  water  [step] on it.", "drives away",
+                                              "waves"], "label": "3", "split": "val", "split_type": "indomain",
+                                  "source_id": "x", "ctx": "unused"}],
+    "piqa/piqa.yaml": [{"goal": "How do I keep tea hot?", "sol1": "Use a thermos.", "sol2": "Use a sieve.",
+                        "label": 0}],
+}
+
+
+def test_commonsense_rows_become_lm_evals_requests(tmp_path, monkeypatch):
+    """ARC, OpenBookQA, BoolQ, HellaSwag and PIQA rows in their datasets' own fields: every (context,
+    continuation) pair nanofuse scores is the one lm-eval's task of that name asks its model for (its own YAML,
+    HellaSwag's clean-up included), and the gold index is the same. Catches a changed template, a lost
+    "?" or capitalisation, HellaSwag's [title] handled otherwise, or the answer key's stray space."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+    tasks_dir = ev.common.package_path("lm_eval", "tasks")
+    (tmp_path / "tasks").mkdir()
+    for i, (yaml_file, rows) in enumerate(COMMONSENSE.items()):
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "tasks" / f"{i}.yaml").write_text(
+            f"include: {tasks_dir / yaml_file}\ntask: nf_cs_{i}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / f'{i}.jsonl'}\ntest_split: test\n"
+            "training_split: null\nvalidation_split: null\n")
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    loaded = tm.load([f"nf_cs_{i}" for i in range(len(COMMONSENSE))])["tasks"]
+    for i, yaml_file in enumerate(COMMONSENSE):
+        task = loaded[f"nf_cs_{i}"]
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        theirs = {}
+        for inst in task.instances:
+            theirs.setdefault(inst.doc_id, []).append(inst.args)
+        ours = ev.read_mc(tmp_path / f"{i}.jsonl")
+        for doc_id, row in enumerate(ours):
+            assert theirs[doc_id] == [(row["context"], " " + c) for c in row["choices"]], yaml_file
+            assert task.doc_to_target(task.dataset["test"][doc_id]) == row["label"], yaml_file
