@@ -599,6 +599,43 @@ def stdlib_blocks(n_files: int, chars: int) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace")[:chars] for f in files]
 
 
+def bench_bbh(a):
+    """How close BBH-style questions read from the bigbench sdist come to BBH's own. lm-eval's three
+    chain-of-thought examples per subtask are real BBH questions: each is looked up among its BIG-bench task's
+    examples (the last 60 characters of its question's longest line outside the task's preamble, in the example as BIG-bench writes it or
+    as eval.py converts it, spaces normalised), and the example found is converted as eval.py converts it: is
+    the question identical, and is the answer the one BBH's example ends with?"""
+    import re
+    import eval as ev
+    folder = ev.bbh_prompts_folder()
+    tasks = ev.bigbench_tasks(Path(a.bigbench))
+    print("| subtask | BIG-bench examples | BBH examples found | identical question | same answer |")
+    print("| --- | --- | --- | --- | --- |")
+    totals = [0, 0, 0, 0]
+    names = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+    for name in names:
+        shots = ev.bbh_task(name, folder)["fewshot_config"]["samples"]
+        parent, style = ev.BBH_FROM_BIGBENCH.get(name, (None, None))
+        examples = tasks.get(parent, {}).get("examples", [])
+        flat = lambda t: re.sub(r"\s+", " ", t)                                        # noqa: E731
+        rows = [(flat(ex["input"]), row) for ex in examples if (row := ev.bbh_style(tasks[parent], ex, style))]
+        found = same = answer = 0
+        for shot in shots:
+            lines = [x for x in shot["input"].split("\nOptions:")[0].splitlines()      # not the task's own preamble
+                     if x.strip() not in tasks.get(parent, {}).get("task_prefix", "")] or [shot["input"]]
+            key = flat(max(lines, key=len).strip()[-60:])
+            row = next((row for raw, row in rows if key in raw or key in flat(row["input"])), None)
+            if not row:
+                continue
+            found += 1
+            same += row["input"] == shot["input"]
+            answer += row["target"] == re.findall(r"the answer is (.*)\.$", shot["target"])[0]
+        totals = [totals[0] + len(shots), totals[1] + found, totals[2] + same, totals[3] + answer]
+        print(f"| {name} | {len(examples) or 'none'} | {found}/{len(shots)} | {same} | {answer} |")
+    print(f"| all {len(names)} | {sum(len(t['examples']) for t in tasks.values())} in {len(tasks)} tasks | "
+          f"{totals[1]}/{totals[0]} | {totals[2]} | {totals[3]} |")
+
+
 def model_size(sp, dim: int):
     sp.add_argument("--dim", type=int, default=dim, help=f"the random Llama's width (default {dim})")
     sp.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
@@ -643,9 +680,11 @@ def main():
     lq.add_argument("--files", type=int, default=24, help="standard-library files read (default 24)")
     lq.add_argument("--chars", type=int, default=6000, help="characters read from each (default 6000)")
     lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
+    bb = sub.add_parser("bbh", help="BBH-style questions from the bigbench sdist against BBH's own (lm-eval's examples)")
+    bb.add_argument("--bigbench", required=True, help="the bigbench sdist (bigbench-1.0.0.tar.gz) or its folder")
     a = p.parse_args(sys.argv[1:] or ["labels"])
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
-     "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate}[a.cmd](a)
+     "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate, "bbh": bench_bbh}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -500,35 +500,131 @@ def bbh_answer(task: dict, generation: str) -> str:
     return found[0].strip() if found else "[invalid]"
 
 
-def bbh_files(paths) -> list[Path]:
-    files = []
+# BBH's questions are not on any package registry; the `bigbench` sdist ships the BIG-bench tasks most BBH subtasks
+# were drawn from. Read from there, each example is written the way BBH writes its subtask (task prefix, then
+# "Options:" with (A)-(Z) letters or "- Yes"/"- No" words, answers as BBH's targets are), so lm-eval's prompts fit.
+# BBH also picked 250 examples a subtask, shuffled some options and reworded some tasks: these are BBH-style
+# questions, and their numbers are not comparable with published BBH ones (bench.py bbh measures how close).
+BBH_FROM_BIGBENCH = {   # BBH subtask -> (its BIG-bench task, how BBH writes the answer)
+    "causal_judgement": ("causal_judgment", "words"), "date_understanding": ("date_understanding", "letters"),
+    "disambiguation_qa": ("disambiguation_qa", "letters"), "dyck_languages": ("dyck_languages", "gold"),
+    "formal_fallacies": ("formal_fallacies_syllogisms_negation", "words"),
+    "geometric_shapes": ("geometric_shapes", "letters"), "hyperbaton": ("hyperbaton", "letters"),
+    **{f"logical_deduction_{n}_objects": (f"logical_deduction/{n}_objects", "letters") for n in ("three", "five", "seven")},
+    "movie_recommendation": ("movie_recommendation", "letters"), "navigate": ("navigate", "yes_no"),
+    "object_counting": ("object_counting", "number"), "penguins_in_a_table": ("penguins_in_a_table", "letters"),
+    "reasoning_about_colored_objects": ("reasoning_about_colored_objects", "letters"),
+    "ruin_names": ("ruin_names", "letters"), "snarks": ("snarks", "letters"),
+    "salient_translation_error_detection": ("salient_translation_error_detection", "letters"),
+    "sports_understanding": ("sports_understanding", "plausible"), "temporal_sequences": ("temporal_sequences", "letters"),
+    **{f"tracking_shuffled_objects_{n}_objects": (f"tracking_shuffled_objects/{n}_objects", "letters")
+       for n in ("three", "five", "seven")},
+    "word_sorting": ("word_sorting", "text"),
+}
+
+
+def bbh_style(spec: dict, example: dict, style: str) -> dict | None:
+    """One BIG-bench example as a BBH question {"input", "target"}; None when it does not fit the style."""
+    prefix, lead = spec.get("task_prefix", ""), spec.get("example_input_prefix", "").strip()
+    question = (f"{lead} " if lead else "") + example["input"].strip()
+    if style == "plausible":
+        question = f'Is the following sentence plausible? "{example["input"].strip().rstrip(".")}."'
+    elif prefix.strip():
+        question = prefix.strip() + ("\n" if prefix.endswith("\n") else " ") + question
+    question = re.sub(r" *\n *", "\n", question)                   # BBH's lines carry no edge spaces
+    scores, target = example.get("target_scores"), example.get("target")
+    if scores:
+        choices, gold = list(scores), max(scores, key=scores.get)
+        if style == "letters" and len(choices) <= 26:
+            letters = [f"({chr(65 + i)})" for i in range(len(choices))]
+            return {"input": question + "\nOptions:\n" + "\n".join(f"{a} {c}" for a, c in zip(letters, choices)),
+                    "target": letters[choices.index(gold)]}
+        if style in ("words", "yes_no"):
+            word = {"True": "Yes", "False": "No"} if style == "yes_no" else {}
+            return {"input": question + "\nOptions:\n" + "\n".join(f"- {word.get(c, c)}" for c in choices),
+                    "target": word.get(gold, gold)}
+        if style == "plausible":
+            return {"input": question, "target": "yes" if gold == "plausible" else "no"}
+        if style == "gold":
+            return {"input": question, "target": gold}
+        return None
+    targets = [target] if isinstance(target, str) else list(target or [])
+    if style == "number":
+        targets = [t for t in targets if t.strip().isdigit()]
+    return {"input": question, "target": targets[0]} if targets else None
+
+
+def bigbench_tasks(source: Path) -> dict[str, dict]:
+    """{BIG-bench task folder: its task.json} from the bigbench sdist (.tar.gz) or a folder with its tasks."""
+    import tarfile
+    wanted = {parent for parent, _ in BBH_FROM_BIGBENCH.values()}
+    found = {}
+    if source.is_file():
+        with tarfile.open(source) as tar:
+            for m in tar:
+                parts = m.name.split("/benchmark_tasks/")
+                if len(parts) == 2 and parts[1].endswith("/task.json") and parts[1][:-len("/task.json")] in wanted:
+                    found[parts[1][:-len("/task.json")]] = json.load(tar.extractfile(m))
+    else:
+        base = next((b for b in (source, source / "benchmark_tasks", source / "bigbench" / "benchmark_tasks")
+                     if (b / "navigate" / "task.json").is_file()), None)
+        for parent in wanted if base else ():
+            if (base / parent / "task.json").is_file():
+                found[parent] = json.loads((base / parent / "task.json").read_text(encoding="utf-8"))
+    if not found:
+        raise EvalError(f"{source}: no BIG-bench tasks found; give the bigbench sdist (pip download --no-deps "
+                        f"--no-binary :all: bigbench==1.0.0) or its bigbench/benchmark_tasks folder")
+    return found
+
+
+def bbh_from_bigbench(source: Path) -> list[tuple[str, list[dict]]]:
+    """The BBH subtasks the BIG-bench tasks in `source` give, in BBH's style (see BBH_FROM_BIGBENCH)."""
+    tasks = bigbench_tasks(source)
+    out = []
+    for name, (parent, style) in BBH_FROM_BIGBENCH.items():
+        if parent in tasks:
+            rows = [r for r in (bbh_style(tasks[parent], ex, style) for ex in tasks[parent]["examples"]) if r]
+            if rows:
+                out.append((name, rows))
+    return out
+
+
+def bbh_subtasks(paths) -> list[tuple[str, list[dict]]]:
+    """(subtask, questions) from BBH files (<subtask>.json or .jsonl, or folders of them), or BBH-style from the
+    bigbench sdist or its folder."""
+    out = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix in (".json", ".jsonl"))
+        if p.name.endswith((".tar.gz", ".tgz")) or (p.is_dir() and any(
+                (b / "navigate" / "task.json").is_file() for b in (p, p / "benchmark_tasks", p / "bigbench" / "benchmark_tasks"))):
+            print(f"{p}: BBH-style questions from BIG-bench's tasks, not BBH's own selection: numbers are not "
+                  f"comparable with published BBH ones", file=sys.stderr)
+            out += bbh_from_bigbench(p)
+        elif p.is_dir():
+            out += [(f.stem, read_gen(f)) for f in sorted(p.iterdir()) if f.suffix in (".json", ".jsonl")]
         elif p.is_file():
-            files.append(p)
+            out.append((p.stem, read_gen(p)))
         else:
             raise EvalError(f"{p}: no such BBH task file or folder")
-    if not files:
+    if not out:
         raise EvalError(f"{', '.join(map(str, paths))}: no BBH task files (<subtask>.json)")
-    return files
+    return out
 
 
 def eval_bbh(scorer: Scorer, paths, prompts=None, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
     """Exact match per subtask and over all questions (lm-eval's bbh_cot_fewshot group: weighted by size)."""
     folder = bbh_prompts_folder(prompts)
-    tasks = [(f, bbh_task(f.stem, folder)) for f in bbh_files(paths)]        # every prompt found before any work
+    tasks = [(name, rows, bbh_task(name, folder)) for name, rows in bbh_subtasks(paths)]   # all prompts first
     out, hits, total = {}, 0, 0
-    for f, task in tasks:
-        rows = read_gen(f)[:limit]
+    for name, rows, task in tasks:
+        rows = rows[:limit]
         gen = task["generation_kwargs"]
-        prog = Progress(f"bbh {f.stem}", len(rows), "questions")
+        prog = Progress(f"bbh {name}", len(rows), "questions")
         right = 0
         for r in rows:
             answer = scorer.generate(bbh_context(task, r["input"]), max_new_tokens or gen["max_gen_toks"], gen["until"])
             right += bbh_answer(task, answer) == r["target"]
             prog.update(1)
-        out[f.stem] = right / len(rows)
+        out[name] = right / len(rows)
         hits, total = hits + right, total + len(rows)
     return {"exact_match": hits / total, "n": total, "subtasks": out}
 

@@ -344,3 +344,54 @@ def test_command_runs_every_sample_task_and_writes_the_table(world, tmp_path, ca
     assert [line.split(" |")[0] for line in table[2:4]] == ["| target", "| source"]
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert all(0 < results[m]["bpb:sample_text"] < 20 for m in results)
+
+
+# --- BBH-style questions from BIG-bench's tasks (the bigbench sdist) ------------------------------------------
+
+def bigbench_folder(root):
+    """A hand-written stand-in for the sdist's bigbench/benchmark_tasks: four tasks, one example each, with the
+    fields the real task.json files use (task_prefix, example_input_prefix, target_scores, target lists)."""
+    tasks = {
+        "navigate": {"task_prefix": "If you follow these instructions, do you return to the starting point?",
+                     "examples": [{"input": "Take 1 step. Turn around. Take 1 step.",
+                                   "target_scores": {"True": 1, "False": 0}}]},
+        "date_understanding": {"examples": [{"input": "Yesterday was April 30, 2021. What is the date today?",
+                                             "target_scores": {"05/01/2021": 1, "02/23/2021": 0, "03/11/2021": 0}}]},
+        "object_counting": {"examples": [{"input": "I have a flute and a piano. How many instruments do I have?",
+                                          "target": ["two", "2"]}]},
+        "sports_understanding": {"task_prefix": "Determine whether the following statement is plausible:",
+                                 "example_input_prefix": "\nStatement: ",
+                                 "examples": [{"input": "Jamal Murray was perfect from the line",
+                                               "target_scores": {"plausible": 1, "implausible": 0}}]},
+    }
+    for name, spec in tasks.items():
+        (root / "benchmark_tasks" / name).mkdir(parents=True)
+        (root / "benchmark_tasks" / name / "task.json").write_text(json.dumps(spec))
+    return root
+
+
+BBH_STYLE = [   # what each of those examples becomes, written out by hand in BBH's own style
+    ("date_understanding", {"input": "Yesterday was April 30, 2021. What is the date today?\nOptions:\n(A) 05/01/2021\n"
+                                     "(B) 02/23/2021\n(C) 03/11/2021", "target": "(A)"}),
+    ("navigate", {"input": "If you follow these instructions, do you return to the starting point? Take 1 step. Turn "
+                           "around. Take 1 step.\nOptions:\n- Yes\n- No", "target": "Yes"}),
+    ("object_counting", {"input": "I have a flute and a piano. How many instruments do I have?", "target": "2"}),
+    ("sports_understanding", {"input": 'Is the following sentence plausible? "Jamal Murray was perfect from the line."',
+                              "target": "yes"}),
+]
+
+
+def test_bigbench_examples_become_bbh_style_questions_from_a_folder_or_the_sdist(tmp_path):
+    """BIG-bench's multiple choice becomes BBH's "Options:" with letters (the gold choice's letter as target) or
+    with words (navigate's True/False as BBH's Yes/No), counting answers become digits, and sports statements
+    BBH's plausibility question; the sdist's .tar.gz reads the same as its folder. Catches a letter off by one,
+    True kept where BBH's examples answer Yes, or "two" where BBH's answer is 2."""
+    import tarfile
+    folder = bigbench_folder(tmp_path / "bigbench-1.0.0" / "bigbench")
+    got = ev.bbh_subtasks([folder])
+    assert sorted((name, rows) for name, rows in got) == [(n, [r]) for n, r in BBH_STYLE]
+    with tarfile.open(tmp_path / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "bigbench-1.0.0", arcname="bigbench-1.0.0")
+    assert sorted(ev.bbh_subtasks([tmp_path / "bigbench-1.0.0.tar.gz"])) == sorted(got)
+    with pytest.raises(ev.EvalError, match="no BIG-bench tasks found"):
+        ev.bbh_from_bigbench(tmp_path / "corpus")
