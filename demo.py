@@ -270,7 +270,11 @@ def held_out_bpb(out: Path, models: dict[str, Path], files: dict[str, Path], win
         if cache.is_file() and json.loads(cache.read_text())["key"] == key:
             table[name] = json.loads(cache.read_text())["bpb"]
             continue
-        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files.values()], window=window)[name]
+        # windows of `window` tokens, as in training (the model sees window - 1 of them), sliding by half a window
+        # so that most tokens have more than half a window of context; BOS only as what the first token is
+        # predicted from, not itself scored, so that models with and without BOS pay for the same tokens
+        r = ev.evaluate([str(path)], [name], lm=[str(f) for f in files.values()], window=window - 1,
+                        stride=window // 2, bos=False)[name]
         table[name] = {col: r[f"bpb:{f.stem}"] for col, f in files.items()}
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, {"key": key, "bpb": table[name]})

@@ -203,9 +203,9 @@ class Scorer:
     def document_nats(self, text: str, stride: int | None = None) -> tuple[float, int, int]:
         """(nats, scored tokens, scored bytes) of a whole document: lm-eval's loglikelihood_rolling. The tokens
         are encode(text), BOS included when the tokenizer adds one (lm-eval scores it too, after the prefix
-        token). The first window predicts the first `window` tokens from the prefix token on; each later window
-        predicts the next `stride` tokens (default: window, lm-eval's non-overlapping windows) from the
-        `window` tokens before each one at most. A smaller stride gives every token more context. With neither
+        token). Each window predicts the next `stride` tokens (default: window, lm-eval's non-overlapping windows)
+        from at most the `window` tokens before the last of them, the first from the prefix token on. A smaller
+        stride gives every token more context, at the cost of more passes. With neither
         BOS nor EOS the first token cannot be predicted and its bytes are left out."""
         stride = max(1, min(stride or self.window, self.window))
         ids = self.encode(text)
@@ -215,7 +215,7 @@ class Scorer:
         seq = ([self.prefix_id] if self.prefix_id is not None else []) + ids
         nats, done = 0.0, 1                       # seq[:done] are scored (or the prefix token)
         while done < len(seq):
-            end = min(len(seq), done + (self.window if done == 1 else stride))
+            end = min(len(seq), done + stride)
             begin = max(0, end - 1 - self.window)
             lp = self.logprobs(seq[begin:end])    # predictions of seq[begin+1:end], the last end-done new
             nats -= float(lp[done - begin - 1:].sum())

@@ -134,12 +134,12 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("stride,windows", [
     (None, [["P", 0, 1, 2], [3, 4, 5, 6], [5, 6, 7, 8]]),              # lm-eval's docstring example
-    (2, [["P", 0, 1, 2], [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8]]),
+    (2, [["P", 0], ["P", 0, 1, 2], [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8]]),
 ])
 def test_rolling_windows_are_lm_evals_and_score_each_token_once(tmp_path, stride, windows):
     """Ten tokens, window 4, prefix P (here EOS): lm-eval's loglikelihood_rolling feeds [P 0 1 2] predicting
     0-3, then [3 4 5 6] predicting 4-7, then [5 6 7 8] predicting only 8-9 (a full window of context). With
-    stride 2, later windows predict 2 tokens each from the 4 before. Each token is scored once either way:
+    stride 2, each window predicts 2 tokens from up to 4 before the second. Each token is scored once either way:
     10 x ln 256 nats. An off-by-one in where a window starts, or a token scored twice, fails this."""
     tok = byte_tokenizer(tmp_path / "t")
     tok.eos_id = ord("P")
