@@ -197,7 +197,7 @@ def test_starcoder_digits_pre_tokenizer_matches_hf(tmp_path):
     assert_same_ids(ref, ours, TEXTS + [SPACE_RUNS_TEXT, "ied 4 ½ months, x = 1234567 + 0.5e-10, v2.13.0"])
 
 
-def write_gguf(path, ref, pre: str):
+def write_gguf(path, ref, pre: str, add_bos: bool | None = None):
     """A GGUF file holding an HF byte-level BPE's vocabulary the way llama.cpp's converter writes it: tokens,
     token types (1 normal, 3 control, 4 user-defined), merges, the pre-tokenizer's name, special ids."""
     gguf = pytest.importorskip("gguf")
@@ -214,6 +214,8 @@ def write_gguf(path, ref, pre: str):
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     w.add_bos_token_id(vocab["<|endoftext|>"])
     w.add_eos_token_id(vocab["<|endoftext|>"])
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -237,6 +239,33 @@ def test_gguf_vocabulary_loads_as_the_tokenizer_it_came_from(tmp_path):
     reference = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "model.gguf").fields.items()
                  if not k.startswith("GGUF.")}
     assert fields == reference
+
+
+def test_whether_a_text_starts_with_bos_follows_the_checkpoint(tmp_path):
+    """add_bos, which evaluation follows by default as lm-eval does: Hugging Face's Llama tokenizer adds BOS
+    to a sentencepiece model (Mistral's real one) unless tokenizer_config.json says add_bos_token false;
+    Llama-3's tiktoken file adds <|begin_of_text|>; a tokenizer.json adds what its post-processor puts first
+    (GPT-2 style: nothing); a GGUF file says it in tokenizer.ggml.add_bos_token (byte-level BPE: no unless
+    it says so)."""
+    import shutil
+    from tokenizers import processors
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    shutil.copy(package_file("mistral_common", "data", "tokenizer.model.v1"), folder / "tokenizer.model")
+    assert load_tokenizer(folder).add_bos
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert not load_tokenizer(folder).add_bos
+    llama3 = load_tokenizer(package_file("llama_models", "llama3", "tokenizer.model"))
+    assert llama3.add_bos and llama3.token_str(llama3.bos_id) == "<|begin_of_text|>"
+    ref = train_byte_level_bpe(vocab_size=600)
+    assert not saved(tmp_path / "gpt2", ref).add_bos
+    ref.add_special_tokens(["<s>"])
+    ref.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", ref.token_to_id("<s>"))])
+    with_bos = saved(tmp_path / "template", ref)
+    assert with_bos.add_bos and with_bos.bos_id == ref.token_to_id("<s>")
+    for flag in (None, True):
+        write_gguf(tmp_path / f"{flag}.gguf", train_byte_level_bpe(vocab_size=600), "gpt2", add_bos=flag)
+        assert load_tokenizer(tmp_path / f"{flag}.gguf").add_bos is bool(flag)
 
 
 def test_gguf_with_an_unknown_pre_tokenizer_is_refused(tmp_path):
