@@ -207,8 +207,8 @@ class Scorer:
         are encode(text), BOS included when the tokenizer adds one (lm-eval scores it too, after the prefix
         token). Each window predicts the next `stride` tokens (default: window, lm-eval's non-overlapping windows)
         from at most the `window` tokens before the last of them, the first from the prefix token on. A smaller
-        stride gives every token more context, at the cost of more passes. With neither
-        BOS nor EOS the first token cannot be predicted and its bytes are left out."""
+        stride gives every token more context, at the cost of more passes. With neither BOS nor EOS the first
+        token cannot be predicted and its bytes are left out."""
         stride = max(1, min(stride or self.window, self.window))
         ids = self.encode(text)
         n_bytes = len(text.encode("utf-8"))
@@ -252,9 +252,10 @@ class Scorer:
     def generate(self, prompt: str, max_new_tokens: int, stops: list[str]) -> str:
         """Greedy decoding until a stop string appears (cut there), EOS, or max_new_tokens. The prompt keeps its
         last window - max_new_tokens tokens, as lm-eval's generate_until does, so that prompt and answer fit the
-        window together; when max_new_tokens alone fills it, each token sees the last `window` tokens. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
-        alone, attending to the keys and values cached so far; past the window, the context slides and each
-        step runs the last `window` tokens again, as without a cache (the same tokens: a test)."""
+        window together. With a KV cache (any nanofuse Transformer), the prompt runs once and each new token
+        alone, attending to the keys and values cached so far. Where max_new_tokens alone fills the window
+        (lm-eval refuses that), the context slides past it and each step runs the last `window` tokens again,
+        as without a cache (the same tokens: a test)."""
         ids = self.encode(prompt) or [self.prefix_id]
         if max_new_tokens < self.window:          # lm-eval keeps the prompt's last (window - max_new_tokens) tokens
             ids = ids[-(self.window - max_new_tokens):]
@@ -512,13 +513,15 @@ BBH_FROM_BIGBENCH = {   # BBH subtask -> (its BIG-bench task, how BBH writes the
     "disambiguation_qa": ("disambiguation_qa", "letters"), "dyck_languages": ("dyck_languages", "gold"),
     "formal_fallacies": ("formal_fallacies_syllogisms_negation", "words"),
     "geometric_shapes": ("geometric_shapes", "letters"), "hyperbaton": ("hyperbaton", "letters"),
-    **{f"logical_deduction_{n}_objects": (f"logical_deduction/{n}_objects", "letters") for n in ("three", "five", "seven")},
+    **{f"logical_deduction_{n}_objects": (f"logical_deduction/{n}_objects", "letters")
+       for n in ("three", "five", "seven")},
     "movie_recommendation": ("movie_recommendation", "letters"), "navigate": ("navigate", "yes_no"),
     "object_counting": ("object_counting", "number"), "penguins_in_a_table": ("penguins_in_a_table", "letters"),
     "reasoning_about_colored_objects": ("reasoning_about_colored_objects", "letters"),
     "ruin_names": ("ruin_names", "letters"), "snarks": ("snarks", "letters"),
     "salient_translation_error_detection": ("salient_translation_error_detection", "letters"),
-    "sports_understanding": ("sports_understanding", "plausible"), "temporal_sequences": ("temporal_sequences", "letters"),
+    "sports_understanding": ("sports_understanding", "plausible"),
+    "temporal_sequences": ("temporal_sequences", "letters"),
     **{f"tracking_shuffled_objects_{n}_objects": (f"tracking_shuffled_objects/{n}_objects", "letters")
        for n in ("three", "five", "seven")},
     "word_sorting": ("word_sorting", "text"),
@@ -556,6 +559,12 @@ def bbh_style(spec: dict, example: dict, style: str) -> dict | None:
     return {"input": question, "target": targets[0]} if targets else None
 
 
+def bigbench_root(folder: Path) -> Path | None:
+    """The benchmark_tasks folder of an unpacked bigbench sdist (given at any level down to it), or None."""
+    return next((b for b in (folder, folder / "benchmark_tasks", folder / "bigbench" / "benchmark_tasks")
+                 if (b / "navigate" / "task.json").is_file()), None)
+
+
 def bigbench_tasks(source: Path) -> dict[str, dict]:
     """{BIG-bench task folder: its task.json} from the bigbench sdist (.tar.gz) or a folder with its tasks."""
     import tarfile
@@ -568,8 +577,7 @@ def bigbench_tasks(source: Path) -> dict[str, dict]:
                 if len(parts) == 2 and parts[1].endswith("/task.json") and parts[1][:-len("/task.json")] in wanted:
                     found[parts[1][:-len("/task.json")]] = json.load(tar.extractfile(m))
     else:
-        base = next((b for b in (source, source / "benchmark_tasks", source / "bigbench" / "benchmark_tasks")
-                     if (b / "navigate" / "task.json").is_file()), None)
+        base = bigbench_root(source)
         for parent in wanted if base else ():
             if (base / parent / "task.json").is_file():
                 found[parent] = json.loads((base / parent / "task.json").read_text(encoding="utf-8"))
@@ -596,8 +604,7 @@ def bbh_subtasks(paths) -> list[tuple[str, list[dict]]]:
     bigbench sdist or its folder."""
     out = []
     for p in map(Path, paths):
-        if p.name.endswith((".tar.gz", ".tgz")) or (p.is_dir() and any(
-                (b / "navigate" / "task.json").is_file() for b in (p, p / "benchmark_tasks", p / "bigbench" / "benchmark_tasks"))):
+        if p.name.endswith((".tar.gz", ".tgz")) or (p.is_dir() and bigbench_root(p)):
             print(f"{p}: BBH-style questions from BIG-bench's tasks, not BBH's own selection: numbers are not "
                   f"comparable with published BBH ones", file=sys.stderr)
             out += bbh_from_bigbench(p)
