@@ -90,7 +90,12 @@ def read_mc(path) -> list[dict]:
     if raw and "context" not in raw[0]:
         rows = []
         for n, row in enumerate(raw, 1):
-            converted = commonsense_row(row)
+            try:
+                converted = commonsense_row(row)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                hint = "; HellaSwag's test split has no labels: use its validation split" if "ctx_a" in row else ""
+                raise EvalError(f"{path}: row {n}: not a usable row of its dataset ({type(e).__name__}: {e}){hint}") \
+                    from None
             if converted is None:
                 raise EvalError(f"{path}: row {n} has neither the fields context, choices and label nor those of "
                                 f"ARC, OpenBookQA, BoolQ, HellaSwag or PIQA (it has {', '.join(sorted(row))})")
@@ -184,12 +189,17 @@ class Scorer:
     (BOS, else EOS) is what the first token of a text is predicted from when nothing precedes it. window: the
     most tokens the model sees in one forward pass (lm-eval's max_length)."""
 
-    def __init__(self, model, tok, device="cpu", window=1024, bos: bool | None = None):
+    def __init__(self, model, tok, device="cpu", window=1024, bos: bool | None = None, stop_ids=()):
         self.model, self.tok, self.device, self.window = model, tok, device, window
         self.add_bos = tok.add_bos if bos is None else bos
         if self.add_bos and tok.bos_id is None:
             raise EvalError(f"BOS asked for, but the tokenizer {tok!r} has no BOS token; use --bos no or auto")
         self.prefix_id = tok.bos_id if tok.bos_id is not None else tok.eos_id       # lm-eval's prefix_token_id
+        # generation ends at EOS or any end id of the checkpoint's generation_config.json (instruct models list
+        # several: <|eot_id|>, <|im_end|>, <end_of_turn>), and its text leaves special tokens out, as HF's does
+        self.stop_ids = {i for i in (tok.eos_id, *stop_ids) if i is not None}
+        self.special_ids = {i for i, p in enumerate(tok.pieces) if p in tok.special}
+        self.warned = False
 
     def encode(self, text: str) -> list[int]:
         """The tokens of a text as the model's own tokenizer gives them: BOS first when it adds one."""
@@ -199,8 +209,8 @@ class Scorer:
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """log p(ids[i] | ids[:i]) for i >= 1: (len(ids) - 1,) in nats. The model sees ids[:-1]."""
         x = torch.tensor([ids], device=self.device)
-        logp = self.model(x[:, :-1])[0, :, :self.tok.vocab_size].float().log_softmax(-1)          # (T-1, V)
-        return logp.gather(-1, x[0, 1:, None])[:, 0].cpu()
+        logp = self.model(x[:, :-1])[0].float().log_softmax(-1)   # (T-1, V): over every row the model has, padded
+        return logp.gather(-1, x[0, 1:, None])[:, 0].cpu()        # ones too (Qwen2.5: 151,936 for 151,665 tokens)
 
     def document_nats(self, text: str, stride: int | None = None) -> tuple[float, int, int]:
         """(nats, scored tokens, scored bytes) of a whole document: lm-eval's loglikelihood_rolling. The tokens
@@ -228,9 +238,13 @@ class Scorer:
         """(context tokens, continuation tokens), lm-eval's _encode_pair: whitespace ending the context moves
         to the continuation ("Answer: " + "Paris" is scored as "Answer:" + " Paris"); context + continuation
         is encoded whole, and the continuation is what follows the context's own encoding in it. An empty
-        context is the prefix token alone."""
+        context is the prefix token alone. (Where lm-eval asserts, on a context of whitespace only with no BOS,
+        the prefix token is the context here.)"""
         if not context:
-            return [self.prefix_id], self.tok.encode(continuation)
+            cont = self.tok.encode(continuation)
+            if cont and cont[0] == self.prefix_id:                   # it starts with the prefix token itself
+                return cont[:1], cont[1:]
+            return [self.prefix_id], cont
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -243,6 +257,9 @@ class Scorer:
         if not cont:
             raise EvalError(f"the continuation {continuation!r} adds no tokens after {context[-40:]!r}")
         ctx = ctx or [self.prefix_id]             # a context of whitespace only, without BOS
+        if len(cont) > self.window:
+            raise EvalError(f"the continuation {continuation[:40]!r}... is {len(cont)} tokens, more than the window "
+                            f"of {self.window}; raise --window")
         if None in ctx:
             raise EvalError(f"{self.tok!r} has neither BOS nor EOS to predict {continuation!r} from an empty context")
         ids = (ctx + cont)[-(self.window + 1):]
@@ -259,6 +276,11 @@ class Scorer:
         ids = self.encode(prompt) or [self.prefix_id]
         if max_new_tokens < self.window:          # lm-eval keeps the prompt's last (window - max_new_tokens) tokens
             ids = ids[-(self.window - max_new_tokens):]
+        elif not self.warned:
+            self.warned = True
+            print(f"warning: {max_new_tokens} new tokens fill the window of {self.window}: the context slides "
+                  f"(lm-eval refuses this); raise --window or lower --max-new-tokens for lm-eval's numbers",
+                  file=sys.stderr)
         cached = isinstance(self.model, fusellm.Transformer)
         out, text, cache, new = [], "", None, ids
         for _ in range(max_new_tokens):
@@ -273,13 +295,13 @@ class Scorer:
                 logits = self.model.logits(self.model.hidden(x, cache)[:, -1])[0]                 # (V,)
             else:
                 logits = self.model(x)[0, -1]
-            nxt = int(logits[:self.tok.vocab_size].argmax())
-            if nxt == self.tok.eos_id:
+            nxt = int(logits.argmax())
+            if nxt in self.stop_ids:
                 break
             ids.append(nxt)
             out.append(nxt)
             new = [nxt]                                              # what the cache has not seen yet
-            text = self.tok.decode(out)
+            text = self.tok.decode([i for i in out if i < self.tok.vocab_size and i not in self.special_ids])
             hit = [text.find(s) for s in stops if s in text]
             if hit:
                 return text[:min(hit)]
@@ -570,7 +592,11 @@ def bigbench_tasks(source: Path) -> dict[str, dict]:
     import tarfile
     wanted = {parent for parent, _ in BBH_FROM_BIGBENCH.values()}
     found = {}
+    if not source.exists():
+        raise EvalError(f"{source}: not found; give the bigbench sdist (.tar.gz) or its unpacked folder")
     if source.is_file():
+        if not tarfile.is_tarfile(source):
+            raise EvalError(f"{source}: not a tar archive; give the bigbench sdist (.tar.gz) or its unpacked folder")
         with tarfile.open(source) as tar:
             for m in tar:
                 parts = m.name.split("/benchmark_tasks/")
@@ -644,16 +670,18 @@ def eval_bbh(scorer: Scorer, paths, prompts=None, max_new_tokens: int | None = N
 
 def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), gen=(), humaneval=None, device="auto",
              window=None, stride=None, shots=3, max_new_tokens=None, timeout=3.0, limit=None, bos: bool | None = None,
-             delimiter: str = " ", bbh=(), bbh_prompts=None) -> dict:
-    """{model name: {metric: value}} for every model and task. Models are loaded one at a time."""
+             delimiter: str = " ", bbh=(), bbh_prompts=None, dtype: str = "auto") -> dict:
+    """{model name: {metric: value}} for every model and task. Models are loaded one at a time. dtype: auto is
+    bf16 on a GPU and fp32 on the CPU; lm-eval's numbers are equal at float32 (its dtype=float32)."""
     names = names or [Path(m).name for m in models]
     if len(names) != len(models):
         raise EvalError(f"{len(names)} names for {len(models)} models")
     results, device = {}, common.device(device)
     for path, name in zip(models, names):
-        model, tok = fusellm.load(path, device, common.dtype_for(device))
+        model, tok = fusellm.load(path, device, common.dtype_for(device) if dtype == "auto" else getattr(torch, dtype))
         # lm-eval's max_length default: the model's own context length (max_position_embeddings), else 2048
-        scorer = Scorer(model, tok, device, window or getattr(getattr(model, "args", None), "max_seq_len", 2048), bos)
+        context = getattr(getattr(model, "args", None), "max_seq_len", 2048)
+        scorer = Scorer(model, tok, device, window or context, bos, generation_end_ids(path))
         r = {}
         for f in lm:
             m = eval_lm(scorer, f, stride, limit)
@@ -677,6 +705,16 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
     return results
 
 
+def generation_end_ids(path) -> list[int]:
+    """The ids a checkpoint's generation_config.json ends generation at (eos_token_id: one id or a list)."""
+    f = Path(path) / "generation_config.json"
+    try:
+        end = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EvalError(f"{f}: not valid JSON; fix or remove it") from None
+    return [int(i) for i in (end if isinstance(end, list) else [end]) if isinstance(i, int)]
+
+
 def markdown_table(results: dict, title: str = "") -> str:
     """Models as rows, metrics as columns: numbers to 4 decimals, text as it is, '-' where a metric is missing."""
     cols = list(dict.fromkeys(k for r in results.values() for k in r))
@@ -686,6 +724,13 @@ def markdown_table(results: dict, title: str = "") -> str:
         cells = ("-" if c not in r else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" for c in cols)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return n
 
 
 def main(argv=None):
@@ -713,7 +758,10 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="generation length at most (default: lm-eval's, 1024 for BBH "
                                                       "and HumanEval; 64 for --gen)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program (default 3, code_eval's)")
-    p.add_argument("--limit", type=int, help="at most this many documents / examples per task")
+    p.add_argument("--limit", type=positive, help="at most this many documents / examples per task")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights' dtype: auto (default) = bf16 on a GPU, fp32 on the CPU; lm-eval's numbers are "
+                        "equal at float32")
     p.add_argument("--device", default="auto", help=common.DEVICE_HELP)
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
@@ -721,7 +769,7 @@ def main(argv=None):
         t0 = time.time()
         results = evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device, a.window, a.stride, a.shots,
                            a.max_new_tokens, a.timeout, a.limit, {"auto": None, "yes": True, "no": False}[a.bos],
-                           a.target_delimiter, a.bbh, a.bbh_prompts)
+                           a.target_delimiter, a.bbh, a.bbh_prompts, a.dtype)
     except ValueError as e:                    # EvalError, CheckpointError, TokenizerError, DataError
         raise SystemExit(f"error: {e}") from None
     print(markdown_table(results))

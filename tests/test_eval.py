@@ -224,6 +224,17 @@ def test_whitespace_ending_the_context_moves_into_the_continuation(tmp_path):
     assert ev.Scorer(NextByte(), tok).split("", "ab") == ([0], list(b"ab"))
 
 
+def test_where_lm_eval_refuses_eval_says_so(tmp_path, capsys):
+    """A continuation longer than the window is one error naming --window (lm-eval asserts; scoring its tail
+    alone would skew acc_norm); new tokens that fill the window slide the context, with a warning, once."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(NextByte(), tok, window=4)
+    with pytest.raises(ev.EvalError, match="7 tokens, more than the window of 4; raise --window"):
+        s.continuation_logprob("x:", " abcdef")
+    assert s.generate("a", 6, []) == s.generate("a", 6, []) == "bcdefg"
+    assert capsys.readouterr().err.count("6 new tokens fill the window of 4") == 1
+
+
 def test_continuation_is_what_follows_the_contexts_own_encoding(world):
     """Context and continuation are encoded whole and the continuation is the tokens after len(encode(context)),
     also under a sentencepiece tokenizer that adds BOS and a dummy prefix."""
@@ -248,6 +259,21 @@ def test_greedy_generation_stops_at_a_stop_string(tmp_path):
     s = ev.Scorer(NextByte(), tok)
     assert s.generate("a", 10, ["e"]) == "bcd"
     assert s.generate("a", 3, ["z"]) == "bcd"
+
+
+def test_generation_ends_at_the_checkpoints_end_ids_and_leaves_special_tokens_out(tmp_path):
+    """Instruct checkpoints list several end ids in generation_config.json (Llama-3: <|end_of_text|> and
+    <|eot_id|>); generation stops at any of them, and special tokens generated on the way are not part of the
+    text, as Hugging Face's generate and decode(skip_special_tokens=True) give lm-eval. Here 'd' ends it and
+    'c' counts as special."""
+    tok = byte_tokenizer(tmp_path / "t")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [ord("d"), ord("q")]}))
+    assert ev.generation_end_ids(tmp_path / "m") == [ord("d"), ord("q")]
+    assert ev.generation_end_ids(tmp_path) == []
+    assert ev.Scorer(NextByte(), tok, stop_ids=ev.generation_end_ids(tmp_path / "m")).generate("a", 10, []) == "bc"
+    tok.special = {tok.pieces[ord("c")]}
+    assert ev.Scorer(NextByte(), tok).generate("a", 4, []) == "bde"
 
 
 def test_exact_match_uses_few_shot_prompt(tmp_path):
@@ -313,6 +339,22 @@ def test_malformed_jsonl_line_names_line_and_field(tmp_path):
         ev.read_mc(f)
     f.write_text('{"context": "a", "choices": ["x"]}\n')
     with pytest.raises(ev.EvalError, match=r"t\.jsonl:1: missing field 'label'"):
+        ev.read_mc(f)
+
+
+def test_a_commonsense_row_that_cannot_be_read_names_its_row(tmp_path):
+    """HellaSwag's test split has empty labels; an ARC answer key not among the labels: one error each, naming
+    the file and row, not a bare ValueError."""
+    f = tmp_path / "hs.jsonl"
+    row = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": "0"}
+    f.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": ""}) + "\n")
+    with pytest.raises(ev.EvalError, match=r"hs\.jsonl: row 2: .*use its validation split"):
+        ev.read_mc(f)
+    f.write_text(json.dumps({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"}) + "\n")
+    with pytest.raises(ev.EvalError, match=r"hs\.jsonl: row 1: not a usable row"):
+        ev.read_mc(f)
+    f.write_text(json.dumps({"prompt": "q", "answer": 1}) + "\n")
+    with pytest.raises(ev.EvalError, match=r"row 1 has neither the fields context, choices and label"):
         ev.read_mc(f)
 
 
@@ -393,5 +435,11 @@ def test_bigbench_examples_become_bbh_style_questions_from_a_folder_or_the_sdist
     with tarfile.open(tmp_path / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "bigbench-1.0.0", arcname="bigbench-1.0.0")
     assert sorted(ev.bbh_subtasks([tmp_path / "bigbench-1.0.0.tar.gz"])) == sorted(got)
-    with pytest.raises(ev.EvalError, match="no BIG-bench tasks found"):
+    with pytest.raises(ev.EvalError, match="corpus: not found"):
         ev.bbh_from_bigbench(tmp_path / "corpus")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ev.EvalError, match="no BIG-bench tasks found"):
+        ev.bbh_from_bigbench(tmp_path / "empty")
+    (tmp_path / "fake.tar.gz").write_text("not a tar")
+    with pytest.raises(ev.EvalError, match="not a tar archive"):
+        ev.bbh_from_bigbench(tmp_path / "fake.tar.gz")
