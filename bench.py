@@ -9,6 +9,8 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python bench.py train [--dim 512 --layers 8 --steps 5]
     python bench.py generate [--model GGUF_OR_DIR | --dim 512 --layers 8] [--prompt 256 --new 64]
     python bench.py vocabs --dir LLAMA_CPP/models
+    python bench.py bbh --bigbench bigbench-1.0.0.tar.gz
+    python bench.py lm-eval --model GGUF_OR_DIR [--window 64 --docs 3]
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
 on tiktoken) over standard-library text. An oracle source, whose top-1 is always its own true next token, is
@@ -38,9 +40,14 @@ vocabs: real byte-level BPE vocabularies (GPT-2, GPT-NeoX/MPT, StarCoder, Qwen2,
 ggml-vocab-*.gguf files, each loaded by nanofuse and compared with the ids the original HF tokenizer gives on
 llama.cpp's test inputs. The files: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
 unpack, and pass its vendor/llama.cpp/models folder.
+bbh: BBH-style questions eval.py writes from the bigbench sdist, against BBH's own (lm-eval's 81 few-shot
+examples): how many are found among BIG-bench's examples, identical, and with BBH's answer.
+lm-eval: eval.py against lm-eval 0.4.13 itself (its `hf` backend through transformers) on a real checkpoint:
+per-choice log-likelihoods, acc, acc_norm, bits per byte, byte and word perplexity on the sample tasks.
 The real tokenizers come from the registry packages in requirements-testdata.txt.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -636,6 +643,55 @@ def bench_bbh(a):
           f"{totals[1]}/{totals[0]} | {totals[2]} | {totals[3]} |")
 
 
+def bench_lm_eval(a):
+    """eval.py against lm-eval 0.4.13 itself on a real checkpoint (a .gguf here, which lm-eval's `hf` backend
+    loads through transformers): the sample multiple-choice task and the sample text's first paragraphs, fp32 on
+    the CPU. Per-choice log-likelihoods, acc, acc_norm, bits per byte, byte and word perplexity side by side."""
+    import eval as ev
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    model_path, tasks_dir = Path(a.model), Path(__file__).parent / "tasks"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paragraphs = [p for p in (tasks_dir / "sample_text.txt").read_text().split("\n\n") if p.strip()][:a.docs]
+        (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+        head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+        (tmp / "nf_mc.yaml").write_text("task: nf_mc\n" + head.format(tasks_dir / "sample_mc.jsonl") +
+                                        'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+                                        "doc_to_choice: choices\ndoc_to_target: label\n"
+                                        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        (tmp / "nf_text.yaml").write_text("task: nf_text\n" + head.format(tmp / "docs.jsonl") +
+                                          'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+                                          'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+                                          "  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+        args = (f"pretrained={model_path.parent},gguf_file={model_path.name}" if model_path.suffix == ".gguf"
+                else f"pretrained={model_path}") + f",dtype=float32,max_length={a.window}"
+        t0 = time.time()
+        out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["nf_mc", "nf_text"], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp), include_defaults=False),
+                                      batch_size=1, device="cpu")
+        t_lm_eval = time.time() - t0
+        theirs = [[r[0][0] for r in x["resps"]] for x in sorted(out["samples"]["nf_mc"], key=lambda x: x["doc_id"])]
+        t0 = time.time()
+        model, tok = fusellm.load(model_path)
+        scorer = ev.Scorer(model.eval(), tok, window=a.window)
+        mc, lm = ev.eval_mc(scorer, tasks_dir / "sample_mc.jsonl", None), ev.eval_lm(scorer, tmp / "docs.jsonl", None, None)
+        t_ours = time.time() - t0
+    diff = max(abs(x - y) for r, q in zip(theirs, mc["loglikelihoods"]) for x, y in zip(r, q))
+    res = out["results"]
+    rows = {"lm-eval 0.4.13 (hf)": {"acc": res["nf_mc"]["acc,none"], "acc_norm": res["nf_mc"]["acc_norm,none"],
+                                    **{m: res["nf_text"][f"{m},none"] for m in ("bits_per_byte", "byte_perplexity",
+                                                                                 "word_perplexity")},
+                                    "seconds": t_lm_eval},
+            "nanofuse eval.py": {"acc": mc["acc"], "acc_norm": mc["acc_norm"],
+                                 **{m: lm[m] for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")},
+                                 "seconds": t_ours}}
+    print(ev.markdown_table(rows, f"{model_path.name}, {len(theirs)} items, {len(paragraphs)} documents, fp32 CPU"))
+    print(f"per-choice log-likelihoods: largest difference {diff:.2e} nats over {sum(map(len, theirs))} choices; "
+          f"bits per byte differ by {abs(rows['nanofuse eval.py']['bits_per_byte'] - res['nf_text']['bits_per_byte,none']):.1e}")
+
+
 def model_size(sp, dim: int):
     sp.add_argument("--dim", type=int, default=dim, help=f"the random Llama's width (default {dim})")
     sp.add_argument("--layers", type=int, default=8, help="its layers (default 8)")
@@ -682,9 +738,14 @@ def main():
     lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
     bb = sub.add_parser("bbh", help="BBH-style questions from the bigbench sdist against BBH's own (lm-eval's examples)")
     bb.add_argument("--bigbench", required=True, help="the bigbench sdist (bigbench-1.0.0.tar.gz) or its folder")
+    le = sub.add_parser("lm-eval", help="eval.py against lm-eval 0.4.13 itself on a real checkpoint")
+    le.add_argument("--model", required=True, help="an HF folder or a .gguf (e.g. Gemma 3 270M's)")
+    le.add_argument("--window", type=int, default=64, help="lm-eval's max_length (default 64: documents span windows)")
+    le.add_argument("--docs", type=int, default=3, help="paragraphs of tasks/sample_text.txt scored (default 3)")
     a = p.parse_args(sys.argv[1:] or ["labels"])
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
-     "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate, "bbh": bench_bbh}[a.cmd](a)
+     "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate, "bbh": bench_bbh,
+     "lm-eval": bench_lm_eval}[a.cmd](a)
 
 
 if __name__ == "__main__":
