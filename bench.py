@@ -620,16 +620,17 @@ def bench_bbh(a):
     print("| --- | --- | --- | --- | --- |")
     totals = [0, 0, 0, 0]
     names = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
+    flat = lambda t: re.sub(r"\s+", " ", t)                                            # noqa: E731
     for name in names:
         shots = ev.bbh_task(name, folder)["fewshot_config"]["samples"]
         parent, style = ev.BBH_FROM_BIGBENCH.get(name, (None, None))
-        examples = tasks.get(parent, {}).get("examples", [])
-        flat = lambda t: re.sub(r"\s+", " ", t)                                        # noqa: E731
-        rows = [(flat(ex["input"]), row) for ex in examples if (row := ev.bbh_style(tasks[parent], ex, style))]
+        spec = tasks.get(parent, {})
+        examples, preamble = spec.get("examples", []), spec.get("task_prefix", "")
+        rows = [(flat(ex["input"]), row) for ex in examples if (row := ev.bbh_style(spec, ex, style))]
         found = same = answer = 0
         for shot in shots:
             lines = [x for x in shot["input"].split("\nOptions:")[0].splitlines()      # not the task's own preamble
-                     if x.strip() not in tasks.get(parent, {}).get("task_prefix", "")] or [shot["input"]]
+                     if x.strip() not in preamble] or [shot["input"]]
             key = flat(max(lines, key=len).strip()[-60:])
             row = next((row for raw, row in rows if key in raw or key in flat(row["input"])), None)
             if not row:
@@ -656,15 +657,8 @@ def bench_lm_eval(a):
         tmp = Path(tmp)
         paragraphs = [p for p in (tasks_dir / "sample_text.txt").read_text().split("\n\n") if p.strip()][:a.docs]
         (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-        head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
-        (tmp / "nf_mc.yaml").write_text("task: nf_mc\n" + head.format(tasks_dir / "sample_mc.jsonl") +
-                                        'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
-                                        "doc_to_choice: choices\ndoc_to_target: label\n"
-                                        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-        (tmp / "nf_text.yaml").write_text("task: nf_text\n" + head.format(tmp / "docs.jsonl") +
-                                          'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
-                                          'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
-                                          "  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+        (tmp / "nf_mc.yaml").write_text(ev.lm_eval_task_yaml("nf_mc", "mc", tasks_dir / "sample_mc.jsonl"))
+        (tmp / "nf_text.yaml").write_text(ev.lm_eval_task_yaml("nf_text", "lm", tmp / "docs.jsonl"))
         args = (f"pretrained={model_path.parent},gguf_file={model_path.name}" if model_path.suffix == ".gguf"
                 else f"pretrained={model_path}") + f",dtype=float32,max_length={a.window}"
         t0 = time.time()

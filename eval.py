@@ -299,9 +299,10 @@ class Scorer:
             if nxt in self.stop_ids:
                 break
             ids.append(nxt)
-            out.append(nxt)
             new = [nxt]                                              # what the cache has not seen yet
-            text = self.tok.decode([i for i in out if i < self.tok.vocab_size and i not in self.special_ids])
+            if nxt < self.tok.vocab_size and nxt not in self.special_ids:        # the text leaves these out
+                out.append(nxt)
+            text = self.tok.decode(out)
             hit = [text.find(s) for s in stops if s in text]
             if hit:
                 return text[:min(hit)]
@@ -703,6 +704,20 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
         results[name] = r
         del model, scorer
     return results
+
+
+def lm_eval_task_yaml(name: str, kind: str, data) -> str:
+    """The lm-eval task, as YAML, whose numbers equal eval.py's on the same JSONL file: kind "mc" is --mc
+    ({"context", "choices", "label"} rows: acc, acc_norm, acc_bytes), "lm" is --lm ({"text"} rows: word and byte
+    perplexity, bits per byte). The parity test and `bench.py lm-eval` run lm-eval on these."""
+    head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    if kind == "mc":
+        return (head + 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: choices\n'
+                "doc_to_target: label\nmetric_list:\n" + "".join(
+                    f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                    for m in ("acc", "acc_norm", "acc_bytes")))
+    return (head + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+            "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
 
 
 def generation_end_ids(path) -> list[int]:

@@ -2,7 +2,6 @@
 here: per-choice log-likelihoods, acc, acc_norm and acc_bytes, and bits per byte, byte and word perplexity of
 rolling log-likelihood, for a tokenizer without BOS (GPT-2's convention) and one that adds BOS (Llama-3's)."""
 import json
-import os
 import random
 
 import pytest
@@ -14,6 +13,11 @@ from conftest import byte_level_bpe, stdlib_texts
 
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """lm-eval and datasets read only the files written here: no Hub."""
 
 WINDOW = 32      # lm-eval's max_length: small, so documents span several rolling windows
 
@@ -74,20 +78,12 @@ def lm_eval_results(folder, data, add_bos):
     from lm_eval.tasks import TaskManager
     tasks = data / "tasks"
     tasks.mkdir(exist_ok=True)
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
-    (tasks / "nf_mc.yaml").write_text(
-        "task: nf_mc\n" + common.format(data / "mc.jsonl") + "output_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\ndoc_to_choice: choices\ndoc_to_target: label\n'
-        "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-                                    for m in ("acc", "acc_norm", "acc_bytes")))
-    (tasks / "nf_text.yaml").write_text(
-        "task: nf_text\n" + common.format(data / "docs.jsonl") + "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
-        "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (tasks / "nf_mc.yaml").write_text(ev.lm_eval_task_yaml("nf_mc", "mc", data / "mc.jsonl"))
+    (tasks / "nf_text.yaml").write_text(ev.lm_eval_task_yaml("nf_text", "lm", data / "docs.jsonl"))
     bos_arg = "" if add_bos is None else f",add_bos_token={add_bos}"
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,max_length={WINDOW}{bos_arg}",
-                                  tasks=["nf_mc", "nf_text"], task_manager=TaskManager(include_path=str(tasks)),
-                                  log_samples=True, batch_size=1, device="cpu")
+                                  tasks=["nf_mc", "nf_text"], log_samples=True, batch_size=1, device="cpu",
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
     samples = sorted(out["samples"]["nf_mc"], key=lambda s: s["doc_id"])
     return out["results"], [[r[0][0] for r in s["resps"]] for s in samples]
 
@@ -95,14 +91,12 @@ def lm_eval_results(folder, data, add_bos):
 @pytest.mark.slow
 @pytest.mark.parametrize("bos,add_bos", [(False, None), (True, None), (True, False)],
                          ids=["gpt2-style", "llama3-style", "llama3-style-bos-off"])
-def test_eval_equals_lm_eval(tmp_path, monkeypatch, bos, add_bos):
+def test_eval_equals_lm_eval(tmp_path, bos, add_bos):
     """The same checkpoint scored by lm-eval 0.4.13 (add_bos_token unset, or False) and by nanofuse (--bos auto /
     no): every per-choice log-likelihood to 1e-5, the same acc, acc_norm, acc_bytes, and the same bits per byte,
     byte and word perplexity. Breakages this catches (each tried): acc_norm over " " + choice, the context's
     trailing space kept as context, BOS always or never added, overlapping rolling windows, words counted
     with str.split, log-softmax over the tokenizer's ids only (not the model's spare rows)."""
-    for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        monkeypatch.setenv(k, v)
     folder, data = tmp_path / "model", tmp_path / "data"
     folder.mkdir()
     data.mkdir()
@@ -146,12 +140,11 @@ def bbh_data(root, subtasks):
     return TaskManager(include_path=str(root / "tasks"), include_defaults=False)
 
 
-def test_bbh_prompts_equal_lm_evals_for_all_27_subtasks(tmp_path, monkeypatch):
+def test_bbh_prompts_equal_lm_evals_for_all_27_subtasks(tmp_path):
     """For every subtask of lm-eval's bbh_cot_fewshot group, the context nanofuse builds from lm-eval's YAML
     (description, three chain-of-thought examples, the question in "Q: ...\\nA: Let's think step by step.\\n")
     is the string lm-eval builds, character for character, and the stop strings are the same. Catches a lost
     delimiter, a wrong number of shots, or a template read wrong."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     folder = ev.bbh_prompts_folder()
     subtasks = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
     assert len(subtasks) == 27
@@ -179,12 +172,10 @@ def test_bbh_answer_is_lm_evals_regex_then_exact_match():
 
 
 @pytest.mark.slow
-def test_bbh_generations_equal_lm_evals(tmp_path, monkeypatch):
+def test_bbh_generations_equal_lm_evals(tmp_path):
     """One subtask end to end on a tiny Llama that adds BOS: the greedy generations after lm-eval's prompt,
     cut at its stop strings, equal those of lm-eval 0.4.13 (max_gen_toks 24). Exact match agrees too, but
     trivially: a random model never writes "the answer is" (the extraction is checked by hand above)."""
-    for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        monkeypatch.setenv(k, v)
     (tmp_path / "model").mkdir()
     write_checkpoint(tmp_path / "model", bos=True, seed=1)
     tm = bbh_data(tmp_path / "bbh", ["date_understanding"])
@@ -225,12 +216,11 @@ COMMONSENSE = {   # lm-eval task file -> rows in the Hugging Face dataset's fiel
 }
 
 
-def test_commonsense_rows_become_lm_evals_requests(tmp_path, monkeypatch):
+def test_commonsense_rows_become_lm_evals_requests(tmp_path):
     """ARC, OpenBookQA, BoolQ, HellaSwag and PIQA rows in their datasets' own fields: every (context,
     continuation) pair nanofuse scores is the one lm-eval's task of that name asks its model for (its own YAML,
     HellaSwag's clean-up included), and the gold index is the same. Catches a changed template, a lost
     "?" or capitalisation, HellaSwag's [title] handled otherwise, or the answer key's stray space."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
     tasks_dir = ev.common.package_path("lm_eval", "tasks")
     (tmp_path / "tasks").mkdir()
