@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data
-import estimate
+from tools import estimate
 import train
 from model import ModelArgs, Transformer
 

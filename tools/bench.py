@@ -1,16 +1,16 @@
 """
 bench.py: benchmarks, each reporting ratios measured in one run.
 
-    python bench.py [labels] [--files 24 --chars 6000 | --data DATA]
-    python bench.py load [--dim 1024 --layers 8 --vocab 32000]
-    python bench.py align [--blocks 20]
-    python bench.py vocab-map [--source-size 50000]
-    python bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512] [--rounds 3]
-    python bench.py train [--dim 512 --layers 8 --steps 5]
-    python bench.py generate [--model GGUF_OR_DIR | --dim 512 --layers 8] [--prompt 256 --new 64]
-    python bench.py vocabs --dir LLAMA_CPP/models
-    python bench.py bbh --bigbench bigbench-1.0.0.tar.gz
-    python bench.py lm-eval --model GGUF_OR_DIR [--window 64 --docs 3]
+    python tools/bench.py [labels] [--files 24 --chars 6000 | --data DATA]
+    python tools/bench.py load [--dim 1024 --layers 8 --vocab 32000]
+    python tools/bench.py align [--blocks 20]
+    python tools/bench.py vocab-map [--source-size 50000]
+    python tools/bench.py dists [--model GGUF_OR_DIR | --dim 512 --layers 8 --vocab 32000] [--batch 4 --seq 512] [--rounds 3]
+    python tools/bench.py train [--dim 512 --layers 8 --steps 5]
+    python tools/bench.py generate [--model GGUF_OR_DIR | --dim 512 --layers 8] [--prompt 256 --new 64]
+    python tools/bench.py vocabs --dir LLAMA_CPP/models
+    python tools/bench.py bbh --bigbench bigbench-1.0.0.tar.gz
+    python tools/bench.py lm-eval --model GGUF_OR_DIR [--window 64 --docs 3]
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
 on tiktoken) over standard-library text. An oracle source, whose top-1 is always its own true next token, is
@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository's top-level files
 import fusellm
 
 def in_fresh_process(fn, *args):
@@ -575,7 +576,7 @@ def bench_vocabs(a):
     folder = Path(a.dir)
     files = sorted(folder.glob("ggml-vocab-*.gguf"))
     if not files:
-        raise SystemExit(f"error: {folder}: no ggml-vocab-*.gguf files; see `python bench.py vocabs --help`")
+        raise SystemExit(f"error: {folder}: no ggml-vocab-*.gguf files; see `python tools/bench.py vocabs --help`")
     print(f"{'vocabulary':<20}{'pre-tokenizer':<16}{'tokens':>8}{'load s':>8}{'  path':<9}{'same ids as HF':>16}")
     for f in files:
         inp, out = f.with_name(f.name + ".inp"), f.with_name(f.name + ".out")

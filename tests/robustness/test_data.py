@@ -113,9 +113,9 @@ def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, 
 
 def data_all(world, out, ranks: int = 1, wait=True, slow_filesystem=False):
     """`python data.py all` on the world's target and source, or `torchrun --nproc_per_node <ranks> data.py all`,
-    optionally through tests/slow_filesystem.py. One thread per process, so every process gets the same
+    optionally through tests/robustness/slow_filesystem.py. One thread per process, so every process gets the same
     floating-point results."""
-    args = [*([str(ROOT / "tests" / "slow_filesystem.py")] if slow_filesystem else []), str(ROOT / "data.py"),
+    args = [*([str(ROOT / "tests" / "robustness" / "slow_filesystem.py")] if slow_filesystem else []), str(ROOT / "data.py"),
             "all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
             "--sources", str(world / "source"), "--data", str(out), "--seq-len", str(SEQ), "--shard-windows", "4",
             "--topk", "5", "--batch-size", "3", "--device", "cpu"]

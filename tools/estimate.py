@@ -1,9 +1,9 @@
 """
 estimate.py: what a fusion run will cost before you pay for it: disk, memory per process, time.
 
-    python estimate.py --paper --fsdp --grad-checkpointing --micro-batch 2   # the paper's run: Llama-2 7B target,
+    python tools/estimate.py --paper --fsdp --grad-checkpointing --micro-batch 2   # the paper's run: Llama-2 7B target,
                                     # OpenLLaMA 7B and MPT 7B sources, MiniPile (1.8B tokens), 8 x A100-40GB
-    python estimate.py --target T --sources A B --tokens 1.8e9 --gpus 8 --gpu h100
+    python tools/estimate.py --target T --sources A B --tokens 1.8e9 --gpus 8 --gpu h100
 
 Models are read from their config.json (or .gguf header) and built on the meta device to count their
 parameters: nothing is loaded, nothing is allocated. Then, for data.py and train.py as they run:
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository's top-level files
 from model import ModelArgs, Transformer, gguf_config, no_init, read_config
 
 # name -> (peak dense bf16 TFLOPS, memory GiB): the GPUs people train on

@@ -204,11 +204,11 @@ def final_weights(out):
 
 def launch(world, out, ranks, *extra, crash=False):
     """train.py for 6 steps with a checkpoint every 2, on one process or `torchrun` with `ranks`; crash: through
-    tests/crash_after_checkpoint.py, every process killed once the step-2 checkpoint is saved."""
+    tests/robustness/crash_after_checkpoint.py, every process killed once the step-2 checkpoint is saved."""
     args = ["--data", str(world / "data"), "--target", str(world / "target"), "--batch-size", "4", "--max-steps",
             "6", "--lr", "3e-3", "--warmup", "1", "--ckpt-every", "2", "--no-export", "--device", "cpu",
             "--out", str(out), *extra]
-    script = str(ROOT / "tests" / "crash_after_checkpoint.py") if crash else str(ROOT / "train.py")
+    script = str(ROOT / "tests" / "robustness" / "crash_after_checkpoint.py") if crash else str(ROOT / "train.py")
     run_with = [sys.executable, script] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), script]
