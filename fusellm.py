@@ -1,71 +1,84 @@
 """
-fusellm.py: the method of FuseLLM (Wan et al., "Knowledge Fusion of Large Language Models", ICLR 2024),
-and the one import a user needs: `from fusellm import load_model, load_tokenizer, save_model`.
+fusellm.py: the method of FuseLLM (Wan et al., "Knowledge Fusion of Large Language Models", ICLR
+2024), and the one import a user needs:
+`from fusellm import load_model, load_tokenizer, save_model`.
 
-FuseLLM continue-trains one target LLM on a corpus to match, next to its usual next-token loss, a fusion of
-what several source LLMs (other architectures, other tokenizers) predict on the same text:
+FuseLLM continue-trains one target LLM on a corpus to match, next to its usual next-token loss, a
+fusion of what several source LLMs (other architectures, other tokenizers) predict on the same text:
 
     L = lambda * L_CLM + (1 - lambda) * L_fusion,   L_fusion = -E_t [ sum_v P_t(v) log Q_t(v) ]
 
-where Q_t is the target's next-token distribution and P_t the fused one. The pipeline, stage by stage:
+where Q_t is the target's next-token distribution and P_t the fused one. The pipeline, stage by
+stage (the paper's symbols in brackets; "ours": not in the paper), and where each is computed:
 
-| stage | paper | what it is | where |
-| --- | --- | --- | --- |
-| corpus -> windows | | text cut so every tokenizer fits it in seq_len tokens | data.py `build_windows` |
-| source distributions | P_s, CE_s | each model's top-K next-token distribution at each of its tokens, its CE per window | data.py `compute_dists`, `window_topk` |
-| token alignment (MinED) | | DTW over edit distances between the two token sequences | align.py `dtw` (`dtw_reference`: the readable DP) |
-| exact alignment (ours) | | tokens that end at the same byte of the text | align.py `byte_alignment`, `matched_positions` |
-| vocab mapping (EM, MinED) | | source id -> target id: equal string, nearest string | align.py `vocab_map_em`, `vocab_map_mined` |
-| next-token vocab map (ours) | | source id -> the first target token the target's encoder emits for its text | align.py `vocab_map_next` |
-| distribution transfer | | a source's top-K moved onto the target's positions and ids | align.py `transfer`, `carry` |
-| candidates | P_t^j | every candidate's distribution at every target position, as tensors | `Batch`, `collate` below |
-| fusion: MinCE | P_t = P_argmin CE | per window, the candidate of lowest CE | `mince` below |
-| fusion: AvgCE | P_t = sum_j w_j P_j | per window, a CE-weighted mix | `avgce`, `avgce_weights` below |
-| per-token fusion (ours) | | the same choice per position | `mince_token`, `avgce_token` below |
-| CE per byte (ours) | | candidates' CE compared per byte, not per own token | `collate(ce_unit="byte")` |
-| objective | L_CLM, L_fusion, lambda | both losses from one log-softmax | `token_losses`, `fusion_loss` below |
-| continue-training | | the loop: schedules, micro-batches, DDP/FSDP, checkpoints | train.py `run_steps`, `train` |
-| evaluation | | bits per byte, multiple choice, exact match, HumanEval | eval.py `evaluate` |
+corpus -> windows: text cut so every tokenizer fits it in seq_len tokens
+    data.py `split_document`, `build_windows`
+source distributions [P_s, CE_s]: each model's top-K next-token distribution at each of its
+tokens, its CE per window
+    data.py `compute_dists`, `window_topk`, `head_topk` (in blocks: extras/fast_head.py)
+token alignment (MinED): DTW over edit distances between the two token sequences
+    align.py `dtw` (`dtw_reference`: the readable DP)
+exact alignment (ours): tokens that end at the same byte of the text
+    align.py `byte_alignment`, `matched_positions`
+vocab mapping (EM, MinED): source id -> target id: equal string, nearest string
+    align.py `vocab_map_em`, `vocab_map_mined`
+next-token vocab map (ours): source id -> the first target token the target emits for its text
+    align.py `vocab_map_next`
+distribution transfer: a source's top-K moved onto the target's positions and ids
+    align.py `transfer`, `carry`, with `PRESETS` (nanofuse, paper, official); data.py
+    `align_source`, stored ragged (`ragged`, `rows`); its label quality: extras/align_stats.py
+candidates [P_t^j]: every candidate's distribution at every target position, as tensors
+    data.py `FusionData`; `Batch`, `collate` below
+fusion: MinCE [P_t = P_argmin CE]: per window, the candidate of lowest CE       `mince` below
+fusion: AvgCE [P_t = sum_j w_j P_j]: per window, a CE-weighted mix   `avgce`, `avgce_weights`
+per-token fusion (ours): the same choice per position          `mince_token`, `avgce_token`
+CE per byte (ours): candidates' CE compared per byte, not per own token
+    `collate(ce_unit="byte")`, data.py `ce_per_byte`
+objective [L_CLM, L_fusion, lambda]: both losses from one log-softmax
+    `token_losses`, `fusion_loss` below
+continue-training: the loop: schedules, micro-batches, DDP/FSDP, checkpoints
+    train.py `run_steps`, `train`
+evaluation: bits per byte, multiple choice, exact match, HumanEval    eval.py `evaluate`
 
 The model and its checkpoints live in model.py, the tokenizers in tokenizer.py.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-import common
+import data
 
 # re-exported: the model, its checkpoints and tokenizers, for `from fusellm import ...`
-from model import (CheckpointError, KVCache, ModelArgs, Transformer, alibi_slopes, checkpoint_layout, load,  # noqa: F401
-                   load_model, read_safetensors, save_model, write_safetensors)
+from model import (CheckpointError, ModelArgs, Transformer, alibi_slopes,  # noqa: F401
+                   load, load_model, save_model)
 from tokenizer import load_tokenizer  # noqa: F401
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The candidates: one micro-batch of windows, with every candidate's distribution at every position.
+# --------------------------------------------------------------------------------------------------
+# 1. The candidates: a micro-batch of windows, every candidate's distribution at every position.
 
 
 @dataclass
 class Batch:
-    """One micro-batch: the target's tokens of B windows and C candidates' next-token distributions on them.
-    The candidates are the target itself (candidate 0: the paper fuses it with the sources) and each source,
-    carried onto the target's tokens and vocabulary by align.py. T positions, K entries per distribution.
+    """One micro-batch: the target's tokens of B windows and C candidates' next-token distributions
+    on them. The candidates are the target itself (candidate 0: the paper fuses it with the
+    sources) and each source, carried onto the target's tokens and vocabulary by align.py. T
+    positions, K entries per distribution.
 
-    | field         | shape        | dtype   | what                                                                 |
-    | ------------- | ------------ | ------- | -------------------------------------------------------------------- |
-    | input_ids     | (B, T)       | int64   | [BOS] + the window's target tokens, without the last                 |
-    | labels        | (B, T)       | int64   | the next token at each position (input_ids moved by one); -100: pad  |
-    | fusion_mask   | (B, T)       | bool    | positions with candidate distributions (not BOS -> first, not pad)   |
-    | cand_ids      | (C, B, T, K) | int64   | each candidate's top-K next tokens, in target ids                    |
-    | cand_logprobs | (C, B, T, K) | float32 | their log-probs over the candidate's whole vocabulary; -inf: no entry |
-    | cand_fallback | (C, B, T)    | bool    | no distribution carried here: the candidate stands for a one-hot on the label |
-    | window_ce     | (C, B)       | float32 | each candidate's cross-entropy on the window (per token, or per byte)  |
+    field          shape         dtype    what
+    input_ids      (B, T)        int64    [BOS] + the window's target tokens, without the last
+    labels         (B, T)        int64    the next token (input_ids moved by one); -100: pad
+    fusion_mask    (B, T)        bool     positions with candidates (not BOS -> first, not pad)
+    cand_ids       (C, B, T, K)  int64    each candidate's top-K next tokens, in target ids
+    cand_logprobs  (C, B, T, K)  float32  their log-probs over its whole vocabulary; -inf: no entry
+    cand_fallback  (C, B, T)     bool     none carried here: it stands for a one-hot on the label
+    window_ce      (C, B)        float32  each candidate's CE on the window (per token or per byte)
 
-    A CLM-only batch (lambda = 1) has no candidates: their fields are None. `collate` builds a Batch from stored
-    windows; `fuse` turns it into P_t; `token_losses` scores the target's logits against both."""
+    A CLM-only batch (lambda = 1) has no candidates: their fields are None. `collate` builds a
+    Batch from stored windows; `fuse` turns it into P_t; `token_losses` scores the target's logits
+    against both."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     fusion_mask: torch.Tensor | None = None
@@ -75,24 +88,27 @@ class Batch:
     window_ce: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
-        return Batch(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: None if t is None else t.to(device) for k, t in moved.items()})
 
 
-def collate(items: list[dict], names: list[str], bos: int | None, K: int, ce_unit: str = "token") -> Batch:
-    """A Batch from windows as data.FusionData (or train's online candidates) gives them. The round trip of one
-    window of n target tokens x_0 .. x_{n-1}:
+def collate(items: list[dict], names: list[str], bos: int | None, K: int,
+            ce_unit: str = "token") -> Batch:
+    """A Batch from windows as data.FusionData (or train's online candidates) gives them. The round
+    trip of one window of n target tokens x_0 .. x_{n-1}:
 
-    stored by data.py (one row per target token; row i is the distribution of the token after x_i, so row
-    n-1, which predicts past the window, is never used):
-        item["tokens"]                      (n,)          the target's tokens
-        item["target"]["topk_ids"]          (n, K)        the target's own top-K at each token
-        item["sources"][name]["counts"]     (n,)          entries carried onto each target token (0: falls back)
-        item["sources"][name]["ids"]        (sum counts,) a source's carried entries, token after token: token i's
-        ...["logprobs"]                                    are the counts[i] entries after the first sum(counts[:i])
-        item[...]["ce"], ["ce_per_byte"]    ()            the model's CE on the window
-    here, dense: the sequence is s = [BOS] + tokens; input_ids = s[:-1] and labels = s[1:], so row i (predicting
-    x_{i+1}) lands at position i + 1 with a BOS (position 0 predicts x_0 from BOS alone: nothing to fuse) and at
-    position i without one. Windows shorter than the longest are padded (labels -100, fusion_mask False)."""
+    stored by data.py (one row per target token; row i is the distribution of the token after x_i,
+    so row n-1, which predicts past the window, is never used):
+        item["tokens"]                   (n,)     the target's tokens
+        item["target"]["topk_ids"]       (n, K)   the target's own top-K at each token
+        item["sources"][name]["counts"]  (n,)     entries carried onto each target token (0: falls
+                                                  back), with ["ids"] and ["logprobs"] the entries
+                                                  themselves, ragged (data.py `ragged`, `rows`)
+        item[...]["ce"], ["ce_per_byte"] ()       the model's CE on the window
+    here, dense: the sequence is s = [BOS] + tokens; input_ids = s[:-1] and labels = s[1:], so row
+    i (predicting x_{i+1}) lands at position i + 1 with a BOS (position 0 predicts x_0 from BOS
+    alone: nothing to fuse) and at position i without one. Windows shorter than the longest are
+    padded (labels -100, fusion_mask False)."""
     if ce_unit not in ("token", "byte"):
         raise ValueError(f"--ce-unit {ce_unit!r}: choose 'token' (paper) or 'byte'")
     ce_key = "ce" if ce_unit == "token" else "ce_per_byte"
@@ -117,51 +133,52 @@ def collate(items: list[dict], names: list[str], bos: int | None, K: int, ce_uni
         ce[0, b] = it["target"][ce_key]
         for c, name in enumerate(names[1:], 1):
             src = it["sources"][name]
-            counts = np.asarray(src["counts"], dtype=np.int64)           # e.g. counts  [2, 0, 1]
-            row = np.repeat(np.arange(len(counts)), counts)              # entry -> row  [0, 0, 2]
-            rank = np.arange(len(row)) - (np.cumsum(counts) - counts)[row]   # its rank [0, 1, 0]
+            counts = np.asarray(src["counts"], dtype=np.int64)     # e.g. counts  [2, 0, 1]
+            row, rank = data.rows(counts)            # each entry's row [0, 0, 2], rank [0, 1, 0]
             keep = (row < n - 1) & (rank < K)
             cid[c, b, row[keep] + nb, rank[keep]] = src["ids"][keep]
             clp[c, b, row[keep] + nb, rank[keep]] = src["logprobs"][keep]
             cfb[c, b, rows] = counts[:n - 1] == 0
             ce[c, b] = src[ce_key]
     t = torch.from_numpy
-    return Batch(input_ids=t(x), labels=t(y), fusion_mask=t(mask), cand_ids=t(cid), cand_logprobs=t(clp),
-                 cand_fallback=t(cfb), window_ce=t(ce))
+    return Batch(input_ids=t(x), labels=t(y), fusion_mask=t(mask), cand_ids=t(cid),
+                 cand_logprobs=t(clp), cand_fallback=t(cfb), window_ce=t(ce))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Fusion (paper section 3): the candidates' distributions -> one target distribution P_t per position.
-# A distribution is kept sparse: ids (..., E) and probabilities (..., E) that sum to 1; an id may appear
-# more than once (its probabilities add up).
+# --------------------------------------------------------------------------------------------------
+# 2. Fusion (paper section 3): the candidates' distributions -> one target distribution P_t per
+# position. A distribution is kept sparse: ids (..., E) and probabilities (..., E) that sum to 1;
+# an id may appear more than once (its probabilities add up).
 
 FUSIONS = ("mince", "avgce", "mince_token", "avgce_token")
 AVG_WEIGHTS = ("official", "softmax")
 
 
 def candidate_dists(batch: Batch, temperature: float = 1.0):
-    """Each candidate's distribution at each position as K+1 entries: its top-K renormalised to sum to one,
-    p_k ~ exp(log p_k / temperature), and one entry on the label that holds all the mass where the candidate
-    falls back (a one-hot, as the paper does where alignment fails). Returns ids, probs (C, B, T, K+1)."""
+    """Each candidate's distribution at each position as K+1 entries: its top-K renormalised to sum
+    to one, p_k ~ exp(log p_k / temperature), and one entry on the label that holds all the mass
+    where the candidate falls back (a one-hot, as the paper does where alignment fails); no
+    entries: probability 0. Returns ids, probs (C, B, T, K+1)."""
     C, B, T, K = batch.cand_ids.shape
-    p = torch.softmax(batch.cand_logprobs / temperature, dim=-1).nan_to_num(0.0)   # (C, B, T, K); no entries: 0
-    fb = batch.cand_fallback[..., None]                                            # (C, B, T, 1)
+    p = torch.softmax(batch.cand_logprobs / temperature, dim=-1).nan_to_num(0.0)   # (C, B, T, K)
+    fb = batch.cand_fallback[..., None]                                # (C, B, T, 1)
     label = batch.labels.clamp(min=0)[None, :, :, None].expand(C, B, T, 1)
-    ids = torch.cat([batch.cand_ids, label], dim=-1)                               # (C, B, T, K+1)
-    probs = torch.cat([p.masked_fill(fb, 0.0), fb.to(p.dtype)], dim=-1)           # (C, B, T, K+1)
+    ids = torch.cat([batch.cand_ids, label], dim=-1)                   # (C, B, T, K+1)
+    probs = torch.cat([p.masked_fill(fb, 0.0), fb.to(p.dtype)], dim=-1)   # (C, B, T, K+1)
     return ids, probs
 
 
 def side_by_side(ids, probs):
     """C candidates' weighted entries (C, B, T, E) as one distribution per position (B, T, C*E)."""
     C, B, T, E = ids.shape
-    return ids.permute(1, 2, 0, 3).reshape(B, T, C * E), probs.permute(1, 2, 0, 3).reshape(B, T, C * E)
+    return tuple(x.permute(1, 2, 0, 3).reshape(B, T, C * E) for x in (ids, probs))
 
 
 def mince(batch: Batch, temperature: float = 1.0):
-    """MinCE (paper): per window, P_t is the distribution of the candidate with the lowest cross-entropy,
+    """MinCE (paper): per window, P_t is the distribution of the candidate of lowest cross-entropy,
         P_t = P_j,  j = argmin_i CE_i.
-    Ties go to the earlier candidate (the target itself is candidate 0). Returns ids, probs (B, T, K+1)."""
+    Ties go to the earlier candidate (the target itself is candidate 0). Returns ids, probs
+    (B, T, K+1)."""
     ids, probs = candidate_dists(batch, temperature)                 # (C, B, T, K+1)
     j = batch.window_ce.argmin(dim=0)                                # (B,) each window's winner
     b = torch.arange(len(j), device=j.device)
@@ -169,9 +186,9 @@ def mince(batch: Batch, temperature: float = 1.0):
 
 
 def avgce_weights(ce, kind: str = "official", tau: float = 1.0):
-    """AvgCE's weights over candidates (dim 0) from their CE. "official": softmax(exp(-CE)), what the official
-    code computes (close to uniform, since exp(-CE) lies in (0, 1]); "softmax" (ours): softmax(-CE / tau),
-    which really favours the candidates that predict the text better."""
+    """AvgCE's weights over candidates (dim 0) from their CE. "official": softmax(exp(-CE)), what
+    the official code computes (close to uniform, since exp(-CE) lies in (0, 1]); "softmax" (ours):
+    softmax(-CE / tau), which really favours the candidates that predict the text better."""
     if kind == "official":
         return torch.softmax(torch.exp(-ce), dim=0)
     if kind == "softmax":
@@ -180,7 +197,8 @@ def avgce_weights(ce, kind: str = "official", tau: float = 1.0):
 
 
 def avgce(batch: Batch, temperature: float = 1.0, weights: str = "official", tau: float = 1.0):
-    """AvgCE (paper): per window, P_t is the candidates' distributions averaged with weights from their CE,
+    """AvgCE (paper): per window, P_t is the candidates' distributions averaged with weights from
+    their CE,
         P_t = sum_i w_i P_i,  w = avgce_weights(CE).
     Returns ids, probs (B, T, C*(K+1))."""
     ids, probs = candidate_dists(batch, temperature)                 # (C, B, T, K+1)
@@ -188,23 +206,25 @@ def avgce(batch: Batch, temperature: float = 1.0, weights: str = "official", tau
     return side_by_side(ids, probs * w[:, :, None, None])
 
 
-# Ours, not the paper's: the same two choices made per position instead of per window. A candidate's token CE
-# is -log of the probability its renormalised top-K gives the label; one that falls back, or lacks the label
-# in its top-K, does not compete, and where none competes P_t is the one-hot on the label.
+# Ours, not the paper's: the same two choices made per position instead of per window. A
+# candidate's token CE is -log of the probability its renormalised top-K gives the label; one that
+# falls back, or lacks the label in its top-K, does not compete, and where none competes P_t is
+# the one-hot on the label.
 
 
 def token_ce(batch: Batch, ids, probs):
     """Each candidate's token CE (C, B, T), +inf where it does not compete."""
     K = batch.cand_ids.shape[-1]
-    p_label = (probs[..., :K] * (ids[..., :K] == batch.labels[None, :, :, None])).sum(-1)   # (C, B, T)
+    on_label = ids[..., :K] == batch.labels[None, :, :, None]               # (C, B, T, K)
+    p_label = (probs[..., :K] * on_label).sum(-1)                           # (C, B, T)
     return torch.where(p_label > 0, -torch.log(p_label), torch.inf)
 
 
 def mince_token(batch: Batch, temperature: float = 1.0):
-    """Per position, the candidate that gives the label the highest probability. Returns (B, T, K+2)."""
+    """Per position, the candidate giving the label the highest probability. Returns (B, T, K+2)."""
     ids, probs = candidate_dists(batch, temperature)                 # (C, B, T, K+1)
     ce = token_ce(batch, ids, probs)                                 # (C, B, T)
-    j = ce.argmin(dim=0)[None, :, :, None].expand(1, *ids.shape[1:])  # (1, B, T, K+1) each position's winner
+    j = ce.argmin(dim=0)[None, :, :, None].expand(1, *ids.shape[1:])   # (1, B, T, K+1) winners
     none = torch.isinf(ce).all(dim=0)                                # (B, T) no candidate competes
     ids, probs = ids.gather(0, j)[0], probs.gather(0, j)[0] * ~none[..., None]
     return with_one_hot(ids, probs, batch.labels, none)
@@ -215,19 +235,19 @@ def avgce_token(batch: Batch, temperature: float = 1.0, tau: float = 1.0):
     Returns (B, T, C*(K+1)+1)."""
     ids, probs = candidate_dists(batch, temperature)                 # (C, B, T, K+1)
     ce = token_ce(batch, ids, probs)                                 # (C, B, T)
-    w = torch.softmax(-ce / tau, dim=0).nan_to_num(0.0)              # (C, B, T); no candidate competes: 0
+    w = torch.softmax(-ce / tau, dim=0).nan_to_num(0.0)    # (C, B, T); no candidate competes: 0
     ids, probs = side_by_side(ids, probs * w[..., None])
     return with_one_hot(ids, probs, batch.labels, torch.isinf(ce).all(dim=0))
 
 
 def with_one_hot(ids, probs, labels, where):
-    """One more entry at each position: the label, with probability 1 where `where` (B, T) holds, else 0."""
+    """One more entry per position: the label, probability 1 where `where` (B, T) holds, else 0."""
     return (torch.cat([ids, labels.clamp(min=0)[..., None]], dim=-1),
             torch.cat([probs, where[..., None].to(probs.dtype)], dim=-1))
 
 
-def fuse(batch: Batch, method: str = "mince", temperature: float = 1.0, avg_weights: str = "official",
-         tau: float = 1.0):
+def fuse(batch: Batch, method: str = "mince", temperature: float = 1.0,
+         avg_weights: str = "official", tau: float = 1.0):
     """P_t at every position by one of FUSIONS. Returns ids, probs (B, T, E)."""
     if method == "mince":
         return mince(batch, temperature)
@@ -240,57 +260,41 @@ def fuse(batch: Batch, method: str = "mince", temperature: float = 1.0, avg_weig
     raise ValueError(f"fusion {method!r}: choose one of {FUSIONS}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. The objective (paper section 3): L = lambda * L_CLM + (1 - lambda) * L_fusion
 
 
 def token_losses(logits, labels, ids, probs):
-    """The two per-position losses, from one log-softmax and one gather (the step's memory stays at plain
-    cross-entropy's; no dense (B, T, V) target is built), with Q_t the target model's predictions:
-        L_CLM    = -log Q_t(label)                       (0 where labels == -100)
-        L_fusion = -sum_k P_t(id_k) log Q_t(id_k)        the soft-label cross-entropy against the fused P_t
-    logits (B, T, V); labels (B, T); ids, probs (B, T, E): the sparse P_t from fuse(). Returns two (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)                                   # (B, T, V)
-    picked = logp.gather(-1, torch.cat([labels.clamp(min=0)[..., None], ids], dim=-1))  # (B, T, 1+E)
-    clm = -picked[..., 0] * (labels != -100)                                            # (B, T)
-    fusion = -(probs * picked[..., 1:]).sum(-1)                                         # (B, T)
+    """The two per-position losses, from one log-softmax and one gather (the step's memory stays at
+    plain cross-entropy's; no dense (B, T, V) target is built), with Q_t the target model's
+    predictions:
+        L_CLM    = -log Q_t(label)                     (0 where labels == -100)
+        L_fusion = -sum_k P_t(id_k) log Q_t(id_k)      the soft-label cross-entropy against P_t
+    logits (B, T, V); labels (B, T); ids, probs (B, T, E): the sparse P_t from fuse(). Returns two
+    (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                            # (B, T, V)
+    wanted = torch.cat([labels.clamp(min=0)[..., None], ids], dim=-1)           # (B, T, 1+E)
+    picked = logp.gather(-1, wanted)                                            # (B, T, 1+E)
+    clm = -picked[..., 0] * (labels != -100)                                    # (B, T)
+    fusion = -(probs * picked[..., 1:]).sum(-1)                                 # (B, T)
     return clm, fusion
 
 
-def fusion_loss(logits, batch: Batch, lam: float, n_clm: float, n_fus: float, fusion: str = "mince",
-                temperature: float = 1.0, avg_weights: str = "official", tau: float = 1.0):
-    """The training objective on one micro-batch, L = lambda * L_CLM + (1 - lambda) * L_fusion: P_t by `fuse`,
-    then each per-position loss summed and divided by its token count over the whole step (n_clm: labelled
-    positions, n_fus: positions in fusion_mask, every micro-batch and process together), so the step's loss is
-    the mean over its tokens however it is split. Returns (loss, CLM sum, fusion sum); the sums are detached."""
-    ids, probs = fuse(batch, fusion, temperature, avg_weights, tau)                    # (B, T, E)
-    clm, fus = token_losses(logits, batch.labels, ids, probs)                          # (B, T) each
+def fusion_loss(logits, batch: Batch, lam: float, n_clm: float, n_fus: float,
+                fusion: str = "mince", temperature: float = 1.0, avg_weights: str = "official",
+                tau: float = 1.0):
+    """The training objective on one micro-batch, L = lambda * L_CLM + (1 - lambda) * L_fusion: P_t
+    by `fuse`, then each per-position loss summed and divided by its token count over the whole
+    step (n_clm: labelled positions, n_fus: positions in fusion_mask, every micro-batch and process
+    together), so the step's loss is the mean over its tokens however it is split. Returns (loss,
+    CLM sum, fusion sum); the sums are detached."""
+    ids, probs = fuse(batch, fusion, temperature, avg_weights, tau)            # (B, T, E)
+    clm, fus = token_losses(logits, batch.labels, ids, probs)                  # (B, T) each
     clm, fus = clm.sum(), (fus * batch.fusion_mask).sum()
     loss = lam * clm / max(n_clm, 1) + (1 - lam) * fus / max(n_fus, 1)
     return loss, clm.detach(), fus.detach()
 
 
-@torch.no_grad()
-def main():
-    import argparse
-    p = argparse.ArgumentParser(description="Load a Hugging Face model folder and show its next-token top-k.")
-    p.add_argument("path", help="a model folder (config.json, safetensors, tokenizer files)")
-    p.add_argument("text", help="the text whose next token to show")
-    p.add_argument("--k", type=int, default=10, help="how many tokens (default 10)")
-    p.add_argument("--device", default="auto", help=common.DEVICE_HELP)
-    a = p.parse_args()
-    a.device = common.device(a.device)
-    try:
-        model, tok = load(a.path, a.device, common.dtype_for(a.device))
-    except ValueError as e:                         # CheckpointError, TokenizerError: one clear line
-        raise SystemExit(f"error: {e}") from None
-    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.text)
-    logits = model(torch.tensor([ids], device=a.device))[0, -1, :tok.vocab_size]
-    logp = logits.log_softmax(-1)
-    top = logp.topk(a.k)
-    for lp, i in zip(top.values.tolist(), top.indices.tolist()):
-        print(f"{math.exp(lp):8.4f}  {i:7d}  {tok.token_str(i)!r}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":          # `python fusellm.py FOLDER TEXT`: a model's next-token top-k
+    from extras.next_tokens import main
     main()

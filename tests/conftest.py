@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import package_path  # noqa: E402
+from extras.package_files import package_path  # noqa: E402
 
 # English, code, whitespace runs, tabs and newlines, digits, CJK, emoji, combining accents.
 MIXED_TEXT = (

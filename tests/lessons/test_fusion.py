@@ -1,5 +1,5 @@
-"""Fusion turns the candidates' distributions into one target P_t, and the sparse loss trains on it exactly as
-the dense soft-label cross-entropy would."""
+"""Fusion turns the candidates' distributions into one target P_t, and the sparse loss trains on it
+exactly as the dense soft-label cross-entropy would."""
 import math
 
 import pytest
@@ -17,9 +17,9 @@ def dense(ids, probs, V=V):
 
 
 def test_sparse_losses_and_gradients_equal_dense_cross_entropies():
-    """The training losses (token_losses, what fusellm.fusion_loss calls) equal torch's dense cross-entropy with
-    probability targets and with class labels, values and gradients. Catches a gather on the wrong ids, a
-    missing log-softmax, or duplicates in the sparse P_t counted once."""
+    """The training losses (token_losses, what fusellm.fusion_loss calls) equal torch's dense
+    cross-entropy with probability targets and with class labels, values and gradients. Catches a
+    gather on the wrong ids, a missing log-softmax, or duplicates in the sparse P_t counted once."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 50, generator=g, requires_grad=True)
     ids = torch.randint(0, 50, (2, 5, 7), generator=g)                 # duplicates included
@@ -30,11 +30,13 @@ def test_sparse_losses_and_gradients_equal_dense_cross_entropies():
     clm, fusion = token_losses(logits, labels, ids, probs)
     (g_sparse,) = torch.autograd.grad(fusion.sum(), logits)
     P = dense(ids, probs, 50)
-    dense_loss = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2), reduction="none")   # (2, 5)
+    dense_loss = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2),
+                                 reduction="none")                                   # (2, 5)
     (g_dense,) = torch.autograd.grad(dense_loss.sum(), logits)
     assert torch.allclose(fusion, dense_loss, atol=1e-5)
     assert torch.allclose(g_sparse, g_dense, atol=1e-6)
-    expected_clm = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    expected_clm = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none",
+                                   ignore_index=-100)
     assert torch.allclose(clm, expected_clm, atol=1e-5) and clm[1, 3] == 0
 
 
@@ -43,27 +45,29 @@ def candidates(labels=(3, 4), ce=(2.0, 0.5, 1.0), p=None):
     candidate 0 (the target):  pos 0 {1: .5, 3: .5}   pos 1 {4: .5, 2: .5}   CE 2.0
     candidate 1:               pos 0 {3: .8, 2: .2}   pos 1 falls back       CE 0.5
     candidate 2:               pos 0 {5: 1.0}         pos 1 {4: .9, 0: .1}   CE 1.0"""
-    ids = torch.tensor([[[[1, 3], [4, 2]]], [[[3, 2], [0, 0]]], [[[5, 0], [4, 0]]]])      # (C, B, T, K)
+    ids = torch.tensor([[[[1, 3], [4, 2]]], [[[3, 2], [0, 0]]], [[[5, 0], [4, 0]]]])  # (C, B, T, K)
     if p is None:
         p = [[[[.5, .5], [.5, .5]]], [[[.8, .2], [0., 0.]]], [[[1., 0.], [.9, .1]]]]
     fallback = torch.tensor([[[False, False]], [[False, True]], [[False, False]]])       # (C, B, T)
     return Batch(input_ids=torch.zeros(1, 2, dtype=torch.long), labels=torch.tensor([labels]),
-                 fusion_mask=torch.ones(1, 2, dtype=torch.bool), cand_ids=ids, cand_logprobs=torch.log(torch.tensor(p)),
-                 cand_fallback=fallback, window_ce=torch.tensor([[c] for c in ce]))
+                 fusion_mask=torch.ones(1, 2, dtype=torch.bool), cand_ids=ids,
+                 cand_logprobs=torch.log(torch.tensor(p)), cand_fallback=fallback,
+                 window_ce=torch.tensor([[c] for c in ce]))
 
 
 def test_mince_picks_lowest_ce_candidate_and_its_fallback_one_hot():
     ids, probs = fuse(candidates(), method="mince")
     P = dense(ids, probs)[0]
     assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))     # candidate 1 (CE 0.5)
-    assert torch.allclose(P[1], torch.tensor([0, 0, 0, 0, 1., 0]))      # it falls back: one-hot on the label 4
+    assert torch.allclose(P[1], torch.tensor([0, 0, 0, 0, 1., 0]))  # falls back: one-hot on label 4
 
 
 def test_avgce_official_weights_are_softmax_of_exp_minus_ce():
-    """CE 0 and ln 2: exp(-CE) = 1 and 0.5, so the weights are e^1 / (e^1 + e^0.5) = 0.6225 and 0.3775."""
+    """CE 0 and ln 2: exp(-CE) = 1 and 0.5, so the weights are e^1 / (e^1 + e^0.5) = 0.6225 and
+    0.3775."""
     w = avgce_weights(torch.tensor([0.0, math.log(2)]), "official")
     assert torch.allclose(w, torch.tensor([0.6225, 0.3775]), atol=1e-4)
-    w = avgce_weights(torch.tensor([1.0, 2.0]), "softmax", tau=1.0)      # e^-1 / (e^-1 + e^-2) = 0.7311
+    w = avgce_weights(torch.tensor([1.0, 2.0]), "softmax", tau=1.0)  # e^-1 / (e^-1 + e^-2) = .7311
     assert torch.allclose(w, torch.tensor([0.7311, 0.2689]), atol=1e-4)
 
 
@@ -72,16 +76,19 @@ def test_avgce_mixes_every_candidate_with_its_weight():
     ids, probs = fuse(c, method="avgce")
     w = avgce_weights(c.window_ce, "official")[:, 0]
     P = dense(ids, probs)[0]
-    expected0 = w[0] * torch.tensor([0, .5, 0, .5, 0, 0]) + w[1] * torch.tensor([0, 0, .2, .8, 0, 0]) + \
-        w[2] * torch.tensor([0, 0, 0, 0, 0, 1.])
-    expected1 = w[0] * torch.tensor([0, 0, .5, 0, .5, 0]) + w[1] * torch.tensor([0, 0, 0, 0, 1., 0]) + \
-        w[2] * torch.tensor([.1, 0, 0, 0, .9, 0])
+    expected0 = (w[0] * torch.tensor([0, .5, 0, .5, 0, 0])
+                 + w[1] * torch.tensor([0, 0, .2, .8, 0, 0])
+                 + w[2] * torch.tensor([0, 0, 0, 0, 0, 1.]))
+    expected1 = (w[0] * torch.tensor([0, 0, .5, 0, .5, 0])
+                 + w[1] * torch.tensor([0, 0, 0, 0, 1., 0])
+                 + w[2] * torch.tensor([.1, 0, 0, 0, .9, 0]))
     assert torch.allclose(P[0], expected0, atol=1e-6) and torch.allclose(P[1], expected1, atol=1e-6)
 
 
 def test_token_mince_picks_the_candidate_most_sure_of_the_label():
-    """Position 0 (label 3): candidate 1 gives it 0.8, the target 0.5, candidate 2 nothing -> candidate 1.
-    Position 1 (label 4): candidate 1 falls back and does not compete; candidate 2 gives 0.9 -> candidate 2."""
+    """Position 0 (label 3): candidate 1 gives it 0.8, the target 0.5, candidate 2 nothing ->
+    candidate 1. Position 1 (label 4): candidate 1 falls back and does not compete; candidate 2
+    gives 0.9 -> candidate 2."""
     ids, probs = fuse(candidates(), method="mince_token")
     P = dense(ids, probs)[0]
     assert torch.allclose(P[0], torch.tensor([0, 0, .2, .8, 0, 0]))
@@ -89,7 +96,7 @@ def test_token_mince_picks_the_candidate_most_sure_of_the_label():
 
 
 def test_token_fusion_with_no_candidate_knowing_the_label_is_a_one_hot():
-    c = candidates(labels=(0, 1))                        # no candidate has 0 at position 0 nor 1 at position 1
+    c = candidates(labels=(0, 1))         # no candidate has 0 at position 0 nor 1 at position 1
     for method in ("mince_token", "avgce_token"):
         i, p = fuse(c, method=method)
         P = dense(i, p)[0]
@@ -97,12 +104,13 @@ def test_token_fusion_with_no_candidate_knowing_the_label_is_a_one_hot():
 
 
 def test_token_avgce_weights_by_token_ce():
-    """Position 0, label 3: competing candidates 0 (p=.5) and 1 (p=.8); weights softmax(log p) = p / sum p."""
+    """Position 0, label 3: competing candidates 0 (p=.5) and 1 (p=.8); weights softmax(log p) = p /
+    sum p."""
     ids, probs = fuse(candidates(), method="avgce_token", tau=1.0)
     P = dense(ids, probs)[0]
     w0, w1 = .5 / 1.3, .8 / 1.3
-    assert torch.allclose(P[0], w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + w1 * torch.tensor([0, 0, .2, .8, 0, 0]),
-                          atol=1e-6)
+    expected = w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + w1 * torch.tensor([0, 0, .2, .8, 0, 0])
+    assert torch.allclose(P[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["mince", "avgce", "mince_token", "avgce_token"])
@@ -112,17 +120,19 @@ def test_every_fusion_is_a_distribution(method):
 
 
 def test_temperature_flattens_each_candidate():
-    c = candidates(ce=(0.0, 1.0, 2.0), p=[[[[.9, .1], [.5, .5]]], [[[.8, .2], [1., 0.]]], [[[1., 0.], [.9, .1]]]])
+    """Temperature T divides each candidate's log-probs: p^(1/T), renormalised."""
+    c = candidates(ce=(0.0, 1.0, 2.0),
+                   p=[[[[.9, .1], [.5, .5]]], [[[.8, .2], [1., 0.]]], [[[1., 0.], [.9, .1]]]])
     i, p = fuse(c, method="mince", temperature=2.0)
     P = dense(i, p)[0, 0]
-    expected = torch.tensor([.9, .1]).sqrt() / torch.tensor([.9, .1]).sqrt().sum()      # p^(1/T), renormalised
+    expected = torch.tensor([.9, .1]).sqrt() / torch.tensor([.9, .1]).sqrt().sum()   # p^(1/T)
     assert torch.allclose(P[[1, 3]], expected, atol=1e-6)
 
 
 def test_mince_takes_the_lowest_ce_window_and_ties_go_to_the_target():
-    """CEs (2.0, 0.5, 1.0) pick candidate 1 (its position-0 top-K {3: .8, 2: .2}); CEs (1.0, 1.0, 2.0) tie, and
-    the earlier candidate, the target itself, wins ({1: .5, 3: .5}). Catches argmax for argmin, or the last of
-    tied candidates."""
+    """CEs (2.0, 0.5, 1.0) pick candidate 1 (its position-0 top-K {3: .8, 2: .2}); CEs (1.0, 1.0,
+    2.0) tie, and the earlier candidate, the target itself, wins ({1: .5, 3: .5}). Catches argmax
+    for argmin, or the last of tied candidates."""
     P = dense(*fuse(candidates(ce=(2.0, 0.5, 1.0)), method="mince"))[0, 0]
     assert torch.allclose(P, torch.tensor([0, 0, .2, .8, 0, 0]))
     P = dense(*fuse(candidates(ce=(1.0, 1.0, 2.0)), method="mince"))[0, 0]
@@ -130,24 +140,26 @@ def test_mince_takes_the_lowest_ce_window_and_ties_go_to_the_target():
 
 
 def test_avgce_softmax_weights_divide_the_ce_by_tau():
-    """softmax(-CE / tau) with CE (1, 2) and tau 2: e^-0.5 / (e^-0.5 + e^-1) = 0.6225. Multiplying by tau instead
-    would give e^-2 / (e^-2 + e^-4) = 0.8808; tau 1 cannot tell the two apart."""
+    """softmax(-CE / tau) with CE (1, 2) and tau 2: e^-0.5 / (e^-0.5 + e^-1) = 0.6225. Multiplying
+    by tau instead would give e^-2 / (e^-2 + e^-4) = 0.8808; tau 1 cannot tell the two apart."""
     w = avgce_weights(torch.tensor([1.0, 2.0]), "softmax", tau=2.0)
     assert torch.allclose(w, torch.tensor([0.6225, 0.3775]), atol=1e-4)
     c = candidates(ce=(1.0, 2.0, 1.0))
     P = dense(*fuse(c, method="avgce", avg_weights="softmax", tau=2.0))[0, 0]
-    w = torch.softmax(-torch.tensor([1.0, 2.0, 1.0]) / 2, dim=0)                        # 0.3837, 0.2327, 0.3837
-    expected = w[0] * torch.tensor([0, .5, 0, .5, 0, 0]) + w[1] * torch.tensor([0, 0, .2, .8, 0, 0]) + \
-        w[2] * torch.tensor([0, 0, 0, 0, 0, 1.])
+    w = torch.softmax(-torch.tensor([1.0, 2.0, 1.0]) / 2, dim=0)       # 0.3837, 0.2327, 0.3837
+    expected = (w[0] * torch.tensor([0, .5, 0, .5, 0, 0])
+                + w[1] * torch.tensor([0, 0, .2, .8, 0, 0])
+                + w[2] * torch.tensor([0, 0, 0, 0, 0, 1.]))
     assert torch.allclose(P, expected, atol=1e-6)
 
 
 def test_token_avgce_weights_divide_the_token_ce_by_tau():
-    """Position 0, label 3: candidates 0 and 1 compete with p = .5 and .8; weights softmax(log p / tau) are
-    p^(1/tau), renormalised: with tau 2, sqrt(.5) / (sqrt(.5) + sqrt(.8)) = 0.4416. Multiplying by tau would give
-    .25 / (.25 + .64) = 0.2809."""
+    """Position 0, label 3: candidates 0 and 1 compete with p = .5 and .8; weights softmax(log p /
+    tau) are p^(1/tau), renormalised: with tau 2, sqrt(.5) / (sqrt(.5) + sqrt(.8)) = 0.4416.
+    Multiplying by tau would give .25 / (.25 + .64) = 0.2809."""
     P = dense(*fuse(candidates(), method="avgce_token", tau=2.0))[0, 0]
     w0 = .5 ** .5 / (.5 ** .5 + .8 ** .5)
     assert abs(w0 - 0.4416) < 1e-4
-    expected = w0 * torch.tensor([0, .5, 0, .5, 0, 0]) + (1 - w0) * torch.tensor([0, 0, .2, .8, 0, 0])
+    expected = (w0 * torch.tensor([0, .5, 0, .5, 0, 0])
+                + (1 - w0) * torch.tensor([0, 0, .2, .8, 0, 0]))
     assert torch.allclose(P, expected, atol=1e-6)

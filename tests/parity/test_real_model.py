@@ -80,13 +80,13 @@ def test_gemma3_270m_fuses_into_a_target_with_another_real_tokenizer(gemma_gguf,
     read against the wrong positions or mapped to the wrong target ids (its labels then miss the next token),
     and a fused run that ignored the source (the same model as CLM-only)."""
     pytest.importorskip("mistral_common")
-    import data
-    import demo
-    table = demo.run_real(tmp_path, str(gemma_gguf), "", size="tiny")
+    from extras.label_quality import label_mass
+    from tools import demo_runs
+    table = demo_runs.run_real(tmp_path, str(gemma_gguf), "", size="tiny")
     bpb = {name: row["held-out stdlib"] for name, row in table.items()}
     assert bpb[f"source: {gemma_gguf.name}"] < bpb["target base"]
     assert bpb["target fused (MinCE)"] != bpb["target CLM-only"]
-    labels = data.label_mass(tmp_path / "data")
+    labels = label_mass(tmp_path / "data")
     gemma, own = labels["candidate: source"], labels["candidate: target"]
     assert gemma["share of positions carried"] > 0.5
     assert gemma["mass on the true next token"] > own["mass on the true next token"] + 0.1
@@ -96,10 +96,10 @@ def test_demo_real_names_a_bad_target_tokenizer_before_any_work(gemma_gguf, tmp_
     """A file that is no tokenizer, given as the target's, ends `demo.py real` with one error naming that file,
     before anything is written. Catches the check made on the renamed copy only (the message then names a
     temporary file) and a corpus or model written before the error."""
-    import demo
+    from tools import demo_runs
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(SystemExit) as e:
-        demo.main(["real", "--source", str(gemma_gguf), "--target-tokenizer", str(bad), "--out", str(tmp_path / "o")])
+        demo_runs.main(["real", "--source", str(gemma_gguf), "--target-tokenizer", str(bad), "--out", str(tmp_path / "o")])
     assert str(e.value).startswith(f"error: --target-tokenizer {bad}: not a sentencepiece model")
     assert not (tmp_path / "o").exists()

@@ -1,4 +1,5 @@
-"""save_model writes a folder that both this project and `transformers` load with the same logits, atomically."""
+"""save_model writes a folder that both this project and `transformers` load with the same logits,
+atomically."""
 import pytest
 import torch
 
@@ -6,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import fusellm  # noqa: E402
-import model as model_py  # noqa: E402  (the module; tests name their models `model`)
+from extras import checkpoint_files  # noqa: E402
 from conftest import randomize_  # noqa: E402
 
 IDS = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -22,10 +23,11 @@ def logits(m):
     return out.logits if hasattr(out, "logits") else out
 
 
-LLAMA = fusellm.ModelArgs(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
-                          sliding_layers=(False, False), max_seq_len=64)
-MPT = fusellm.ModelArgs(model_type="mpt", vocab_size=61, dim=36, n_layers=2, n_heads=6, n_kv_heads=6, head_dim=6,
-                        hidden_dim=144, norm="layer", mlp="gelu", tie_embeddings=True, pos="alibi", norm_eps=1e-5,
+LLAMA = fusellm.ModelArgs(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                          hidden_dim=48, sliding_layers=(False, False), max_seq_len=64)
+MPT = fusellm.ModelArgs(model_type="mpt", vocab_size=61, dim=36, n_layers=2, n_heads=6,
+                        n_kv_heads=6, head_dim=6, hidden_dim=144, norm="layer", mlp="gelu",
+                        tie_embeddings=True, pos="alibi", norm_eps=1e-5,
                         sliding_layers=(False, False), max_seq_len=64)
 
 
@@ -55,7 +57,8 @@ def test_round_trip_keeps_the_original_config(tmp_path):
     fusellm.save_model(model, tmp_path / "a")
     loaded = fusellm.load_model(tmp_path / "a")
     fusellm.save_model(loaded, tmp_path / "b")
-    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+    first, again = (tmp_path / "a" / "config.json"), (tmp_path / "b" / "config.json")
+    assert first.read_text() == again.read_text()
 
 
 def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
@@ -70,12 +73,13 @@ def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(tensors, path, metadata)
 
-    real = model_py.write_safetensors
-    monkeypatch.setattr(model_py, "write_safetensors", crash_on_second_shard)
+    real = checkpoint_files.write_safetensors
+    monkeypatch.setattr(checkpoint_files, "write_safetensors", crash_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         fusellm.save_model(fresh(LLAMA, seed=2), out, max_shard_bytes=20_000)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folder is left behind"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["out"], "no temporary folder is left behind"
 
 
 def test_extra_files_are_copied_in(tmp_path):
@@ -85,7 +89,8 @@ def test_extra_files_are_copied_in(tmp_path):
 
 
 def test_command_line_prints_the_models_top_k(tmp_path):
-    """`python fusellm.py FOLDER TEXT --k 3` lists the three most likely next tokens, most likely first."""
+    """`python fusellm.py FOLDER TEXT --k 3` lists the three most likely next tokens, most likely
+    first."""
     import subprocess
     import sys
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -99,8 +104,9 @@ def test_command_line_prints_the_models_top_k(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
     ids = load_tokenizer(tmp_path / "m").encode(alphabet[3] + alphabet[7])
-    out = subprocess.run([sys.executable, str(ROOT / "fusellm.py"), str(tmp_path / "m"), alphabet[3] + alphabet[7],
-                          "--k", "3", "--device", "cpu"], capture_output=True, text=True, check=True)
+    command = [sys.executable, str(ROOT / "fusellm.py"), str(tmp_path / "m"),
+               alphabet[3] + alphabet[7], "--k", "3", "--device", "cpu"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     printed = [int(line.split()[1]) for line in out.stdout.strip().splitlines()]
     with torch.no_grad():
         expected = model(torch.tensor([ids]))[0, -1].topk(3).indices.tolist()

@@ -1,4 +1,5 @@
-"""The built-in demo runs every stage at a small size, caches each one, and ends with a row per model."""
+"""The built-in demo runs every stage at a small size, caches each one, and ends with a row per
+model."""
 import time
 
 import demo
@@ -8,23 +9,27 @@ def test_demo_runs_every_stage_and_second_run_skips_them(tmp_path, capsys):
     table = demo.run_demo(tmp_path / "d", size="tiny")
     assert list(table) == ["source: code", "source: prose", "target base", "target CLM-only",
                            "target fused (MinCE)"]
-    assert all(set(row) == {"code", "prose"} and all(0 < v < 16 for v in row.values()) for row in table.values())
+    for row in table.values():
+        assert set(row) == {"code", "prose"} and all(0 < v < 16 for v in row.values())
     d = tmp_path / "d"
-    for path in ("corpus/train/mix.jsonl", "corpus/eval/code.jsonl", "corpus/eval/prose.jsonl", "tok/target/tokenizer.model",
-                 "models/code/config.json", "models/prose/tokenizer.model", "models/base/model.safetensors",
-                 "data/manifest.json", "data/aligned/code/diagnostics.json", "data/aligned/prose/diagnostics.json",
-                 "runs/clm/final/config.json", "runs/fused/final/tokenizer.model", "runs/fused/metrics.jsonl"):
+    for path in ("corpus/train/mix.jsonl", "corpus/eval/code.jsonl", "corpus/eval/prose.jsonl",
+                 "tok/target/tokenizer.model", "models/code/config.json",
+                 "models/prose/tokenizer.model", "models/base/model.safetensors",
+                 "data/manifest.json", "data/aligned/code/diagnostics.json",
+                 "data/aligned/prose/diagnostics.json", "runs/clm/final/config.json",
+                 "runs/fused/final/tokenizer.model", "runs/fused/metrics.jsonl"):
         assert (d / path).is_file(), path
     out = capsys.readouterr().out
     assert "| target fused (MinCE) |" in out
     t0 = time.time()
     again = demo.run_demo(tmp_path / "d", size="tiny")
-    assert again == table                                   # cached stages, same models, same numbers
+    assert again == table                           # cached stages, same models, same numbers
     assert "continue-training" not in capsys.readouterr().out and time.time() - t0 < 60
 
 
 def test_stdlib_file_splits_into_code_and_prose():
-    code, prose = demo.split_source('"""Module doc."""\n# a comment here\nx = 1  # trailing note\n\n'
+    code, prose = demo.split_source('"""Module doc."""\n# a comment here\n'
+                                    'x = 1  # trailing note\n\n'
                                     'def f():\n    """Say hi."""\n    return x\n')
     assert code == "x = 1  # trailing note\ndef f():\n    return x"
     assert prose == "Module doc.\nSay hi.\na comment here\ntrailing note"

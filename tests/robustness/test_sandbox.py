@@ -1,28 +1,55 @@
-"""Model-written code runs contained: a completion that deletes files, forks without end, eats memory, writes a
-huge file or leaves a child running fails its problem and harms nothing outside its run."""
+"""Model-written code runs contained (extras/sandbox.py): a completion that is wrong, loops,
+crashes, deletes files, forks without end, eats memory, writes a huge file or leaves a child running
+fails its problem and harms nothing outside its run."""
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-import eval as ev
+from extras.benchmarks import humaneval_program
+from extras.sandbox import run_program
 
 
 def run(body: str, timeout: float = 5.0):
     """A program whose function body is the model's completion, checked as HumanEval checks it."""
-    problem = {"prompt": "def f():\n", "test": "def check(g):\n    assert g() == 1\n", "entry_point": "f"}
-    return ev.run_program(ev.humaneval_program(problem, body), timeout=timeout)
+    problem = {"prompt": "def f():\n", "test": "def check(g):\n    assert g() == 1\n",
+               "entry_point": "f"}
+    return run_program(humaneval_program(problem, body), timeout=timeout)
+
+
+PROBLEM = {"task_id": "t/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+
+
+@pytest.mark.parametrize("completion,passes", [
+    ("    return a + b\n", True),
+    ("    return a - b\n", False),
+    ("    while True:\n        pass\n", False),        # infinite loop: killed by the timeout
+    ("    import os\n    os.abort()\n", False),          # a crash of the interpreter
+])
+def test_humaneval_scoring_survives_wrong_looping_and_crashing_completions(completion, passes):
+    ok, why = run_program(humaneval_program(PROBLEM, completion), timeout=2.0)
+    assert ok is passes, why
+
+
+def test_humaneval_infinite_loop_reports_the_timeout():
+    program = humaneval_program(PROBLEM, "    while True:\n        pass\n")
+    ok, why = run_program(program, timeout=1.0)
+    assert not ok and why == "timed out after 1.0 s"
 
 
 def test_a_correct_completion_still_passes():
     assert run("    import math, json, collections\n    return 1\n") == (True, "")
 
 
-@pytest.mark.parametrize("escape", ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
-                                    "    raise SystemExit\n"], ids=["sys.exit", "os._exit", "SystemExit"])
+@pytest.mark.parametrize("escape", ["    import sys\n    sys.exit(0)\n",
+                                    "    import os\n    os._exit(0)\n",
+                                    "    raise SystemExit\n"],
+                         ids=["sys.exit", "os._exit", "SystemExit"])
 def test_a_completion_that_exits_cleanly_before_the_tests_fails(escape):
-    """Exit status 0 is not a pass: the tests must have run to the end (the reference harness agrees)."""
+    """Exit status 0 is not a pass: the tests must have run to the end (the reference harness
+    agrees)."""
     assert run(escape) == (False, "the program exited before its end")
 
 
@@ -38,8 +65,10 @@ def test_what_the_program_prints_does_not_hide_its_end():
     "    import os\n    os.posix_spawn('/bin/rm', ['rm', '-rf', {folder!r}], {{}})\n    return 1\n",
     "    import os\n    os.unlink({path!r})\n    return 1\n",
     "    import pathlib\n    pathlib.Path({path!r}).unlink()\n    return 1\n",
-], ids=["os.remove", "shutil.rmtree", "os.system", "subprocess", "posix_spawn", "os.unlink", "pathlib"])
-def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_nothing(tmp_path, attack):
+], ids=["os.remove", "shutil.rmtree", "os.system", "subprocess", "posix_spawn", "os.unlink",
+        "pathlib"])
+def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_nothing(tmp_path,
+                                                                                      attack):
     precious = tmp_path / "keep" / "precious.txt"
     precious.parent.mkdir()
     precious.write_text("mine")
@@ -50,7 +79,8 @@ def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_no
 
 @pytest.mark.parametrize("bomb", [
     "    import os\n    while True:\n        os.fork()\n",
-    "    import multiprocessing\n    while True:\n        multiprocessing.Process(target=print).start()\n",
+    "    import multiprocessing\n    while True:\n"
+    "        multiprocessing.Process(target=print).start()\n",
 ], ids=["os.fork", "multiprocessing"])
 def test_a_fork_bomb_fails_at_once(bomb):
     t0 = time.time()
@@ -60,7 +90,8 @@ def test_a_fork_bomb_fails_at_once(bomb):
 
 def test_a_memory_hog_fails_with_a_memory_error_not_the_machine():
     t0 = time.time()
-    ok, why = run("    block = bytearray(4 * 2**30)\n    return 1\n")          # fits this machine, not the limit
+    # fits this machine, not the limit
+    ok, why = run("    block = bytearray(4 * 2**30)\n    return 1\n")
     assert not ok and "MemoryError" in why and time.time() - t0 < 4
 
 
@@ -83,9 +114,10 @@ def processes_with(marker: str) -> list[int]:
 
 @pytest.mark.parametrize("ends", ["passes", "times out"])
 def test_a_child_left_running_is_killed_with_the_program(ends):
-    """Disabling functions is no wall: code can import the C module behind `os` afresh and fork. The process
-    group is what ends such a child, after a normal exit as after the timeout. (As root the process limit
-    does not apply and the child really starts; as another user it may not start at all.)"""
+    """Disabling functions is no wall: code can import the C module behind `os` afresh and fork. The
+    process group is what ends such a child, after a normal exit as after the timeout. (As root the
+    process limit does not apply and the child really starts; as another user it may not start at
+    all.)"""
     marker = f"nanofuse-orphan-{os.getpid()}-{ends.replace(' ', '-')}"
     # an escape the guard leaves: the C module behind `os`, imported afresh, still has fork and exec
     body = ("    import importlib, sys\n"

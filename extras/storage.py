@@ -1,0 +1,235 @@
+"""
+extras/storage.py: how data.py's shards are laid out on disk, byte for byte.
+
+Why it exists: a real corpus gives billions of (token, top-K) rows, so the stored form decides the
+disk a run needs and whether a resumed or multi-process run can be trusted. The official format
+takes about 120 bytes per token per model (fp16 logits, int64 ids, padded); this one about 15 at
+top-10 and 8.5 at top-5 on the tests' tiny world (tools/bench.py dists measures a model), and the
+same arrays always give the same bytes, so torchrun's output can be compared with one process's. A
+learner needs only what data.py's docstring says about the format; these are the details. A
+source's aligned distributions are stored ragged (data.py's comment before `ragged`): padded (n, K)
+rows would store about 10% more, 8.5 instead of 7.7 bytes per token at K=5, 14.4 instead of 13.1 at
+K=10 (the tests' tiny world).
+
+What it holds:
+- `save_npz`: np.savez_compressed, but deterministic (fixed timestamps) and atomic (written under
+  a temporary name, then renamed).
+- `quantize_logprobs` / `dequantize_logprobs`: log-probs as uint8 codes in steps of
+  1/LOGPROB_STEP nat (or fp16); a decoded log-prob is within half a step of the model's.
+- `id_dtype`: the narrowest unsigned type a vocabulary's ids fit (uint16 up to 65536 ids).
+- `token_checksum` and `tokenizer_fingerprint`: a model's own tokens are not stored but re-encoded
+  from the window text, so each window keeps a checksum of them, and each model folder a
+  fingerprint of its tokenizer (its kind, size and every token's bytes), to catch a tokenizer that
+  changed in between.
+- `save_dists` and `save_aligned`: one shard of a model's distributions, of a source's aligned
+  ones (data.py's ragged form), as the arrays above; `expected_disk`: the estimate compute_dists
+  prints.
+- `read_windows`, `read_dists`, `window_rows`, `read_aligned`: the shards read back (a window's
+  text, a model's distributions and one window's rows of them decoded, a source's aligned ones).
+- `info_conflict`, `write_info`, `changed_tokenizer`, `changed_tokens`: a model folder's info.json,
+  and the checks that distributions are added to it only with settings it can store, the same
+  settings and the same tokenizer, and that a window still gives the tokens they were made on.
+- `read_align_settings`, `stored_align_settings`, `settings_conflict`: an aligned folder's
+  settings.json (files from older versions included), and the check that a folder is aligned with
+  one set of settings only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+import align
+from extras.atomic_files import atomic_path, write_json
+from extras import ranks
+
+LOGPROB_STEP = 16   # uint8 log-prob code q: log p = -q / 16 (codes saturate at 255: p < 1.2e-7)
+
+
+def save_npz(path: Path, **arrays):
+    """Like np.savez_compressed, but deterministic (fixed timestamps: the same arrays give the same
+    bytes) and atomic (common.atomic_path). np.load reads it."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+
+
+def quantize_logprobs(lp: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 16:
+        return np.maximum(lp, -65000).astype(np.float16)
+    return np.clip(np.round(-lp * LOGPROB_STEP), 0, 255).astype(np.uint8)
+
+
+def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+    if q.dtype == np.float16:
+        return q.astype(np.float32)
+    return -q.astype(np.float32) / LOGPROB_STEP
+
+
+def id_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def token_checksum(ids) -> int:
+    return zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes())
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identifies a tokenizer by what it does: its kind, size and every token's bytes."""
+    h = hashlib.sha256(f"{tok.kind}:{tok.vocab_size}:{tok.bos_id}:{tok.eos_id}".encode())
+    for i in range(tok.vocab_size):
+        h.update(len(tok.token_bytes(i)).to_bytes(2, "little") + tok.token_bytes(i))
+    return h.hexdigest()[:16]
+
+
+def save_dists(path: Path, windows, vocab_size: int, bits: int):
+    """One shard of a model's distributions (data.compute_dists). windows: per window (its tokens,
+    top-K ids (n, K), log-probs (n, K), CE). Stored: offsets (windows + 1,) into the concatenated
+    rows, topk_ids, topk_logprobs (quantised), ce and a checksum of each window's tokens."""
+    tokens, ids, logprobs, ce = zip(*windows)
+    save_npz(path, offsets=np.cumsum([0] + [len(t) for t in tokens], dtype=np.int64),
+             topk_ids=np.concatenate([i.astype(id_dtype(vocab_size)) for i in ids]),
+             topk_logprobs=np.concatenate([quantize_logprobs(lp, bits) for lp in logprobs]),
+             ce=np.array(ce, dtype=np.float32),
+             checksum=np.array([token_checksum(t) for t in tokens], dtype=np.uint32))
+
+
+def save_aligned(path: Path, windows, vocab_size: int, ce, target_offsets):
+    """One shard of a source's aligned distributions (data.align_source). windows: per window, the
+    ragged form of data.ragged (counts, ids, logprobs). Stored: the windows' counts (uint8), ids and
+    uint8 log-probs concatenated, the source's CE per window and the target's offsets."""
+    save_npz(path, counts=np.concatenate([w["counts"].astype(np.uint8) for w in windows]),
+             ids=np.concatenate([w["ids"].astype(id_dtype(vocab_size)) for w in windows]),
+             logprobs=np.concatenate([quantize_logprobs(w["logprobs"], 8) for w in windows]),
+             ce=ce, target_offsets=target_offsets)
+
+
+def read_windows(out, shard: int) -> list[dict]:
+    """Shard `shard` of the windows (out/windows/shard-*.jsonl): one {"text": ...} per window."""
+    p = Path(out) / "windows" / f"shard-{shard:05d}.jsonl"
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+
+
+def read_dists(out, name, shard) -> dict:
+    """Shard `shard` of model `name`'s distributions, as save_dists stored them."""
+    z = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
+    return {k: z[k] for k in z.files}
+
+
+def window_rows(dists: dict, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window w's rows of a read_dists shard: top-K ids (n, K) as int64, log-probs (n, K)
+    decoded."""
+    a, b = dists["offsets"][w], dists["offsets"][w + 1]
+    ids, logprobs = dists["topk_ids"][a:b], dists["topk_logprobs"][a:b]
+    return ids.astype(np.int64), dequantize_logprobs(logprobs)
+
+
+def read_aligned(out, name, shard) -> dict:
+    """Shard `shard` of source `name`'s aligned distributions, as save_aligned stored them, with
+    "starts" (where each target token's entries start in the flat ids and logprobs: the cumulative
+    counts, 0 first) and "source_offsets" (where each window's rows start in the source's own
+    distributions, for its CE per byte)."""
+    z = dict(np.load(Path(out) / "aligned" / name / f"shard-{shard:05d}.npz"))
+    z["starts"] = np.concatenate([[0], np.cumsum(z["counts"], dtype=np.int64)])
+    own = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
+    z["source_offsets"] = own["offsets"]                # only this array of the file is read
+    return z
+
+
+def read_align_settings(path: Path) -> dict:
+    """The alignment settings stored in an aligned/<name>/settings.json, in today's six keys: files
+    written before a setting existed get the value that was used then (no "positions": the paper's
+    rule with lowest-id map ties; no "map_ties": "emitted"). A setting or value align.py does not
+    know is a ValueError naming the file."""
+    choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS,
+               "map_ties": align.MAP_TIES, "ties": align.TIES, "fallback": align.FALLBACKS,
+               "merge": align.MERGES}
+    stored = json.loads(Path(path).read_text())
+    if "positions" not in stored:        # aligned before these settings existed: the paper's rule
+        stored.update(positions="paper", map_ties="lowest")     # and lowest-id ties
+    stored.setdefault("map_ties", "emitted")   # exact positions, before the tie rule was a setting
+    for k, v in stored.items():
+        if k not in choices or v not in choices[k]:
+            raise ValueError(f"{path}: alignment setting {k}={v!r} is not one of "
+                             f"{ {k: list(c) for k, c in choices.items()} }; delete the folder and "
+                             f"align again")
+    return stored
+
+
+def stored_align_settings(out, name) -> dict:
+    """The settings `align` used for a source (out/aligned/<name>/settings.json, older files read as
+    they were used: read_align_settings), or the nanofuse preset's."""
+    p = Path(out) / "aligned" / name / "settings.json"
+    return read_align_settings(p) if p.is_file() else align.alignment_settings("nanofuse")
+
+
+def expected_disk(manifest: dict, shards: int, topk: int, vocab_size: int, bits: int) -> str:
+    """What `shards` shards of one model's distributions take at most, before compression."""
+    per_token = topk * (np.dtype(id_dtype(vocab_size)).itemsize + bits // 8)
+    tokens = manifest["windows"] * manifest["seq_len"] * shards / manifest["shards"]
+    return (f"expected disk at most {tokens * per_token / 2**20:,.1f} MiB ({per_token} bytes/token "
+            f"before compression, <= {tokens:,.0f} tokens)")
+
+
+def info_conflict(d: Path, info: dict) -> str | None:
+    """Why a model folder cannot take distributions made with `info` (model, topk, logprob_bits):
+    a top-K or a log-prob width this storage cannot hold, or its info.json says they were made
+    otherwise. None when it can."""
+    if info["logprob_bits"] not in (8, 16):
+        return f"--logprob-bits {info['logprob_bits']}: choose 8 or 16"
+    if not 1 <= info["topk"] <= 255:
+        return (f"--topk {info['topk']}: choose 1 to 255 (aligned distributions store their sizes "
+                f"as uint8)")
+    if not (d / "info.json").is_file():
+        return None
+    old = json.loads((d / "info.json").read_text())
+    if {k: old.get(k) for k in info} == info:
+        return None
+    return f"{d}: already holds distributions made with {old}; use another --name or delete it"
+
+
+def write_info(d: Path, info: dict, tok):
+    """d/info.json: `info` with the tokenizer's size, fingerprint and BOS, written once (rank 0)."""
+    d.mkdir(parents=True, exist_ok=True)
+    info.update(vocab_size=tok.vocab_size, tokenizer=tokenizer_fingerprint(tok), bos=tok.bos_id)
+    if not (d / "info.json").is_file() and ranks.rank_world()[0] == 0:
+        write_json(d / "info.json", info)
+
+
+def changed_tokenizer(tok, info: dict, who: str) -> str | None:
+    """Why `tok` is not the tokenizer a model's distributions were made with (its info.json), or
+    None."""
+    if tokenizer_fingerprint(tok) == info["tokenizer"]:
+        return None
+    return f"the tokenizer of {info['model']} changed since `dists --name {who}` ran; rerun it"
+
+
+def changed_tokens(ids, dists: dict, w: int, shard: int, who: str) -> str | None:
+    """Why `ids`, window w's tokens encoded now, are not those `who`'s distributions (a read_dists
+    shard) were computed on (the stored checksum differs), or None."""
+    if token_checksum(ids) == dists["checksum"][w]:
+        return None
+    return (f"window {w} of shard {shard}: {who}'s tokens differ from those its distributions were "
+            f"computed on; rerun `dists --name {who}`")
+
+
+def settings_conflict(d: Path, settings: dict) -> str | None:
+    """Why folder d (an aligned source) cannot take shards aligned with `settings`: its
+    settings.json (read_align_settings) says it was aligned otherwise. None when it can; the first
+    time, rank 0 writes the settings there."""
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "settings.json"
+    if p.is_file():
+        if read_align_settings(p) == settings:
+            return None
+        return f"{d} was aligned with other settings ({p.read_text()}); delete it first"
+    if ranks.rank_world()[0] == 0:
+        write_json(p, settings)
+    return None

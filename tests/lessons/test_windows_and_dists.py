@@ -1,0 +1,182 @@
+"""Windows and stored distributions, the data.py lessons: a corpus is cut into windows every
+tokenizer fits, each model's top-K next-token distribution is stored at each of its tokens
+(log-probs in uint8 steps, one model's head computed whole or in blocks with the same result), and
+an aligned source's ragged entries decode into rows. Each test builds its own small inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import align
+import data
+import fusellm
+from conftest import byte_level_bpe, llama, mpt, sentencepiece_model, stdlib_texts
+from extras import fast_head, storage
+from extras.corpus import CorpusStats, read_corpus
+from tokenizer import load_tokenizer
+
+
+def test_corpus_counts_what_it_skips(tmp_path):
+    """Empty documents, unreadable jsonl lines and invalid UTF-8 are counted, not fatal."""
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": ""}\nnot json\n{"other": 1}\n'
+                                       b'{"text": "two"}\n')
+    (tmp_path / "b.txt").write_bytes(b"first block\n\nsecond \xff block\n\n\n")
+    stats = CorpusStats()
+    docs = list(read_corpus(tmp_path, txt_docs="blocks", stats=stats))
+    assert docs == ["one", "two", "first block", "second \ufffd block"]
+    assert stats["bad_lines"] == 2 and stats["empty"] == 2 and stats["invalid_utf8"] == 1
+    assert stats["bad_line_examples"] == [f"{tmp_path / 'a.jsonl'}:3", f"{tmp_path / 'a.jsonl'}:4"]
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory):
+    """A sentencepiece BPE and a byte-level BPE, trained here on standard-library code."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    texts = stdlib_texts(10)
+    (root / "sp").mkdir()
+    (root / "sp" / "tokenizer.model").write_bytes(sentencepiece_model(texts, 400))
+    (root / "bpe").mkdir()
+    byte_level_bpe(texts, 300).save(str(root / "bpe" / "tokenizer.json"))
+    return [load_tokenizer(root / "sp"), load_tokenizer(root / "bpe")]
+
+
+def test_long_document_is_cut_into_windows_every_tokenizer_fits(two_tokenizers):
+    """A window holds at most seq_len tokens for EVERY tokenizer (BOS included), so all models read
+    the same text; the windows put back together are the document."""
+    seq = 120
+    doc = stdlib_texts(13)[12][:6000] + "x" * 3000            # ends in a run with no place to cut
+    windows = data.split_document(doc, two_tokenizers, seq)
+    assert len(windows) > 3 and "".join(windows) == doc
+    for w in windows:
+        assert all(len(t.encode(w)) + (t.bos_id is not None) <= seq for t in two_tokenizers)
+    assert data.split_document("short text", two_tokenizers, seq) == ["short text"]
+
+
+def test_quantised_logprobs_decode_within_half_a_step():
+    """A log-prob is stored as one byte q, log p = -q / 16: decoding is within 1/32 nat of the
+    model's, down to codes saturating at 255 (p < 1.2e-7); fp16 (--logprob-bits 16) is closer."""
+    lp = np.concatenate([-np.random.default_rng(0).exponential(2.0, 10000), [0.0, -15.9]])
+    lp = lp.astype(np.float32)
+    q = storage.quantize_logprobs(lp, 8)
+    assert q.dtype == np.uint8
+    back = storage.dequantize_logprobs(q)
+    fits = lp >= -255 / 16
+    assert np.abs(back - lp)[fits].max() <= 1 / 32 + 1e-6
+    assert (q[~fits] == 255).all() and (back[~fits] == -255 / 16).all()
+    half = storage.dequantize_logprobs(storage.quantize_logprobs(lp, 16))
+    assert np.abs(half - lp).max() <= 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A byte-level tokenizer of 512 tokens, an MPT model with 520 embedding rows (spare rows, as
+    MPT checkpoints have), a two-document corpus, and the model's stored distributions."""
+    root = tmp_path_factory.mktemp("tiny")
+    texts = stdlib_texts(12)
+    fusellm.save_model(mpt(520, 1), root / "model")
+    byte_level_bpe(texts[:10], 512).save(str(root / "model" / "tokenizer.json"))
+    with open(root / "corpus.jsonl", "w") as f:
+        for t in texts[10:12]:
+            f.write(json.dumps({"text": t[:1500]}) + "\n")
+    data.build_windows(root / "corpus.jsonl", root / "model", [], root / "d", seq_len=150,
+                       shard_windows=4, quiet=True)
+    data.compute_dists(root / "d", root / "model", "target", topk=5, batch_size=3, quiet=True)
+    return root
+
+
+def test_stored_topk_and_ce_are_the_models(tiny_data):
+    """At each of a window's tokens the stored top-K is the model's own top-K next tokens, its
+    log-probs normalised over the tokenizer's vocabulary (not the checkpoint's spare rows), and the
+    stored CE is the model's mean -log p of each token given what precedes it."""
+    model, tok = fusellm.load(tiny_data / "model")
+    win = storage.read_windows(tiny_data / "d", 0)[1]
+    stored = storage.read_dists(tiny_data / "d", "target", 0)
+    a, b = stored["offsets"][1], stored["offsets"][2]
+    ids = tok.encode(win["text"])
+    with torch.no_grad():
+        logits = model(torch.tensor([[*([tok.bos_id] if tok.bos_id is not None else []), *ids]]))[0]
+    assert logits.shape[-1] == 520 and tok.vocab_size == 512    # normalise over the tokenizer's
+    logp = logits[:, :tok.vocab_size].log_softmax(-1)
+    nb = int(tok.bos_id is not None)
+    top = logp[nb:].topk(5)
+    assert (stored["topk_ids"][a:b] == top.indices.numpy()).all()
+    lps = storage.dequantize_logprobs(stored["topk_logprobs"][a:b])
+    assert np.abs(lps - top.values.numpy()).max() <= 1 / 32 + 1e-6
+    ce = -logp[:-1].gather(1, torch.tensor(ids[1 - nb:] if nb == 0 else ids)[:, None]).mean()
+    assert abs(stored["ce"][1] - float(ce)) < 1e-4
+
+
+@pytest.mark.parametrize("blocks", ["whole", "positions", "positions x vocabulary"])
+def test_the_head_in_blocks_gives_the_full_computation(two_tokenizers, blocks):
+    """window_topk runs the output head whole (data.head_topk) or on a block of positions x
+    vocabulary at a time (extras/fast_head.py), never building (B, T, V): here 3 positions (windows
+    cut mid-way) by the whole vocabulary, or by a third of it plus one (so the last block is short).
+    Its top-K, log-probs and CE equal the whole-batch log_softmax + topk written here. Catches a
+    block boundary that drops or repeats a position, a log-sum-exp taken over a block instead of the
+    vocabulary, a block's top-K ids not shifted by the block's start, the next token's logit read
+    from the wrong block, and the CE read one position off."""
+    tok = two_tokenizers[0]                            # sentencepiece: BOS first
+    model = llama(tok.vocab_size, 0).eval()
+    batch = [tok.encode(t[:300]) for t in stdlib_texts(3)]
+    V = tok.vocab_size
+    if blocks == "whole":
+        ids, lps, ces = data.window_topk(model, tok, batch, 5, "cpu")
+    else:
+        cols = V if blocks == "positions" else V // 3 + 1
+        ids, lps, ces = data.window_topk(model, tok, batch, 5, "cpu", head_elements=3 * cols,
+                                         head_cols=cols)
+    for toks, i_, l_, ce in zip(batch, ids, lps, ces):
+        s = [tok.bos_id] + toks
+        with torch.no_grad():
+            logp = model(torch.tensor([s]))[0, :, :V].log_softmax(-1)           # (n+1, V)
+        top = logp[1:].topk(5, dim=-1)                                         # at each text token
+        assert np.array_equal(i_, top.indices.numpy())
+        assert np.allclose(l_, top.values.numpy(), atol=1e-5)
+        want = -logp[:-1].gather(-1, torch.tensor(s[1:])[:, None]).mean()
+        assert abs(ce - float(want)) < 1e-5
+
+
+class RandomHead:
+    """An output head of random weights, with the model's `logits(h, vocab slice)`."""
+
+    def __init__(self, C, V, seed):
+        self.w = torch.randn(V, C, generator=torch.Generator().manual_seed(seed)) * 3
+
+    def logits(self, h, vocab=slice(None)):
+        return h @ self.w[vocab].T
+
+
+@pytest.mark.parametrize("rows, cols", [(7, 1000), (2**20, 333), (1, 64), (50, 1)])
+def test_the_fast_head_equals_the_readable_head(rows, cols):
+    """extras/fast_head.py head_topk (blocks of positions x vocabulary, a running log-sum-exp and
+    top-K) gives data.head_topk's top-K ids, log-probs and next-token log-probs on random hidden
+    states, whatever the block shape; a position with no next token (-1) scores 0."""
+    N, C, V, K = 23, 16, 1000, 7
+    model = RandomHead(C, V, seed=rows)
+    h = torch.randn(N, C, generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    nxt[-1] = -1
+    want = data.head_topk(model, h, nxt, K, V)
+    got = fast_head.head_topk(model, h, nxt, K, V, head_elements=rows * cols, head_cols=cols)
+    assert torch.equal(got[0], want[0])
+    assert torch.allclose(got[1], want[1], atol=1e-4) and torch.allclose(got[2], want[2], atol=1e-4)
+    assert got[2][-1] == 0 and want[2][-1] == 0
+
+
+def test_ragged_entries_decode_into_rows():
+    """An aligned source stores, per target token, its 0 (fallback) to K entries one after another:
+    counts [2, 0, 1] put entries 0 and 1 in row 0 (ranks 0, 1) and entry 2 in row 2 (rank 0).
+    `ragged` writes a transfer in that form and `rows` puts each entry back in its row."""
+    row, rank = data.rows([2, 0, 1])
+    assert row.tolist() == [0, 0, 2] and rank.tolist() == [0, 1, 0]
+    tr = align.Transferred(offsets=np.array([0, 2, 2, 3]), ids=np.array([7, 9, 4]),
+                           logprobs=np.array([-0.1, -2.5, 0.0], dtype=np.float32),
+                           fallback=np.array([False, True, False]), onehot=np.array([-1, 5, -1]),
+                           matched=np.array([0, -1, 1]))
+    stored = data.ragged(tr)
+    assert stored["counts"].tolist() == [2, 0, 1] and stored["ids"].tolist() == [7, 9, 4]
+    dense = np.full((3, 2), -1)
+    row, rank = data.rows(stored["counts"])
+    dense[row, rank] = stored["ids"]
+    assert dense.tolist() == [[7, 9], [-1, -1], [4, -1]]

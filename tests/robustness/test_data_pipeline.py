@@ -1,0 +1,360 @@
+"""The data pipeline on the tiny world (tests/conftest.py): shards on disk, resumed after a kill,
+split between ranks (torchrun) with the same bytes as one process, adding a source later, the
+alignment presets, and bad input ending in one clear error with nothing half-written. The lessons
+of each stage are in tests/lessons/test_windows_and_dists.py."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import align
+import data
+import fusellm
+from conftest import ROOT, SEQ             # the `world` fixture comes from conftest
+from extras import data_cli, storage
+from tokenizer import load_tokenizer
+
+
+def tree(path):
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def pipeline(world):
+    return world / "data"
+
+
+# --- corpus and windows --------------------------------------------------------------------------
+
+def test_windows_are_sharded_with_counts_in_the_manifest(pipeline):
+    m = data.load_manifest(pipeline)
+    assert m["complete"] and m["shards"] == len(list((pipeline / "windows").glob("shard-*.jsonl")))
+    assert m["shards"] == -(-m["windows"] // 4) and m["corpus_stats"]["documents"] == 6
+
+
+# --- distributions -------------------------------------------------------------------------------
+
+def test_storage_is_under_a_quarter_of_the_official_format(pipeline):
+    """The official format is about 120 bytes per token per model (fp16 logits + int64 ids,
+    padded). A model's distributions, and a source's aligned ones (ragged: data.ragged), stay
+    within 30 bytes per target token."""
+    files = list((pipeline / "models" / "target").glob("shard-*.npz"))
+    tokens = sum(int(np.load(f)["offsets"][-1]) for f in files)
+    assert sum(f.stat().st_size for f in files) / tokens <= 30
+    aligned = list((pipeline / "aligned" / "source").glob("shard-*.npz"))
+    assert sum(len(np.load(f)["counts"]) for f in aligned) == tokens
+    assert sum(f.stat().st_size for f in aligned) / tokens <= 30
+
+
+def test_resume_after_a_kill_gives_byte_identical_shards(world, pipeline, tmp_path):
+    shutil.copytree(pipeline / "windows", tmp_path / "windows")
+    shutil.copy(pipeline / "manifest.json", tmp_path)
+    data.compute_dists(tmp_path, world / "source", "source", topk=5, batch_size=3, quiet=True)
+    last = sorted((tmp_path / "models" / "source").glob("shard-*.npz"))[-1]
+    last.unlink()                                         # killed while writing the last shard:
+    (last.parent / f".{last.name}.tmp999").write_bytes(b"partial")    # only its temporary remains
+    shards = tmp_path / "models" / "source"
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}
+    data.compute_dists(tmp_path, world / "source", "source", topk=5, batch_size=3, quiet=True)
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}
+    kept = {k: v for k, v in after.items() if k in before}
+    assert kept == before, "finished shards are not redone"
+    theirs = tree(pipeline / "models" / "source")
+    ours = tree(tmp_path / "models" / "source")
+    assert {k: v for k, v in ours.items() if not k.startswith(".")} == theirs
+
+
+def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, tmp_path,
+                                                               monkeypatch):
+    shutil.copytree(pipeline / "windows", tmp_path / "windows")
+    shutil.copy(pipeline / "manifest.json", tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        data.compute_dists(tmp_path, world / "target", "target", topk=5, batch_size=3, quiet=True)
+        if rank == "0":
+            done = sorted(p.name for p in (tmp_path / "models" / "target").glob("shard-*.npz"))
+            n_shards = data.load_manifest(tmp_path)["shards"]
+            assert done == [f"shard-{s:05d}.npz" for s in range(0, n_shards, 2)]
+    assert tree(tmp_path / "models" / "target") == tree(pipeline / "models" / "target")
+
+
+def data_all(world, out, ranks: int = 1, wait=True, slow_filesystem=False):
+    """`python data.py all` on the world's target and source, or `torchrun --nproc_per_node <ranks>
+    data.py all`, optionally through tests/robustness/slow_filesystem.py. One thread per process, so
+    every process gets the same floating-point results."""
+    slow = [str(ROOT / "tests" / "robustness" / "slow_filesystem.py")] if slow_filesystem else []
+    args = [*slow, str(ROOT / "data.py"),
+            "all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
+            "--sources", str(world / "source"), "--data", str(out), "--seq-len", str(SEQ),
+            "--shard-windows", "4", "--topk", "5", "--batch-size", "3", "--device", "cpu"]
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                "127.0.0.1", "--master_port", str(port), *args]
+    p = subprocess.Popen([sys.executable, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    if wait:
+        log = p.communicate(timeout=300)[0].decode()
+        assert p.returncode == 0, log
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    data_all(world, out)
+    return tree(out)
+
+
+@pytest.mark.slow
+def test_torchrun_data_preparation_equals_one_process_byte_for_byte(world, one_process, tmp_path):
+    """Two ranks on a slow filesystem (folder renames stall, rank 1 lags): rank 0 alone builds the
+    windows and the vocab map, each rank aligns its own shards, and rank 0 merges the diagnostics
+    once both are done. Catches ranks that both build windows/ (the second swaps it away while the
+    first reads it), diagnostics merged before the slow rank's shards are in, and a rank that skips
+    or repeats another's shards."""
+    data_all(world, tmp_path, ranks=2, slow_filesystem=True)
+    two = tree(tmp_path)
+    assert sorted(two) == sorted(one_process)
+    assert [k for k in two if two[k] != one_process[k]] == []
+    diag = json.loads(two["aligned/source/diagnostics.json"])
+    assert diag["positions"] == sum(int(np.load(f)["offsets"][-1])
+                                    for f in (tmp_path / "models" / "target").glob("*.npz"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["manifest.json", "models/source/shard-00000.npz",
+                                     "aligned/source/shard-00000.npz"])
+def test_torchrun_data_preparation_killed_and_rerun_equals_one_process(world, one_process, tmp_path,
+                                                                      kill_at):
+    """Killed (every process, at once) as soon as a file of the given stage appears, then run again
+    with two ranks: the result is byte for byte one process's. Catches a rerun that redoes a stage
+    over another rank's finished files, keeps a half-written one, or never merges the
+    diagnostics."""
+    p = data_all(world, tmp_path, ranks=2, wait=False)
+    t0 = time.time()
+    while not (tmp_path / kill_at).is_file() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    diagnostics = tmp_path / "aligned" / "source" / "diagnostics.json"
+    assert not diagnostics.is_file(), "killed too late to test a resume"
+    data_all(world, tmp_path, ranks=2)
+    final = {k: v for k, v in tree(tmp_path).items() if not k.rsplit("/", 1)[-1].startswith(".")}
+    assert final == one_process
+
+
+# --- alignment, diagnostics, fusion-ready data ---------------------------------------------------
+
+def test_diagnostics_are_saved_next_to_the_data(pipeline):
+    diag = json.loads((pipeline / "aligned" / "source" / "diagnostics.json").read_text())
+    assert diag["positions"] == sum(int(np.load(f)["offsets"][-1])
+                                    for f in (pipeline / "models" / "target").glob("shard-*.npz"))
+    assert 0.3 < diag["aligned_1to1"] <= 1
+    assert abs(diag["aligned_1to1"] + diag["fallback"] - 1) < 1e-9
+    assert 0 <= diag["topk_mass_lost_in_vocab_map"] < 1
+    # exact positions and the next-token map carry an oracle source's next token onto the target's
+    assert diag["oracle_label_mass"] > 0.95 and 0 < diag["label_mass"] < 1
+    unmatched = diag["most_frequent_unmatched"]
+    assert unmatched and {"source", "target", "count"} <= set(unmatched[0])
+
+
+def test_fusion_data_gives_every_candidate_per_window(pipeline, world):
+    fd = data.FusionData(pipeline)
+    assert fd.sources == ["source"]
+    tok = load_tokenizer(world / "target")
+    windows = storage.read_windows(pipeline, 1)
+    for item, win in zip(fd.shard(1), windows):
+        n = len(tok.encode(win["text"]))
+        assert item["target"]["topk_ids"].shape == (n, 5)
+        src = item["sources"]["source"]
+        assert len(src["counts"]) == n
+        assert len(src["ids"]) == src["counts"].sum() == len(src["logprobs"])
+        assert (src["ids"] < tok.vocab_size).all() and np.isfinite(src["ce"])
+        assert (np.exp(src["logprobs"]) <= 1 + 1e-6).all()
+
+
+def test_official_fallback_stores_the_current_token_and_training_uses_it(world, pipeline, tmp_path):
+    """The official preset's fallback (the official code's off-by-one) is stored: every unmatched
+    position carries a one-hot on its own current target token, where the next-token fallback
+    stores nothing (training then puts the next-token label there). Compared with the same preset
+    and the next-token fallback, window by window (data.align_window). fusellm.collate passes the
+    stored one-hot on as the candidate's distribution."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    shutil.rmtree(d / "aligned" / "source")
+    data.align_source(d, "source", "official", quiet=True)
+    tok, s_tok = load_tokenizer(world / "target"), load_tokenizer(world / "source")
+    official = np.load(d / "aligned" / "source" / "shard-00000.npz")
+    settings = {**align.PRESETS["official"], "fallback": "next"}
+    vmap = align.vocab_map(s_tok, tok, "mined", d / "cache", "lowest")
+    sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(tok)
+    src = storage.read_dists(d, "source", 0)
+    counts = []                                 # the next-token fallback's counts
+    for w, win in enumerate(storage.read_windows(d, 0)):
+        a, b = src["offsets"][w], src["offsets"][w + 1]
+        lps = storage.dequantize_logprobs(src["topk_logprobs"][a:b])
+        tr = data.align_window(s_tok.encode(win["text"]), tok.encode(win["text"]),
+                               src["topk_ids"][a:b].astype(np.int64), lps, vmap, sv, tv, None,
+                               settings)
+        counts.append(data.ragged(tr)["counts"])
+    default = {"counts": np.concatenate(counts)}
+    tgt_ids = [i for w in storage.read_windows(pipeline, 0) for i in tok.encode(w["text"])]
+    fell_back = default["counts"] == 0
+    assert fell_back.sum() > 10 and (official["counts"][fell_back] == 1).all()
+    starts = np.concatenate([[0], np.cumsum(official["counts"], dtype=np.int64)])[:-1]
+    assert (official["ids"][starts[fell_back]] == np.array(tgt_ids)[fell_back]).all()  # CURRENT
+    assert (official["logprobs"][starts[fell_back]] == 0).all()                      # probability 1
+    assert (official["counts"][~fell_back] == default["counts"][~fell_back]).all()
+    fd = data.FusionData(d, tokenizer=tok)
+    b = fusellm.collate(fd.shard(0)[:1], ["target", "source"], tok.bos_id, 5)
+    n = len(tok.encode(storage.read_windows(d, 0)[0]["text"]))
+    pos = np.flatnonzero(fell_back[:n - 1])           # window 0's fallback positions with a label
+    assert not b.cand_fallback[1, 0, pos + 1].any()            # +1: BOS comes first in the batch
+    assert (b.cand_ids[1, 0, pos + 1, 0] == b.input_ids[0, pos + 1]).all()  # input token, not label
+
+
+def test_topk_that_the_storage_cannot_count_is_refused(pipeline, world):
+    """Aligned shards store each position's entry count as uint8: a top-K above 255 would wrap
+    silently."""
+    with pytest.raises(data.DataError, match="--topk 300: choose 1 to 255"):
+        data.compute_dists(pipeline, world / "target", "big", topk=300)
+
+
+def test_alignment_settings_are_checked_before_any_work(pipeline):
+    with pytest.raises(data.DataError, match="alignment preset 'bytes'; choose one of"):
+        data.align_source(pipeline, "source", "bytes")
+    with pytest.raises(data.DataError, match="vocab map 'bytes'; choose one of"):
+        data.align_source(pipeline, "source", vocab_map="bytes")
+    with pytest.raises(data.DataError, match="other settings"):
+        data.align_source(pipeline, "source", vocab_map="mined")
+
+
+def test_a_preset_and_a_vocab_map_from_the_command_line_are_stored(pipeline, tmp_path):
+    """`--align paper --vocab-map em` (the paper's EM ablation) aligns with the paper's preset, its
+    vocab map replaced, and stores the six settings; a rerun with other settings is refused."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    shutil.rmtree(d / "aligned" / "source")
+    data_cli.main(["align", "--data", str(d), "--name", "source", "--align", "paper",
+                   "--vocab-map", "em", "--quiet"])
+    stored = json.loads((d / "aligned" / "source" / "settings.json").read_text())
+    assert stored == {**align.PRESETS["paper"], "vocab_map": "em"}
+    assert storage.stored_align_settings(d, "source") == stored
+    with pytest.raises(SystemExit, match="error: .* was aligned with other settings"):
+        data_cli.main(["align", "--data", str(d), "--name", "source", "--quiet"])
+
+
+def test_settings_of_older_data_folders_are_read_as_they_were_used(pipeline, tmp_path):
+    """settings.json files from before a setting existed: without "positions" they were aligned by
+    the paper's rule with lowest-id vocab-map ties; without "map_ties", with emitted ties. A value
+    align.py does not know is refused, naming the file."""
+    folder = tmp_path / "aligned" / "source"
+    folder.mkdir(parents=True)
+    old = {"vocab_map": "mined", "ties": "closest", "fallback": "next", "merge": "sum"}
+    (folder / "settings.json").write_text(json.dumps(old))
+    assert storage.stored_align_settings(tmp_path, "source") == {
+        **old, "positions": "paper", "map_ties": "lowest"}
+    (folder / "settings.json").write_text(json.dumps({**old, "positions": "exact"}))
+    assert storage.stored_align_settings(tmp_path, "source")["map_ties"] == "emitted"
+    (folder / "settings.json").write_text(json.dumps({**old, "positions": "bytes"}))
+    with pytest.raises(ValueError, match=r"settings\.json: alignment setting positions='bytes'"):
+        storage.stored_align_settings(tmp_path, "source")
+    assert storage.stored_align_settings(tmp_path, "other") == align.PRESETS["nanofuse"]
+
+
+def test_adding_a_source_later_leaves_the_first_untouched(world, pipeline, tmp_path):
+    shutil.copytree(pipeline, tmp_path / "d")
+    before = tree(tmp_path / "d")
+    data.compute_dists(tmp_path / "d", world / "source2", "source2", topk=5, batch_size=3,
+                       quiet=True)
+    data.align_source(tmp_path / "d", "source2", quiet=True)
+    after = tree(tmp_path / "d")
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert any(k.startswith("aligned/source2/shard-") for k in after)
+    assert data.FusionData(tmp_path / "d").sources == ["source", "source2"]
+
+
+def test_command_line_runs_all_stages_and_prints_progress(world, tmp_path, capsys):
+    data_cli.main(["all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
+                   "--sources", str(world / "source"), "--data", str(tmp_path / "d"), "--seq-len",
+                   str(SEQ), "--topk", "3"])
+    out = capsys.readouterr().out
+    assert "expected disk at most" in out and "tokens/s" in out and "ETA" in out
+    assert "carry the source's distribution" in out
+    assert (tmp_path / "d" / "aligned" / "source" / "diagnostics.json").is_file()
+
+
+# --- bad input: one clear error, nothing half-written --------------------------------------------
+
+def test_empty_corpus(world, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "   "}\n')
+    with pytest.raises(data.DataError, match="no documents with text"):
+        data.build_windows(tmp_path / "c.jsonl", world / "target", [], tmp_path / "d", quiet=True)
+    assert not (tmp_path / "d" / "windows").exists()
+    assert not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_binary_file_in_corpus_is_named(world, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("fine text")
+    (tmp_path / "c" / "b.txt").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(data.DataError, match=r"b\.txt: not UTF-8 text"):
+        data.build_windows(tmp_path / "c", world / "target", [], tmp_path / "d", quiet=True)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []
+
+
+def test_tokenizer_that_yields_no_tokens(world, tmp_path, monkeypatch):
+    import tokenizer
+
+    class Mute:
+        kind, vocab_size, bos_id, eos_id = "mute", 10, None, None
+
+        def encode(self, text):
+            return [] if "zzz" in text else [1] * len(text.split())
+
+    real = tokenizer.load_tokenizer
+    monkeypatch.setattr(tokenizer, "load_tokenizer",
+                        lambda p: Mute() if "mute" in str(p) else real(p))
+    (tmp_path / "c.jsonl").write_text('{"text": "hello there"}\n{"text": "zzz"}\n')
+    with pytest.raises(data.DataError,
+                       match=r"mute yields no tokens for window 0 of document 1 \('zzz'\)"):
+        data.build_windows(tmp_path / "c.jsonl", world / "target", [tmp_path / "mute"],
+                           tmp_path / "d", quiet=True)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []
+
+
+def test_source_whose_tokenizer_does_not_fit_its_model(world, pipeline, tmp_path):
+    shutil.copytree(world / "source", tmp_path / "bad")
+    shutil.copy(world / "source2" / "tokenizer.json", tmp_path / "bad")   # 700 tokens, 520 rows
+    with pytest.raises(fusellm.CheckpointError,
+                       match="tokenizer has 700 tokens but the model's embedding has only 520"):
+        data.compute_dists(pipeline, tmp_path / "bad", "bad", quiet=True)
+    assert not (pipeline / "models" / "bad").exists()
+
+
+def test_changed_tokenizer_is_caught_at_alignment(world, pipeline, tmp_path):
+    shutil.copytree(pipeline, tmp_path / "d")
+    info = json.loads((tmp_path / "d" / "models" / "source" / "info.json").read_text())
+    info["tokenizer"] = "0" * 16
+    (tmp_path / "d" / "models" / "source" / "info.json").write_text(json.dumps(info))
+    shutil.rmtree(tmp_path / "d" / "aligned")
+    with pytest.raises(data.DataError, match="changed since `dists --name source` ran"):
+        data.align_source(tmp_path / "d", "source", quiet=True)
+
+
+def test_stages_out_of_order_say_what_to_run(tmp_path):
+    with pytest.raises(data.DataError, match="run `python data.py windows`"):
+        data.compute_dists(tmp_path, tmp_path, "x", quiet=True)

