@@ -2,7 +2,7 @@
 align.py: carrying a source model's next-token distributions onto the target's tokens.
 
 Two tokenizers cut the same text differently. To train the target on a source's predictions we
-1. write every token as comparable text (`normalize`),
+1. write every token as comparable text (`normalize`, in tokenizer.py),
 2. align the two token sequences: exactly, from where each token sits in the text
    (`byte_alignment`), or by the paper's minimum edit distance (`dtw`, the MinED dynamic program),
 3. map the source vocabulary onto the target's (`vocab_map`: EM and MinED from the paper, and our
@@ -14,60 +14,24 @@ The six choices these steps make come in three presets (`PRESETS`, at the end): 
 the paper's, and the official code's.
 
 The fast paths (edit distances for many pairs at once, the DTW one row at a time, the bounded MinED
-vocab-map search) live in extras/fast_align.py; their readable references are here (`levenshtein`,
+search) live in extras/fast_align.py; their readable references are here (`levenshtein`,
 `dtw_reference`, `vocab_map_mined_reference`), and tests/parity/test_fast_align.py proves them
-equal. The docstrings say exactly what each step decides; README.md "Alignment" walks through an
-example.
+equal. docs/data-and-alignment.md walks through an example.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-from extras.atomic_files import atomic_path
-
-SPACE = "\u2581"          # '▁': how a normalized token writes a space
-BYTE_BASE = 0xF700        # a stray byte b is written as chr(BYTE_BASE + b), a private-use character
+from tokenizer import BYTE_BASE, SPACE, normalize, normalized_vocab  # noqa: F401 (align.normalize)
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Token normalisation
-
-
-def normalize(token_bytes: bytes) -> str:
-    """The text of a token in one form for every tokenizer: the UTF-8 text of its bytes with each
-    space written as '▁'. Sentencepiece's '▁the' and byte-level BPE's 'Ġthe' both become
-    '▁the'; '<0x0A>' and 'Ċ' both become '\\n'. A byte that is not part of a complete UTF-8
-    character inside this token (a byte-fallback piece, or a multi-byte character split across
-    tokens) becomes one private-use character chr(0xF700 + byte), so it counts as one character in
-    edit distances and equals only the same byte. Tokens with no bytes (control tokens such as <s>)
-    normalize to ''."""
-    out, i = [], 0
-    while i < len(token_bytes):
-        for n in (4, 3, 2, 1):                     # the longest valid UTF-8 character starting here
-            try:
-                ch = token_bytes[i:i + n].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            if len(ch) == 1:
-                out.append(SPACE if ch == " " else ch)
-                i += n
-                break
-        else:
-            out.append(chr(BYTE_BASE + token_bytes[i]))
-            i += 1
-    return "".join(out)
-
-
-def normalized_vocab(tok) -> list[str]:
-    """normalize() of every id of a tokenizer (see tokenizer.py)."""
-    return [normalize(tok.token_bytes(i)) for i in range(tok.vocab_size)]
+# 1. Edit distance between normalized tokens (tokenizer.py `normalize`: one form for every
+# tokenizer, '▁the' and 'Ġthe' both '▁the')
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -165,12 +129,13 @@ def _backtrack(D, source, target, ties):
 # A vocab map sends every source id to a target id (or -1: no entry). Three kinds:
 # - "em" (paper): the target token with the same normalized string;
 # - "mined" (paper): the target token of minimum edit distance over the whole target vocabulary;
-# - "next" (ours): the target token the target's own encoder emits first for the source token's
-#   text.
-# Where several target ids tie, the one the target's encoder really produces for that text wins
-# (extras/emitted_tokens.py `preference_order`). Sentencepiece with byte fallback has both '<0x65>' and 'e' for the text
-# "e", and its encoder only ever emits 'e'; a label on '<0x65>' would teach the target a token it
-# never sees.
+# - "next" (ours, the default): the token the target's own encoder emits first for the source
+#   token's text. A source predicting '▁python' then teaches a target that writes '▁py|thon' its
+#   '▁py', the token it must produce next, not the nearest string ('ython', MinED).
+# Where several target ids tie, the one the target's encoder really produces for that text wins:
+# sentencepiece with byte fallback has both '<0x65>' and 'e' for the text "e", and its encoder only
+# ever emits 'e'; a label on '<0x65>' would teach the target a token it never sees. Asking the
+# encoder (the next-token map, the tie order) is extras/emitted_tokens.py's work.
 
 VOCAB_MAPS = ("em", "mined", "next")
 MAP_TIES = ("emitted", "lowest")
@@ -204,63 +169,22 @@ def vocab_map_mined_reference(src_vocab: list[str], tgt_vocab: list[str],
     return out, dist
 
 
-def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | None = None,
-                    progress=None, order=None) -> tuple[np.ndarray, np.ndarray]:
-    """The same map and distances as vocab_map_mined_reference, by extras/fast_align.py's bounded,
-    threaded search (a whole vocabulary in seconds instead of hours)."""
-    from extras.fast_align import vocab_map_mined as fast
-    return fast(src_vocab, tgt_vocab, threads=threads, progress=progress, order=order)
-
-
-def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
-    """Next-token map (ours): source id -> the first token the target's encoder emits for the source
-    token's text as a continuation (`continuation`). A source predicting '▁python' teaches a
-    target that writes '▁py|thon' its '▁py': the token the target must produce next, not the
-    nearest string ('ython', MinED). Where the encoder cannot be asked (a partial UTF-8 character,
-    a text the target normalises), the longest target token whose bytes begin the source token's
-    bytes, the first in `order` among equal bytes. Tokens with no bytes map to nothing (-1)."""
-    from extras.emitted_tokens import continuation
-    by_bytes: dict[bytes, int] = {}
-    for j in (range(tgt_tok.vocab_size) if order is None else np.asarray(order).tolist()):
-        b = tgt_tok.token_bytes(j)
-        if b:
-            by_bytes.setdefault(b, int(j))
-    longest = max(map(len, by_bytes))
-    out = np.full(src_tok.vocab_size, -1, dtype=np.int64)
-    for i in range(src_tok.vocab_size):
-        b = src_tok.token_bytes(i)
-        if not b:
-            continue
-        try:
-            ids = continuation(tgt_tok, b.decode("utf-8"))
-        except UnicodeDecodeError:
-            ids = None
-        if ids:
-            out[i] = ids[0]
-            continue
-        for n in range(min(len(b), longest), 0, -1):
-            if b[:n] in by_bytes:
-                out[i] = by_bytes[b[:n]]
-                break
-    return out
-
-
 def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None,
               ties: str = "emitted") -> np.ndarray:
     """The vocab map of two tokenizers (source id -> target id or -1), cached on disk by the kind,
     the tie rule and the two tokenizers' vocabularies. Ties between target ids: "emitted" (default)
     follows the target's preference_order; "lowest" takes the lowest id, as the official code does.
-    "mined" runs the fast search (vocab_map_mined). BOS and EOS map to the target's BOS and EOS."""
+    "mined" runs extras/fast_align.py's bounded search, which gives vocab_map_mined_reference's map
+    in seconds instead of hours. BOS and EOS map to the target's BOS and EOS."""
     if kind not in VOCAB_MAPS or ties not in MAP_TIES:
         raise ValueError(f"vocab map kind {kind!r}, ties {ties!r}; "
                          f"choose from {VOCAB_MAPS} and {MAP_TIES}")
     sv, tv = normalized_vocab(src_tok), normalized_vocab(tgt_tok)
-    ends = [src_tok.bos_id, src_tok.eos_id, tgt_tok.bos_id, tgt_tok.eos_id]
-    key = json.dumps([2, kind, ties, src_tok.kind, tgt_tok.kind, ends, sv, tv])
-    key = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"vocab_map_{kind}_{ties}_{key}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        return np.load(path)
+    if cache_dir:                   # it depends only on the two tokenizers: computed once
+        from extras import vocab_map_cache
+        path = vocab_map_cache.cache_file(cache_dir, kind, ties, src_tok, tgt_tok, sv, tv)
+        if path.is_file():
+            return np.load(path)
     order = None                                 # "lowest": the lowest id first
     if ties == "emitted":
         from extras.emitted_tokens import preference_order
@@ -268,16 +192,16 @@ def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None,
     if kind == "em":
         m = vocab_map_em(sv, tv, order)
     elif kind == "mined":
+        from extras.fast_align import vocab_map_mined     # = vocab_map_mined_reference, fast
         m = vocab_map_mined(sv, tv, order=order)[0]
     else:
+        from extras.emitted_tokens import vocab_map_next
         m = vocab_map_next(src_tok, tgt_tok, order)
     for s, t in ((src_tok.bos_id, tgt_tok.bos_id), (src_tok.eos_id, tgt_tok.eos_id)):
         if s is not None and t is not None:
             m[s] = t
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            np.save(tmp, m)
+    if cache_dir:
+        vocab_map_cache.save(path, m)
     return m
 
 
@@ -285,11 +209,10 @@ def vocab_map(src_tok, tgt_tok, kind: str = "next", cache_dir=None,
 # 4. Which target positions take a source distribution, and the transfer
 #
 # The distribution at a token predicts what follows it. A target position can therefore take a
-# source distribution only where the two tokens end at the same byte of the text: otherwise the
-# source predicts the continuation of a different prefix. "exact" positions (default) check exactly
-# that; "paper" positions are the paper's rule (a 1:1 MinED-aligned pair whose tokens match), which
-# also accepts '▁hello' aligned to '▁hel' and then teaches the target, at '▁hel', what follows
-# 'hello'.
+# source distribution only where the two tokens end at the same byte of the text ("exact", the
+# default): otherwise the source predicts the continuation of a different prefix. The paper's rule
+# (a 1:1 MinED-aligned pair whose tokens match) also accepts '▁hello' aligned to '▁hel', and then
+# teaches the target, at '▁hel', what follows 'hello'.
 
 POSITIONS = ("exact", "paper")
 FALLBACKS = ("next", "official")   # unmatched positions: a one-hot on the next token or current one
@@ -489,7 +412,7 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
 #
 # "nanofuse" (default, ours): a position takes a distribution only where both tokens end at the
 #   same byte, so the source predicts what follows the same text, and the label is the token the
-#   target itself emits next, never a byte piece it never sees (no DTW, so its path ties are unused).
+#   target itself emits next, never a byte piece it never sees (its DTW ties are unused: no DTW).
 #   From Llama-3 onto Mistral v1 an oracle source's labels are right at 0.998 of its positions,
 #   against 0.779 with "paper" (docs/data-and-alignment.md, "Label quality").
 # "paper": MinED alignment, the 1:1 match rule and the MinED vocab map, with what the paper leaves

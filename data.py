@@ -87,12 +87,10 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
     """Stage 1: the corpus's documents cut by split_document for every tokenizer, written as
     out/windows/shard-*.jsonl and out/manifest.json by extras/corpus.py. Under torchrun rank 0
     builds them while the other ranks wait, then every rank reads the manifest."""
-    from extras import corpus as reader, ranks
-    quiet = quiet or ranks.rank_world()[0] != 0      # the other ranks find them built: quiet
+    from extras import corpus as reader
     try:
-        return ranks.first_rank_then_all(lambda: reader.build_windows(
-            corpus, [target_dir, *source_dirs], out, split_document, seq_len, shard_windows,
-            text_field, txt_docs, quiet))
+        return reader.build_windows(corpus, [target_dir, *source_dirs], out, split_document,
+                                    seq_len, shard_windows, text_field, txt_docs, quiet)
     except reader.CorpusError as e:
         raise DataError(str(e)) from None
 
@@ -133,9 +131,8 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
         return d
     model, tok = load(model_dir, device=device, dtype=common.dtype_for(device))
     storage.write_info(d, info, tok)          # out/models/<name>/info.json, by rank 0
-    if not quiet:
-        print(f"[dists {name}] {len(todo)} of {m['shards']} shards to do on {device}; "
-              f"{storage.expected_disk(m, len(todo), topk, tok.vocab_size, logprob_bits)}")
+    if not quiet:                             # the shards to do, and the disk they take at most
+        print(f"[dists {name}] {storage.dists_plan(m, len(todo), device, info)}")
     for s in todo:
         windows = storage.read_windows(out, s)
         done = []                       # per window: its tokens, top-K ids and log-probs, its CE
@@ -174,11 +171,9 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elem
         else:
             top_ids, top_lp, label_lp = head_topk(model, h, nxt, topk, V)
     out_ids, out_lp, out_ce, at = [], [], [], 0
-    for s in seqs:
-        nb = len(bos)
-        n = len(s) - nb                                       # text tokens
-        out_ids.append(top_ids[at + nb:at + nb + n].cpu().numpy())
-        out_lp.append(top_lp[at + nb:at + nb + n].cpu().numpy())
+    for s in seqs:                      # its rows: at .. at+len(s); the text tokens' after BOS's
+        out_ids.append(top_ids[at + len(bos):at + len(s)].cpu().numpy())
+        out_lp.append(top_lp[at + len(bos):at + len(s)].cpu().numpy())
         nll = -label_lp[at:at + len(s) - 1]                   # positions 0..len-2 predict 1..len-1
         out_ce.append(float(nll.mean()) if len(nll) else float("nan"))
         at += len(s)
@@ -313,14 +308,11 @@ class FusionData:
     another target tokenizer is refused. shard(s) is read_shard(s), the last `cache_shards` kept."""
 
     def __init__(self, out, tokenizer=None, target="target", sources=None, cache_shards=32):
-        from extras.storage import tokenizer_fingerprint
+        from extras import storage
         self.out, self.target, self.tok = Path(out), target, tokenizer
         self.manifest = load_manifest(out)
-        made_for = self.manifest["target_tokenizer"]
-        this = made_for if tokenizer is None else tokenizer_fingerprint(tokenizer)
-        if this != made_for:
-            raise DataError(f"{self.out} was made for another target tokenizer (fingerprint "
-                            f"{made_for}, this one {this}); run data.py for this target")
+        if other := storage.other_target(self.out, self.manifest, tokenizer):   # by fingerprint
+            raise DataError(other)
         self.sources = sources if sources is not None else sorted(
             p.name for p in (self.out / "aligned").glob("*") if p.is_dir())
         self.has_bos = {n: model_info(self.out, n).get("bos") is not None
@@ -330,15 +322,12 @@ class FusionData:
     def read_shard(self, s: int) -> list[dict]:
         from extras import storage
         tgt = storage.read_dists(self.out, self.target, s)
-        # each source's aligned arrays (`ragged`), with "starts": where each target token's entries
-        # start in them, and "source_offsets": where the source's own rows of each window start
-        srcs = {n: storage.read_aligned(self.out, n, s) for n in self.sources}
+        srcs = {n: storage.read_aligned(self.out, n, s) for n in self.sources}    # `ragged`
         windows = []
         for w, win in enumerate(storage.read_windows(self.out, s)):
-            a, b = tgt["offsets"][w], tgt["offsets"][w + 1]
             n_bytes = len(win["text"].encode("utf-8"))
-            target_ce = ce_per_byte(tgt["ce"][w], b - a, self.has_bos[self.target], n_bytes)
             topk_ids, topk_logprobs = storage.window_rows(tgt, w)                 # (n, K) each
+            target_ce = ce_per_byte(tgt["ce"][w], len(topk_ids), self.has_bos[self.target], n_bytes)
             item = {"text": win["text"],
                     "target": {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs,
                                "ce": float(tgt["ce"][w]), "ce_per_byte": target_ce},
@@ -347,14 +336,11 @@ class FusionData:
                 item["tokens"] = self.tok.encode(win["text"])
                 if changed := storage.changed_tokens(item["tokens"], tgt, w, s, self.target):
                     raise DataError(f"{self.out}: {changed}")
-            for n, z in srcs.items():
-                start, end = int(z["starts"][a]), int(z["starts"][b])
-                n_src = int(z["source_offsets"][w + 1] - z["source_offsets"][w])
-                item["sources"][n] = {
-                    "counts": z["counts"][a:b], "ids": z["ids"][start:end].astype(np.int64),
-                    "logprobs": storage.dequantize_logprobs(z["logprobs"][start:end]),
-                    "ce": float(z["ce"][w]),
-                    "ce_per_byte": ce_per_byte(z["ce"][w], n_src, self.has_bos[n], n_bytes)}
+            for name, z in srcs.items():
+                # window w's entries, `ragged` (counts (n,), ids, logprobs), and the source's CE
+                src, n_src = storage.aligned_window(z, tgt["offsets"], w)   # n_src: its tokens
+                src["ce_per_byte"] = ce_per_byte(src["ce"], n_src, self.has_bos[name], n_bytes)
+                item["sources"][name] = src
             windows.append(item)
         return windows
 

@@ -258,7 +258,7 @@ def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0,
 
 
 def run_demo(out="runs/demo", size="full", seed=0) -> dict:
-    from extras.eval_cli import markdown_table
+    from extras.results_table import markdown_table
     t0 = time.time()
     out, sz = Path(out), SIZES[size]
     prepare(out, sz, seed)

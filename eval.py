@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -216,12 +215,9 @@ def eval_mc(scorer: Scorer, path, limit: int | None, delimiter: str = " ") -> di
     the context; acc takes the highest log-likelihood, acc_norm the highest per character of the
     choice (without the delimiter), acc_bytes per UTF-8 byte of the choice. Ties go to the first
     choice, as numpy's argmax."""
-    from extras.benchmarks import read_mc                # plain JSONL, commonsense rows, task.json
-    rows = read_mc(path)[:limit]
-    if delimiter and any(c[:1].isspace() for r in rows for c in r["choices"]):
-        print(f"warning: {path}: some choices start with whitespace and the delimiter "
-              f"{delimiter!r} is added before each choice; lm-eval would score both. Write the "
-              f"choices bare, or pass --target-delimiter ''", file=sys.stderr)
+    from extras.benchmarks import read_mc, warn_spaced_choices
+    rows = read_mc(path)[:limit]                       # plain JSONL, commonsense rows, task.json
+    warn_spaced_choices(path, rows, delimiter)         # " Paris" after the delimiter " ": both
     prog = Progress(f"mc {Path(path).name}", len(rows), "examples")
     hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     lls = []
@@ -301,26 +297,6 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
     return results
 
 
-def main(argv=None):
-    """The command line (its flags: extras/eval_cli.py): one markdown table, and --json."""
-    from extras.eval_cli import markdown_table, parser
-    a = parser(__doc__).parse_args(argv)
-    try:
-        t0 = time.time()
-        bos = {"auto": None, "yes": True, "no": False}[a.bos]
-        results = evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device, a.window,
-                           a.stride, a.shots, a.max_new_tokens, a.timeout, a.limit, bos,
-                           a.target_delimiter, a.bbh, a.bbh_prompts, a.dtype)
-    # EvalError, BenchmarkError, CorpusError, CheckpointError, TokenizerError, DataError
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(markdown_table(results))
-    print(f"({time.time() - t0:.1f} s)")
-    if a.json:
-        from extras.atomic_files import write_json
-        write_json(a.json, results)
-    return results
-
-
 if __name__ == "__main__":
+    from extras.eval_cli import main        # the flags, one error line, the table, --json
     main()

@@ -23,7 +23,7 @@ exact alignment (ours): tokens that end at the same byte of the text
 vocab mapping (EM, MinED): source id -> target id: equal string, nearest string
     align.py `vocab_map_em`, `vocab_map_mined`
 next-token vocab map (ours): source id -> the first target token the target emits for its text
-    align.py `vocab_map_next`
+    align.py `vocab_map` (kind "next": extras/emitted_tokens.py)
 distribution transfer: a source's top-K moved onto the target's positions and ids
     align.py `transfer`, `carry`, with `PRESETS` (nanofuse, paper, official); data.py
     `align_source`, stored ragged (`ragged`, `rows`); its label quality: extras/align_stats.py

@@ -71,12 +71,10 @@ class ModelArgs:
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
         """Read a Hugging Face config.json dict; each family's spelling of these settings is
         translated in extras/hf_configs.py. Unsupported settings raise CheckpointError."""
-        from extras.format_error import FormatError
+        from extras.format_error import raised_as
         from extras.hf_configs import model_args_kwargs
-        try:
+        with raised_as(CheckpointError):        # the translation's FormatError, same message
             return cls(**model_args_kwargs(cfg, source))
-        except FormatError as e:
-            raise CheckpointError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,36 +308,29 @@ class Transformer(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # Load and save. extras/ reads and writes the files (a folder: checkpoint_files.py; a .gguf file:
-# gguf.py) into plain dicts; its FormatError becomes CheckpointError here.
+# gguf.py) into plain dicts; its FormatError becomes CheckpointError here (raised_as).
 
 
 def read_config(path) -> ModelArgs:
     """The ModelArgs of a model folder's config.json, or of a .gguf file's metadata."""
     from extras.checkpoint_files import reader_for
-    from extras.format_error import FormatError
-    try:
+    from extras.format_error import raised_as
+    with raised_as(CheckpointError):
         return ModelArgs.from_hf(*reader_for(path).read_config(path))
-    except FormatError as e:
-        raise CheckpointError(str(e)) from None
 
 
 def load_model(path, device="cpu", dtype=None) -> Transformer:
     """Build the model of a Hugging Face folder or a .gguf file on the meta device, then assign its
     tensors. dtype=None keeps each one's dtype from the file (GGUF: fp32); else floats are cast."""
     from extras.checkpoint_files import no_init, reader_for
-    from extras.format_error import FormatError
+    from extras.format_error import raised_as
     args = read_config(path)
     with torch.device("meta"), no_init():
         model = Transformer(args)               # shapes only: no memory, no random init
-    expected = model.state_dict()
-    if args.tie_embeddings:
-        expected.pop("output.weight")           # the embedding itself, not a tensor of the file
-    try:
-        state = reader_for(path).read_state(path, args, expected, dtype, device)
-    except FormatError as e:
-        raise CheckpointError(str(e)) from None
+    with raised_as(CheckpointError):            # the tensors by our names, checked against these
+        state = reader_for(path).read_state(path, args, model.state_dict(), dtype, device)
     model.load_state_dict(state, assign=True, strict=not args.tie_embeddings)
-    if args.tie_embeddings:
+    if args.tie_embeddings:     # the output head is the embedding itself, not a tensor of the file
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -352,16 +343,10 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, extra
 
 
 def load(path, device="cpu", dtype=None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of one folder, checked against each other."""
+    """Model and tokenizer of one folder, checked against each other: a tokenizer larger than the
+    embedding is refused, a smaller one is normal (extras/checkpoint_files.py tokenizer_misfit)."""
+    from extras.checkpoint_files import tokenizer_misfit
     model, tok = load_model(path, device, dtype), load_tokenizer(path)
-    check_tokenizer_fits(tok, model, path)
+    if misfit := tokenizer_misfit(tok.vocab_size, model.args.vocab_size, path):
+        raise CheckpointError(misfit)
     return model, tok
-
-
-def check_tokenizer_fits(tok: Tokenizer, model: Transformer, path="model"):
-    """A tokenizer larger than the embedding is an error; a smaller one is normal (MPT: 50432 rows
-    for about 50277 tokens), and downstream code uses only the first tok.vocab_size logits."""
-    if tok.vocab_size > model.args.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
-                              f"embedding has only {model.args.vocab_size} rows; this tokenizer "
-                              f"does not belong to this model")

@@ -14,8 +14,9 @@ files are parsed into plain data in extras/ (tokenizer_json.py, gguf.py), which 
 tiktoken runs a Hugging Face BPE exactly (extras/bpe_rules.py: the exceptions); this file runs it.
 
 Each token also has its bytes and its display string in the HF convention (`▁the`, `Ġthe`,
-`<0x0A>`), which alignment needs. Special/control tokens of sentencepiece stand for no bytes; added
-tokens of a tokenizer.json stand for their text.
+`<0x0A>`); `normalize` writes its bytes in one form for every tokenizer, which alignment compares.
+Special/control tokens of sentencepiece stand for no bytes; added tokens of a tokenizer.json stand
+for their text.
 """
 from __future__ import annotations
 
@@ -198,3 +199,40 @@ def load_tokenizer_file(path: Path, config: dict | None = None) -> Tokenizer:
     if engine == "sentencepiece":
         return SentencePieceTokenizer(path, **spec)
     return TiktokenBPE(**spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every token in one form: what alignment (align.py) compares across tokenizers
+
+SPACE = "\u2581"          # '▁': how a normalized token writes a space
+BYTE_BASE = 0xF700        # a stray byte b is written as chr(BYTE_BASE + b), a private-use character
+
+
+def normalize(token_bytes: bytes) -> str:
+    """The text of a token in one form for every tokenizer: the UTF-8 text of its bytes with each
+    space written as '▁'. Sentencepiece's '▁the' and byte-level BPE's 'Ġthe' both become
+    '▁the'; '<0x0A>' and 'Ċ' both become '\\n'. A byte that is not part of a complete UTF-8
+    character inside this token (a byte-fallback piece, or a multi-byte character split across
+    tokens) becomes one private-use character chr(0xF700 + byte), so it counts as one character in
+    edit distances and equals only the same byte. Tokens with no bytes (control tokens such as <s>)
+    normalize to ''."""
+    out, i = [], 0
+    while i < len(token_bytes):
+        for n in (4, 3, 2, 1):                     # the longest valid UTF-8 character starting here
+            try:
+                ch = token_bytes[i:i + n].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if len(ch) == 1:
+                out.append(SPACE if ch == " " else ch)
+                i += n
+                break
+        else:
+            out.append(chr(BYTE_BASE + token_bytes[i]))
+            i += 1
+    return "".join(out)
+
+
+def normalized_vocab(tok) -> list[str]:
+    """normalize() of every id of a tokenizer."""
+    return [normalize(tok.token_bytes(i)) for i in range(tok.vocab_size)]

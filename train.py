@@ -104,9 +104,8 @@ class LossNotFinite(TrainingError):
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """TrainConfig from the command line: a flag per field, --help from the fields' comments, a typo
-    in --fusion, --avg-weights or --ce-unit refused before anything loads, --paper for PAPER's
-    settings except those given explicitly (extras/cli.py)."""
+    """TrainConfig from the command line: a flag per field, --help from the fields' comments,
+    --paper for PAPER's settings except those given explicitly (extras/cli.py)."""
     from extras import cli
     return cli.parse(TrainConfig, argv, __doc__, cli.TRAIN_CHOICES, {"paper": PAPER})
 

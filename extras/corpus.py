@@ -94,9 +94,19 @@ def _count_doc(doc: str, stats):
 
 def build_windows(corpus, model_dirs, out, split, seq_len: int, shard_windows: int,
                   text_field: str, txt_docs: str, quiet: bool) -> dict:
-    """data.build_windows: every document of the corpus cut by split(doc, tokenizers, seq_len) for
-    the tokenizers of model_dirs (target first), written by `write_windows`. A complete earlier
-    run's manifest is returned as it is. Returns the manifest."""
+    """data.build_windows: `build_once` on rank 0 alone under torchrun, then on the other ranks,
+    which find the windows built (and say nothing). Returns the manifest."""
+    from extras import ranks
+    quiet = quiet or ranks.rank_world()[0] != 0      # the other ranks find them built: quiet
+    return ranks.first_rank_then_all(lambda: build_once(
+        corpus, model_dirs, out, split, seq_len, shard_windows, text_field, txt_docs, quiet))
+
+
+def build_once(corpus, model_dirs, out, split, seq_len: int, shard_windows: int,
+               text_field: str, txt_docs: str, quiet: bool) -> dict:
+    """Every document of the corpus cut by split(doc, tokenizers, seq_len) for the tokenizers of
+    model_dirs (target first), written by `write_windows`. A complete earlier run's manifest is
+    returned as it is. Returns the manifest."""
     from extras.storage import tokenizer_fingerprint
     from tokenizer import load_tokenizer
     path = Path(out) / "manifest.json"

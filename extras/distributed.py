@@ -3,8 +3,10 @@ checkpoints.
 
 Why it exists: the paper's setup (128 windows of 2,048 tokens per step, 7B targets) needs several
 GPUs, a model sharded over them when it does not fit on one, and a run that survives being killed. A
-learner reads train.py's one-process loop; train.py reaches for this file only where a run needs it:
-under torchrun, with --fsdp, and when it writes or resumes a checkpoint.
+learner reads train.py's one-process loop; train.py hands this file what that loop does not need
+to show: the processes under torchrun, --fsdp, the checkpoints it writes or resumes, and the
+plumbing of a run around them (the check that a batch splits, seeding, loading the target, the
+export).
 
 What it holds:
 - check_batch_plan: train.batch_plan's error when a global batch does not split over the processes

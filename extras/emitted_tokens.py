@@ -8,8 +8,9 @@ encoder emits (a sentencepiece vocabulary with byte fallback has both '<0x65>' a
 its encoder only ever writes 'e'). align.py states the idea; the mechanics (encoding a text as a
 continuation of other text, and telling when that fails) are here.
 
-What it holds: `continuation` (the tokens of a text where it continues other text) and
-`preference_order` (every id, the emitted ones first among ids of one string).
+What it holds: `continuation` (the tokens of a text where it continues other text),
+`preference_order` (every id, the emitted ones first among ids of one string) and `vocab_map_next`
+(align.vocab_map's "next" kind, nanofuse's default).
 """
 from __future__ import annotations
 
@@ -55,3 +56,35 @@ def preference_order(tok, vocab: list[str]) -> np.ndarray:
                 emitted = False
             rank[j] = 0 if emitted else 1
     return np.lexsort((np.arange(len(vocab)), rank))
+
+
+def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
+    """Next-token map (ours): source id -> the first token the target's encoder emits for the source
+    token's text as a continuation (`continuation`). A source predicting '▁python' teaches a
+    target that writes '▁py|thon' its '▁py': the token the target must produce next, not the
+    nearest string ('ython', MinED). Where the encoder cannot be asked (a partial UTF-8 character,
+    a text the target normalises), the longest target token whose bytes begin the source token's
+    bytes, the first in `order` among equal bytes. Tokens with no bytes map to nothing (-1)."""
+    by_bytes: dict[bytes, int] = {}
+    for j in (range(tgt_tok.vocab_size) if order is None else np.asarray(order).tolist()):
+        b = tgt_tok.token_bytes(j)
+        if b:
+            by_bytes.setdefault(b, int(j))
+    longest = max(map(len, by_bytes))
+    out = np.full(src_tok.vocab_size, -1, dtype=np.int64)
+    for i in range(src_tok.vocab_size):
+        b = src_tok.token_bytes(i)
+        if not b:
+            continue
+        try:
+            ids = continuation(tgt_tok, b.decode("utf-8"))
+        except UnicodeDecodeError:
+            ids = None
+        if ids:
+            out[i] = ids[0]
+            continue
+        for n in range(min(len(b), longest), 0, -1):
+            if b[:n] in by_bytes:
+                out[i] = by_bytes[b[:n]]
+                break
+    return out

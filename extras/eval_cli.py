@@ -1,33 +1,24 @@
 """
-extras/eval_cli.py: the flags of eval.py's command line, and the markdown table it prints.
+extras/eval_cli.py: eval.py's command line: its flags, and `main`, which runs eval.evaluate.
 
 Why it exists: `python eval.py --help` should explain every flag (which lm-eval setting each one
 matches, and its default), and that takes more lines than the scoring itself. A learner reads
-eval.main, which runs eval.evaluate and prints the table; the flags, their defaults and their help
-are here, with the table that eval.py, demo.py and tools/ print results in.
+eval.evaluate, which scores every model on every task; a user runs it from the command line, whose
+flags, defaults, help and error handling are here. `python eval.py ...` runs `main` below.
 
 What it holds: `parser(description)`, the argparse parser of eval.py (with `positive`, the check of
---limit), and `markdown_table`, results as a markdown table (models as rows, metrics as columns).
-This file never imports eval.py (eval.py imports it).
+--limit); `main(argv)`, which runs eval.evaluate, turns a bad input into one `error: ...` line,
+prints the results as one markdown table (extras/results_table.py) and writes them to --json.
+eval.py imports this file only in its `__main__` block.
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import common
-
-
-def markdown_table(results: dict, title: str = "") -> str:
-    """Models as rows, metrics as columns: numbers to 4 decimals, text as it is, '-' where a metric
-    is missing."""
-    cols = list(dict.fromkeys(k for r in results.values() for k in r))
-    head = f"model ({title})" if title else "model"
-    lines = [f"| {head} | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
-    for name, r in results.items():
-        cells = ("-" if c not in r else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}"
-                 for c in cols)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+import eval as ev
+from extras.results_table import markdown_table
 
 
 def positive(value: str) -> int:
@@ -83,3 +74,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=common.DEVICE_HELP)
     p.add_argument("--json", help="also write the results here")
     return p
+
+
+def main(argv=None) -> dict:
+    """`python eval.py`: one markdown table (models as rows, metrics as columns), and --json."""
+    a = parser(ev.__doc__).parse_args(argv)
+    try:
+        t0 = time.time()
+        bos = {"auto": None, "yes": True, "no": False}[a.bos]
+        results = ev.evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device,
+                              a.window, a.stride, a.shots, a.max_new_tokens, a.timeout, a.limit,
+                              bos, a.target_delimiter, a.bbh, a.bbh_prompts, a.dtype)
+    # EvalError, BenchmarkError, CorpusError, CheckpointError, TokenizerError, DataError
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(markdown_table(results))
+    print(f"({time.time() - t0:.1f} s)")
+    if a.json:
+        from extras.atomic_files import write_json
+        write_json(a.json, results)
+    return results

@@ -201,6 +201,8 @@ def read_state(path, args, expected: dict, dtype=None, device="cpu") -> dict:
     except ImportError:
         raise FormatError(f"{path}: reading GGUF files needs the `gguf` package: "
                           f"pip install gguf") from None
+    if args.tie_embeddings:         # the output head is the embedding itself, not in the file
+        expected = {k: v for k, v in expected.items() if k != "output.weight"}
     _, infos, start = read_gguf(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     state, problems = {}, []

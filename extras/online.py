@@ -7,7 +7,7 @@ spare and no disk for the stored distributions (at paper scale, tens of gigabyte
 the frozen models inside the loop: train.py --online builds the same items from the windows' text on
 the fly.
 
-What it holds: OnlineCandidates, with the same items() as extras/stored_candidates.py: a frozen copy of
+What it holds: OnlineCandidates, the same items() as extras/stored_candidates.py: a frozen copy of
 the target and every source run over each window (data.window_topk), the sources aligned onto the
 target with the same code and settings as data.py (a source's stored aligned/<name>/settings.json
 when there is one, the nanofuse preset otherwise). tests/parity/test_labels_in_place.py and

@@ -7,9 +7,9 @@ processes and micro-batches, tokens per second, the GPU's model FLOPs utilisatio
 record kept in out/metrics.jsonl (a resumed run appends to it), and a picture of the losses at the
 end.
 
-What it holds: RunLog (the header, out/metrics.jsonl and a progress line every log_every steps, on
-rank 0 only; at the end the curve), plan_line, progress_line, and plot_losses (out/loss.png, when
-matplotlib is installed).
+What it holds: RunLog (the run's folder, the header, out/metrics.jsonl and a progress line every
+log_every steps, on rank 0 only; at the end the curve), plan_line, progress_line, and plot_losses
+(out/loss.png, when matplotlib is installed).
 """
 from __future__ import annotations
 

@@ -22,10 +22,12 @@ What it holds:
   fingerprint of its tokenizer (its kind, size and every token's bytes), to catch a tokenizer that
   changed in between.
 - `save_dists` and `save_aligned`: one shard of a model's distributions, of a source's aligned
-  ones (data.py's ragged form), as the arrays above; `expected_disk`: the estimate compute_dists
-  prints.
-- `read_windows`, `read_dists`, `window_rows`, `read_aligned`: the shards read back (a window's
-  text, a model's distributions and one window's rows of them decoded, a source's aligned ones).
+  ones (data.py's ragged form), as the arrays above; `expected_disk` and `dists_plan`: the
+  estimate compute_dists prints.
+- `read_windows`, `read_dists`, `window_rows`, `read_aligned`, `aligned_window`: the shards read
+  back (a window's text, a model's distributions and one window's rows of them decoded, a source's
+  aligned ones and one window's entries of them decoded), for data.FusionData.
+- `other_target`: the check that a data folder was made for the target tokenizer it is read with.
 - `info_conflict`, `write_info`, `changed_tokenizer`, `changed_tokens`: a model folder's info.json,
   and the checks that distributions are added to it only with settings it can store, the same
   settings and the same tokenizer, and that a window still gives the tokens they were made on.
@@ -143,6 +145,30 @@ def read_aligned(out, name, shard) -> dict:
     return z
 
 
+def aligned_window(z: dict, target_offsets, w: int) -> tuple[dict, int]:
+    """Window w's entries of a read_aligned shard `z`, in data.ragged's form with ids as int64 and
+    log-probs decoded: {"counts" (n,), "ids", "logprobs", "ce": the source's CE on the window}, and
+    the number of the source's own tokens in the window (for its CE per byte). target_offsets:
+    where each window's target tokens start (read_dists's "offsets")."""
+    a, b = target_offsets[w], target_offsets[w + 1]               # the window's target tokens
+    start, end = int(z["starts"][a]), int(z["starts"][b])         # and their entries
+    n_src = int(z["source_offsets"][w + 1] - z["source_offsets"][w])
+    return {"counts": z["counts"][a:b], "ids": z["ids"][start:end].astype(np.int64),
+            "logprobs": dequantize_logprobs(z["logprobs"][start:end]),
+            "ce": float(z["ce"][w])}, n_src
+
+
+def other_target(out, manifest: dict, tok) -> str | None:
+    """Why data folder `out` (its manifest) cannot be read with target tokenizer `tok`: it was made
+    for another one (the fingerprints differ). None when it was made for it, or tok is None."""
+    made_for = manifest["target_tokenizer"]
+    this = made_for if tok is None else tokenizer_fingerprint(tok)
+    if this == made_for:
+        return None
+    return (f"{out} was made for another target tokenizer (fingerprint {made_for}, this one "
+            f"{this}); run data.py for this target")
+
+
 def read_align_settings(path: Path) -> dict:
     """The alignment settings stored in an aligned/<name>/settings.json, in today's six keys: files
     written before a setting existed get the value that was used then (no "positions": the paper's
@@ -176,6 +202,13 @@ def expected_disk(manifest: dict, shards: int, topk: int, vocab_size: int, bits:
     tokens = manifest["windows"] * manifest["seq_len"] * shards / manifest["shards"]
     return (f"expected disk at most {tokens * per_token / 2**20:,.1f} MiB ({per_token} bytes/token "
             f"before compression, <= {tokens:,.0f} tokens)")
+
+
+def dists_plan(manifest: dict, shards: int, device, info: dict) -> str:
+    """What compute_dists prints before it starts: `shards` of the manifest's shards to do on
+    `device`, and their expected_disk for a model folder's `info` (after write_info)."""
+    disk = expected_disk(manifest, shards, info["topk"], info["vocab_size"], info["logprob_bits"])
+    return f"{shards} of {manifest['shards']} shards to do on {device}; {disk}"
 
 
 def info_conflict(d: Path, info: dict) -> str | None:

@@ -239,6 +239,7 @@ def bench_vocab_map(a):
     import base64
     import numpy as np
     import align
+    from extras import fast_align
     try:
         import editdistance
     except ImportError:
@@ -252,7 +253,7 @@ def bench_vocab_map(a):
         src, name = [align.normalize(base64.b64decode(lines[2 * i])) for i in range(a.source_size)], "cl100k"
     tgt = align.normalized_vocab(mistral)
     t0 = time.perf_counter()
-    m, d = align.vocab_map_mined(src, tgt)
+    m, d = fast_align.vocab_map_mined(src, tgt)
     t_ours = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     sample = [src[i] for i in rng.choice(len(src), 20, replace=False)]
@@ -489,7 +490,7 @@ def bench_labels(a):
     the labels of a run's real sources instead."""
     import numpy as np
     import align
-    from extras.eval_cli import markdown_table
+    from extras.results_table import markdown_table
     from extras.label_quality import label_mass, oracle_quality
     if a.data:
         print(markdown_table(label_mass(a.data), f"labels of {a.data}, fused positions"))
@@ -503,7 +504,8 @@ def bench_labels(a):
     for src_name, tgt_name in LABEL_PAIRS:
         src, tgt, sv, tv = toks[src_name], toks[tgt_name], vocab[src_name], vocab[tgt_name]
         t0 = time.perf_counter()
-        from extras.emitted_tokens import preference_order
+        from extras import fast_align
+        from extras.emitted_tokens import preference_order, vocab_map_next
         order = preference_order(tgt, tv)
         maps = {}
         used = sorted({i for t in texts for i in src.encode(t)})    # MinED only where the oracle reads it
@@ -512,9 +514,9 @@ def bench_labels(a):
             if (kind, prefer) not in maps:
                 if kind == "mined":
                     maps[kind, prefer] = np.full(src.vocab_size, -1, dtype=np.int64)
-                    maps[kind, prefer][used] = align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
+                    maps[kind, prefer][used] = fast_align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
                 else:
-                    maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else align.vocab_map_next(src, tgt, o)
+                    maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else vocab_map_next(src, tgt, o)
             share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         rows.setdefault("(target positions whose token ends where a source token ends)", {})[
@@ -655,7 +657,7 @@ def bench_lm_eval(a):
     import eval as ev
     import lm_eval
     from extras import benchmarks
-    from extras.eval_cli import markdown_table
+    from extras.results_table import markdown_table
     from lm_eval.tasks import TaskManager
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     model_path, tasks_dir = Path(a.model), Path(__file__).resolve().parents[1] / "tasks"

@@ -35,7 +35,7 @@ from extras.atomic_files import write_bytes, write_json, write_text  # noqa: E40
 from demo import (SIZES, SOURCES, DemoSize, _write_jsonl, continue_train, domain_bpb,  # noqa: E402
                   held_out_bpb, log, prepare, pretrain)
 from extras.corpus import read_corpus  # noqa: E402
-from extras.eval_cli import markdown_table  # noqa: E402
+from extras.results_table import markdown_table  # noqa: E402
 from extras.package_files import package_path  # noqa: E402
 from extras.label_quality import label_mass  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402

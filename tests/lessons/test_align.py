@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import align
-from extras.emitted_tokens import preference_order
+from extras import fast_align
+from extras.emitted_tokens import preference_order, vocab_map_next
 from align import normalize
 from extras.align_stats import display, window_stats
 
@@ -237,9 +238,9 @@ def test_lesson_next_token_map_sends_a_long_source_token_to_the_targets_first_pi
     tgt = GreedyTokenizer(["\n", " ", "p", "y", "t", "h", "o", "n", " py", "thon", "ython"])
     src = GreedyTokenizer(["\n", " python", "thon", "py"])
     assert tgt.encode(" python") == [8, 9]
-    nxt = align.vocab_map_next(src, tgt)
+    nxt = vocab_map_next(src, tgt)
     assert nxt.tolist() == [0, 8, 9, 2]                  # 'py' as a continuation: 'p', then 'y'
-    mined = align.vocab_map_mined(align.normalized_vocab(src), align.normalized_vocab(tgt))[0]
+    mined = fast_align.vocab_map_mined(align.normalized_vocab(src), align.normalized_vocab(tgt))[0]
     assert mined[1] == 10                                # ' python' -> 'ython'
     # the readable MinED: ' python' against every target string, 'ython' the first at 2 edits
     reference, dist = align.vocab_map_mined_reference(align.normalized_vocab(src),
@@ -265,7 +266,7 @@ def test_lesson_ties_go_to_the_piece_the_encoder_emits_not_the_byte_piece(tmp_pa
     order = preference_order(tok, align.normalized_vocab(tok))
     assert align.vocab_map_em(["e"], vocab).tolist() == [byte_e]        # lowest id: the byte piece
     assert align.vocab_map_em(["e"], vocab, order).tolist() == [piece_e]
-    assert align.vocab_map_mined(["e", "eé"], vocab, order=order)[0][0] == piece_e
+    assert fast_align.vocab_map_mined(["e", "eé"], vocab, order=order)[0][0] == piece_e
     # every byte piece that shadows a regular piece loses the tie, for every kind of map
     shadowed = [i for i in range(tok.vocab_size) if sp.is_byte(i) and vocab[i] and
                 sum(v == vocab[i] for v in vocab) > 1]

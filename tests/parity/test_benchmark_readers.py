@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-import eval as ev
 from conftest import ROOT, package_file
-from extras import benchmarks
+from extras import benchmarks, eval_cli
 from extras.sandbox import run_program
 
 
@@ -45,12 +44,12 @@ def test_humaneval_canonical_solutions_pass_contained_and_empty_bodies_fail():
 
 def test_command_runs_every_sample_task_and_writes_the_table(world, tmp_path, capsys):
     t = ROOT / "tasks"
-    results = ev.main(["--models", str(world / "target"), str(world / "source"),
-                       "--names", "target", "source",
-                       "--lm", str(t / "sample_text.txt"), "--mc", str(t / "sample_mc.jsonl"),
-                       "--gen", str(t / "sample_bbh.json"),
-                       "--humaneval", str(t / "sample_humaneval.jsonl"),
-                       "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")])
+    results = eval_cli.main(["--models", str(world / "target"), str(world / "source"),
+                             "--names", "target", "source",
+                             "--lm", str(t / "sample_text.txt"), "--mc", str(t / "sample_mc.jsonl"),
+                             "--gen", str(t / "sample_bbh.json"),
+                             "--humaneval", str(t / "sample_humaneval.jsonl"),
+                             "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     cols = ["bpb:sample_text", "word_ppl:sample_text", "ppl/token:sample_text", "acc:sample_mc",
             "acc_norm:sample_mc", "acc_bytes:sample_mc", "em:sample_bbh", "pass@1:sample_humaneval"]

@@ -105,7 +105,7 @@ def test_mined_vocab_map_equals_brute_force_with_ties_in_preference_order(shuffl
     order = list(range(len(tgt)))
     if shuffled:
         rng.shuffle(order)
-    got, dist = align.vocab_map_mined(src, tgt, threads=2, order=order if shuffled else None)
+    got, dist = fast_align.vocab_map_mined(src, tgt, threads=2, order=order if shuffled else None)
     for i, s in enumerate(src):
         if not s:
             assert got[i] == -1
@@ -121,9 +121,9 @@ def test_mined_vocab_map_keeps_searching_for_a_preferred_tie_the_bounds_allow():
     win the tie. 'cbaxxx' has the same bounds but is 5 edits away, so it must lose to 'xyz'. Catches
     a bound compared with < instead of <= (a target at the bound then never searched, and its bound
     taken for its distance), and the search stopping at a length whose bound equals the best."""
-    got, dist = align.vocab_map_mined(["abc"], ["abcxxx", "xyz"], threads=1)
+    got, dist = fast_align.vocab_map_mined(["abc"], ["abcxxx", "xyz"], threads=1)
     assert got.tolist() == [0] and dist.tolist() == [3]
-    got, dist = align.vocab_map_mined(["abc"], ["cbaxxx", "xyz"], threads=1)
+    got, dist = fast_align.vocab_map_mined(["abc"], ["cbaxxx", "xyz"], threads=1)
     assert got.tolist() == [1] and dist.tolist() == [3]
 
 

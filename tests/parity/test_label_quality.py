@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import align
+from extras import fast_align
 from conftest import package_file, stdlib_texts
 from extras.label_quality import oracle_quality
 from tokenizer import load_tokenizer
@@ -31,7 +32,7 @@ def paper_map(src, tgt, texts):
     sv, tv = align.normalized_vocab(src), align.normalized_vocab(tgt)
     used = sorted({i for t in texts for i in src.encode(t)})
     m = np.full(src.vocab_size, -1, dtype=np.int64)
-    m[used] = align.vocab_map_mined([sv[i] for i in used], tv)[0]
+    m[used] = fast_align.vocab_map_mined([sv[i] for i in used], tv)[0]
     return m
 
 

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-import eval as ev
 from conftest import ROOT
-from extras import benchmarks
+from extras import benchmarks, eval_cli
 
 
 def test_malformed_jsonl_line_names_line_and_field(tmp_path):
@@ -54,4 +53,4 @@ def test_model_folder_without_tokenizer(world, tmp_path):
     shutil.copytree(world / "source", tmp_path / "m")
     (tmp_path / "m" / "tokenizer.json").unlink()
     with pytest.raises(SystemExit, match="no tokenizer.json or tokenizer.model"):
-        ev.main(["--models", str(tmp_path / "m"), "--lm", str(ROOT / "tasks" / "sample_text.txt")])
+        eval_cli.main(["--models", str(tmp_path / "m"), "--lm", str(ROOT / "tasks" / "sample_text.txt")])
