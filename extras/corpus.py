@@ -10,8 +10,8 @@ half-written. A learner reads data.py's stage 1 (split_document: cutting a docum
 every tokenizer fits); this is its input and output.
 
 What it holds: `read_corpus` (with `CorpusStats`, what it skipped, and `CorpusError`),
-`build_windows` (the windows stage around data.split_document) and `write_windows` (the shards, the
-manifest and the summary line).
+`build_windows` (the windows stage around data.split_document: `build_once`, run by rank 0 first
+under torchrun) and `write_windows` (the shards, the manifest and the summary line).
 """
 from __future__ import annotations
 
