@@ -345,7 +345,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["repro"], ["real"]):     # the longer runs: tools/demo_runs.py
+    if parse_args().what in ("repro", "real"):     # the longer runs: tools/demo_runs.py
         from tools import demo_runs
         demo_runs.main(sys.argv[1:])
     else:

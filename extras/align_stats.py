@@ -75,7 +75,7 @@ def window_stats(tr: Transferred, src_ids, tgt_ids, src_topk_ids, src_topk_logpr
 
 
 def save_shard_stats(d: Path, shard: int, stats: list[dict]):
-    """One shard's statistics (align.transfer's, summed over its windows) as d/stats-<shard>.json,
+    """One shard's statistics (window_stats, summed over its windows) as d/stats-<shard>.json,
     with its 200 most frequent unmatched token pairs."""
     unmatched = Counter()
     for st in stats:
@@ -88,7 +88,7 @@ def save_shard_stats(d: Path, shard: int, stats: list[dict]):
 def diagnostics(out, name) -> dict:
     """Per source: the share of target positions that take the source's distribution
     ("aligned_1to1", the matched share), the share that fell back, the top-K probability mass lost
-    in the vocab map, the label quality at matched positions (align.transfer: "label_mass", the mean
+    in the vocab map, the label quality at matched positions (window_stats: "label_mass", the mean
     probability the renormalised carried distribution puts on the target's true next token;
     "oracle_label_mass", the share of positions where an oracle source's true next token lands on
     the target's true next token, 1.0 for a perfect transfer), and the most frequent unmatched token

@@ -94,7 +94,7 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None):
-    """Write tensors (contiguous, little-endian) to `path` atomically (common.atomic_path)."""
+    """Write tensors (contiguous, little-endian) to `path` atomically (extras/atomic_files.py)."""
     header, offset = {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()

@@ -173,8 +173,11 @@ def write_windows(out, windows, shard_windows: int, stats: CorpusStats, meta: di
         if n_windows == 0:
             raise CorpusError(f"{meta['corpus']}: the corpus has no documents with text "
                                f"({dict(stats)}); nothing to do")
-    m = {"complete": True, **meta, "shard_windows": shard_windows, "shards": n_shards,
-         "windows": n_windows, "corpus_stats": {k: v for k, v in stats.items()}}
+    # manifest.json keys in the order they always had: four of meta, the counts, the rest
+    first = {k: meta[k] for k in ("corpus", "target", "sources", "seq_len")}
+    rest = {k: v for k, v in meta.items() if k not in first}
+    m = {"complete": True, **first, "shard_windows": shard_windows, "shards": n_shards,
+         "windows": n_windows, **rest, "corpus_stats": {k: v for k, v in stats.items()}}
     write_json(out / "manifest.json", m)
     if not quiet:
         s = m["corpus_stats"]

@@ -2,7 +2,7 @@
 extras/emitted_tokens.py: which token a tokenizer really emits for a text.
 
 Why it exists: two of align.py's choices ask the target's own encoder what it writes. The next-token
-vocab map (align.vocab_map_next) sends a source token to the first token the target emits for its
+vocab map (vocab_map_next, here) sends a source token to the first token the target emits for its
 text, and every vocab map breaks ties between target ids of one string in favour of the id the
 encoder emits (a sentencepiece vocabulary with byte fallback has both '<0x65>' and 'e' for "e", and
 its encoder only ever writes 'e'). align.py states the idea; the mechanics (encoding a text as a

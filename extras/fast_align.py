@@ -180,8 +180,9 @@ class PairCosts:
 def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | None = None,
                     progress=None, order=None) -> tuple[np.ndarray, np.ndarray]:
     """MinED: source id -> the target id of minimum edit distance over the whole target vocabulary,
-    and that distance. Ties go to the first target id in `order` (align.preference_order; default
-    the lowest id). Empty strings map to nothing (-1), and no source maps to an empty target string.
+    and that distance. Ties go to the first target id in `order` (extras/emitted_tokens.py
+    preference_order; default the lowest id). Empty strings map to nothing (-1), and no source maps
+    to an empty target string.
     The same map as align.vocab_map_mined_reference.
 
     Exact, but not |Vs| x |Vt| edit distances: distance 0 and 1 come from dictionaries, and for the

@@ -25,8 +25,9 @@ def block_shape(V: int, on_gpu: bool, head_elements: int = 0,
     """(positions, vocabulary entries) per block; 0 for head_elements or head_cols: the device's
     default. On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays in cache
     for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that is
-    1.4x faster than whole-vocabulary rows (README, bench.py dists). On GPU, where each block costs
-    kernel launches, 2^26 floats (256 MiB) and the whole vocabulary per block."""
+    1.4x faster than whole-vocabulary rows (docs/benchmarks.md, tools/bench.py dists). On GPU,
+    where each block costs kernel launches, 2^26 floats (256 MiB) and the whole vocabulary per
+    block."""
     cols = min(V, head_cols or (V if on_gpu else CPU_COLS))
     rows = max(1, (head_elements or (GPU_ELEMENTS if on_gpu else CPU_ELEMENTS)) // cols)
     return rows, cols

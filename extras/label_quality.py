@@ -4,9 +4,9 @@ extras/label_quality.py: how good the labels are that training reads, measured o
 Why it exists: before spending a training run on a set of sources, a real user wants to know whether
 the carried distributions say anything about the target's next token: `label_mass` measures it on a
 data.py folder (each candidate, and the fused P_t training fits), `oracle_quality` measures a vocab
-map and position rule alone, with an oracle source whose prediction is always right (README
-"Alignment", `python tools/bench.py labels`, demo.py). A learner does not need them to follow the
-method.
+map and position rule alone, with an oracle source whose prediction is always right
+(docs/benchmarks.md "Label quality", `python tools/bench.py labels`, demo.py). A learner does
+not need them to follow the method.
 
 What it holds: `label_mass` and `oracle_quality`.
 """
@@ -55,8 +55,8 @@ def label_mass(data_dir, fusion: str = "mince") -> dict:
 def oracle_quality(src_tok, tgt_tok, vmap, texts, positions="exact") -> tuple[float, float]:
     """Label quality of one vocab map and position rule on real text: (matched share, oracle label
     mass). The oracle source's top-1 at each token is its own true next token; the mass is the share
-    of scored positions (extras/align_stats.py window_stats) where that label, carried over, is the target's
-    true next token."""
+    of scored positions (extras/align_stats.py window_stats) where that label, carried over, is the
+    target's true next token."""
     sv, tv = align.normalized_vocab(src_tok), align.normalized_vocab(tgt_tok)
     totals = Counter()
     for text in texts:

@@ -55,7 +55,7 @@ LOGPROB_STEP = 16   # uint8 log-prob code q: log p = -q / 16 (codes saturate at 
 
 def save_npz(path: Path, **arrays):
     """Like np.savez_compressed, but deterministic (fixed timestamps: the same arrays give the same
-    bytes) and atomic (common.atomic_path). np.load reads it."""
+    bytes) and atomic (extras/atomic_files.py atomic_path). np.load reads it."""
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as z:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))

@@ -39,6 +39,9 @@ def test_windows_are_sharded_with_counts_in_the_manifest(pipeline):
     m = data.load_manifest(pipeline)
     assert m["complete"] and m["shards"] == len(list((pipeline / "windows").glob("shard-*.jsonl")))
     assert m["shards"] == -(-m["windows"] // 4) and m["corpus_stats"]["documents"] == 6
+    # manifest.json's keys in the order data folders have always had them (the file's bytes)
+    assert list(m) == ["complete", "corpus", "target", "sources", "seq_len", "shard_windows",
+                       "shards", "windows", "documents_split", "target_tokenizer", "corpus_stats"]
 
 
 # --- distributions -------------------------------------------------------------------------------

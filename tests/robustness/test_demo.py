@@ -33,3 +33,20 @@ def test_stdlib_file_splits_into_code_and_prose():
                                     'def f():\n    """Say hi."""\n    return x\n')
     assert code == "x = 1  # trailing note\ndef f():\n    return x"
     assert prose == "Module doc.\nSay hi.\na comment here\ntrailing note"
+
+
+def test_repro_and_real_reach_demo_runs_wherever_they_stand_on_the_command_line(tmp_path):
+    """`python demo.py --size tiny real ...` goes to tools/demo_runs.py as `python demo.py real
+    --size tiny ...` does (argparse takes options before the positional too): a missing --source
+    is demo_runs' one error line, not demo.py's refusal to run `real` itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    for argv in (["real", "--size", "tiny"], ["--size", "tiny", "real"]):
+        run = subprocess.run([sys.executable, str(root / "demo.py"), *argv, "--out",
+                              str(tmp_path / "r"), "--source", str(tmp_path / "none.gguf")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines() == [
+            f"error: --source {tmp_path / 'none.gguf'}: no such file or folder"], run.stderr
