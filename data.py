@@ -145,7 +145,6 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
     return d
 
 
-WHOLE_HEAD = 2**21      # logits (N, V) up to this many floats (8 MiB) are computed whole: head_topk
 
 
 def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 0,
@@ -153,8 +152,10 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elem
     """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one,
     right-padded). For each list of n tokens: (n, K) top-K ids and log-probs at each token
     (predicting the next one), and the CE: mean -log p of every text token given what precedes it.
-    The output head is head_topk while the batch's logits are small; beyond WHOLE_HEAD (or when a
-    block shape is given), extras/fast_head.py's, the same in blocks, never building (N, V)."""
+    The output head runs in blocks of positions x vocabulary (extras/fast_head.py, block shape
+    head_elements x head_cols, 0: the device's default), never building (N, V), so memory stays
+    bounded and the stored numbers do not depend on the batch; `head_topk` below is the same
+    computation written whole, and tests prove them equal."""
     import torch
     bos = [tok.bos_id] if tok.bos_id is not None else []
     seqs = [bos + t for t in batch]
@@ -165,11 +166,8 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elem
         # the real positions, row after row, and the token each predicts (-1: the last, none)
         h = torch.cat([h[r, :len(s)] for r, s in enumerate(seqs)])          # (N, C)
         nxt = torch.tensor([t for s in seqs for t in s[1:] + [-1]], device=h.device)   # (N,)
-        if head_elements or head_cols or len(h) * V > WHOLE_HEAD:
-            from extras.fast_head import head_topk as blocked
-            top_ids, top_lp, label_lp = blocked(model, h, nxt, topk, V, head_elements, head_cols)
-        else:
-            top_ids, top_lp, label_lp = head_topk(model, h, nxt, topk, V)
+        from extras.fast_head import head_topk as blocked              # = head_topk, in blocks
+        top_ids, top_lp, label_lp = blocked(model, h, nxt, topk, V, head_elements, head_cols)
     out_ids, out_lp, out_ce, at = [], [], [], 0
     for s in seqs:                      # its rows: at .. at+len(s); the text tokens' after BOS's
         out_ids.append(top_ids[at + len(bos):at + len(s)].cpu().numpy())

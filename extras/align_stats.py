@@ -41,8 +41,8 @@ def window_stats(tr: Transferred, src_ids, tgt_ids, src_topk_ids, src_topk_logpr
     - "kept_mass" / "lost_mass": the top-K probability at matched positions whose ids the vocab map
       sends to a target id / to none;
     - label quality over the positions that carry a distribution and where both sides have a next
-      token ("scored"): "label_mass" adds the probability the renormalised carried distribution puts
-      on the target's true next token; "oracle_mass" counts where an oracle source, whose top-1 is
+      token ("scored"): "label_mass" adds the probability the renormalised carried distribution (its
+      stored float32 log-probs) puts on the target's true next token; "oracle_mass" counts where an oracle source, whose top-1 is
       always its own true next token src_ids[i+1], lands on the target's true next token through
       the vocab map. A perfect transfer gives oracle_mass == scored;
     - "unmatched": the source and target tokens at positions that took no source position (with

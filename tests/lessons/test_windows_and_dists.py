@@ -109,9 +109,9 @@ def test_stored_topk_and_ce_are_the_models(tiny_data):
 
 @pytest.mark.parametrize("blocks", ["whole", "positions", "positions x vocabulary"])
 def test_the_head_in_blocks_gives_the_full_computation(two_tokenizers, blocks):
-    """window_topk runs the output head whole (data.head_topk) or on a block of positions x
-    vocabulary at a time (extras/fast_head.py), never building (B, T, V): here 3 positions (windows
-    cut mid-way) by the whole vocabulary, or by a third of it plus one (so the last block is short).
+    """window_topk runs the output head on a block of positions x vocabulary at a time
+    (extras/fast_head.py), never building (B, T, V): the default block, 3 positions (windows cut
+    mid-way) by the whole vocabulary, or by a third of it plus one (so the last block is short).
     Its top-K, log-probs and CE equal the whole-batch log_softmax + topk written here. Catches a
     block boundary that drops or repeats a position, a log-sum-exp taken over a block instead of the
     vocabulary, a block's top-K ids not shifted by the block's start, the next token's logit read
