@@ -96,12 +96,11 @@ def mpt(vocab, seed):
     return randomize_(fusellm.Transformer(args), seed, 0.1)
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A corpus of standard-library code, a sentencepiece-BPE Llama target, a byte-level-BPE MPT source, and a
-    second byte-level Llama source, all tiny and random."""
+def build_world(root, second_source: bool = False):
+    """A corpus of standard-library code, a sentencepiece-BPE Llama target, a byte-level-BPE MPT
+    source (and a second byte-level Llama source), all tiny and random, and fusion-ready data with
+    the target and the first source: root / "data"."""
     import fusellm
-    root = tmp_path_factory.mktemp("world")
     texts = stdlib_texts(26)
     (root / "corpus").mkdir()
     with open(root / "corpus" / "docs.jsonl", "w") as f:
@@ -111,10 +110,28 @@ def world(tmp_path_factory):
     (root / "target" / "tokenizer.model").write_bytes(sentencepiece_model(texts[:20], 400))
     fusellm.save_model(mpt(520, 1), root / "source")
     byte_level_bpe(texts[:20], 512).save(str(root / "source" / "tokenizer.json"))
-    fusellm.save_model(llama(700, 2), root / "source2")
-    byte_level_bpe(texts[:10], 700).save(str(root / "source2" / "tokenizer.json"))
-    run_pipeline(root, root / "data")         # fusion-ready data with the target and one source: root / "data"
+    if second_source:
+        fusellm.save_model(llama(700, 2), root / "source2")
+        byte_level_bpe(texts[:10], 700).save(str(root / "source2" / "tokenizer.json"))
+    run_pipeline(root, root / "data")
     return root
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """build_world with both sources, once for the session (robustness and parity tests)."""
+    return build_world(tmp_path_factory.mktemp("world"), second_source=True)
+
+
+def train_run(world, out, *extra):
+    """train.py on a world's data: 6 steps of 4 windows, a checkpoint every 3, no export; the
+    metrics it logged, one dict per step."""
+    import train
+    argv = ["--data", str(world / "data"), "--target", str(world / "target"), "--out", str(out),
+            "--batch-size", "4", "--max-steps", "6", "--lr", "3e-3", "--warmup", "2", "--log-every",
+            "1", "--ckpt-every", "3", "--no-export", *extra]
+    train.train(train.parse_config(argv))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_pipeline(world, out, sources=("source",)):

@@ -6,7 +6,6 @@ micro-batches, micro-batches add up to one big batch, and the schedules and the 
 are what TrainConfig says. Runs that are killed, resumed, spread over processes or fed bad input:
 tests/robustness/test_train_runs.py; comparisons with other implementations:
 tests/parity/test_train_parity.py."""
-import json
 import types
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import data
 import fusellm
 import train
-from conftest import byte_level_bpe, llama, mpt, run_pipeline, sentencepiece_model, stdlib_texts
+from conftest import build_world, train_run
 from extras.stored_candidates import StoredCandidates
 from tokenizer import load_tokenizer
 
@@ -28,27 +27,10 @@ def tiny(tmp_path_factory):
     sentencepiece-BPE Llama target (400 tokens), a byte-level-BPE MPT source (520), all tiny and
     random, and their fusion-ready data (windows of 200 tokens, 4 to a shard, top-5): tiny /
     "data"."""
-    root = tmp_path_factory.mktemp("train_lessons")
-    texts = stdlib_texts(26)
-    (root / "corpus").mkdir()
-    with open(root / "corpus" / "docs.jsonl", "w") as f:
-        for t in texts[20:26]:
-            f.write(json.dumps({"text": t[:2500]}) + "\n")
-    fusellm.save_model(llama(400, 0), root / "target")
-    (root / "target" / "tokenizer.model").write_bytes(sentencepiece_model(texts[:20], 400))
-    fusellm.save_model(mpt(520, 1), root / "source")
-    byte_level_bpe(texts[:20], 512).save(str(root / "source" / "tokenizer.json"))
-    run_pipeline(root, root / "data")
-    return root
+    return build_world(tmp_path_factory.mktemp("train_lessons"))
 
 
-def run(tiny, out, *extra, **kw):
-    argv = ["--data", str(tiny / "data"), "--target", str(tiny / "target"), "--out", str(out),
-            "--batch-size", "4", "--max-steps", "6", "--lr", "3e-3", "--warmup", "2", "--log-every",
-            "1", "--ckpt-every", "3", "--no-export", *extra]
-    cfg = train.parse_config(argv)
-    train.train(cfg)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+run = train_run
 
 
 def test_lambda_one_is_plain_clm_training(tiny, tmp_path):

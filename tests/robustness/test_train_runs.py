@@ -19,20 +19,14 @@ import torch
 import data
 import fusellm
 import train
-from conftest import ROOT                  # the `world` fixture comes from conftest
+from conftest import ROOT, train_run       # the `world` fixture comes from conftest
 from extras import distributed
 from extras.cli import field_help
 from extras.export import export
 from extras.progress import plot_losses
 
 
-def run(world, out, *extra, **kw):
-    argv = ["--data", str(world / "data"), "--target", str(world / "target"), "--out", str(out),
-            "--batch-size", "4", "--max-steps", "6", "--lr", "3e-3", "--warmup", "2", "--log-every",
-            "1", "--ckpt-every", "3", "--no-export", *extra]
-    cfg = train.parse_config(argv)
-    train.train(cfg)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+run = train_run
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(world, tmp_path, monkeypatch):
