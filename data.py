@@ -21,8 +21,9 @@ N-th shard; what all share (windows, vocab maps, diagnostics) rank 0 builds alon
 wait; the output is byte for byte one process's. A source added later needs only its dists + align.
 
 Storage (per model, per token; extras/storage.py): top-K ids in the narrowest unsigned type,
-log-probs in uint8 steps of 1/16 nat (or fp16: --logprob-bits 16), no padding; each shard a
-compressed .npz. The model's own tokens are not stored: re-encoded from the text, checked by CRC.
+log-probs in uint8 steps of 1/16 nat (or fp16: --logprob-bits 16); an aligned source's the same,
+as padded rows with a count per token (`padded`); each shard a compressed .npz. The model's own
+tokens are not stored: re-encoded from the text, checked by CRC.
 """
 from __future__ import annotations
 
@@ -145,8 +146,6 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
     return d
 
 
-
-
 def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 0,
                 head_cols: int = 0):
     """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one,
@@ -202,34 +201,33 @@ def model_info(out, name):
 # --------------------------------------------------------------------------------------------------
 # 3. Alignment onto the target
 #
-# A source carries 0 (the position falls back to a one-hot) to K entries onto each target token, so
-# its aligned distributions are stored ragged, without padding, as three flat arrays:
-#     counts    (n,)           entries carried onto each target token, e.g.  [2, 0, 1]
-#     ids       (sum counts,)  the entries in target ids, token after token: [a, b, c]
-#     logprobs  (sum counts,)  their log-probs                 (token 0: a, b; token 1: none; 2: c)
-# Token i's entries are the counts[i] after the first sum(counts[:i]). `ragged` writes this form
-# (from align.transfer's result), `rows` decodes it into (n, K) rows (fusellm.collate). What it
-# saves over padded rows: extras/storage.py.
+# A source carries 0 (the position falls back to a one-hot) to K entries onto each target token (K:
+# the source's stored top-K; merging ids that land on one target id only lowers the count), so its
+# aligned distributions are stored as padded rows, one per target token:
+#     counts    (n,)    entries carried onto each target token, e.g.   [2, 0, 1]
+#     ids       (n, K)  the entries in target ids first, then 0:       [[a, b], [0, 0], [c, 0]]
+#     logprobs  (n, K)  their log-probs, then 0 (padding)
+# Row i's entries are its first counts[i]: the mask np.arange(K) < counts[:, None]. `padded` writes
+# it from align.transfer's result; fusellm.collate reads it by slicing (cost: extras/storage.py).
 
 
-def ragged(tr: align.Transferred) -> dict:
-    """align.transfer's distributions in the stored form: counts (n,), ids and logprobs."""
-    return {"counts": np.diff(tr.offsets), "ids": tr.ids, "logprobs": tr.logprobs}
-
-
-def rows(counts) -> tuple[np.ndarray, np.ndarray]:
-    """Where each ragged entry goes in (n, K) rows: its row (target token) and its rank in the row.
-    counts [2, 0, 1] -> rows [0, 0, 2], ranks [0, 1, 0]."""
-    counts = np.asarray(counts, dtype=np.int64)
-    row = np.repeat(np.arange(len(counts)), counts)                  # entry -> its token
-    rank = np.arange(len(row)) - (np.cumsum(counts) - counts)[row]   # minus where its token starts
-    return row, rank
+def padded(tr: align.Transferred, K: int) -> dict:
+    """align.transfer's distributions (token j's entries: tr.ids[tr.offsets[j]:tr.offsets[j+1]])
+    as padded rows: counts (n,), ids (n, K) and logprobs (n, K), padding 0."""
+    counts = np.diff(tr.offsets)                                   # (n,) e.g. [2, 0, 1]
+    row = np.repeat(np.arange(len(counts)), counts)                # each entry's token: [0, 0, 2]
+    rank = np.arange(len(row)) - tr.offsets[row]                   # its place there:  [0, 1, 0]
+    ids = np.zeros((len(counts), K), dtype=np.int64)               # (n, K)
+    logprobs = np.zeros((len(counts), K), dtype=np.float32)        # (n, K)
+    ids[row, rank] = tr.ids
+    logprobs[row, rank] = tr.logprobs
+    return {"counts": counts, "ids": ids, "logprobs": logprobs}
 
 
 def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
                  quiet=False) -> dict:
     """Stage 3: out/aligned/<name>/shard-*.npz: per window, per target token, the source's
-    distribution in target ids (`ragged`, log-probs in uint8), the source's CE, and
+    distribution in target ids (`padded` rows, log-probs in uint8), the source's CE, and
     out/aligned/<name>/diagnostics.json. preset: one of align.PRESETS; vocab_map: replaces the
     preset's (the six resolved settings are stored in out/aligned/<name>/settings.json)."""
     from extras import ranks, storage
@@ -248,6 +246,8 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
         if changed := storage.changed_tokenizer(tok, info, who):
             raise DataError(changed)
     d = Path(out) / "aligned" / name
+    if old := storage.ragged_shards(d, name):        # aligned by an older version: realign
+        raise DataError(old)
     if conflict := storage.settings_conflict(d, settings):    # else stored in d/settings.json
         raise DataError(conflict)
     sv, tv = align.normalized_vocab(s_tok), align.normalized_vocab(t_tok)
@@ -270,7 +270,7 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
                              positions=settings["positions"], vocab_kind=settings["vocab_map"],
                              ties=settings["ties"], fallback=settings["fallback"],
                              merge=settings["merge"], costs=costs)
-            entries.append(ragged(tr))
+            entries.append(padded(tr, src_info["topk"]))
             stats.append(window_stats(tr, s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv))
             prog.update(1, len(t_ids))
         storage.save_aligned(d / f"shard-{s:05d}.npz", entries, t_tok.vocab_size, src["ce"],
@@ -295,7 +295,7 @@ def ce_per_byte(ce: float, n_tokens: int, has_bos: bool, n_bytes: int) -> float:
 
 class FusionData:
     """Per window: the target's tokens (re-encoded with `tokenizer`, checked against the stored
-    checksum), its own top-K, and every source's aligned entries in target ids (`ragged`), with
+    checksum), its own top-K, and every source's aligned rows in target ids (`padded`), with
     every candidate's CE. Sources are the folders under out/aligned/ unless named. Data made for
     another target tokenizer is refused. shard(s) is read_shard(s), the last `cache_shards` kept."""
 
@@ -307,6 +307,9 @@ class FusionData:
             raise DataError(other)
         self.sources = sources if sources is not None else sorted(
             p.name for p in (self.out / "aligned").glob("*") if p.is_dir())
+        for name in self.sources:                     # aligned by an older version: realign
+            if old := storage.ragged_shards(self.out / "aligned" / name, name):
+                raise DataError(old)
         self.has_bos = {n: model_info(self.out, n).get("bos") is not None
                         for n in [target, *self.sources]}
         self.shard = functools.lru_cache(maxsize=cache_shards)(self.read_shard)
@@ -314,7 +317,7 @@ class FusionData:
     def read_shard(self, s: int) -> list[dict]:
         from extras import storage
         tgt = storage.read_dists(self.out, self.target, s)
-        srcs = {n: storage.read_aligned(self.out, n, s) for n in self.sources}    # `ragged`
+        srcs = {n: storage.read_aligned(self.out, n, s) for n in self.sources}    # `padded`
         windows = []
         for w, win in enumerate(storage.read_windows(self.out, s)):
             n_bytes = len(win["text"].encode("utf-8"))
@@ -329,7 +332,7 @@ class FusionData:
                 if changed := storage.changed_tokens(item["tokens"], tgt, w, s, self.target):
                     raise DataError(f"{self.out}: {changed}")
             for name, z in srcs.items():
-                # window w's entries, `ragged` (counts (n,), ids, logprobs), and the source's CE
+                # window w's rows, `padded` (counts (n,), ids, logprobs (n, K)), the source's CE
                 src, n_src = storage.aligned_window(z, tgt["offsets"], w)   # n_src: its tokens
                 src["ce_per_byte"] = ce_per_byte(src["ce"], n_src, self.has_bos[name], n_bytes)
                 item["sources"][name] = src

@@ -26,7 +26,7 @@ next-token vocab map (ours): source id -> the first target token the target emit
     align.py `vocab_map` (kind "next": extras/emitted_tokens.py)
 distribution transfer: a source's top-K moved onto the target's positions and ids
     align.py `transfer`, `carry`, with `PRESETS` (nanofuse, paper, official); data.py
-    `align_source`, stored ragged (`ragged`, `rows`); its label quality: extras/align_stats.py
+    `align_source`, stored as padded rows (`padded`); its label quality: extras/align_stats.py
 candidates [P_t^j]: every candidate's distribution at every target position, as tensors
     data.py `FusionData`; `Batch`, `collate` below
 fusion: MinCE [P_t = P_argmin CE]: per window, the candidate of lowest CE       `mince` below
@@ -48,8 +48,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-
-import data
 
 # re-exported: the model, its checkpoints and tokenizers, for `from fusellm import ...`
 from model import (CheckpointError, ModelArgs, Transformer, alibi_slopes,  # noqa: F401
@@ -102,13 +100,15 @@ def collate(items: list[dict], names: list[str], bos: int | None, K: int,
         item["tokens"]                   (n,)     the target's tokens
         item["target"]["topk_ids"]       (n, K)   the target's own top-K at each token
         item["sources"][name]["counts"]  (n,)     entries carried onto each target token (0: falls
-                                                  back), with ["ids"] and ["logprobs"] the entries
-                                                  themselves, ragged (data.py `ragged`, `rows`)
+                                                  back to the one-hot)
+        ...["ids"], ["logprobs"]         (n, K')  those entries first, then padding (data.py
+                                                  `padded`; K': the source's stored top-K)
         item[...]["ce"], ["ce_per_byte"] ()       the model's CE on the window
     here, dense: the sequence is s = [BOS] + tokens; input_ids = s[:-1] and labels = s[1:], so row
     i (predicting x_{i+1}) lands at position i + 1 with a BOS (position 0 predicts x_0 from BOS
-    alone: nothing to fuse) and at position i without one. Windows shorter than the longest are
-    padded (labels -100, fusion_mask False)."""
+    alone: nothing to fuse) and at position i without one. A source's row keeps its first counts
+    entries (log-prob -inf after them). Windows shorter than the longest are padded (labels -100,
+    fusion_mask False)."""
     if ce_unit not in ("token", "byte"):
         raise ValueError(f"--ce-unit {ce_unit!r}: choose 'token' (paper) or 'byte'")
     ce_key = "ce" if ce_unit == "token" else "ce_per_byte"
@@ -133,12 +133,12 @@ def collate(items: list[dict], names: list[str], bos: int | None, K: int,
         ce[0, b] = it["target"][ce_key]
         for c, name in enumerate(names[1:], 1):
             src = it["sources"][name]
-            counts = np.asarray(src["counts"], dtype=np.int64)     # e.g. counts  [2, 0, 1]
-            row, rank = data.rows(counts)            # each entry's row [0, 0, 2], rank [0, 1, 0]
-            keep = (row < n - 1) & (rank < K)
-            cid[c, b, row[keep] + nb, rank[keep]] = src["ids"][keep]
-            clp[c, b, row[keep] + nb, rank[keep]] = src["logprobs"][keep]
-            cfb[c, b, rows] = counts[:n - 1] == 0
+            k = min(K, src["ids"].shape[1])             # its stored top-K, at most K
+            counts = np.asarray(src["counts"][:n - 1])  # (n-1,) e.g. [2, 0, 1]
+            carried = np.arange(k) < counts[:, None]    # (n-1, k)   [[1, 1], [0, 0], [1, 0]]
+            cid[c, b, rows, :k] = src["ids"][:n - 1, :k]
+            clp[c, b, rows, :k] = np.where(carried, src["logprobs"][:n - 1, :k], -np.inf)
+            cfb[c, b, rows] = counts == 0
             ce[c, b] = src[ce_key]
     t = torch.from_numpy
     return Batch(input_ids=t(x), labels=t(y), fusion_mask=t(mask), cand_ids=t(cid),

@@ -78,5 +78,6 @@ class OnlineCandidates:
                                           costs, self.settings[name])
                 n_bytes = len(it["text"].encode())
                 per_byte = data.ce_per_byte(c_, len(si), s_tok.bos_id is not None, n_bytes)
-                it["sources"][name] = {**data.ragged(tr), "ce": c_, "ce_per_byte": per_byte}
+                rows = data.padded(tr, self.k)            # counts (n,), ids and logprobs (n, K)
+                it["sources"][name] = {**rows, "ce": c_, "ce_per_byte": per_byte}
         return items

@@ -7,9 +7,11 @@ takes about 120 bytes per token per model (fp16 logits, int64 ids, padded); this
 top-10 and 8.5 at top-5 on the tests' tiny world (tools/bench.py dists measures a model), and the
 same arrays always give the same bytes, so torchrun's output can be compared with one process's. A
 learner needs only what data.py's docstring says about the format; these are the details. A
-source's aligned distributions are stored ragged (data.py's comment before `ragged`): padded (n, K)
-rows would store about 10% more, 8.5 instead of 7.7 bytes per token at K=5, 14.4 instead of 13.1 at
-K=10 (the tests' tiny world).
+source's aligned distributions are stored as padded (n, K) rows with a count per token (data.py's
+comment before `padded`), so a window is read back with one slice. Storing only the entries
+(ragged, as before) saves 6-10%: on the demo's real data (295,419 target tokens, K=10) 12.66
+instead of 13.44 bytes per token for the code source, 10.38 instead of 11.40 for the prose one;
+7.7 instead of 8.5 at K=5 on the tests' tiny world.
 
 What it holds:
 - `save_npz`: np.savez_compressed, but deterministic (fixed timestamps) and atomic (written under
@@ -22,8 +24,9 @@ What it holds:
   fingerprint of its tokenizer (its kind, size and every token's bytes), to catch a tokenizer that
   changed in between.
 - `save_dists` and `save_aligned`: one shard of a model's distributions, of a source's aligned
-  ones (data.py's ragged form), as the arrays above; `expected_disk` and `dists_plan`: the
-  estimate compute_dists prints.
+  ones (data.py's padded rows), as the arrays above; `expected_disk` and `dists_plan`: the
+  estimate compute_dists prints. `ragged_shards`: the check that refuses aligned shards in the
+  ragged form of earlier versions (delete the folder and align again).
 - `read_windows`, `read_dists`, `window_rows`, `read_aligned`, `aligned_window`: the shards read
   back (a window's text, a model's distributions and one window's rows of them decoded, a source's
   aligned ones and one window's entries of them decoded), for data.FusionData.
@@ -106,12 +109,24 @@ def save_dists(path: Path, windows, vocab_size: int, bits: int):
 
 def save_aligned(path: Path, windows, vocab_size: int, ce, target_offsets):
     """One shard of a source's aligned distributions (data.align_source). windows: per window, the
-    ragged form of data.ragged (counts, ids, logprobs). Stored: the windows' counts (uint8), ids and
-    uint8 log-probs concatenated, the source's CE per window and the target's offsets."""
+    padded rows of data.padded (counts (n,), ids (n, K), logprobs (n, K)). Stored: the windows'
+    rows concatenated, counts as uint8, ids in id_dtype, log-probs as uint8 codes (padding: code
+    0), the source's CE per window and the target's offsets."""
     save_npz(path, counts=np.concatenate([w["counts"].astype(np.uint8) for w in windows]),
              ids=np.concatenate([w["ids"].astype(id_dtype(vocab_size)) for w in windows]),
              logprobs=np.concatenate([quantize_logprobs(w["logprobs"], 8) for w in windows]),
              ce=ce, target_offsets=target_offsets)
+
+
+def ragged_shards(d: Path, name: str) -> str | None:
+    """Why aligned folder d cannot be read or added to: its shards are in the ragged form of
+    earlier versions (ids (sum counts,), not padded rows (n, K)). None when they are not (or it has
+    none). Only the first shard's ids are read: a folder is aligned by one version."""
+    shards = sorted(Path(d).glob("shard-*.npz"))
+    if not shards or np.load(shards[0])["ids"].ndim == 2:
+        return None
+    return (f"{d} holds aligned shards in the old ragged form; delete {d} and rerun "
+            f"`python data.py align --data {Path(d).parent.parent} --name {name}`")
 
 
 def read_windows(out, shard: int) -> list[dict]:
@@ -136,26 +151,23 @@ def window_rows(dists: dict, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 def read_aligned(out, name, shard) -> dict:
     """Shard `shard` of source `name`'s aligned distributions, as save_aligned stored them, with
-    "starts" (where each target token's entries start in the flat ids and logprobs: the cumulative
-    counts, 0 first) and "source_offsets" (where each window's rows start in the source's own
-    distributions, for its CE per byte)."""
+    "source_offsets" (where each window's rows start in the source's own distributions, for its CE
+    per byte)."""
     z = dict(np.load(Path(out) / "aligned" / name / f"shard-{shard:05d}.npz"))
-    z["starts"] = np.concatenate([[0], np.cumsum(z["counts"], dtype=np.int64)])
     own = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
     z["source_offsets"] = own["offsets"]                # only this array of the file is read
     return z
 
 
 def aligned_window(z: dict, target_offsets, w: int) -> tuple[dict, int]:
-    """Window w's entries of a read_aligned shard `z`, in data.ragged's form with ids as int64 and
-    log-probs decoded: {"counts" (n,), "ids", "logprobs", "ce": the source's CE on the window}, and
-    the number of the source's own tokens in the window (for its CE per byte). target_offsets:
-    where each window's target tokens start (read_dists's "offsets")."""
+    """Window w's rows of a read_aligned shard `z`, in data.padded's form with ids as int64 and
+    log-probs decoded: {"counts" (n,), "ids" (n, K), "logprobs" (n, K), "ce": the source's CE on
+    the window}, and the number of the source's own tokens in the window (for its CE per byte).
+    target_offsets: where each window's target tokens start (read_dists's "offsets")."""
     a, b = target_offsets[w], target_offsets[w + 1]               # the window's target tokens
-    start, end = int(z["starts"][a]), int(z["starts"][b])         # and their entries
     n_src = int(z["source_offsets"][w + 1] - z["source_offsets"][w])
-    return {"counts": z["counts"][a:b], "ids": z["ids"][start:end].astype(np.int64),
-            "logprobs": dequantize_logprobs(z["logprobs"][start:end]),
+    return {"counts": z["counts"][a:b], "ids": z["ids"][a:b].astype(np.int64),
+            "logprobs": dequantize_logprobs(z["logprobs"][a:b]),
             "ce": float(z["ce"][w])}, n_src
 
 

@@ -31,7 +31,9 @@ dists: source distributions (top-K and CE at every position) on a real checkpoin
 270M's .gguf) or a random one: nanofuse's data.window_topk, whose output head runs on blocks of positions x
 vocabulary, against transformers' forward + log_softmax + topk, each in a fresh process: tokens/s and the
 peak memory each adds to the loaded model; for a random model also the bytes per token of the shards
-data.py writes.
+data.py writes (a model's top-K, and a source's aligned padded rows); with --data DATA only the bytes
+per token of the shards in an existing data folder (each model's per its own token, each aligned
+source's per target token).
 train: time and peak memory of one optimizer step with the fusion loss (3 candidates, top-10) against a
 CLM-only step (lambda = 1) on the same model and batch, each in a fresh process, and tokens/s.
 generate: eval.py's greedy decoding with the KV cache against running the whole context at every new token, on
@@ -361,8 +363,11 @@ def dists_table(a, path, title):
 def bench_dists(a):
     """Source distributions on a real checkpoint (--model) or a random Llama: nanofuse's head in blocks against
     transformers' full logits, each in a fresh process, and the bytes per token of the shards data.py writes."""
+    if a.data:
+        return stored_bytes(a.data)
     if a.model:
         return dists_table(a, a.model, Path(a.model).name)
+    import numpy as np
     from extras import storage
     args = fusellm.ModelArgs(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64,
                              n_kv_heads=a.dim // 64, head_dim=64, hidden_dim=int(a.dim * 8 / 3) // 64 * 64,
@@ -386,6 +391,27 @@ def bench_dists(a):
         size = (Path(d) / "s.npz").stat().st_size
     print(f"stored: {size / 256:.1f} bytes/token (official format: ~120; raw ids + uint8 log-probs: "
           f"{K * (ids.itemsize + 1)})")
+    rows = {"counts": np.full(256, K), "ids": ids, "logprobs": top.values.reshape(-1, K).numpy()}
+    with tempfile.TemporaryDirectory() as d:        # a source carried whole onto these tokens
+        storage.save_aligned(Path(d) / "a.npz", [rows], a.vocab, np.zeros(1, dtype=np.float32),
+                             np.array([0, 256]))
+        size = (Path(d) / "a.npz").stat().st_size
+    print(f"aligned (padded rows, all {K} entries carried): {size / 256:.1f} bytes/token")
+
+
+def stored_bytes(data_dir: str):
+    """Bytes per token of the shards data.py wrote to a data folder: each model's distributions per
+    its own token, each aligned source's padded rows per target token."""
+    import numpy as np
+    for folder, key, whose in (("models", "offsets", "its own"),
+                               ("aligned", "target_offsets", "target")):
+        for d in sorted(p for p in (Path(data_dir) / folder).glob("*") if p.is_dir()):
+            shards = sorted(d.glob("shard-*.npz"))
+            if shards:
+                tokens = sum(int(np.load(f)[key][-1]) for f in shards)
+                size = sum(f.stat().st_size for f in shards)
+                print(f"{folder}/{d.name}: {size / tokens:.2f} bytes/token ({tokens:,} {whose} "
+                      f"tokens)")
 
 
 def train_child(lam: float, dim: int, layers: int, steps: int) -> dict:
@@ -713,6 +739,7 @@ def main():
     ds = sub.add_parser("dists", help="source distributions (head in blocks) against transformers: speed, memory")
     model_size(ds, 512)
     ds.add_argument("--model", default="", help="a real checkpoint (HF folder or .gguf) instead of a random Llama")
+    ds.add_argument("--data", default="", help="only the bytes per token of a data folder's shards")
     ds.add_argument("--vocab", type=int, default=32000, help="vocabulary (Gemma 3: 262144; default 32000)")
     ds.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
     ds.add_argument("--seq", type=int, default=512, help="tokens per window (default 512)")

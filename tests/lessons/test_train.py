@@ -216,7 +216,7 @@ def test_ce_per_byte_can_reverse_the_mince_choice():
             "target": {"topk_ids": np.zeros((3, 1), dtype=np.int64),
                        "topk_logprobs": np.zeros((3, 1)), "ce": 2.0, "ce_per_byte": 0.5},
             "sources": {"B": {"counts": np.zeros(3, dtype=np.int64),
-                              "ids": np.zeros(0, dtype=np.int64), "logprobs": np.zeros(0),
+                              "ids": np.zeros((3, 1), dtype=np.int64), "logprobs": np.zeros((3, 1)),
                               "ce": 1.5, "ce_per_byte": 0.75}}}
     per_token = fusellm.collate([item], ["target", "B"], 1, 1, "token").window_ce[:, 0]
     per_byte = fusellm.collate([item], ["target", "B"], 1, 1, "byte").window_ce[:, 0]

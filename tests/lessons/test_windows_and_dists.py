@@ -1,7 +1,8 @@
 """Windows and stored distributions, the data.py lessons: a corpus is cut into windows every
 tokenizer fits, each model's top-K next-token distribution is stored at each of its tokens
 (log-probs in uint8 steps, one model's head computed whole or in blocks with the same result), and
-an aligned source's ragged entries decode into rows. Each test builds its own small inputs."""
+an aligned source's entries are stored as padded rows, read back with a mask. Each test builds
+its own small inputs."""
 import json
 
 import numpy as np
@@ -164,19 +165,31 @@ def test_the_fast_head_equals_the_readable_head(rows, cols):
     assert got[2][-1] == 0 and want[2][-1] == 0
 
 
-def test_ragged_entries_decode_into_rows():
-    """An aligned source stores, per target token, its 0 (fallback) to K entries one after another:
-    counts [2, 0, 1] put entries 0 and 1 in row 0 (ranks 0, 1) and entry 2 in row 2 (rank 0).
-    `ragged` writes a transfer in that form and `rows` puts each entry back in its row."""
-    row, rank = data.rows([2, 0, 1])
-    assert row.tolist() == [0, 0, 2] and rank.tolist() == [0, 1, 0]
+def test_aligned_entries_are_padded_rows_read_back_with_a_mask():
+    """An aligned source carries 0 (fallback) to K entries onto each target token, stored as padded
+    rows: counts [2, 0, 1] put entries a, b in row 0, nothing in row 1 and c in row 2, each row
+    filled up with 0. A row's entries are its first counts: the mask arange(K) < counts. `padded`
+    writes a transfer in that form; fusellm.collate keeps the masked entries and gives the rest
+    log-prob -inf, and the count-0 row falls back to the one-hot."""
     tr = align.Transferred(offsets=np.array([0, 2, 2, 3]), ids=np.array([7, 9, 4]),
-                           logprobs=np.array([-0.1, -2.5, 0.0], dtype=np.float32),
+                           logprobs=np.array([-0.1, -2.5, -0.5], dtype=np.float32),
                            fallback=np.array([False, True, False]), onehot=np.array([-1, 5, -1]),
                            matched=np.array([0, -1, 1]))
-    stored = data.ragged(tr)
-    assert stored["counts"].tolist() == [2, 0, 1] and stored["ids"].tolist() == [7, 9, 4]
-    dense = np.full((3, 2), -1)
-    row, rank = data.rows(stored["counts"])
-    dense[row, rank] = stored["ids"]
-    assert dense.tolist() == [[7, 9], [-1, -1], [4, -1]]
+    stored = data.padded(tr, 2)
+    assert stored["counts"].tolist() == [2, 0, 1]
+    assert stored["ids"].tolist() == [[7, 9], [0, 0], [4, 0]]
+    assert (stored["logprobs"] == np.float32([[-0.1, -2.5], [0, 0], [-0.5, 0]])).all()
+    mask = np.arange(2) < stored["counts"][:, None]
+    assert mask.tolist() == [[True, True], [False, False], [True, False]]
+    # collate: a window of 4 target tokens (rows 0..2 used, row 3 predicts past it), BOS 1
+    item = {"tokens": [3, 5, 4, 6], "target": {"topk_ids": np.zeros((4, 2), dtype=np.int64),
+                                               "topk_logprobs": np.zeros((4, 2)), "ce": 1.0},
+            "sources": {"s": {"counts": np.append(stored["counts"], 0),
+                              "ids": np.vstack([stored["ids"], [0, 0]]),
+                              "logprobs": np.vstack([stored["logprobs"], [0, 0]]), "ce": 2.0}}}
+    b = fusellm.collate([item], ["target", "s"], 1, 2)
+    lp = b.cand_logprobs[1, 0, 1:4]                              # rows 0..2 at positions 1..3
+    assert b.cand_ids[1, 0, 1:4].tolist() == [[7, 9], [0, 0], [4, 0]]
+    assert torch.allclose(lp[0], torch.tensor([-0.1, -2.5])) and lp[2, 0] == -0.5
+    assert torch.isinf(lp[1]).all() and lp[2, 1] == -np.inf            # no entry: -inf
+    assert b.cand_fallback[1, 0].tolist() == [False, False, True, False]

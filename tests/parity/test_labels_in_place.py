@@ -29,7 +29,8 @@ def checksum(ids) -> int:
 def read_shards(d, source="source") -> list[dict]:
     """Every window of a data folder, read straight from its files with json and numpy: the text,
     the target's and the source's stored rows (row r: the distribution after the model's own token
-    r), and the source's aligned entries per target token."""
+    r), and the source's aligned entries per target token (stored as padded rows (n, K): row r's
+    entries are its first counts[r], the rest padding)."""
     m = json.loads((d / "manifest.json").read_text())
     for name in ("target", source):
         assert json.loads((d / "models" / name / "info.json").read_text())["logprob_bits"] == 8
@@ -40,7 +41,7 @@ def read_shards(d, source="source") -> list[dict]:
         tz, sz = (np.load(d / "models" / n / f"shard-{s:05d}.npz") for n in ("target", source))
         az = np.load(d / "aligned" / source / f"shard-{s:05d}.npz")
         assert (az["target_offsets"] == tz["offsets"]).all()
-        start = np.concatenate([[0], np.cumsum(az["counts"], dtype=np.int64)])
+        assert az["ids"].shape == az["logprobs"].shape == (len(az["counts"]), 5)
         for w, text in enumerate(texts):
             rows = {}
             for name, z in (("target", tz), (source, sz)):
@@ -49,8 +50,8 @@ def read_shards(d, source="source") -> list[dict]:
                               "lps": logprobs(z["topk_logprobs"][a:b]),
                               "ce": float(z["ce"][w]), "checksum": int(z["checksum"][w])}
             a, b = tz["offsets"][w], tz["offsets"][w + 1]
-            entries = [(az["ids"][start[r]:start[r + 1]].astype(np.int64),
-                        logprobs(az["logprobs"][start[r]:start[r + 1]])) for r in range(a, b)]
+            entries = [(az["ids"][r, :az["counts"][r]].astype(np.int64),
+                        logprobs(az["logprobs"][r, :az["counts"][r]])) for r in range(a, b)]
             out.append({"shard": s, "window": w, "text": text, "rows": rows, "aligned": entries,
                         "aligned_ce": float(az["ce"][w])})
     return out

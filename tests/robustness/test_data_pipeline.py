@@ -48,13 +48,14 @@ def test_windows_are_sharded_with_counts_in_the_manifest(pipeline):
 
 def test_storage_is_under_a_quarter_of_the_official_format(pipeline):
     """The official format is about 120 bytes per token per model (fp16 logits + int64 ids,
-    padded). A model's distributions, and a source's aligned ones (ragged: data.ragged), stay
+    padded). A model's distributions, and a source's aligned ones (padded rows: data.padded), stay
     within 30 bytes per target token."""
     files = list((pipeline / "models" / "target").glob("shard-*.npz"))
     tokens = sum(int(np.load(f)["offsets"][-1]) for f in files)
     assert sum(f.stat().st_size for f in files) / tokens <= 30
     aligned = list((pipeline / "aligned" / "source").glob("shard-*.npz"))
     assert sum(len(np.load(f)["counts"]) for f in aligned) == tokens
+    assert all(np.load(f)["ids"].shape[1] == 5 for f in aligned)       # padded rows, K = 5
     assert sum(f.stat().st_size for f in aligned) / tokens <= 30
 
 
@@ -184,7 +185,9 @@ def test_fusion_data_gives_every_candidate_per_window(pipeline, world):
         assert item["target"]["topk_ids"].shape == (n, 5)
         src = item["sources"]["source"]
         assert len(src["counts"]) == n
-        assert len(src["ids"]) == src["counts"].sum() == len(src["logprobs"])
+        assert src["ids"].shape == src["logprobs"].shape == (n, 5) and (src["counts"] <= 5).all()
+        padding = np.arange(5) >= src["counts"][:, None]
+        assert (src["ids"][padding] == 0).all() and (src["logprobs"][padding] == 0).all()
         assert (src["ids"] < tok.vocab_size).all() and np.isfinite(src["ce"])
         assert (np.exp(src["logprobs"]) <= 1 + 1e-6).all()
 
@@ -212,14 +215,13 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
         tr = storage.align_window(s_tok.encode(win["text"]), tok.encode(win["text"]),
                                   src["topk_ids"][a:b].astype(np.int64), lps, vmap, sv, tv, None,
                                   settings)
-        counts.append(data.ragged(tr)["counts"])
+        counts.append(data.padded(tr, 5)["counts"])
     default = {"counts": np.concatenate(counts)}
     tgt_ids = [i for w in storage.read_windows(pipeline, 0) for i in tok.encode(w["text"])]
     fell_back = default["counts"] == 0
     assert fell_back.sum() > 10 and (official["counts"][fell_back] == 1).all()
-    starts = np.concatenate([[0], np.cumsum(official["counts"], dtype=np.int64)])[:-1]
-    assert (official["ids"][starts[fell_back]] == np.array(tgt_ids)[fell_back]).all()  # CURRENT
-    assert (official["logprobs"][starts[fell_back]] == 0).all()                      # probability 1
+    assert (official["ids"][fell_back, 0] == np.array(tgt_ids)[fell_back]).all()      # CURRENT
+    assert (official["logprobs"][fell_back, 0] == 0).all()                          # probability 1
     assert (official["counts"][~fell_back] == default["counts"][~fell_back]).all()
     fd = data.FusionData(d, tokenizer=tok)
     b = fusellm.collate(fd.shard(0)[:1], ["target", "source"], tok.bos_id, 5)
@@ -227,6 +229,25 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
     pos = np.flatnonzero(fell_back[:n - 1])           # window 0's fallback positions with a label
     assert not b.cand_fallback[1, 0, pos + 1].any()            # +1: BOS comes first in the batch
     assert (b.cand_ids[1, 0, pos + 1, 0] == b.input_ids[0, pos + 1]).all()  # input token, not label
+
+
+def test_aligned_shards_in_the_old_ragged_form_are_refused(pipeline, tmp_path):
+    """Aligned shards written by an earlier version (ragged: ids and logprobs flat, (sum counts,))
+    are refused with one error naming the folder and the fix, by FusionData (before any shard is
+    decoded) and by align (before any shard is added to the folder)."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    for f in sorted((d / "aligned" / "source").glob("shard-*.npz")):
+        z = dict(np.load(f))
+        carried = np.arange(z["ids"].shape[1]) < z["counts"][:, None]
+        storage.save_npz(f, **{**z, "ids": z["ids"][carried], "logprobs": z["logprobs"][carried]})
+    folder = d / "aligned" / "source"
+    fix = f"delete {folder} and rerun `python data.py align --data {d} --name source`"
+    with pytest.raises(data.DataError, match="old ragged form") as e:
+        data.FusionData(d)
+    assert str(e.value) == f"{folder} holds aligned shards in the old ragged form; {fix}"
+    with pytest.raises(data.DataError, match="old ragged form"):
+        data.align_source(d, "source", quiet=True)
 
 
 def test_topk_that_the_storage_cannot_count_is_refused(pipeline, world):
