@@ -41,3 +41,14 @@ def test_the_cycle_finder_sees_a_cycle_through_a_function_level_import(tmp_path,
     monkeypatch.setattr(rp, "ROOT", tmp_path)
     cycles = rp.import_cycles()
     assert [sorted(set(c)) for c in cycles] == [["a", "b"]]
+
+
+def test_the_readme_gives_the_reading_path_as_it_is():
+    """README.md's reading order names each file with its line count, as tools/reading_path.py
+    counts it: catches a figure left behind when a file grows or shrinks."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for f in rp.READING_ORDER:
+        n = len(rp.lines(ROOT / f))
+        assert f"`{f}` ({n}" in readme, f"README.md: `{f}` should show {n} lines"
+    total = sum(len(rp.lines(ROOT / f)) for f in rp.READING_ORDER)
+    assert f"{total:,} lines in all" in readme
