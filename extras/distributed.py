@@ -42,7 +42,7 @@ import torch
 import common
 import fusellm
 from extras.atomic_files import atomic_path, remove_path
-from extras import ranks
+from extras import ranks          # on import, under torchrun: die_with_agent
 
 # --------------------------------------------------------------------------------------------------
 # Processes

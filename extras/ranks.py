@@ -14,13 +14,36 @@ What it holds:
 - first_rank_then_all: build() on rank 0 alone, then on the others, which read what it wrote.
 - my_shards / rank_label: this process's shards of a stage still to write, with a Progress over
   them labelled with its rank.
+- die_with_agent: under torchrun, this process ends when torchrun's agent does (run on import).
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 from common import Progress
+
+
+def die_with_agent():
+    """Under torchrun, have Linux kill this process when its parent, torchrun's agent, dies. The
+    agent starts each rank in a session of its own, so a kill -9 of the agent (or the OOM killer)
+    ends nothing else: a rank left waiting for a dead one would wait a day (barrier's timeout).
+    prctl(PR_SET_PDEATHSIG) through libc; elsewhere, or alone, nothing. Run when this module is
+    first imported (data.py's stages, extras/distributed.py for train.py)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:          # the agent died before that, leaving this process to init
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+die_with_agent()
 
 
 def rank_world() -> tuple[int, int]:
@@ -33,8 +56,8 @@ def barrier():
     """Wait until every process under torchrun has come here (alone: return at once). The process
     group is set up on first use when the script has none (data.py): gloo, which needs no GPU and
     only passes the meeting along, with a day's timeout, since a rank that finished its shards may
-    wait hours for the slowest one. If any rank dies, torchrun stops the others, so no rank waits
-    forever."""
+    wait hours for the slowest one. If any rank dies, torchrun stops the others, and if torchrun
+    dies, die_with_agent ends them: no rank waits forever."""
     if rank_world()[1] == 1:
         return
     import datetime

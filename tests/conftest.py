@@ -1,8 +1,12 @@
 """Shared helpers: the mixed text every tokenizer must survive, and tiny models and real tokenizer files."""
+import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,57 @@ def run_pipeline(world, out, sources=("source",)):
     for name in ("target", *sources):
         data.compute_dists(out, world / name, name, topk=5, batch_size=3, quiet=True)
     return [data.align_source(out, s, quiet=True) for s in sources]
+
+
+# --- processes a test starts: every one of them killed when it ends, whatever happened ---
+
+def marked(marker: str) -> dict[int, dict[str, str]]:
+    """The live processes whose environment holds NANOFUSE_TEST_RUN=marker, each with its
+    environment: everything a test started, however deep, also once its parent is gone (a worker
+    of a killed torchrun agent belongs to init)."""
+    found = {}
+    try:
+        import psutil
+        procs = [(q.pid, q.environ) for q in psutil.process_iter()]
+    except ImportError:
+        procs = [(int(d.name), (d / "environ").read_bytes) for d in Path("/proc").iterdir()
+                 if d.name.isdigit()]
+    for pid, environ in procs:
+        try:
+            env = environ()
+        except Exception:                       # gone meanwhile, or not ours to read
+            continue
+        if isinstance(env, bytes):              # /proc: NAME=value, NUL-separated
+            env = dict(v.split("=", 1) for v in env.decode(errors="replace").split("\0")
+                       if "=" in v)
+        if env.get("NANOFUSE_TEST_RUN") == marker:
+            found[pid] = env
+    return found
+
+
+@contextlib.contextmanager
+def whole(command, **popen):
+    """Popen(command) in a session of its own, marked (NANOFUSE_TEST_RUN in its environment, which
+    whatever it starts inherits); on leaving, whatever happened, every marked process killed with
+    its process group (torchrun starts each worker in a session of its own, out of reach of a
+    kill of torchrun's group), and none may survive. Yields (the process, its marker)."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOFUSE_TEST_RUN": marker}
+    p = subprocess.Popen(command, env=env, start_new_session=True, **popen)
+    try:
+        yield p, marker
+    finally:
+        if p.poll() is None:                    # its own group first, at once (torchrun's agent)
+            os.killpg(p.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while (left := marked(marker)) and time.time() < deadline:
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    if os.getpgid(pid) != os.getpgrp():
+                        os.killpg(os.getpgid(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=0.1)
+        p.wait()
+        left = {pid: env.get("RANK", "agent") for pid, env in marked(marker).items()}
+        assert left == {}, "processes (pid: rank) outlived the test"

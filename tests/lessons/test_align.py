@@ -307,3 +307,59 @@ def test_lesson_three_presets_choose_the_six_settings_together():
         align.alignment_settings("fast")
     with pytest.raises(ValueError, match="mined"):
         align.alignment_settings("paper", vocab_map="minED")
+
+
+def test_lesson_official_ties_take_the_diagonal_before_a_source_step():
+    """The official order is diagonal, then source step (i-1, j), then target step (i, j-1).
+    Catches: the source step tried before the diagonal (the fast and the reference DTW share one
+    backtrack, so their comparison cannot see it).
+    Source '▁in ▁i t', target '▁in ▁it' (the mirror of the lesson above). Costs:
+        '▁in'/'▁in' 0, '▁in'/'▁it' 1, '▁i'/'▁in' 1, '▁i'/'▁it' 1, 't'/'▁in' 3, 't'/'▁it' 2
+    D[1,1] = 0, D[1,2] = 1, D[2,1] = 1, D[2,2] = 1 + 0 = 1, D[3,1] = 4, D[3,2] = 2 + 1 = 3.
+    From (3,2) the diagonal (2,1) and the source step (2,2) tie at 1. The diagonal pairs '▁i'
+    with '▁in' and 't' alone with '▁it'; the source step pairs '▁i' and 't' with '▁it'.
+    'closest' takes the source step: '▁i' ends at 5, '▁it' at 6 (1 apart), '▁in' at 3 (2 apart)."""
+    src, tgt = ["▁in", "▁i", "t"], ["▁in", "▁it"]
+    for dtw in (align.dtw, align.dtw_reference):
+        assert dtw(src, tgt, ties="official") == [[0, 1], [2]]
+        assert dtw(src, tgt, ties="closest") == [[0], [1, 2]]
+    # source step before target step: 'a b a' against 'b a b' (cost 1 unless equal)
+    #   D row 1: 1 1 2;  row 2: 1 2 1;  row 3: 2 1 2.  At (3,3): diagonal 2, source step (2,3) 1,
+    #   target step (3,2) 1. The source step, then the diagonal (1,2), then (1,1).
+    assert align.dtw_reference(list("aba"), list("bab"), ties="official") == [[0], [0], [1, 2]]
+
+
+def test_lesson_closest_ties_at_equal_distance_fall_back_to_the_official_order():
+    """With ties="closest", predecessors of equal cost go by how close their two tokens' ends are
+    in the text, and where those distances tie too, by the official order (diagonal, source step,
+    target step). Catches: that second order reversed (target step first).
+    1. Source 'a ▁b', target '▁b a': costs a/▁b 2, a/a 0, ▁b/▁b 0, ▁b/a 2, so D[1,1] = 2,
+       D[1,2] = 2, D[2,1] = 2 and all three predecessors of (2,2) tie. Ends: source 1 3, target 2 3;
+       diagonal (1,1) |1-2| = 1, source step (1,2) |1-3| = 2, target step (2,1) |3-2| = 1. Diagonal
+       and target step tie at 1: the diagonal, pairing 1:1 ([[0], [1]]); the target step would
+       give [[0, 1], [1]].
+    2. Source 'a b a', target 'b a b' (D as in the lesson above): at (3,3) the source step (2,3)
+       and the target step (3,2) tie at 1, their ends 1 apart each (2 vs 3, 3 vs 2). The source step
+       gives [[0], [0], [1, 2]]; the target step would give [[0, 1], [2], [2]]."""
+    for dtw in (align.dtw, align.dtw_reference):
+        assert dtw(["a", "▁b"], ["▁b", "a"], ties="closest") == [[0], [1]]
+        assert dtw(list("aba"), list("bab"), ties="closest") == [[0], [0], [1, 2]]
+
+
+def test_lesson_exact_positions_take_the_last_of_two_source_tokens_ending_at_one_byte():
+    """A control token has no bytes (it normalizes to ''), so it ends where the token before it
+    ends. Source '▁hello <ctrl> ▁world', target '▁hello ▁world': source positions 0 and 1 both
+    end at byte -6, where the target's '▁hello' ends. The distribution that predicts what follows
+    that byte is the last one's, at <ctrl> (it predicts '▁world'); the one at '▁hello' predicts
+    <ctrl>. Catches: exact positions taking the first of the source tokens that end at one byte.
+    DTW pairs <ctrl> with '▁hello' (as it pairs a BOS): costs 6 from <ctrl> to either target token,
+    and at (3,2) the diagonal (2,1) and the source step (2,2) tie at 6; their ends are 0 and 6
+    bytes apart, so the diagonal."""
+    src_vocab, tgt_vocab = ["▁hello", "", "▁world"], ["▁hello", "▁world"]
+    src, tgt = [0, 1, 2], [0, 1]
+    assert align.byte_ends(src, src_vocab).tolist() == [-6, -6, 0]
+    alignment = align.dtw(src_vocab, tgt_vocab)
+    assert alignment == [[0, 1], [2]]
+    vmap = np.array([0, -1, 1])
+    matched = align.matched_positions(alignment, src, tgt, vmap, src_vocab, tgt_vocab, "exact")
+    assert matched.tolist() == [1, 2]

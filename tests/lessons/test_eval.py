@@ -331,3 +331,23 @@ def test_exact_match_uses_few_shot_prompt(tmp_path):
                                                             {"input": "q2", "target": "nope"}]))
     r = ev.eval_gen(ev.Scorer(NextByte(), tok), task, shots=1, max_new_tokens=5, limit=None)
     assert r == {"exact_match": 0.5, "n": 2}
+
+
+def test_acc_norm_divides_by_the_choices_characters_not_the_delimiters(tmp_path):
+    """' ' is likelier than 'B': logits 5 and 3, the other 254 bytes 0, so Z = e^5 + e^3 + 254,
+    log p(' ') = a = 5 - ln Z ≈ -1.046 and log p('B') = b = 3 - ln Z ≈ -3.046. The choices 'B' and
+    'BB' are scored as ' B' (a + b ≈ -4.09) and ' BB' (a + 2b ≈ -7.14): acc picks 'B'. Per
+    character of the choice, 'BB' wins: -4.09 / 1 against -7.14 / 2 ≈ -3.57. Per character of
+    delimiter + choice, 'B' would: -4.09 / 2 ≈ -2.05 against -7.14 / 3 ≈ -2.38 (the delimiter is
+    the likelier character, and it weighs more in the shorter choice). Catches acc_norm dividing by
+    len(' ' + choice), which the parity test against lm-eval catches too, but no lesson did."""
+    tok = byte_tokenizer(tmp_path / "t")
+    s = ev.Scorer(Rigged({ord(" "): 5.0, ord("B"): 3.0}), tok)
+    log_z = math.log(math.exp(5) + math.exp(3) + 254)
+    a, b = 5 - log_z, 3 - log_z
+    assert (a + b) / 1 < (a + 2 * b) / 2 and (a + b) / 2 > (a + 2 * b) / 3   # the two rules differ
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "x:", "choices": ["B", "BB"], "label": 1}) + "\n")
+    r = ev.eval_mc(s, task, None)
+    assert r["loglikelihoods"] == [[pytest.approx(a + b), pytest.approx(a + 2 * b)]]
+    assert (r["acc"], r["acc_norm"], r["acc_bytes"]) == (0.0, 1.0, 1.0)

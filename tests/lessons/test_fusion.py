@@ -163,3 +163,45 @@ def test_token_avgce_weights_divide_the_token_ce_by_tau():
     expected = (w0 * torch.tensor([0, .5, 0, .5, 0, 0])
                 + (1 - w0) * torch.tensor([0, 0, .2, .8, 0, 0]))
     assert torch.allclose(P, expected, atol=1e-6)
+
+
+def padded_window_with_bos():
+    """Two windows (B=2) of two candidates (C=2), T=3, K=2, BOS id 1; window 1 is one token short.
+    position:        0 (BOS -> first)   1                  2
+    window 0 labels  3                  4                  5
+             mask    off                on                 on
+    window 1 labels  2                  5                  -100 (pad)
+             mask    off                on                 off
+    On the mask, candidate 0 gives {label: .6, other: .4}, candidate 1 falls back; off it, no
+    entries at all (as collate stores them)."""
+    labels = torch.tensor([[3, 4, 5], [2, 5, -100]])
+    mask = torch.tensor([[False, True, True], [False, True, False]])
+    ids = torch.stack([torch.stack([labels.clamp(min=0), (labels.clamp(min=0) + 1) % V], -1)] * 2)
+    lp = torch.log(torch.tensor([.6, .4])).expand(2, 2, 3, 2).clone()    # (C, B, T, K)
+    lp[:, ~mask] = -torch.inf
+    fallback = torch.stack([torch.zeros(2, 3, dtype=torch.bool), mask])   # (C, B, T)
+    lp[1][mask] = -torch.inf
+    return Batch(input_ids=torch.tensor([[1, 3, 4], [1, 2, 0]]), labels=labels, fusion_mask=mask,
+                 cand_ids=ids, cand_logprobs=lp, cand_fallback=fallback,
+                 window_ce=torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
+
+
+@pytest.mark.parametrize("method", ["mince", "avgce", "mince_token", "avgce_token"])
+def test_fusion_loss_sums_only_the_positions_in_the_fusion_mask(method):
+    """The fusion term sums the soft-label CE over fusion_mask only: not the BOS -> first position,
+    not padding. With uniform logits over V=6 every fused position costs ln 6 (P_t sums to one), so
+    the window pair's 3 masked positions give 3 ln 6 and, at lambda 0 over n_fus = 3, a loss of
+    ln 6; with random logits the sum is token_losses' fusion term over the mask, added up here.
+    Catches the mask ignored (fus.sum()): the per-token fusions put a one-hot on the label at the
+    BOS position and on padding, 6 ln 6 instead of 3 ln 6."""
+    from fusellm import fusion_loss
+    b = padded_window_with_bos()
+    loss, clm, fus = fusion_loss(torch.zeros(2, 3, V), b, 0.0, 5, 3, method)
+    assert fus.item() == pytest.approx(3 * math.log(V), rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(V), rel=1e-6)
+    assert clm.item() == pytest.approx(5 * math.log(V), rel=1e-6)       # 5 labelled positions
+    logits = torch.randn(2, 3, V, generator=torch.Generator().manual_seed(0))
+    _, per_position = token_losses(logits, b.labels, *fuse(b, method))
+    expected = per_position[0, 1] + per_position[0, 2] + per_position[1, 1]     # the mask, by hand
+    _, _, fus = fusion_loss(logits, b, 0.5, 5, 3, method)
+    assert fus.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -6,6 +6,7 @@ micro-batches, micro-batches add up to one big batch, and the schedules and the 
 are what TrainConfig says. Runs that are killed, resumed, spread over processes or fed bad input:
 tests/robustness/test_train_runs.py; comparisons with other implementations:
 tests/parity/test_train_parity.py."""
+import copy
 import types
 
 import numpy as np
@@ -234,3 +235,81 @@ def test_stored_ce_per_byte_matches_the_window_text(tiny):
     n_src = len(src_tok.encode(item["text"]))
     assert item["sources"]["source"]["ce_per_byte"] == pytest.approx(
         item["sources"]["source"]["ce"] * (n_src - 1) / n_bytes, rel=1e-6)
+
+
+def random_fusion_batch(lengths=(6, 4, 5, 3), V=40, C=2, K=3, seed=0):
+    """A hand-built fusellm.Batch of len(lengths) windows, padded to the longest: window b is
+    `lengths[b]` tokens with its BOS (lengths[b] - 1 labelled positions, the first of them BOS ->
+    first, outside the fusion mask); C candidates with random top-K on the mask, some falling
+    back."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths) - 1
+    labels = torch.full((B, T), -100)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        labels[b, :n - 1] = torch.randint(2, V, (n - 1,), generator=g)
+        mask[b, 1:n - 1] = True
+    x = torch.cat([torch.ones(B, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], dim=1)
+    lp = torch.log_softmax(torch.randn(C, B, T, K, generator=g), -1).masked_fill(~mask[..., None],
+                                                                                  -torch.inf)
+    source = (torch.arange(C) > 0)[:, None, None]                   # the target never falls back
+    fallback = (torch.rand(C, B, T, generator=g) < 0.3) & mask & source
+    return fusellm.Batch(input_ids=x, labels=labels, fusion_mask=mask,
+                         cand_ids=torch.randint(0, V, (C, B, T, K), generator=g), cand_logprobs=lp,
+                         cand_fallback=fallback, window_ce=torch.rand(C, B, generator=g) * 3)
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps each step's gradients instead of applying them (AdamW and
+    clipping would hide a uniform scale of the gradient)."""
+    def __init__(self, model):
+        self.model, self.param_groups, self.grads = model, [{"lr": 0.0}], []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.model.parameters()])
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_a_steps_gradient_is_that_of_the_mean_loss_however_it_is_split(lam):
+    """One step of 4 windows run as 1, 2 or 4 micro-batches: the gradient run_steps hands the
+    optimizer, and the grad_norm it records, equal the gradient of the plain mean loss over the 4
+    windows, lambda * mean CE + (1 - lambda) * mean soft-label CE against fuse()'s P_t on the mask,
+    computed here by torch's dense cross-entropies. Windows of different lengths give micro-batches
+    different token counts. Catches a loss multiplied by the number of micro-batches, or divided by
+    each micro-batch's own token count: AdamW and clipping hide such a scale, so comparing the
+    losses (test_gradient_accumulation_equals_one_big_batch) cannot see it."""
+    V = 40
+    args = fusellm.ModelArgs(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                             hidden_dim=32, qkv_bias=False, sliding_layers=(False,))
+    torch.manual_seed(0)
+    model = fusellm.Transformer(args)
+    b = random_fusion_batch(V=V)
+    cfg = train.TrainConfig(lam=lam, grad_clip=1e9, warmup=0, fusion="avgce")
+
+    reference = copy.deepcopy(model)
+    logits = reference(b.input_ids)[..., :V]
+    clm = F.cross_entropy(logits.transpose(1, 2), b.labels, ignore_index=-100)     # the mean
+    P = torch.zeros(*logits.shape).scatter_add_(-1, *fusellm.fuse(b, "avgce"))     # dense P_t
+    soft = F.cross_entropy(logits.transpose(1, 2), P.transpose(1, 2), reduction="none")
+    fus = (soft * b.fusion_mask).sum() / b.fusion_mask.sum()
+    (lam * clm + (1 - lam) * fus).backward()
+    expected = [p.grad for p in reference.parameters()]
+    expected_norm = torch.cat([g.flatten() for g in expected]).norm()
+
+    def part(rows):
+        return fusellm.Batch(b.input_ids[rows], b.labels[rows], b.fusion_mask[rows],
+                             b.cand_ids[:, rows], b.cand_logprobs[:, rows],
+                             b.cand_fallback[:, rows], b.window_ce[:, rows])
+
+    for n_micro in (1, 2, 4):
+        m = copy.deepcopy(model)
+        opt = RecordingOptimizer(m)
+        size = 4 // n_micro
+        batches = [part(slice(i * size, (i + 1) * size)) for i in range(n_micro)]
+        (rec,) = list(train.run_steps(m, opt, cfg, 1, lambda step: batches, "cpu", V, 1))
+        assert rec["grad_norm"] == pytest.approx(float(expected_norm), rel=1e-4), n_micro
+        for got, want in zip(opt.grads[0], expected):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), n_micro

@@ -193,3 +193,65 @@ def test_aligned_entries_are_padded_rows_read_back_with_a_mask():
     assert torch.allclose(lp[0], torch.tensor([-0.1, -2.5])) and lp[2, 0] == -0.5
     assert torch.isinf(lp[1]).all() and lp[2, 1] == -np.inf            # no entry: -inf
     assert b.cand_fallback[1, 0].tolist() == [False, False, True, False]
+
+
+def test_ids_of_a_large_vocabulary_come_back_unchanged(tmp_path):
+    """Gemma 3's vocabulary has 262,144 ids, more than uint16's 65,536, so its stored ids need 32
+    bits. Ids on both sides of the uint16 edge (65,535 and 65,536) and the last id (262,143) are
+    saved as a model's top-K (save_dists) and as a source's aligned rows (save_aligned), and read
+    back the way data.FusionData reads them (read_dists + window_rows, read_aligned +
+    aligned_window): the same ids, log-probs and counts. Catches ids stored as uint16 whatever the
+    vocabulary (65,536 would come back as 0, 70,000 as 4,464, 262,143 as 65,535)."""
+    V = 262_144
+    ids = [np.array([[0, 65_535, 65_536], [70_000, 131_071, 262_143]]),     # window 0: 2 tokens
+           np.array([[262_143, 65_536, 1]])]                                # window 1: 1 token
+    lps = [np.float32([[-0.5, -1.0, -2.0], [-0.25, -3.0, -4.0]]),   # multiples of 1/16: exact
+           np.float32([[-0.0625, -1.5, -8.0]])]
+    out = tmp_path / "d"
+    (out / "models" / "src").mkdir(parents=True)
+    (out / "aligned" / "src").mkdir(parents=True)
+    windows = [([5, 6], ids[0], lps[0], 1.5), ([7], ids[1], lps[1], 2.5)]
+    storage.save_dists(out / "models" / "src" / "shard-00000.npz", windows, V, 8)
+    stored = storage.read_dists(out, "src", 0)
+    for w in (0, 1):
+        i_, l_ = storage.window_rows(stored, w)
+        assert i_.tolist() == ids[w].tolist() and l_.tolist() == lps[w].tolist()
+    rows = [{"counts": np.array([3, 2]), "ids": ids[0], "logprobs": lps[0]},
+            {"counts": np.array([3]), "ids": ids[1], "logprobs": lps[1]}]
+    target_offsets = np.array([0, 2, 3])
+    storage.save_aligned(out / "aligned" / "src" / "shard-00000.npz", rows, V,
+                         np.float32([1.5, 2.5]), target_offsets)
+    z = storage.read_aligned(out, "src", 0)
+    for w, n_src in ((0, 2), (1, 1)):
+        got, n = storage.aligned_window(z, target_offsets, w)
+        assert got["ids"].tolist() == ids[w].tolist() and n == n_src
+        assert got["logprobs"].tolist() == lps[w].tolist()
+        assert got["counts"].tolist() == rows[w]["counts"].tolist()
+
+
+def test_both_heads_are_exact_where_logits_pass_the_range_of_exp():
+    """exp overflows float32 above 88.7, and a head's logits can pass it (the largest here are
+    230 to 414). Both heads take the log-sum-exp as max + log sum exp(z - max), so their top-K
+    ids, log-probs and next-token log-probs are finite and equal a float64 log_softmax of the same
+    logits worked here, in one block or in blocks of 4 positions x 300 entries (the last one short).
+    Catches the fast head's block log-sum-exp taken as log sum exp(z) without the block's maximum
+    (inf, so every log-prob -inf, the moment one logit passes 88.7)."""
+    N, C, V, K = 9, 16, 1000, 5
+    model = RandomHead(C, V, seed=3)
+    h = torch.randn(N, C, generator=torch.Generator().manual_seed(4)) * 8
+    z = h.double() @ model.w.double().T                                     # (N, V) in float64
+    assert z.max(-1).values.min() > 100                  # every position's top logit past 88.7
+    logp = z.log_softmax(-1)
+    top = logp.topk(K, dim=-1)
+    nxt = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))
+    nxt[-1] = -1                                                          # no next token: 0
+    want_label = logp.gather(1, nxt.clamp(min=0)[:, None])[:, 0] * (nxt >= 0)
+    for ids, lps, label in (data.head_topk(model, h, nxt, K, V),
+                            fast_head.head_topk(model, h, nxt, K, V),
+                            fast_head.head_topk(model, h, nxt, K, V, head_elements=4 * 300,
+                                                head_cols=300)):
+        assert torch.isfinite(lps).all() and torch.isfinite(label).all()
+        assert torch.equal(ids, top.indices)
+        # float32 logits of a few hundred carry rounding of ~1e-4 (1.2e-4 at most here)
+        assert torch.allclose(lps.double(), top.values, atol=1e-3)
+        assert torch.allclose(label.double(), want_label, atol=1e-3)

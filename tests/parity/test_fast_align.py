@@ -201,3 +201,55 @@ def test_fast_mined_vocab_map_equals_the_reference_with_real_byte_piece_ties(rea
     assert ids[got[e]] == 28706 and tgt[position[104]] == "e"     # 'e', not the byte piece <0x65>
     lowest, _ = assert_same_mined_map(lv[:300], tgt)
     assert ids[lowest[e]] == 104                        # by lowest id: the byte piece
+
+
+def official_style_dtw(source, target):
+    """The official FuseLLM DTW, written again here: the full (n+1, m+1) table filled cell by cell
+    with min(up, left, diagonal) + edit distance, then a walk back from (n, m) that takes np.argmin
+    over [diagonal, up (i-1, j), left (i, j-1)] (the first of equal values), off-table cells
+    infinite. Its own edit distance (the full Wagner-Fischer table)."""
+    import numpy as np
+
+    def edit(a, b):
+        t = np.zeros((len(a) + 1, len(b) + 1), dtype=np.int64)
+        t[:, 0], t[0, :] = np.arange(len(a) + 1), np.arange(len(b) + 1)
+        for x in range(1, len(a) + 1):
+            for y in range(1, len(b) + 1):
+                t[x, y] = min(t[x - 1, y] + 1, t[x, y - 1] + 1,
+                              t[x - 1, y - 1] + (a[x - 1] != b[y - 1]))
+        return int(t[-1, -1])
+
+    n, m = len(source), len(target)
+    table = np.full((n + 1, m + 1), np.inf)
+    table[0, 0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            table[i, j] = edit(source[i - 1], target[j - 1]) + min(
+                table[i - 1, j], table[i, j - 1], table[i - 1, j - 1])
+    pairs = {j: set() for j in range(m)}
+    i, j = n, m
+    while True:
+        pairs[j - 1].add(i - 1)
+        if (i, j) == (1, 1):
+            break
+        diag, up, left = table[i - 1, j - 1], table[i - 1, j], table[i, j - 1]
+        move = int(np.argmin([diag, up, left]))
+        i, j = [(i - 1, j - 1), (i - 1, j), (i, j - 1)][move]
+    return [sorted(pairs[j]) for j in range(m)]
+
+
+def test_official_ties_reproduce_an_official_style_dtw_on_inputs_full_of_ties():
+    """ties="official" must give the official code's alignment, tie for tie. Catches: the official
+    tie order (diagonal, source step, target step) changed in the shared backtrack, which the
+    fast/reference comparison cannot see. Small alphabets and short tokens make ties everywhere."""
+    rng = random.Random(7)
+    differs = 0
+    for _ in range(300):
+        alphabet = rng.choice(["ab", "a▁", "abc"])
+        s = random_tokens(rng, rng.randint(1, 9), alphabet)
+        t = random_tokens(rng, rng.randint(1, 9), alphabet)
+        want = official_style_dtw(s, t)
+        assert align.dtw_reference(s, t, ties="official") == want, (s, t)
+        assert align.dtw(s, t, ties="official") == want, (s, t)
+        differs += align.dtw(s, t, ties="closest") != want
+    assert differs > 30            # the inputs hold ties the two rules break differently

@@ -111,3 +111,34 @@ def test_command_line_prints_the_models_top_k(tmp_path):
     with torch.no_grad():
         expected = model(torch.tensor([ids]))[0, -1].topk(3).indices.tolist()
     assert printed == expected
+
+
+def test_shards_carry_hugging_faces_names_and_the_index_names_them(tmp_path):
+    """A sharded save names its N shards as Hugging Face does, numbered from 1:
+    model-00001-of-0000N.safetensors ... model-0000N-of-0000N.safetensors (transformers'
+    save_pretrained of the same model, sharded here too, is checked to follow the same rule), and
+    the index's weight_map sends each weight to the shard that holds it; transformers loads the
+    folder with the same logits. Catches shards numbered from 0 (model-00000-of-0000N, ...), which
+    transformers would still load through the index but which is not Hugging Face's layout."""
+    import json
+    from safetensors import safe_open
+
+    def hf_names(n):
+        return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+    model = fresh(LLAMA)
+    out = tmp_path / "out"
+    fusellm.save_model(model, out, max_shard_bytes=20_000)
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(names) > 2 and names == hf_names(len(names))
+    held = {}
+    for name in names:
+        with safe_open(str(out / name), "pt") as f:
+            held.update({k: name for k in f.keys()})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == held
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (logits(theirs) - logits(model)).abs().max().item() < 1e-4
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size=20_000)
+    their_names = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(their_names) > 2 and their_names == hf_names(len(their_names))

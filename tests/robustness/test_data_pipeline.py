@@ -17,7 +17,7 @@ import pytest
 import align
 import data
 import fusellm
-from conftest import ROOT, SEQ             # the `world` fixture comes from conftest
+from conftest import ROOT, SEQ, marked, whole   # the `world` fixture comes from conftest
 from extras import data_cli, storage
 from tokenizer import load_tokenizer
 
@@ -91,10 +91,9 @@ def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, 
     assert tree(tmp_path / "models" / "target") == tree(pipeline / "models" / "target")
 
 
-def data_all(world, out, ranks: int = 1, wait=True, slow_filesystem=False):
+def data_command(world, out, ranks: int = 1, slow_filesystem=False) -> list[str]:
     """`python data.py all` on the world's target and source, or `torchrun --nproc_per_node <ranks>
-    data.py all`, optionally through tests/robustness/slow_filesystem.py. One thread per process, so
-    every process gets the same floating-point results."""
+    data.py all`, optionally through tests/robustness/slow_filesystem.py."""
     slow = [str(ROOT / "tests" / "robustness" / "slow_filesystem.py")] if slow_filesystem else []
     args = [*slow, str(ROOT / "data.py"),
             "all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
@@ -106,12 +105,16 @@ def data_all(world, out, ranks: int = 1, wait=True, slow_filesystem=False):
             port = s.getsockname()[1]
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
                 "127.0.0.1", "--master_port", str(port), *args]
-    p = subprocess.Popen([sys.executable, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    if wait:
+    return [sys.executable, *args]
+
+
+def data_all(world, out, ranks: int = 1, slow_filesystem=False):
+    """data_command run to its end (whole: nothing it started outlives it). One thread per process,
+    so every process gets the same floating-point results."""
+    command = data_command(world, out, ranks, slow_filesystem)
+    with whole(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (p, _):
         log = p.communicate(timeout=300)[0].decode()
         assert p.returncode == 0, log
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +149,42 @@ def test_torchrun_data_preparation_killed_and_rerun_equals_one_process(world, on
     with two ranks: the result is byte for byte one process's. Catches a rerun that redoes a stage
     over another rank's finished files, keeps a half-written one, or never merges the
     diagnostics."""
-    p = data_all(world, tmp_path, ranks=2, wait=False)
-    t0 = time.time()
-    while not (tmp_path / kill_at).is_file() and p.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.002)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    with whole(data_command(world, tmp_path, ranks=2), stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL) as (p, _):
+        t0 = time.time()
+        while not (tmp_path / kill_at).is_file() and p.poll() is None and time.time() - t0 < 300:
+            time.sleep(0.002)
+    # whole() killed every process, each worker's group with torchrun's
     diagnostics = tmp_path / "aligned" / "source" / "diagnostics.json"
     assert not diagnostics.is_file(), "killed too late to test a resume"
     data_all(world, tmp_path, ranks=2)
     final = {k: v for k, v in tree(tmp_path).items() if not k.rsplit("/", 1)[-1].startswith(".")}
     assert final == one_process
+
+
+@pytest.mark.slow
+def test_ranks_end_when_their_torchrun_agent_is_killed(world, tmp_path):
+    """torchrun's agent and rank 1 killed by SIGKILL while rank 0 builds the windows: rank 0 ends
+    too, at once (extras/ranks.py: die_with_agent), not a day later. Catches ranks that outlive
+    their agent: torchrun starts each in a session of its own, which no kill of the agent reaches,
+    and rank 0 would wait for rank 1 in the process group's start-up until its timeout (a day)."""
+    out = tmp_path / "out"
+    with whole(data_command(world, out, ranks=2), stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL) as (p, marker):
+        t0 = time.time()
+        while not out.is_dir() and p.poll() is None and time.time() - t0 < 60:   # rank 0's windows
+            time.sleep(0.01)
+        ranks = {env.get("RANK"): pid for pid, env in marked(marker).items()}
+        assert out.is_dir() and {"0", "1"} <= set(ranks), "the ranks never started"
+        assert not (out / "manifest.json").exists(), "the windows were built before the kill"
+        os.kill(p.pid, signal.SIGKILL)
+        os.kill(ranks["1"], signal.SIGKILL)
+        p.wait()
+        t0 = time.time()
+        while (left := marked(marker)) and time.time() - t0 < 60:
+            time.sleep(0.1)
+        left = {pid: env.get("RANK") for pid, env in left.items()}
+        assert left == {}, f"ranks (pid: rank) outlived their agent by {time.time() - t0:.0f} s"
 
 
 # --- alignment, diagnostics, fusion-ready data ---------------------------------------------------

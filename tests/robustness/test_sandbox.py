@@ -130,3 +130,45 @@ def test_a_child_left_running_is_killed_with_the_program(ends):
     run(body, timeout=2.0)
     time.sleep(0.2)
     assert processes_with(marker) == []
+
+
+def test_the_program_runs_in_a_fresh_temporary_folder_of_its_own(tmp_path, monkeypatch):
+    """A program's relative paths land in a folder made for that run and deleted after it, never in
+    the caller's working directory. Catches run_program starting the program in the caller's folder
+    (cwd left out): a huge-file completion would then write 16 MiB into the repository, and any
+    completion could read or overwrite what lies there."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    # the program writes a relative file, then fails with its working directory as the reason
+    program = ("import os\nopen('left-behind.txt', 'w').write('x')\n"
+               "raise AssertionError(os.getcwd())\n")
+    runs = [run_program(program) for _ in range(2)]
+    assert all(not ok and why.startswith("AssertionError: /") for ok, why in runs), runs
+    folders = [why.removeprefix("AssertionError: ") for _, why in runs]
+    assert list(caller.iterdir()) == [], "the program wrote into the caller's folder"
+    assert os.path.realpath(folders[0]) != os.path.realpath(caller)
+    assert folders[0] != folders[1], "each run gets a folder of its own"
+    assert not any(os.path.exists(f) for f in folders), "the run's folder outlives it"
+
+
+@pytest.mark.parametrize("attack", [
+    "posix.remove({canary!r})", "posix.unlink({canary!r})", "posix.rename({canary!r}, {moved!r})",
+    "posix.replace({canary!r}, {moved!r})", "posix.truncate({canary!r}, 0)",
+    "os.rename({canary!r}, {moved!r})", "os.replace({canary!r}, {moved!r})",
+    "os.truncate({canary!r}, 0)",
+], ids=lambda a: a.split("(")[0])
+def test_the_c_module_behind_os_is_guarded_too(tmp_path, attack):
+    """`import posix` gives the functions behind `os` under their own names: the guard must disable
+    them there as well. Catches the guard that clears os.remove, os.rename, ... but leaves
+    posix.remove, posix.rename, ... working (the line on sys.modules["posix"] dropped): the
+    completion below would delete, move or empty the canary and still pass. The canary sits in a
+    test's temporary folder, so an escape harms nothing."""
+    canary = tmp_path / "keep" / "canary.txt"
+    canary.parent.mkdir()
+    canary.write_text("mine")
+    moved = tmp_path / "keep" / "moved.txt"
+    body = f"    import os, posix\n    {attack.format(canary=str(canary), moved=str(moved))}\n"
+    ok, why = run(body + "    return 1\n")
+    assert not ok and "TypeError" in why, why
+    assert canary.read_text() == "mine" and not moved.exists()

@@ -5,7 +5,6 @@ with one clear error, the command line, and the settings that change memory or s
 tests/lessons/test_train.py."""
 import dataclasses
 import json
-import os
 import re
 import runpy
 import socket
@@ -24,6 +23,7 @@ from extras import distributed
 from extras.cli import field_help
 from extras.export import export
 from extras.progress import plot_losses
+from conftest import whole       # Popen, and nothing it started left behind
 
 
 run = train_run
@@ -191,9 +191,9 @@ def launch(world, out, ranks, *extra, crash=False):
     run_with = [sys.executable, script] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script]
-    p = subprocess.run([*run_with, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    log = p.stdout.decode()
+    # whole: in a session of its own, and nothing it started (torchrun's workers) outlives it
+    with whole([*run_with, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (p, _):
+        log = p.communicate(timeout=300)[0].decode()
     assert (p.returncode != 0) == crash, log[-3000:]
     return log
 
