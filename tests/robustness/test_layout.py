@@ -52,3 +52,11 @@ def test_the_readme_gives_the_reading_path_as_it_is():
         assert f"`{f}` ({n}" in readme, f"README.md: `{f}` should show {n} lines"
     total = sum(len(rp.lines(ROOT / f)) for f in rp.READING_ORDER)
     assert f"{total:,} lines in all" in readme
+
+
+def test_the_readme_gives_the_size_of_extras_and_tools_as_they_are():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for package in ("extras", "tools"):
+        files = sorted((ROOT / package).glob("*.py"))
+        n = sum(len(rp.lines(p)) for p in files)
+        assert f"`{package}/` ({len(files)} files, {n:,} lines)" in readme, package
