@@ -71,25 +71,31 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
     header.pop("__metadata__", None)
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         try:
             dtype = ST_DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise FormatError(f"{path}: corrupt header entry for tensor {name!r}: {info}; "
                               f"{fix}") from None
         numel = math.prod(shape)
-        if end - begin != numel * dtype.itemsize or begin < 0 or 8 + n + end > size:
+        if (end - begin != numel * dtype.itemsize or begin < 0 or 8 + n + end > size
+                or min(shape, default=0) < 0):
             raise FormatError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not fit its "
                               f"byte range [{begin}, {end}) in a {size}-byte file; truncated or "
                               f"corrupt; {fix}")
+        spans.append((begin, end, name))
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
             out[name] = torch.frombuffer(mm, dtype=dtype, count=numel,
                                          offset=8 + n + begin).view(shape)
+    spans = sorted(s for s in spans if s[0] < s[1])
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise FormatError(f"{path}: tensors {a!r} and {b!r} share bytes; corrupt; {fix}")
     return out
 
 

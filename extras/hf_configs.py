@@ -36,6 +36,8 @@ ROPE_TYPES = ("default", "llama3", "linear")
 
 def model_args_kwargs(cfg: dict, source: str = "config.json") -> dict:
     """model.ModelArgs(**these) for a Hugging Face config.json dict. Unsupported settings raise."""
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{source}: holds {type(cfg).__name__}, not a JSON object of settings")
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise FormatError(
@@ -63,9 +65,18 @@ def model_args_kwargs(cfg: dict, source: str = "config.json") -> dict:
     if cfg.get("use_bidirectional_attention"):
         raise FormatError(f"{source}: use_bidirectional_attention is not supported "
                           f"(causal models only)")
+    sizes(cfg, source, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "intermediate_size"),
+          ("num_key_value_heads", "head_dim", "max_position_embeddings"))
     n_heads = need("num_attention_heads")
     dim = need("hidden_size")
     n_layers = need("num_hidden_layers")
+    if not cfg.get("head_dim") and dim % n_heads:
+        raise FormatError(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads "
+                          f"{n_heads} (and no head_dim is given)")
+    if n_heads % (cfg.get("num_key_value_heads") or n_heads):
+        raise FormatError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                          f"num_key_value_heads {cfg['num_key_value_heads']}")
     # RoPE: older configs put rope_theta at the top and scaling in `rope_scaling`; newer ones put
     # both in `rope_parameters`, per layer type for Gemma 3 ({"full_attention": ...,
     # "sliding_attention": ...}).
@@ -144,8 +155,12 @@ def mpt_kwargs(cfg: dict, source: str, need) -> dict:
         problems.append("logit_scale")
     if problems:
         raise FormatError(f"{source}: MPT settings not supported: {', '.join(problems)}")
+    sizes(cfg, source, ("d_model", "n_heads", "n_layers", "vocab_size"),
+          ("expansion_ratio", "max_seq_len"))
     dim, n_heads = need("d_model"), need("n_heads")
     n_layers = need("n_layers")
+    if dim % n_heads:
+        raise FormatError(f"{source}: d_model {dim} is not a multiple of n_heads {n_heads}")
     return dict(
         model_type="mpt", vocab_size=need("vocab_size"), dim=dim, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=n_heads, head_dim=dim // n_heads,
@@ -155,6 +170,17 @@ def mpt_kwargs(cfg: dict, source: str, need) -> dict:
         alibi_bias_max=attn.get("alibi_bias_max", 8), attn_scale=attn.get("softmax_scale"),
         clip_qkv=attn.get("clip_qkv"), sliding_layers=(False,) * n_layers,
         max_seq_len=cfg.get("max_seq_len", 2048), hf_config=dict(cfg))
+
+
+def sizes(cfg: dict, source: str, required: tuple, optional: tuple):
+    """Each size given is a positive whole number (not a float, bool or string); optional ones may
+    be null (their default). A missing required one is left to `need` to name."""
+    for key in (*required, *optional):
+        value = cfg.get(key)
+        if key in cfg and (value is not None or key in required):
+            if type(value) is not int or value < 1:
+                raise FormatError(f"{source}: {key} must be a positive whole number, not "
+                                  f"{value!r}")
 
 
 def rope_settings(params: dict, cfg: dict, source: str,
