@@ -85,6 +85,17 @@ def byte_level_bpe(texts, vocab_size):
     return tok
 
 
+def trained_tokenizers(root, texts, sp_vocab: int, bpe_vocab: int):
+    """A sentencepiece BPE (root/sp) and a byte-level BPE (root/bpe) trained on the texts, loaded
+    with the project's load_tokenizer: (sentencepiece, bpe)."""
+    from tokenizer import load_tokenizer
+    (root / "sp").mkdir()
+    (root / "sp" / "tokenizer.model").write_bytes(sentencepiece_model(texts, sp_vocab))
+    (root / "bpe").mkdir()
+    byte_level_bpe(texts, bpe_vocab).save(str(root / "bpe" / "tokenizer.json"))
+    return load_tokenizer(root / "sp"), load_tokenizer(root / "bpe")
+
+
 def llama(vocab, seed):
     import fusellm
     args = fusellm.ModelArgs(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,

@@ -12,10 +12,9 @@ import torch
 import align
 import data
 import fusellm
-from conftest import byte_level_bpe, llama, mpt, sentencepiece_model, stdlib_texts
+from conftest import byte_level_bpe, llama, mpt, stdlib_texts, trained_tokenizers
 from extras import fast_head, storage
 from extras.corpus import CorpusStats, read_corpus
-from tokenizer import load_tokenizer
 
 
 def test_corpus_counts_what_it_skips(tmp_path):
@@ -33,13 +32,8 @@ def test_corpus_counts_what_it_skips(tmp_path):
 @pytest.fixture(scope="module")
 def two_tokenizers(tmp_path_factory):
     """A sentencepiece BPE and a byte-level BPE, trained here on standard-library code."""
-    root = tmp_path_factory.mktemp("tokenizers")
-    texts = stdlib_texts(10)
-    (root / "sp").mkdir()
-    (root / "sp" / "tokenizer.model").write_bytes(sentencepiece_model(texts, 400))
-    (root / "bpe").mkdir()
-    byte_level_bpe(texts, 300).save(str(root / "bpe" / "tokenizer.json"))
-    return [load_tokenizer(root / "sp"), load_tokenizer(root / "bpe")]
+    return list(trained_tokenizers(tmp_path_factory.mktemp("tokenizers"), stdlib_texts(10), 400,
+                                   300))
 
 
 def test_long_document_is_cut_into_windows_every_tokenizer_fits(two_tokenizers):

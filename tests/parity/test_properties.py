@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import align
-from conftest import byte_level_bpe, sentencepiece_model, stdlib_texts
+from conftest import stdlib_texts, trained_tokenizers
 from extras import fast_align
 from extras.storage import LOGPROB_STEP, dequantize_logprobs, quantize_logprobs
-from tokenizer import load_tokenizer, normalize
+from tokenizer import normalize
 
 SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -181,13 +181,8 @@ def test_quantised_logprobs_decode_within_a_step(lp, below):
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokenizers")
-    texts = stdlib_texts(6)
-    (root / "sp").mkdir()
-    (root / "sp" / "tokenizer.model").write_bytes(sentencepiece_model(texts, 400))
-    (root / "bpe").mkdir()
-    byte_level_bpe(texts, 400).save(str(root / "bpe" / "tokenizer.json"))
-    return {"sentencepiece": load_tokenizer(root / "sp"), "bpe": load_tokenizer(root / "bpe")}
+    sp, bpe = trained_tokenizers(tmp_path_factory.mktemp("tokenizers"), stdlib_texts(6), 400, 400)
+    return {"sentencepiece": sp, "bpe": bpe}
 
 
 # any code point but surrogates (not encodable), mixed with pieces random characters rarely hit:
