@@ -265,11 +265,7 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
                 if changed := storage.changed_tokens(ids_, dist, w, s, who):
                     raise DataError(changed)
             topk_ids, topk_logprobs = storage.window_rows(src, w)                 # (n, K) each
-            # alignment, matched positions, transfer (align.carry), by the six settings
-            tr = align.carry(s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv,
-                             positions=settings["positions"], vocab_kind=settings["vocab_map"],
-                             ties=settings["ties"], fallback=settings["fallback"],
-                             merge=settings["merge"], costs=costs)
+            tr = align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv, costs, settings)
             entries.append(padded(tr, src_info["topk"]))
             stats.append(window_stats(tr, s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv))
             prog.update(1, len(t_ids))
@@ -279,6 +275,16 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
     prog.update(0, force=True)
     ranks.barrier()                # every shard's statistics are written: rank 0 merges them
     return merged_diagnostics(out, name, quiet)
+
+
+def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs,
+                 settings: dict) -> align.Transferred:
+    """One window through align.carry (alignment, matched positions, transfer) by the six settings
+    of a settings.json: for align_source, and for train.py --online (extras/online.py)."""
+    return align.carry(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
+                       positions=settings["positions"], vocab_kind=settings["vocab_map"],
+                       ties=settings["ties"], fallback=settings["fallback"],
+                       merge=settings["merge"], costs=costs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,8 +36,7 @@ What it holds:
   settings and the same tokenizer, and that a window still gives the tokens they were made on.
 - `read_align_settings`, `stored_align_settings`, `settings_conflict`: an aligned folder's
   settings.json (files from older versions included), and the check that a folder is aligned with
-  one set of settings only; `align_window`: one window aligned by such settings, as
-  data.align_source aligns each (for train.py --online and the tests).
+  one set of settings only.
 """
 from __future__ import annotations
 
@@ -200,18 +199,6 @@ def read_align_settings(path: Path) -> dict:
                              f"{ {k: list(c) for k, c in choices.items()} }; delete the folder and "
                              f"align again")
     return stored
-
-
-def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs,
-                 settings: dict) -> align.Transferred:
-    """One window through align.carry (alignment, matched positions, transfer) by the six
-    `settings` of a settings.json: the call data.align_source makes for every window, for train.py
-    --online (extras/online.py) and the tests. tests/parity/test_train_parity.py checks that online
-    candidates equal the stored ones."""
-    return align.carry(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
-                       positions=settings["positions"], vocab_kind=settings["vocab_map"],
-                       ties=settings["ties"], fallback=settings["fallback"],
-                       merge=settings["merge"], costs=costs)
 
 
 def stored_align_settings(out, name) -> dict:

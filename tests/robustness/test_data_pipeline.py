@@ -223,7 +223,7 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
     """The official preset's fallback (the official code's off-by-one) is stored: every unmatched
     position carries a one-hot on its own current target token, where the next-token fallback
     stores nothing (training then puts the next-token label there). Compared with the same preset
-    and the next-token fallback, window by window (storage.align_window). fusellm.collate passes the
+    and the next-token fallback, window by window (data.align_window). fusellm.collate passes the
     stored one-hot on as the candidate's distribution."""
     d = tmp_path / "d"
     shutil.copytree(pipeline, d)
@@ -239,7 +239,7 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
     for w, win in enumerate(storage.read_windows(d, 0)):
         a, b = src["offsets"][w], src["offsets"][w + 1]
         lps = storage.dequantize_logprobs(src["topk_logprobs"][a:b])
-        tr = storage.align_window(s_tok.encode(win["text"]), tok.encode(win["text"]),
+        tr = data.align_window(s_tok.encode(win["text"]), tok.encode(win["text"]),
                                   src["topk_ids"][a:b].astype(np.int64), lps, vmap, sv, tv, None,
                                   settings)
         counts.append(data.padded(tr, 5)["counts"])
