@@ -172,12 +172,10 @@ def load_tokenizer(path) -> Tokenizer:
     """The tokenizer of a model folder, or a tokenizer file given directly. In a folder, a
     byte-level BPE tokenizer.json comes first, then tokenizer.model (sentencepiece or Llama-3
     tiktoken format). tokenizer_config.json beside it names BOS/EOS and may set add_bos_token."""
-    from extras.format_error import FormatError
+    from extras.format_error import raised_as
     from extras.tokenizer_files import tokenizer_files
-    try:
+    with raised_as(TokenizerError):         # the reader's FormatError, with the same message
         files, config = tokenizer_files(Path(path))
-    except FormatError as e:
-        raise TokenizerError(str(e)) from None
     errors = []
     for f in files:                         # the first that loads
         try:
@@ -190,12 +188,10 @@ def load_tokenizer(path) -> Tokenizer:
 def load_tokenizer_file(path: Path, config: dict | None = None) -> Tokenizer:
     """One tokenizer file, by its kind. Which engine runs it, with what, is read into plain data in
     extras/ (whose FormatError becomes TokenizerError here); the tokenizer is built here."""
-    from extras.format_error import FormatError
+    from extras.format_error import raised_as
     from extras.tokenizer_files import read_tokenizer_file
-    try:
+    with raised_as(TokenizerError):
         engine, spec = read_tokenizer_file(path, config or {})
-    except FormatError as e:
-        raise TokenizerError(str(e)) from None
     if engine == "sentencepiece":
         return SentencePieceTokenizer(path, **spec)
     return TiktokenBPE(**spec)

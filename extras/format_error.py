@@ -4,7 +4,7 @@ Why it exists: model.py and tokenizer.py import the readers in extras/, so the r
 them back for CheckpointError and TokenizerError (that would be an import cycle). They raise
 FormatError instead, a ValueError whose message names the file and the fix, and the core turns it
 into its own error with the same message where it calls them (model.py: ModelArgs.from_hf,
-read_config, load_model, with `raised_as`; tokenizer.py: load_tokenizer_file).
+read_config, load_model; tokenizer.py: load_tokenizer, load_tokenizer_file), with `raised_as`.
 
 What it holds: `FormatError`; `raised_as(error)`, the block whose FormatError is raised on as the
 core's own error; `mismatch`, one FormatError for every tensor that does not fit a model.
