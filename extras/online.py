@@ -75,7 +75,7 @@ class OnlineCandidates:
             ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
             for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
                 tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv,
-                                          costs, self.settings[name])
+                                       costs, self.settings[name])
                 n_bytes = len(it["text"].encode())
                 per_byte = data.ce_per_byte(c_, len(si), s_tok.bos_id is not None, n_bytes)
                 rows = data.padded(tr, self.k)            # counts (n,), ids and logprobs (n, K)

@@ -240,8 +240,8 @@ def test_official_fallback_stores_the_current_token_and_training_uses_it(world, 
         a, b = src["offsets"][w], src["offsets"][w + 1]
         lps = storage.dequantize_logprobs(src["topk_logprobs"][a:b])
         tr = data.align_window(s_tok.encode(win["text"]), tok.encode(win["text"]),
-                                  src["topk_ids"][a:b].astype(np.int64), lps, vmap, sv, tv, None,
-                                  settings)
+                               src["topk_ids"][a:b].astype(np.int64), lps, vmap, sv, tv, None,
+                               settings)
         counts.append(data.padded(tr, 5)["counts"])
     default = {"counts": np.concatenate(counts)}
     tgt_ids = [i for w in storage.read_windows(pipeline, 0) for i in tok.encode(w["text"])]
