@@ -269,9 +269,9 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
             entries.append(padded(tr, src_info["topk"]))
             stats.append(window_stats(tr, s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv))
             prog.update(1, len(t_ids))
+        save_shard_stats(d, s, stats)           # first: the shard's own file marks it done
         storage.save_aligned(d / f"shard-{s:05d}.npz", entries, t_tok.vocab_size, src["ce"],
                              tgt["offsets"])
-        save_shard_stats(d, s, stats)
     prog.update(0, force=True)
     ranks.barrier()                # every shard's statistics are written: rank 0 merges them
     return merged_diagnostics(out, name, quiet)

@@ -94,6 +94,10 @@ def diagnostics(out, name) -> dict:
     the target's true next token, 1.0 for a perfect transfer), and the most frequent unmatched token
     pairs."""
     d = Path(out) / "aligned" / name
+    for shard in sorted(d.glob("shard-*.npz")):      # older versions wrote the statistics second
+        if not (d / shard.name.replace("shard-", "stats-").replace(".npz", ".json")).is_file():
+            raise ValueError(f"{shard} has no statistics beside it (a run killed between the two "
+                             f"files): delete {shard.name} and run the align stage again")
     tot = Counter()
     unmatched = Counter()
     for f in sorted(d.glob("stats-*.json")):
