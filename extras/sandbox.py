@@ -240,7 +240,11 @@ def bwrap_runs() -> bool:
 
 @functools.cache
 def warn_once(layer: str):
-    """One line, once per process, naming what a weaker layer does not contain."""
+    """Once per process: a line naming what a weaker layer does not contain, and one naming the
+    system's Python where it stands in for ours."""
     if layer != LAYERS[0]:
         print(f"warning: model-written code runs contained by the {layer!r} layer only: "
               f"{NOT_CONTAINED[layer]}", file=sys.stderr)
+    if (other := python(layer)) != sys.executable:
+        print(f"note: model-written code runs under {other}: an unprivileged user cannot reach "
+              f"{sys.executable}", file=sys.stderr)
