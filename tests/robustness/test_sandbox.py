@@ -465,14 +465,17 @@ def test_seeing_other_processes(layer):
 
 
 def test_the_callers_environment_does_not_reach_the_program(layer, monkeypatch):
-    """Under every layer the program starts with PATH and PYTHONHASHSEED alone. Catches the
-    environment passed on (env= dropped): API keys and tokens of the caller's shell."""
+    """Under every layer the program starts with PATH and PYTHONHASHSEED alone (and
+    OMP_NUM_THREADS=1, which the guard sets). Catches the environment passed on (env= dropped): API
+    keys and tokens of the caller's shell; and the thread setting dropped."""
     secret = os.urandom(8).hex()
     monkeypatch.setenv("NANOFUSE_SECRET", secret)
-    ok, why = run_program("import os\nraise AssertionError(sorted(os.environ))", layer)
-    names = set(eval(why.removeprefix("AssertionError: ")))
-    # besides the two: Python's locale coercion (LC_CTYPE), bubblewrap's --chdir (PWD), the guard's
-    assert names - {"LC_CTYPE", "PWD", "OMP_NUM_THREADS"} == {"PATH", "PYTHONHASHSEED"}, why
+    ok, why = run_program("import os\nraise AssertionError(dict(os.environ))", layer)
+    env = eval(why.removeprefix("AssertionError: "))
+    # besides: Python's locale coercion (LC_CTYPE), bubblewrap's --chdir (PWD), and the guard's
+    # one thread for numerical libraries (a program's threads share its memory limit)
+    assert set(env) - {"LC_CTYPE", "PWD"} == {"PATH", "PYTHONHASHSEED", "OMP_NUM_THREADS"}, why
+    assert env["OMP_NUM_THREADS"] == "1" and secret not in why
 
 
 def test_a_program_past_its_timeout_leaves_nothing_running(layer):
@@ -543,3 +546,28 @@ def test_the_guards_disable_the_functions_behind_os_and_posix():
 def test_the_guards_block_the_modules_that_start_processes(module):
     ok, why = run_program(f"import {module}", "python")
     assert why == f"ModuleNotFoundError: import of {module} halted; None in sys.modules", why
+
+
+def test_threads_share_the_memory_limit(layer):
+    """Eight threads of 256 MiB each: threads share one address space, so the 1 GiB limit holds
+    for their sum (forks, which would multiply it, are the escape tests' business). Under the
+    unprivileged layers no thread starts: Linux counts threads against RLIMIT_NPROC."""
+    program = """import threading
+blocks, errors = [], []
+def grab():
+    try:
+        blocks.append(bytearray(2**28))
+    except MemoryError:
+        errors.append(1)
+threads = [threading.Thread(target=grab) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+raise AssertionError(len(blocks))
+"""
+    ok, why = run_program(program, layer)
+    if layer == "python":                               # root: the process limit does not hold
+        assert why.startswith("AssertionError: ") and int(why.split()[-1]) <= 4, why
+    else:                           # a thread is a process to RLIMIT_NPROC: none starts at all
+        assert why == "RuntimeError: can't start new thread", why
