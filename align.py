@@ -157,12 +157,12 @@ def vocab_map_mined_reference(src_vocab: list[str], tgt_vocab: list[str],
     """MinED, the readable way: source id -> the target id of minimum edit distance over the whole
     target vocabulary, and that distance. Every source string is compared with every non-empty
     target string, in `order` (preference_order; default the lowest id first), and the first
-    minimum wins the ties. Empty source strings map to nothing (-1, distance -1)."""
+    minimum wins the ties. Empty source strings (all, if no target is non-empty) map to -1."""
     targets = [int(j) for j in (range(len(tgt_vocab)) if order is None else order) if tgt_vocab[j]]
     out = np.full(len(src_vocab), -1, dtype=np.int64)
     dist = np.full(len(src_vocab), -1, dtype=np.int64)
     for i, s in enumerate(src_vocab):
-        if s:
+        if s and targets:                        # no target string: it maps to nothing
             d = [levenshtein(s, tgt_vocab[j]) for j in targets]
             k = d.index(min(d))                  # the first minimum: the preferred id
             out[i], dist[i] = targets[k], d[k]

@@ -182,7 +182,7 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
     """MinED: source id -> the target id of minimum edit distance over the whole target vocabulary,
     and that distance. Ties go to the first target id in `order` (extras/emitted_tokens.py
     preference_order; default the lowest id). Empty strings map to nothing (-1), and no source maps
-    to an empty target string.
+    to an empty target string (with no other target string, every source maps to nothing).
     The same map as align.vocab_map_mined_reference.
 
     Exact, but not |Vs| x |Vt| edit distances: distance 0 and 1 come from dictionaries, and for the
@@ -200,6 +200,8 @@ def vocab_map_mined(src_vocab: list[str], tgt_vocab: list[str], threads: int | N
             exact.setdefault(tgt_vocab[j], j)
     best = np.array([exact.get(s, -1) if s else -1 for s in src_vocab], dtype=np.int64)
     dist = np.where(best >= 0, 0, -1).astype(np.int64)
+    if not exact:                       # no target string to map to: every source maps to nothing
+        return best, dist
     # distance 1, by hashing: a substitution shares a key (position, string without it), a deletion
     # from the source lands on a target, an insertion is a deletion from the target. The preferred
     # target id wins.
