@@ -28,13 +28,13 @@ tokens are not stored: re-encoded from the text, checked by CRC.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
 
 import align
 import common
+from extras.format_error import raised_as
 
 
 class DataError(ValueError):
@@ -96,11 +96,10 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
         raise DataError(str(e)) from None
 
 
+@raised_as(DataError)       # extras/storage.py checks it: missing, damaged, from another corpus
 def load_manifest(out) -> dict:
-    p = Path(out) / "manifest.json"
-    if not p.is_file():
-        raise DataError(f"{p}: not found; run `python data.py windows` (or `all`) first")
-    return json.loads(p.read_text())
+    from extras.storage import read_manifest
+    return read_manifest(Path(out) / "manifest.json")
 
 
 def shard_sizes(manifest: dict) -> list[int]:
@@ -190,12 +189,10 @@ def head_topk(model, h, nxt, k: int, V: int):
     return top.indices, top.values, label
 
 
+@raised_as(DataError)                   # extras/storage.py checks it: missing or damaged
 def model_info(out, name):
-    p = Path(out) / "models" / name / "info.json"
-    if not p.is_file():
-        raise DataError(f"{p}: not found; run `python data.py dists --name {name} --model MODEL` "
-                        f"first")
-    return json.loads(p.read_text())
+    from extras.storage import read_info
+    return read_info(Path(out) / "models" / name / "info.json", name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +228,8 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
     out/aligned/<name>/diagnostics.json. preset: one of align.PRESETS; vocab_map: replaces the
     preset's (the six resolved settings are stored in out/aligned/<name>/settings.json)."""
     from extras import ranks, storage
-    from extras.align_stats import merged_diagnostics, save_shard_stats, window_stats
+    from extras.align_stats import (merged_diagnostics, save_shard_stats, shard_without_stats,
+                                    window_stats)
     from extras.fast_align import PairCosts
     from tokenizer import load_tokenizer
     try:
@@ -246,7 +244,7 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
         if changed := storage.changed_tokenizer(tok, info, who):
             raise DataError(changed)
     d = Path(out) / "aligned" / name
-    if old := storage.ragged_shards(d, name):        # aligned by an older version: realign
+    if old := storage.ragged_shards(d, name) or shard_without_stats(d):    # by an older version
         raise DataError(old)
     if conflict := storage.settings_conflict(d, settings):    # else stored in d/settings.json
         raise DataError(conflict)
@@ -320,12 +318,13 @@ class FusionData:
                         for n in [target, *self.sources]}
         self.shard = functools.lru_cache(maxsize=cache_shards)(self.read_shard)
 
+    @raised_as(DataError)       # a missing, damaged or swapped shard: named by extras/storage.py
     def read_shard(self, s: int) -> list[dict]:
         from extras import storage
-        tgt = storage.read_dists(self.out, self.target, s)
-        srcs = {n: storage.read_aligned(self.out, n, s) for n in self.sources}    # `padded`
-        windows = []
-        for w, win in enumerate(storage.read_windows(self.out, s)):
+        windows, texts = [], storage.read_windows(self.out, s, shard_sizes(self.manifest)[s])
+        tgt = storage.read_dists(self.out, self.target, s, len(texts))     # one per window
+        srcs = {n: storage.read_aligned(self.out, n, s, tgt) for n in self.sources}  # `padded`
+        for w, win in enumerate(texts):
             n_bytes = len(win["text"].encode("utf-8"))
             topk_ids, topk_logprobs = storage.window_rows(tgt, w)                 # (n, K) each
             target_ce = ce_per_byte(tgt["ce"][w], len(topk_ids), self.has_bos[self.target], n_bytes)

@@ -77,18 +77,17 @@ class SentencePieceTokenizer(Tokenizer):
                 self.sp.load_from_serialized_proto(model_proto)
             else:
                 self.sp.load(str(path))
-        except (OSError, RuntimeError) as e:
+            self.pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        except (OSError, RuntimeError, UnicodeDecodeError) as e:   # UTF-8: a damaged piece
             raise TokenizerError(f"{path}: not a sentencepiece model ({e}); expected a "
                                  f"tokenizer.model from a Llama-2/Mistral-style "
                                  f"checkpoint") from None
-        n = self.sp.get_piece_size()
-        self.vocab_size = n
+        self.vocab_size = len(self.pieces)
         self.bos_id = bos_id if bos_id is not None else self.sp.bos_id()
         self.eos_id = eos_id if eos_id is not None else self.sp.eos_id()
         self.bos_id = self.bos_id if self.bos_id >= 0 else None
         self.eos_id = self.eos_id if self.eos_id >= 0 else None
         self.add_bos = add_bos and self.bos_id is not None   # Hugging Face's LlamaTokenizer default
-        self.pieces = [self.sp.id_to_piece(i) for i in range(n)]
         self.special = {p for i, p in enumerate(self.pieces) if self.sp.is_control(i)}
         self.piece_bytes = []
         for i, p in enumerate(self.pieces):
@@ -128,7 +127,7 @@ class TiktokenBPE(Tokenizer):
         self.added, self.special, self.nfc = added, special, nfc
         by_length = sorted(added, key=len, reverse=True)      # cut out of the text before BPE
         self.split = re.compile("|".join(map(re.escape, by_length))) if added else None
-        self.vocab_size = max([int(rank_to_id.max())] + list(added.values())) + 1
+        self.vocab_size = max([int(rank_to_id.max()), *added.values(), *(unreachable or ())]) + 1
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos = add_bos and bos_id is not None
         # per id: its bytes, and its display string in GPT-2's printable bytes (`Ġthe`)

@@ -36,6 +36,7 @@ import json
 import re
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 from common import Progress
@@ -58,20 +59,27 @@ def read_jsonl(path, required: dict[str, type]) -> list[dict]:
     if not path.is_file():
         raise BenchmarkError(f"{path}: task file not found")
     rows = []
-    raw = path.read_bytes()
-    if path.suffix == ".gz":                                                   # HumanEval.jsonl.gz
-        raw = gzip.decompress(raw)
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":                                               # HumanEval.jsonl.gz
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:   # a cut or damaged .gz
+        raise BenchmarkError(f"{path}: not a UTF-8 JSONL task file ({e}); fix or replace "
+                             f"it") from None
+    for n, line in enumerate(text.split("\n"), 1):     # "\n" only: a text may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BenchmarkError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{path}:{n}: not a JSON object, but {type(row).__name__}")
         for field, kind in required.items():
             if field not in row:
                 raise BenchmarkError(f"{path}:{n}: missing field {field!r}")
-            if not isinstance(row[field], kind):
+            if not isinstance(row[field], kind) or (kind is int and type(row[field]) is bool):
                 raise BenchmarkError(f"{path}:{n}: field {field!r} should be {kind.__name__}, "
                                      f"got {type(row[field]).__name__}")
         rows.append(row)
@@ -103,7 +111,7 @@ def read_mc(path) -> list[dict]:
             rows.append(converted)
     else:
         def bigbench_row(spec, ex):
-            scores = list(ex["target_scores"].values())
+            scores = [x + 0.0 for x in ex["target_scores"].values()]     # numbers only
             return {"context": spec.get("example_input_prefix", "") + ex["input"] +
                     spec.get("example_output_prefix", ""),
                     "choices": list(ex["target_scores"]),
@@ -111,6 +119,8 @@ def read_mc(path) -> list[dict]:
         rows = read_task(path, "target_scores", "target_scores (a generation task? use --gen)",
                          bigbench_row, {"context": str, "choices": list, "label": int})
     for n, r in enumerate(rows, 1):
+        if not all(isinstance(c, str) for c in r["choices"]):
+            raise BenchmarkError(f"{path}: example {n}: its choices are not all text")
         if not r["choices"] or not 0 <= r["label"] < len(r["choices"]):
             raise BenchmarkError(f"{path}: example {n}: label {r['label']} is not an index into "
                                  f"its {len(r['choices'])} choices")
@@ -178,8 +188,18 @@ def read_task(path, needs: str, needs_text: str, bigbench_row, fields: dict) -> 
     path = Path(path)
     if path.suffix != ".json":
         return read_jsonl(path, fields)
-    spec = read_bigbench(path)
-    rows = [bigbench_row(spec, ex) for ex in spec["examples"] if needs in ex]
+    spec, rows = read_bigbench(path), []
+    for n, ex in enumerate(spec["examples"]):
+        if needs not in ex:
+            continue
+        try:
+            row = bigbench_row(spec, ex)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+            raise BenchmarkError(f"{path}: example {n}: its {needs} cannot be read "
+                                 f"({type(e).__name__}: {e})") from None
+        if wrong := [f for f, kind in fields.items() if not isinstance(row[f], kind)]:
+            raise BenchmarkError(f"{path}: example {n}: {', '.join(wrong)} of the wrong type")
+        rows.append(row)
     if not rows:
         raise BenchmarkError(f"{path}: no examples with {needs_text}")
     return rows
@@ -189,15 +209,15 @@ def read_bigbench(path: Path) -> dict:
     """A BIG-bench task.json: {"examples": [{"input", ...}, ...]} and optional prefixes."""
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BenchmarkError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
     examples = spec.get("examples") if isinstance(spec, dict) else None
     if not isinstance(examples, list) or not examples:
         raise BenchmarkError(f"{path}: not a BIG-bench task.json (needs a non-empty 'examples' "
                              f"list)")
     for n, ex in enumerate(spec["examples"]):
-        if "input" not in ex:
-            raise BenchmarkError(f"{path}: example {n} has no 'input'")
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str):
+            raise BenchmarkError(f"{path}: example {n} has no 'input' text")
     return spec
 
 

@@ -65,7 +65,7 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
                               f"or not safetensors; {fix}")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
             raise FormatError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
     if not isinstance(header, dict):
@@ -142,7 +142,7 @@ def read_config(path) -> tuple[dict, str]:
                           f"the weights")
     try:
         return json.loads(cfg_path.read_text()), str(cfg_path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:    # nested too deep
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
@@ -157,7 +157,7 @@ def checkpoint_files(path) -> tuple[str, list[str]]:
         if (path / index_name).is_file():
             try:
                 weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
                 raise FormatError(f"{path / index_name}: not a valid index ({e!r})") from None
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (path / f).is_file()]

@@ -38,14 +38,15 @@ def read_corpus(path, text_field: str = "text", txt_docs: str = "file",
     """Yield documents from a .txt file, a .jsonl file, or a folder of them (sorted, recursive).
     txt_docs="file": a .txt file is one document; "blocks": documents are separated by blank lines.
     Empty documents, invalid UTF-8 and unreadable jsonl lines are counted in `stats` (and skipped,
-    or, for stray invalid bytes, replaced by U+FFFD); a file that is mostly not UTF-8 is an
-    error."""
+    or, for stray invalid bytes, replaced by U+FFFD); a .txt file that is mostly not UTF-8, or
+    holds NUL bytes, is an error."""
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     if not path.exists():
         raise CorpusError(f"{path}: corpus not found")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        files = sorted(p for p in path.rglob("*")         # files: a folder may be named a.txt
+                       if p.suffix in (".txt", ".jsonl") and p.is_file())
         if not files:
             raise CorpusError(f"{path}: no .txt or .jsonl files in this folder")
     else:
@@ -60,7 +61,8 @@ def read_corpus(path, text_field: str = "text", txt_docs: str = "file",
                         doc = json.loads(raw.decode("utf-8"))[text_field]
                         if not isinstance(doc, str):
                             raise TypeError
-                    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                            RecursionError):            # (arrays nested thousands deep)
                         stats["bad_lines"] += 1
                         if len(stats.setdefault("bad_line_examples", [])) < 5:
                             stats["bad_line_examples"].append(f"{f}:{n}")
@@ -68,13 +70,17 @@ def read_corpus(path, text_field: str = "text", txt_docs: str = "file",
                     yield from _count_doc(doc, stats)
         elif f.suffix == ".txt" or not path.is_dir():
             raw = f.read_bytes()
+            if b"\x00" in raw:     # binary, or UTF-16 text (whose ASCII would decode as UTF-8)
+                raise CorpusError(f"{f}: not UTF-8 text (it holds NUL bytes: a binary file, or "
+                                  f"text in UTF-16); convert it to UTF-8 or remove it from the "
+                                  f"corpus")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("utf-8", errors="replace")
                 bad = text.count("\ufffd")
                 # binary, not text with a stray byte
-                if b"\x00" in raw or bad > max(8, 0.01 * len(text)):
+                if bad > max(8, 0.01 * len(text)):
                     raise CorpusError(f"{f}: not UTF-8 text ({bad} invalid sequences in "
                                        f"{len(raw)} bytes); convert it to UTF-8 or remove it from "
                                        f"the corpus") from None

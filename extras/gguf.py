@@ -43,9 +43,9 @@ def read_gguf(path) -> tuple[dict, list[dict], int]:
     default)."""
     path = Path(path)
     with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":            # checked first: an empty file cannot be mapped
+            raise FormatError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if buf[:4] != b"GGUF":
-        raise FormatError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
               11: "<q", 12: "<d"}
     numpy_of = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
@@ -58,9 +58,18 @@ def read_gguf(path) -> tuple[dict, list[dict], int]:
         pos += struct.calcsize(fmt)
         return v[0]
 
+    def room(n, size, what):
+        """n items of `size` bytes must fit in what is left: a count past the end of the file
+        (a cut or corrupt one) is named here, before a huge slice or array is asked for."""
+        if n * size > len(buf) - pos:
+            raise FormatError(f"{path}: {what} of {n:,} at byte {pos:,} runs past the end of the "
+                              f"file ({len(buf):,} bytes); it is truncated or corrupt, re-download "
+                              f"it")
+
     def string():
         nonlocal pos
         n = take("<Q")
+        room(n, 1, "a string")
         pos += n
         return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
 
@@ -71,9 +80,11 @@ def read_gguf(path) -> tuple[dict, list[dict], int]:
         if kind == 9:
             elem, n = take("<I"), take("<Q")
             if elem == 8:
+                room(n, 8, "an array of strings")           # each at least its length
                 return [string() for _ in range(n)]
             if elem not in numpy_of:
                 raise FormatError(f"{path}: metadata array of type {elem} is not supported")
+            room(n, np.dtype(numpy_of[elem]).itemsize, "an array")
             arr = np.frombuffer(buf, dtype=numpy_of[elem], count=n, offset=pos)
             pos += arr.nbytes
             return arr.tolist()
@@ -93,12 +104,18 @@ def read_gguf(path) -> tuple[dict, list[dict], int]:
         tensors = []
         for _ in range(n_tensors):
             name, n_dims = string(), take("<I")
+            if not 1 <= n_dims <= 4:                        # GGML_MAX_DIMS
+                raise FormatError(f"{path}: tensor {name} has {n_dims} dimensions, not 1 to 4; "
+                                  f"the file is corrupt, re-download it")
             dims = [take("<Q") for _ in range(n_dims)]
             tensors.append({"name": name, "shape": dims[::-1], "type": take("<I"),
                             "offset": take("<Q")})
     except struct.error:
         raise FormatError(f"{path}: the GGUF header is truncated; re-download the file") from None
-    align = int(fields.get("general.alignment", 32))
+    align = fields.get("general.alignment", 32)
+    if type(align) is not int or align < 1 or align & (align - 1):     # llama.cpp's rule
+        raise FormatError(f"{path}: general.alignment is {align!r}, not a power of two; the "
+                          f"file is corrupt, re-download it")
     return fields, tensors, (pos + align - 1) // align * align
 
 
@@ -144,7 +161,7 @@ def gguf_config(fields: dict, path, tensor_names=()) -> dict:
     base 10,000, Gemma's query_pre_attn_scalar (head_dim; Gemma 2 27B: hidden / heads). Embeddings
     are tied when the file has no output.weight."""
     arch = fields.get("general.architecture")
-    if arch not in GGUF_ARCHS:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
         raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported "
                           f"({', '.join(GGUF_ARCHS)}); use the Hugging Face folder of the model "
                           f"instead")
@@ -154,6 +171,10 @@ def gguf_config(fields: dict, path, tensor_names=()) -> dict:
 
     if g("embedding_length") is None or g("block_count") is None:
         raise FormatError(f"{path}: GGUF metadata lacks {arch}.embedding_length or block_count")
+    for key in ("embedding_length", "block_count", "attention.head_count"):    # divided by here
+        if type(g(key)) is not int or g(key) < 1:
+            raise FormatError(f"{path}: GGUF metadata {arch}.{key} is {g(key)!r}, not a positive "
+                              f"integer; the file is corrupt, re-download it")
     heads, n = g("attention.head_count"), g("block_count")
     head_dim = g("attention.key_length") or g("embedding_length") // heads
     model_type, cls, extra = GGUF_ARCHS[arch]
@@ -164,7 +185,7 @@ def gguf_config(fields: dict, path, tensor_names=()) -> dict:
            "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6),
            "rope_theta": g("rope.freq_base", 10000.0),
            "max_position_embeddings": g("context_length", 4096),
-           "vocab_size": len(fields["tokenizer.ggml.tokens"]),
+           "vocab_size": len(vocabulary(path, fields)[0]),
            "tie_word_embeddings": bool(tensor_names) and "output.weight" not in tensor_names}
     scaling = g("rope.scaling.type")
     if scaling and scaling != "none":
@@ -203,12 +224,20 @@ def read_state(path, args, expected: dict, dtype=None, device="cpu") -> dict:
                           f"pip install gguf") from None
     if args.tie_embeddings:         # the output head is the embedding itself, not in the file
         expected = {k: v for k, v in expected.items() if k != "output.weight"}
-    _, infos, start = read_gguf(path)
+    fields, infos, start = read_gguf(path)
     raw = np.memmap(path, dtype=np.uint8, mode="r")
+    end, align = 0, fields.get("general.alignment", 32)
+    for t in infos:     # llama.cpp's check: the tensors one after another, each aligned, no gaps
+        if t["offset"] != end:
+            raise FormatError(f"{path}: tensor {t['name']} starts at byte {t['offset']:,} of the "
+                              f"data, not at {end:,} where the tensors before it end; the file is "
+                              f"corrupt, re-download it")
+        t["qtype"], t["size"] = stored_as(path, t, gguf)
+        end += (t["size"] + align - 1) // align * align
     state, problems = {}, []
     for t in infos:
         name = t["name"]
-        if name.startswith("blk."):
+        if name.startswith("blk.") and name.count(".") >= 2:
             _, layer, rest = name.split(".", 2)
             ours = f"layers.{layer}.{GGUF_LAYER_NAMES.get(rest, rest)}"
         else:
@@ -216,31 +245,50 @@ def read_state(path, args, expected: dict, dtype=None, device="cpu") -> dict:
         if ours not in expected:
             problems.append(f"unexpected tensor {name}")
             continue
-        qtype = gguf.GGMLQuantizationType(t["type"])
-        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
-        rows, cols = math.prod(t["shape"][:-1]), t["shape"][-1]
-        size = rows * cols // block * nbytes
+        # the shape first: reading the data and undoing the q/k interleave both rely on it
+        if t["shape"] != list(expected[ours].shape):
+            problems.append(f"tensor {name} has shape {t['shape']}, the metadata implies "
+                            f"{list(expected[ours].shape)}")
+            continue
+        qtype, size, rows = t["qtype"], t["size"], math.prod(t["shape"][:-1])
         data = raw[start + t["offset"]:start + t["offset"] + size]
         if len(data) != size:
             raise FormatError(f"{path}: tensor {name} runs past the end of the file; truncated, "
                               f"re-download it")
-        w = torch.from_numpy(np.array(dequantize(data.reshape(rows, -1), qtype), dtype=np.float32))
-        w = w.reshape(t["shape"])
+        try:
+            w = np.array(dequantize(data.reshape(rows, -1), qtype), dtype=np.float32)
+        except NotImplementedError:     # a type the gguf package knows but cannot read yet
+            raise FormatError(f"{path}: tensor {name} is stored as {qtype.name}, which the gguf "
+                              f"package cannot dequantize; use a file quantised otherwise, or a "
+                              f"newer gguf (pip install -U gguf)") from None
+        w = torch.from_numpy(w).reshape(t["shape"])
         if args.norm == "gemma" and ours.endswith("norm.weight"):
             w = w - 1                                   # llama.cpp wrote 1 + w
         if args.model_type == "llama" and ours.endswith(("wq.weight", "wk.weight")):
             h = args.n_heads if ours.endswith("wq.weight") else args.n_kv_heads
             w = w.reshape(h, w.shape[0] // h // 2, 2, -1).transpose(1, 2)   # undo the interleave
             w = w.reshape(t["shape"])
-        if w.shape != expected[ours].shape:
-            problems.append(f"tensor {name} has shape {list(w.shape)}, the metadata implies "
-                            f"{list(expected[ours].shape)}")
-            continue
         state[ours] = w.to(dtype or torch.float32).to(device)
     problems += [f"missing tensor for {k}" for k in expected if k not in state]
     if problems:
         raise mismatch(f"{path}: tensors do not match the metadata ({args.model_type})", problems)
     return state
+
+
+def stored_as(path, t: dict, gguf) -> tuple:
+    """(ggml type, bytes) of a tensor's data: its rows, each in whole blocks of its type. A type
+    the `gguf` package does not know, or a row that is not whole blocks, is a corrupt file."""
+    try:
+        qtype = gguf.GGMLQuantizationType(t["type"])
+    except ValueError:
+        raise FormatError(f"{path}: tensor {t['name']} has ggml type {t['type']}, which the gguf "
+                          f"package does not know; the file is corrupt (re-download it) or newer "
+                          f"than this gguf package (pip install -U gguf)") from None
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    if t["shape"][-1] % block:
+        raise FormatError(f"{path}: tensor {t['name']} has rows of {t['shape'][-1]}, not whole "
+                          f"blocks of {block} ({qtype.name}); the file is corrupt, re-download it")
+    return qtype, math.prod(t["shape"]) // block * nbytes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +309,33 @@ GGUF_PRE = {   # tokenizer.ggml.pre -> (regex, NFC, ignore_merges)
 }
 
 
+def vocabulary(path, fields: dict) -> tuple[list, list, list]:
+    """A GGUF file's tokens, token types (1 where it has none) and scores (0 where it has none),
+    checked before use: strings, and as many types (0 to 6, llama.cpp's) and numbers, and special
+    token ids (BOS, EOS, unknown) that are integers from 0. A corrupt file is named here, not met
+    as a TypeError, or a negative type that would never end the varints of the sentencepiece
+    model written from them."""
+    def bad(what):
+        return FormatError(f"{path}: GGUF metadata tokenizer.ggml.{what}; the file is corrupt, "
+                           f"re-download it")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokens is not a list of strings")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    if (not isinstance(types, list) or len(types) != len(tokens)
+            or not all(type(k) is int and 0 <= k <= 6 for k in types)):
+        raise bad(f"token_type is not {len(tokens)} token types (0 to 6), one per token")
+    if (not isinstance(scores, list) or len(scores) != len(tokens)
+            or not all(type(x) in (int, float) for x in scores)):
+        raise bad(f"scores is not {len(tokens)} numbers, one per token")
+    for name in ("bos", "eos", "unknown"):
+        i = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if i is not None and (type(i) is not int or i < 0):
+            raise bad(f"{name}_token_id is {i!r}, not a token id")
+    return tokens, types, scores
+
+
 def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
     """The tokenizer.json content and tokenizer_config names of a GGUF file's byte-level BPE
     vocabulary. Token types: 1 normal, 3 control (special added tokens), 4 user-defined (added, not
@@ -272,12 +347,11 @@ def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
                           f"BPE ('gpt2') and sentencepiece ('llama') vocabularies from GGUF; use "
                           f"the model's tokenizer files instead")
     pre = fields.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in GGUF_PRE:
+    if not isinstance(pre, str) or pre not in GGUF_PRE:
         raise FormatError(f"{path}: pre-tokenizer {pre!r} is unknown (known: "
                           f"{', '.join(GGUF_PRE)}); use the model's tokenizer.json instead")
     pattern, nfc, ignore_merges = GGUF_PRE[pre]
-    tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type")
-    types = types or [1] * len(tokens)
+    tokens, types, _ = vocabulary(path, fields)
     vocab, added = {}, []
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty == 4 and re.fullmatch(r"\[PAD\d+\]", t):
@@ -286,7 +360,7 @@ def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
             vocab[t] = i
         if ty in (3, 4):
             added.append({"id": i, "content": t, "special": ty == 3, "normalized": ty == 4})
-    merges = list(fields.get("tokenizer.ggml.merges") or [])
+    merges = fields.get("tokenizer.ggml.merges") or []             # checked in bpe_from_spec
     spec = {"model": {"type": "BPE", "vocab": vocab, "merges": merges,
                       "ignore_merges": ignore_merges},
             "normalizer": {"type": "NFC"} if nfc else None,
@@ -298,8 +372,8 @@ def gguf_tokenizer_spec(path: Path, fields: dict) -> tuple[dict, dict]:
     config = {}
     for name in ("bos", "eos"):
         i = fields.get(f"tokenizer.ggml.{name}_token_id")
-        if i is not None and int(i) < len(tokens):
-            config[f"{name}_token"] = tokens[int(i)]
+        if i is not None and i < len(tokens):          # an id past them: none, as before
+            config[f"{name}_token"] = tokens[i]
     return spec, config
 
 
@@ -355,9 +429,11 @@ def gguf_sentencepiece(path: Path, fields: dict) -> dict:
     ('llama') vocabulary: Llama-2, Mistral, Gemma, Phi-3. The scores decide a BPE vocabulary's
     merges (llama.cpp's convention: Gemma's are BPE). BOS and EOS ids: the file's, where it names
     them."""
-    tokens, scores = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.scores")
-    types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    scores = scores or [0.0] * len(tokens)
+    tokens, types, scores = vocabulary(path, fields)
+    for name in ("bos", "eos", "unknown"):          # ids of pieces here: none past the last
+        if (i := fields.get(f"tokenizer.ggml.{name}_token_id")) is not None and i >= len(tokens):
+            raise FormatError(f"{path}: GGUF metadata tokenizer.ggml.{name}_token_id is {i}, past "
+                              f"the {len(tokens)} tokens; the file is corrupt, re-download it")
     # sentencepiece allows one unknown piece: the file's unknown_token_id. llama.cpp also types its
     # [PAD<n>] fillers (Phi-3) as unknown; they become unused pieces, which the encoder never emits
     unk = fields.get("tokenizer.ggml.unknown_token_id")
@@ -369,7 +445,7 @@ def gguf_sentencepiece(path: Path, fields: dict) -> dict:
     pieces = [(t.replace(" ", "\u2581") if kind == 4 else t, float(x), int(kind))
               for t, x, kind in zip(tokens, scores, types)]
     byte_fallback = any(t == 6 for t in types)
-    is_bpe = fields.get("general.architecture", "").startswith("gemma") or byte_fallback
+    is_bpe = str(fields.get("general.architecture")).startswith("gemma") or byte_fallback
     proto = sentencepiece_model_bytes(
         pieces, bpe=is_bpe, byte_fallback=byte_fallback,
         add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)),

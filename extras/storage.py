@@ -51,6 +51,7 @@ import numpy as np
 import align
 from extras.atomic_files import atomic_path, write_json
 from extras import ranks
+from extras.format_error import FormatError
 
 LOGPROB_STEP = 16   # uint8 log-prob code q: log p = -q / 16 (codes saturate at 255: p < 1.2e-7)
 
@@ -121,23 +122,114 @@ def ragged_shards(d: Path, name: str) -> str | None:
     """Why aligned folder d cannot be read or added to: its shards are in the ragged form of
     earlier versions (ids (sum counts,), not padded rows (n, K)). None when they are not (or it has
     none). Only the first shard's ids are read: a folder is aligned by one version."""
-    shards = sorted(Path(d).glob("shard-*.npz"))
-    if not shards or np.load(shards[0])["ids"].ndim == 2:
-        return None
+    shards, rerun = sorted(Path(d).glob("shard-*.npz")), f"`python data.py align --name {name}`"
+    try:
+        if not shards or read_arrays(shards[0], ("ids",), rerun)["ids"].ndim == 2:
+            return None
+    except FormatError as e:            # damaged: why it cannot be read, the same way
+        return str(e)
     return (f"{d} holds aligned shards in the old ragged form; delete {d} and rerun "
             f"`python data.py align --data {Path(d).parent.parent} --name {name}`")
 
 
-def read_windows(out, shard: int) -> list[dict]:
-    """Shard `shard` of the windows (out/windows/shard-*.jsonl): one {"text": ...} per window."""
+REBUILD = "delete the data folder and run data.py again"    # what fixes damaged windows
+
+
+def read_manifest(path: Path) -> dict:
+    """A data folder's manifest.json, checked: the counts shards are read by (windows, shards,
+    shard_windows, seq_len) are positive integers that agree with each other and with the shards
+    in windows/, and the target tokenizer's fingerprint is there. Missing: run the windows stage;
+    damaged or from another corpus: named, with what to do."""
+    if not path.is_file():
+        raise FormatError(f"{path}: not found; run `python data.py windows` (or `all`) first")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); {REBUILD}") from None
+    counts = ("windows", "shards", "shard_windows", "seq_len")
+    if (not isinstance(m, dict) or not all(type(m.get(k)) is int and m[k] > 0 for k in counts)
+            or not isinstance(m.get("target_tokenizer"), str)):
+        raise FormatError(f"{path}: not a data folder's manifest (it needs {', '.join(counts)}, "
+                          f"positive integers, and target_tokenizer); {REBUILD}")
+    found = len(list((path.parent / "windows").glob("shard-*.jsonl")))
+    if m["shards"] != -(-m["windows"] // m["shard_windows"]) or found != m["shards"]:
+        raise FormatError(f"{path}: {m['windows']} windows in {m['shards']} shards of "
+                          f"{m['shard_windows']}, and windows/ holds {found} shards: a manifest "
+                          f"from another corpus, or damaged; {REBUILD}")
+    return m
+
+
+def read_info(path: Path, name: str) -> dict:
+    """A model folder's info.json (write_info), checked to be an object naming the model and its
+    tokenizer. Missing: run the dists stage for it."""
+    rerun = f"`python data.py dists --name {name} --model MODEL`"
+    if not path.is_file():
+        raise FormatError(f"{path}: not found; run {rerun} first")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); delete it and run {rerun}") from None
+    if not isinstance(info, dict) or not all(k in info for k in ("model", "tokenizer", "topk")):
+        raise FormatError(f"{path}: not a model's info.json (model, tokenizer, topk); delete its "
+                          f"folder and run {rerun}")
+    return info
+
+
+def read_windows(out, shard: int, expected: int | None = None) -> list[dict]:
+    """Shard `shard` of the windows (out/windows/shard-*.jsonl): one {"text": ...} per window;
+    `expected`: how many the manifest says it holds. Lines end at "\\n" only: a window's text may
+    hold the other line ends str.splitlines knows (U+2028, NEL), which JSON leaves unescaped."""
     p = Path(out) / "windows" / f"shard-{shard:05d}.jsonl"
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+    if not p.is_file():
+        raise FormatError(f"{p}: not found; {REBUILD}")
+    try:
+        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line]
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{p}: damaged ({e}); {REBUILD}") from None
+    if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+        raise FormatError(f"{p}: a line is not a window ({{\"text\": ...}}); {REBUILD}")
+    if expected is not None and len(rows) != expected:
+        raise FormatError(f"{p}: holds {len(rows)} windows where manifest.json says {expected}: "
+                          f"a manifest from another corpus, or damaged windows; {REBUILD}")
+    return rows
 
 
-def read_dists(out, name, shard) -> dict:
-    """Shard `shard` of model `name`'s distributions, as save_dists stored them."""
-    z = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
-    return {k: z[k] for k in z.files}
+def read_arrays(path: Path, keys: tuple, rerun: str) -> dict:
+    """The arrays `keys` of one .npz shard. Missing, cut or damaged (zip, zlib and numpy errors),
+    or without these arrays (a shard of another kind): named, with the stage to rerun."""
+    if not path.is_file():
+        raise FormatError(f"{path}: not found; run {rerun} (it writes the shards missing)")
+    try:
+        with np.load(path) as z:
+            if missing := [k for k in keys if k not in z.files]:
+                raise FormatError(f"{path}: has no {', '.join(missing)}; a shard of another kind: "
+                                  f"delete it and run {rerun}")
+            return {k: z[k] for k in keys}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{path}: damaged ({type(e).__name__}: {e}); delete it and run "
+                          f"{rerun}") from None
+
+
+def read_dists(out, name, shard, windows: int | None = None) -> dict:
+    """Shard `shard` of model `name`'s distributions, as save_dists stored them, checked to fit
+    together (and to hold `windows` windows, when given: as many as its windows shard)."""
+    path = Path(out) / "models" / name / f"shard-{shard:05d}.npz"
+    rerun = f"`python data.py dists --name {name}`"
+    d = read_arrays(path, ("offsets", "topk_ids", "topk_logprobs", "ce", "checksum"), rerun)
+    o, n = d["offsets"], d["offsets"].size - 1          # n windows: one offset more
+    if (o.ndim != 1 or n < 0 or o.dtype.kind not in "iu" or o[0] != 0 or (np.diff(o) < 0).any()
+            or d["topk_ids"].ndim != 2 or d["topk_logprobs"].shape != d["topk_ids"].shape
+            or o[-1] != len(d["topk_ids"]) or d["ce"].shape != (n,)
+            or d["checksum"].shape != (n,)):
+        raise FormatError(f"{path}: its arrays do not fit together; damaged: delete it and run "
+                          f"{rerun}")
+    if windows is not None and n != windows:
+        raise FormatError(f"{path}: holds {n} windows, its windows shard {windows}: a shard of "
+                          f"another run, or swapped; delete it and run {rerun}")
+    return d
 
 
 def window_rows(dists: dict, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,13 +240,30 @@ def window_rows(dists: dict, w: int) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int64), dequantize_logprobs(logprobs)
 
 
-def read_aligned(out, name, shard) -> dict:
+def read_aligned(out, name, shard, target: dict | None = None) -> dict:
     """Shard `shard` of source `name`'s aligned distributions, as save_aligned stored them, with
     "source_offsets" (where each window's rows start in the source's own distributions, for its CE
-    per byte)."""
-    z = dict(np.load(Path(out) / "aligned" / name / f"shard-{shard:05d}.npz"))
-    own = np.load(Path(out) / "models" / name / f"shard-{shard:05d}.npz")
-    z["source_offsets"] = own["offsets"]                # only this array of the file is read
+    per byte). Checked: its arrays fit together, it was aligned on the tokens of `target` (the
+    target's read_dists shard, when given) and from its source's shard (the same CEs)."""
+    path = Path(out) / "aligned" / name / f"shard-{shard:05d}.npz"
+    rerun = f"`python data.py align --name {name}`"
+    z = read_arrays(path, ("counts", "ids", "logprobs", "ce", "target_offsets"), rerun)
+    own_path = Path(out) / "models" / name / f"shard-{shard:05d}.npz"
+    own = read_arrays(own_path, ("offsets", "ce"),                # only these two arrays are read
+                      f"`python data.py dists --name {name}`")
+    t = z["target_offsets"]
+    if (z["ids"].ndim != 2 or z["logprobs"].shape != z["ids"].shape or t.ndim != 1 or len(t) < 1
+            or t.dtype.kind not in "iu" or t[0] != 0 or (np.diff(t) < 0).any()
+            or z["counts"].shape != (len(z["ids"]),) or len(z["ids"]) != t[-1]
+            or z["ce"].shape != (len(t) - 1,)):
+        raise FormatError(f"{path}: its arrays do not fit together; damaged: delete it and run "
+                          f"{rerun}")
+    if (not np.array_equal(own["ce"], z["ce"], equal_nan=True) or own["offsets"].shape != t.shape
+            or (target is not None and not np.array_equal(target["offsets"], t))):
+        raise FormatError(f"{path}: aligned from other distributions than {own_path} and the "
+                          f"target's shard {shard} (a shard of another run, or swapped); delete "
+                          f"the wrong one and run its stage again ({rerun})")
+    z["source_offsets"] = own["offsets"]
     return z
 
 

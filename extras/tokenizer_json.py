@@ -48,6 +48,7 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 # Qwen2's: Llama-3's with single digits.
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+MAX_ID = 2**24 - 1      # the largest token id read (the largest vocabularies: Gemma's 262,144 ids)
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
@@ -92,9 +93,10 @@ def token_table(vocab_size: int, ranks: dict[bytes, int], rank_to_id: np.ndarray
 def read_tokenizer_config(folder: Path) -> dict:
     """A folder's tokenizer_config.json (names BOS and EOS, may set add_bos_token), or {}."""
     try:
-        return json.loads((folder / "tokenizer_config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return {}
+    return config if isinstance(config, dict) else {}    # unreadable as a config: none, as above
 
 
 def is_tiktoken_file(path: Path) -> bool:
@@ -114,7 +116,12 @@ def read_tiktoken_file(path: Path, config: dict) -> dict:
     (Llama 3.1 names), or from tokenizer_config.json's added_tokens_decoder when the folder has
     one."""
     ranks = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 ({e}); not a tiktoken-format tokenizer.model, or a "
+                          f"damaged one: copy the checkpoint's file again") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -132,7 +139,7 @@ def read_tiktoken_file(path: Path, config: dict) -> dict:
     special = {s: n_base + i for i, s in enumerate(LLAMA3_SPECIALS + reserved)}
     decoder = config.get("added_tokens_decoder") or {}
     if decoder:
-        special = {v["content"]: int(k) for k, v in decoder.items()}
+        special = added_tokens_decoder(path.parent / "tokenizer_config.json", decoder)
     if sorted(ranks.values()) != list(range(n_base)):
         raise FormatError(f"{path}: ranks are not 0..{n_base - 1}; not a Llama-3 tokenizer.model")
     bos = named_id(config.get("bos_token"), special) or special.get("<|begin_of_text|>")
@@ -143,18 +150,33 @@ def read_tiktoken_file(path: Path, config: dict) -> dict:
                 add_bos=bos is not None)        # Llama-3 starts every text with <|begin_of_text|>
 
 
+def added_tokens_decoder(path: Path, decoder) -> dict[str, int]:
+    """tokenizer_config.json's added_tokens_decoder ({"id": {"content": text, ...}}) as
+    {text: id}, checked: ids from 0 to MAX_ID, non-empty texts."""
+    table = {}
+    for k, v in decoder.items() if isinstance(decoder, dict) else [(None, None)]:
+        content = v.get("content") if isinstance(v, dict) else None
+        id_ok = (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 9
+                 and int(k) <= MAX_ID)
+        if not id_ok or not isinstance(content, str) or not content:
+            raise FormatError(f"{path}: added_tokens_decoder is not {{id: {{\"content\": text}}}} "
+                              f"with ids from 0 to {MAX_ID:,} (at {k!r}); fix or remove it")
+        table[content] = int(k)
+    return table
+
+
 def named_id(tok, table):
     """The id of a token named in tokenizer_config.json (a string or {"content": ...}), or None."""
     if isinstance(tok, dict):
         tok = tok.get("content")
-    return table.get(tok) if tok else None
+    return table.get(tok) if isinstance(tok, str) and tok else None    # else none named
 
 
 def read_tokenizer_json(path: Path, config: dict, alphabet: dict[int, str]) -> dict:
     """A Hugging Face tokenizer.json with a byte-level BPE model, checked to be runnable exactly."""
     try:
         spec = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:    # nested too deep
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     return bpe_from_spec(spec, path, config, alphabet)
 
@@ -190,6 +212,11 @@ def pre_tokenizer_pattern(spec: dict, bad) -> str:
             raise bad(f"pre-tokenizer {t!r} is not supported")
     if pattern is None or not any(s.get("type") == "ByteLevel" for s in steps):
         raise bad("the pre-tokenizer is not byte-level")
+    import tiktoken
+    try:                    # the file's regex, compiled by the engine that will run it
+        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={b"a": 0}, special_tokens={})
+    except ValueError as e:
+        raise bad(f"the pre-tokenizer regex {pattern!r} does not compile ({e})") from None
     return pattern
 
 
@@ -202,6 +229,8 @@ def bpe_from_spec(spec: dict, path: Path, config: dict, alphabet: dict[int, str]
             f"{path}: {what}; nanofuse runs byte-level BPE tokenizer.json files exactly (GPT-2, "
             f"GPT-NeoX, Llama-3, Qwen2 style) and sentencepiece models through tokenizer.model")
 
+    if wrong := wrong_shape(spec):
+        raise bad(wrong)
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise bad(f"model type {model.get('type')!r} is not BPE")
@@ -305,6 +334,65 @@ def bpe_from_spec(spec: dict, path: Path, config: dict, alphabet: dict[int, str]
                 merges_only=not model.get("ignore_merges"), unk_id=unk_id,
                 fuse_unk=bool(model.get("fuse_unk")), rules=rules, exact=exact,
                 unreachable=unreachable)
+
+
+def wrong_shape(spec) -> str | None:
+    """What has the wrong JSON type in the parts of a tokenizer.json that bpe_from_spec reads, or
+    None. Checked first, so that a damaged or hand-edited file is named with what is wrong rather
+    than met as a TypeError deep inside. Ids are integers from 0 to MAX_ID: a vocabulary may have
+    holes (llama.cpp fills them with [PAD<n>] tokens), but not a table of billions of ids."""
+    def objects(x):
+        return isinstance(x, list) and all(isinstance(v, dict) for v in x)
+
+    def is_id(i):
+        return type(i) is int and 0 <= i <= MAX_ID
+
+    def is_pair(m):                         # a merge: "a b", or ["a", "b"]
+        return ((isinstance(m, str) and " " in m) or
+                (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)))
+
+    if not isinstance(spec, dict):
+        return "the file is not a JSON object"
+    for key in ("model", "normalizer", "pre_tokenizer", "post_processor"):
+        if not isinstance(spec.get(key) or {}, dict):
+            return f"{key} is not an object"
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    vocab, added = model.get("vocab") or {}, spec.get("added_tokens") or []
+    merges = model.get("merges") or []
+    if not isinstance(vocab, dict) or not all(isinstance(t, str) and is_id(i)
+                                              for t, i in vocab.items()):
+        return f"model.vocab is not an object of token: id (an integer from 0 to {MAX_ID:,})"
+    if not objects(added) or not all(isinstance(a.get("content"), str) and a["content"]
+                                     and is_id(a.get("id")) for a in added):
+        return (f'added_tokens is not a list of {{"id": an integer from 0 to {MAX_ID:,}, '
+                f'"content": text}}')
+    if len(set(vocab.values())) < len(vocab):
+        return "two tokens of model.vocab have the same id"
+    if not isinstance(merges, list) or not all(map(is_pair, merges)):
+        return 'model.merges is not a list of "a b" strings or ["a", "b"] pairs'
+    if not isinstance(model.get("unk_token") or "", str):
+        return "model.unk_token is not a string"
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    patterns = [s.get("pattern") or {} for s in steps] if objects(steps) else [None]
+    if not all(isinstance(p, dict) and isinstance(p.get("Regex", ""), str) for p in patterns):
+        return "pre_tokenizer is not a list of pre-tokenizers with a pattern object each"
+    return wrong_template(spec.get("post_processor") or {})
+
+
+def wrong_template(post: dict) -> str | None:
+    """What has the wrong JSON type in a post-processor that template_start reads, or None."""
+    if post.get("type") == "Sequence":
+        parts = post.get("processors")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            return "post_processor.processors is not a list of objects"
+        return next(filter(None, map(wrong_template, parts)), None)
+    if post.get("type") != "TemplateProcessing" or not post.get("single"):
+        return None
+    head = post["single"][0] if isinstance(post["single"], list) else None
+    special = head.get("SpecialToken", {"id": ""}) if isinstance(head, dict) else None
+    if not isinstance(special, dict) or not isinstance(special.get("id"), str):
+        return "post_processor.single does not start with a piece or a special token"
+    return None
 
 
 def template_start(post: dict | None) -> str | None:
