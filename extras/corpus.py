@@ -70,10 +70,11 @@ def read_corpus(path, text_field: str = "text", txt_docs: str = "file",
                     yield from _count_doc(doc, stats)
         elif f.suffix == ".txt" or not path.is_dir():
             raw = f.read_bytes()
-            if b"\x00" in raw:     # binary, or UTF-16 text (whose ASCII would decode as UTF-8)
-                raise CorpusError(f"{f}: not UTF-8 text (it holds NUL bytes: a binary file, or "
-                                  f"text in UTF-16); convert it to UTF-8 or remove it from the "
-                                  f"corpus")
+            nuls = raw.count(0)     # many: binary, or UTF-16 (whose ASCII decodes as UTF-8)
+            if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or nuls > max(8, 0.01 * len(raw)):
+                raise CorpusError(f"{f}: not UTF-8 text ({nuls} NUL bytes in {len(raw)}: a binary "
+                                  f"file, or text in UTF-16); convert it to UTF-8 or remove it "
+                                  f"from the corpus")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -113,11 +114,11 @@ def build_once(corpus, model_dirs, out, split, seq_len: int, shard_windows: int,
     """Every document of the corpus cut by split(doc, tokenizers, seq_len) for the tokenizers of
     model_dirs (target first), written by `write_windows`. A complete earlier run's manifest is
     returned as it is. Returns the manifest."""
-    from extras.storage import tokenizer_fingerprint
+    from extras.storage import read_manifest, tokenizer_fingerprint
     from tokenizer import load_tokenizer
     path = Path(out) / "manifest.json"
     if path.is_file():
-        m = json.loads(path.read_text())
+        m = read_manifest(path)                        # checked: a damaged one is named
         if m.get("complete"):
             if not quiet:
                 print(f"[windows] {out}: already built ({m['windows']} windows in "

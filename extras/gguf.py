@@ -24,6 +24,7 @@ import math
 import mmap
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,10 @@ def read_state(path, args, expected: dict, dtype=None, device="cpu") -> dict:
                               f"corrupt, re-download it")
         t["qtype"], t["size"] = stored_as(path, t, gguf)
         end += (t["size"] + align - 1) // align * align
+    need = start + infos[-1]["offset"] + infos[-1]["size"] if infos else 0
+    if need > len(raw):                                 # found before any tensor is read
+        raise FormatError(f"{path}: the tensors need {need:,} bytes, the file has {len(raw):,}; "
+                          f"truncated, re-download it")
     state, problems = {}, []
     for t in infos:
         name = t["name"]
@@ -432,8 +437,15 @@ def gguf_sentencepiece(path: Path, fields: dict) -> dict:
     tokens, types, scores = vocabulary(path, fields)
     for name in ("bos", "eos", "unknown"):          # ids of pieces here: none past the last
         if (i := fields.get(f"tokenizer.ggml.{name}_token_id")) is not None and i >= len(tokens):
-            raise FormatError(f"{path}: GGUF metadata tokenizer.ggml.{name}_token_id is {i}, past "
-                              f"the {len(tokens)} tokens; the file is corrupt, re-download it")
+            if name == "unknown":
+                raise FormatError(f"{path}: GGUF metadata tokenizer.ggml.unknown_token_id is {i}, "
+                                  f"past the {len(tokens)} tokens; the file is corrupt, "
+                                  f"re-download it")
+            # older converters wrote such ids (a ChatML end id equal to the vocabulary size):
+            # llama.cpp warns and keeps its default, and so do we
+            print(f"warning: {path}: tokenizer.ggml.{name}_token_id {i} is past the "
+                  f"{len(tokens)} tokens; using the tokenizer's default", file=sys.stderr)
+            fields = {k: v for k, v in fields.items() if k != f"tokenizer.ggml.{name}_token_id"}
     # sentencepiece allows one unknown piece: the file's unknown_token_id. llama.cpp also types its
     # [PAD<n>] fillers (Phi-3) as unknown; they become unused pieces, which the encoder never emits
     unk = fields.get("tokenizer.ggml.unknown_token_id")

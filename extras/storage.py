@@ -132,7 +132,10 @@ def ragged_shards(d: Path, name: str) -> str | None:
             f"`python data.py align --data {Path(d).parent.parent} --name {name}`")
 
 
-REBUILD = "delete the data folder and run data.py again"    # what fixes damaged windows
+# what fixes damaged windows: they are rebuilt exactly from the corpus, and the stored
+# distributions (hours of GPU work) are checked against them by checksum, so they can stay
+REBUILD = ("delete manifest.json and windows/ and run `python data.py windows` again with the same "
+           "corpus and settings")
 
 
 def read_manifest(path: Path) -> dict:
@@ -343,7 +346,7 @@ def info_conflict(d: Path, info: dict) -> str | None:
                 f"as uint8)")
     if not (d / "info.json").is_file():
         return None
-    old = json.loads((d / "info.json").read_text())
+    old = read_info(d / "info.json", d.name)
     if {k: old.get(k) for k in info} == info:
         return None
     return f"{d}: already holds distributions made with {old}; use another --name or delete it"
