@@ -246,14 +246,35 @@ def humaneval_problems(path) -> Path:
     return found
 
 
+HUMANEVAL_FIELDS = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
+
+
+def read_task_files(lm=(), mc=(), gen=(), humaneval=None, bbh=(), bbh_prompts=None):
+    """Every task file of an evaluation read once, before any model loads: a bad file is named at
+    once, not after hours of scoring."""
+    from extras.corpus import read_corpus
+    for f in lm:
+        if not sum(1 for _ in read_corpus(f)):         # read through: a bad file is named
+            raise BenchmarkError(f"{f}: no documents with text to score")
+    for f in mc:
+        read_mc(f)
+    for f in gen:
+        read_gen(f)
+    if humaneval:
+        read_jsonl(humaneval_problems(humaneval), HUMANEVAL_FIELDS)
+    if bbh:
+        folder = bbh_prompts_folder(bbh_prompts)
+        for name, _ in bbh_subtasks(bbh):
+            bbh_task(name, folder)
+
+
 def eval_humaneval(scorer, path, max_new_tokens: int | None, timeout: float,
                    limit: int | None) -> dict:
     """pass@1 with greedy decoding, as lm-eval's humaneval task: the prompt alone, its stop strings,
     up to 1024 new tokens, and the prompt + completion + tests run contained (extras/sandbox.py
     run_program). scorer: eval.py's Scorer."""
     path = humaneval_problems(path)
-    fields = {"task_id": str, "prompt": str, "test": str, "entry_point": str}
-    rows = read_jsonl(path, fields)[:limit]
+    rows = read_jsonl(path, HUMANEVAL_FIELDS)[:limit]
     prog = Progress(f"humaneval {path.name}", len(rows), "problems")
     passed = 0
     for r in rows:

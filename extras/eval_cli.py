@@ -81,11 +81,8 @@ def main(argv=None) -> dict:
     a = parser(ev.__doc__).parse_args(argv)
     try:
         t0 = time.time()
-        from extras.benchmarks import read_gen, read_mc
-        for f in a.mc:                  # every task file read once before any model loads: a bad
-            read_mc(f)                  # row is named at once, not after hours of scoring
-        for f in a.gen:
-            read_gen(f)
+        from extras.benchmarks import read_task_files      # all of them, before any model
+        read_task_files(a.lm, a.mc, a.gen, a.humaneval, a.bbh, a.bbh_prompts)
         bos = {"auto": None, "yes": True, "no": False}[a.bos]
         results = ev.evaluate(a.models, a.names, a.lm, a.mc, a.gen, a.humaneval, a.device,
                               a.window, a.stride, a.shots, a.max_new_tokens, a.timeout, a.limit,

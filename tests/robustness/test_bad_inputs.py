@@ -938,6 +938,21 @@ def test_bad_task_file_through_the_cli_before_any_model_loads(tmp_path):
     assert str(task) in said[0] and ":2:" in said[0]
 
 
+@pytest.mark.parametrize("flag", ["--lm", "--humaneval", "--bbh"])
+def test_every_kind_of_task_file_is_read_before_any_model_loads(tmp_path, flag):
+    """The same for a held-out text with nothing to score, a HumanEval file whose row lacks its
+    tests, and a BIG-bench file that is not JSON: one `error:` line naming the file, and the model
+    folder (which does not exist) never reached. Catches --lm, --humaneval or --bbh read only
+    after a model has loaded and other tasks were scored."""
+    bad = {"--lm": ("held-out.txt", b"   \n"),
+           "--humaneval": ("problems.jsonl", b'{"task_id": "t/0", "prompt": "def f():"}\n'),
+           "--bbh": ("task.json", b"{not json")}[flag]
+    task = tmp_path / bad[0]
+    task.write_bytes(bad[1])
+    said = cli(ROOT / "eval.py", "--models", tmp_path / "no-model", flag, task)
+    assert str(task) in said[0] and "no-model" not in said[0], said
+
+
 # --------------------------------------------------------------------------------------------------
 # Every JSON reader: arrays nested deeper than Python's recursion limit
 
