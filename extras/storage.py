@@ -138,17 +138,23 @@ REBUILD = ("delete manifest.json and windows/ and run `python data.py windows` a
            "corpus and settings")
 
 
+def read_json(path: Path, missing: str, damaged: str):
+    """A JSON file of a data folder; missing or not JSON: named, with what to do (`missing`,
+    `damaged`)."""
+    if not path.is_file():
+        raise FormatError(f"{path}: not found; {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); {damaged}") from None
+
+
 def read_manifest(path: Path) -> dict:
     """A data folder's manifest.json, checked: the counts shards are read by (windows, shards,
     shard_windows, seq_len) are positive integers that agree with each other and with the shards
     in windows/, and the target tokenizer's fingerprint is there. Missing: run the windows stage;
     damaged or from another corpus: named, with what to do."""
-    if not path.is_file():
-        raise FormatError(f"{path}: not found; run `python data.py windows` (or `all`) first")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); {REBUILD}") from None
+    m = read_json(path, "run `python data.py windows` (or `all`) first", REBUILD)
     counts = ("windows", "shards", "shard_windows", "seq_len")
     if (not isinstance(m, dict) or not all(type(m.get(k)) is int and m[k] > 0 for k in counts)
             or not isinstance(m.get("target_tokenizer"), str)):
@@ -166,12 +172,7 @@ def read_info(path: Path, name: str) -> dict:
     """A model folder's info.json (write_info), checked to be an object naming the model and its
     tokenizer. Missing: run the dists stage for it."""
     rerun = f"`python data.py dists --name {name} --model MODEL`"
-    if not path.is_file():
-        raise FormatError(f"{path}: not found; run {rerun} first")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); delete it and run {rerun}") from None
+    info = read_json(path, f"run {rerun} first", f"delete it and run {rerun}")
     if not isinstance(info, dict) or not all(k in info for k in ("model", "tokenizer", "topk")):
         raise FormatError(f"{path}: not a model's info.json (model, tokenizer, topk); delete its "
                           f"folder and run {rerun}")

@@ -392,10 +392,7 @@ def test_bad_tokenizer_json_ends_in_one_clear_error(bpe_folder, tmp_path):
     @given(bad_tokenizer_json(spec))
     def check(bad):
         target.write_text(bad)
-        with pytest.raises(TokenizerError) as e:
-            load_tokenizer(case)
-        assert type(e.value) is TokenizerError
-        assert str(target) in str(e.value), str(e.value)
+        refused_naming(case, target)
 
     check()
 
@@ -531,10 +528,7 @@ def test_bad_tiktoken_file_ends_in_one_clear_error(tiktoken_text, tmp_path):
     @given(bad_tiktoken(tiktoken_text))
     def check(bad):
         target.write_bytes(bad)
-        with pytest.raises(TokenizerError) as e:
-            load_tokenizer(case)
-        assert type(e.value) is TokenizerError
-        assert str(target) in str(e.value), str(e.value)
+        refused_naming(case, target)
 
     check()
     target.write_text(tiktoken_text)
@@ -951,6 +945,14 @@ def test_every_kind_of_task_file_is_read_before_any_model_loads(tmp_path, flag):
     task.write_bytes(bad[1])
     said = cli(ROOT / "eval.py", "--models", tmp_path / "no-model", flag, task)
     assert str(task) in said[0] and "no-model" not in said[0], said
+
+
+def refused_naming(folder: Path, file: Path):
+    """load_tokenizer(folder) ends in a TokenizerError, no subclass or other error, naming file."""
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(folder)
+    assert type(e.value) is TokenizerError
+    assert str(file) in str(e.value), str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------
