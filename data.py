@@ -34,7 +34,6 @@ import numpy as np
 
 import align
 import common
-from extras.format_error import raised_as
 
 
 class DataError(ValueError):
@@ -96,10 +95,10 @@ def build_windows(corpus, target_dir, source_dirs, out, seq_len=2048, shard_wind
         raise DataError(str(e)) from None
 
 
-@raised_as(DataError)       # extras/storage.py checks it: missing, damaged, from another corpus
 def load_manifest(out) -> dict:
-    from extras.storage import read_manifest
-    return read_manifest(Path(out) / "manifest.json")
+    from extras import format_error, storage
+    with format_error.raised_as(DataError):    # checked there: missing, damaged, another corpus's
+        return storage.read_manifest(Path(out) / "manifest.json")
 
 
 def shard_sizes(manifest: dict) -> list[int]:
@@ -189,10 +188,10 @@ def head_topk(model, h, nxt, k: int, V: int):
     return top.indices, top.values, label
 
 
-@raised_as(DataError)                   # extras/storage.py checks it: missing or damaged
 def model_info(out, name):
-    from extras.storage import read_info
-    return read_info(Path(out) / "models" / name / "info.json", name)
+    from extras import format_error, storage
+    with format_error.raised_as(DataError):    # checked there: missing or damaged
+        return storage.read_info(Path(out) / "models" / name / "info.json", name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,12 +317,13 @@ class FusionData:
                         for n in [target, *self.sources]}
         self.shard = functools.lru_cache(maxsize=cache_shards)(self.read_shard)
 
-    @raised_as(DataError)       # a missing, damaged or swapped shard: named by extras/storage.py
     def read_shard(self, s: int) -> list[dict]:
-        from extras import storage
-        windows, texts = [], storage.read_windows(self.out, s, shard_sizes(self.manifest)[s])
-        tgt = storage.read_dists(self.out, self.target, s, len(texts))     # one per window
-        srcs = {n: storage.read_aligned(self.out, n, s, tgt) for n in self.sources}  # `padded`
+        from extras import format_error, storage
+        with format_error.raised_as(DataError):     # missing, damaged or swapped: named there
+            texts = storage.read_windows(self.out, s, shard_sizes(self.manifest)[s])
+            tgt = storage.read_dists(self.out, self.target, s, len(texts))     # one per window
+            srcs = {n: storage.read_aligned(self.out, n, s, tgt) for n in self.sources}
+        windows = []                                                   # srcs: `padded` rows
         for w, win in enumerate(texts):
             n_bytes = len(win["text"].encode("utf-8"))
             topk_ids, topk_logprobs = storage.window_rows(tgt, w)                 # (n, K) each

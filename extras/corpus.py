@@ -38,8 +38,8 @@ def read_corpus(path, text_field: str = "text", txt_docs: str = "file",
     """Yield documents from a .txt file, a .jsonl file, or a folder of them (sorted, recursive).
     txt_docs="file": a .txt file is one document; "blocks": documents are separated by blank lines.
     Empty documents, invalid UTF-8 and unreadable jsonl lines are counted in `stats` (and skipped,
-    or, for stray invalid bytes, replaced by U+FFFD); a .txt file that is mostly not UTF-8, or
-    holds NUL bytes, is an error."""
+    or, for stray invalid bytes, replaced by U+FFFD); a .txt file that is mostly not UTF-8, or is
+    UTF-16 (a byte-order mark, or NUL bytes in more than 1% of it), is an error."""
     path = Path(path)
     stats = stats if stats is not None else CorpusStats()
     if not path.exists():

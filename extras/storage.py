@@ -205,16 +205,21 @@ def read_arrays(path: Path, keys: tuple, rerun: str) -> dict:
         raise FormatError(f"{path}: not found; run {rerun} (it writes the shards missing)")
     try:
         with np.load(path) as z:
-            if missing := [k for k in keys if k not in z.files]:
-                raise FormatError(f"{path}: has no {', '.join(missing)}; a shard of another kind: "
-                                  f"delete it and run {rerun}")
-            return {k: z[k] for k in keys}
+            arrays = {k: z[k] for k in keys if k in z.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error,
             NotImplementedError) as e:
-        if isinstance(e, FormatError):
-            raise
         raise FormatError(f"{path}: damaged ({type(e).__name__}: {e}); delete it and run "
                           f"{rerun}") from None
+    if missing := [k for k in keys if k not in arrays]:
+        raise FormatError(f"{path}: has no {', '.join(missing)}; a shard of another kind: "
+                          f"delete it and run {rerun}")
+    return arrays
+
+
+def offsets_fit(o: np.ndarray) -> bool:
+    """Whether `o` can be a shard's window offsets: integers, one dimension, from 0, never down."""
+    return o.ndim == 1 and o.size >= 1 and o.dtype.kind in "iu" and o[0] == 0 and \
+        bool((np.diff(o) >= 0).all())
 
 
 def read_dists(out, name, shard, windows: int | None = None) -> dict:
@@ -224,10 +229,9 @@ def read_dists(out, name, shard, windows: int | None = None) -> dict:
     rerun = f"`python data.py dists --name {name}`"
     d = read_arrays(path, ("offsets", "topk_ids", "topk_logprobs", "ce", "checksum"), rerun)
     o, n = d["offsets"], d["offsets"].size - 1          # n windows: one offset more
-    if (o.ndim != 1 or n < 0 or o.dtype.kind not in "iu" or o[0] != 0 or (np.diff(o) < 0).any()
-            or d["topk_ids"].ndim != 2 or d["topk_logprobs"].shape != d["topk_ids"].shape
-            or o[-1] != len(d["topk_ids"]) or d["ce"].shape != (n,)
-            or d["checksum"].shape != (n,)):
+    if (not offsets_fit(o) or d["topk_ids"].ndim != 2
+            or d["topk_logprobs"].shape != d["topk_ids"].shape or o[-1] != len(d["topk_ids"])
+            or d["ce"].shape != (n,) or d["checksum"].shape != (n,)):
         raise FormatError(f"{path}: its arrays do not fit together; damaged: delete it and run "
                           f"{rerun}")
     if windows is not None and n != windows:
@@ -256,8 +260,7 @@ def read_aligned(out, name, shard, target: dict | None = None) -> dict:
     own = read_arrays(own_path, ("offsets", "ce"),                # only these two arrays are read
                       f"`python data.py dists --name {name}`")
     t = z["target_offsets"]
-    if (z["ids"].ndim != 2 or z["logprobs"].shape != z["ids"].shape or t.ndim != 1 or len(t) < 1
-            or t.dtype.kind not in "iu" or t[0] != 0 or (np.diff(t) < 0).any()
+    if (not offsets_fit(t) or z["ids"].ndim != 2 or z["logprobs"].shape != z["ids"].shape
             or z["counts"].shape != (len(z["ids"]),) or len(z["ids"]) != t[-1]
             or z["ce"].shape != (len(t) - 1,)):
         raise FormatError(f"{path}: its arrays do not fit together; damaged: delete it and run "
