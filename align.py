@@ -10,7 +10,7 @@ Two tokenizers cut the same text differently. To train the target on a source's 
 4. choose the target positions that take a source distribution (`matched_positions`: tokens that
    end at the same byte by default, the paper's 1:1 rule as an option) and move the distributions
    there (`transfer`). `carry` runs steps 2 to 4 on one sequence.
-The six choices these steps make come in three presets (`PRESETS`, at the end): ours ("nanofuse"),
+The choices these steps make come in three presets (`PRESETS`, at the end): ours ("nanofuse"),
 the paper's, and the official code's.
 
 The fast paths (edit distances for many pairs at once, the DTW one row at a time, the bounded MinED
@@ -331,23 +331,25 @@ class Transferred:
 
 
 def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logprobs: np.ndarray,
-             vmap: np.ndarray, fallback: str = "next", merge: str = "sum") -> Transferred:
+             vmap: np.ndarray, fallback: str = "next", merge: str = "sum",
+             labels=None) -> Transferred:
     """Move source distributions onto target positions.
 
     matched (m,): the source position each target position takes (matched_positions), -1 for none;
     src_ids / tgt_ids: the two token sequences; src_topk_* (n, K): the source's top-K at each of its
     positions; vmap: the vocab map (source id -> target id or -1).
 
-    At a matched position the source's top-K ids go through `vmap`; ids with no target entry are
-    dropped (their mass is lost); ids that land on one target id are merged: "sum" adds their
-    probabilities, "first" keeps the most probable (the official code). Every other position falls
-    back to a one-hot on the next-token label tgt_ids[j+1] ("next": the distribution at j predicts
-    token j+1; none after the last token), or on the current token tgt_ids[j] ("official": the
-    official code's off-by-one, kept for reproducing it).
+    At a matched position i the source's top-K ids go through `vmap`, or through labels(src_ids, i,
+    ids) that read the text around (nanofuse's "context", extras/emitted_tokens.py NextCharLabels:
+    GPT-NeoX's '    ' before "def" gets Llama-2's '▁▁▁' of '▁▁▁' '▁def', not the map's '▁▁▁▁'). Ids
+    with no target entry are dropped (their mass is lost); ids that land on one target id are
+    merged: "sum" adds their probabilities, "first" keeps the most probable (the official code).
+    Every other position falls back to a one-hot on the next-token label tgt_ids[j+1] ("next": the
+    distribution at j predicts token j+1; none after the last token), or on the current token
+    tgt_ids[j] ("official": the official code's off-by-one, kept for reproducing it).
 
-    How good the carried labels are (the mass lost in the vocab map, how much lands on the target's
-    true next token, what an oracle source would score) is measured from the result by
-    extras/align_stats.py `window_stats`."""
+    How good the carried labels are (mass lost in the map, mass on the target's true next token, an
+    oracle source's score) is measured from the result by extras/align_stats.py `window_stats`."""
     if fallback not in FALLBACKS or merge not in MERGES:
         raise ValueError(f"transfer: fallback={fallback!r} merge={merge!r} not understood")
     m = len(tgt_ids)
@@ -365,7 +367,7 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
         i = int(matched[j])
         merged: dict[int, float] = {}
         if i >= 0:
-            ids = vmap[src_topk_ids[i]]                                   # (K,) target ids
+            ids = vmap[src_topk_ids[i]] if labels is None else labels(src_ids, i, src_topk_ids[i])
             p = np.exp(src_topk_logprobs[i].astype(np.float64))          # (K,) probabilities
             keep = ids >= 0
             for tid, pk in zip(ids[keep].tolist(), p[keep].tolist()):
@@ -389,10 +391,10 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
 
 def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tgt_vocab,
           positions="exact", vocab_kind="next", ties="closest", fallback="next", merge="sum",
-          costs=None) -> Transferred:
+          costs=None, labels=None) -> Transferred:
     """One sequence, every step: the alignment (byte_alignment for exact positions, MinED dtw for
     the paper's), the matched positions, and the transfer. costs: a pair-cost function for dtw
-    (e.g. extras/fast_align.py PairCosts, which remembers costs across windows)."""
+    (e.g. extras/fast_align.py PairCosts, which keeps them across windows); labels: transfer's."""
     if positions == "exact":
         alignment = byte_alignment(src_ids, tgt_ids, src_vocab, tgt_vocab)
     else:
@@ -401,20 +403,21 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
                         cost=costs(s_norm, t_norm) if costs is not None else None)
     matched = matched_positions(alignment, src_ids, tgt_ids, vmap, src_vocab, tgt_vocab, positions,
                                 vocab_kind)
-    tr = transfer(matched, src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, fallback, merge)
+    tr = transfer(matched, src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, fallback, merge,
+                  labels)
     tr.alignment = alignment
     return tr
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Presets: the six choices above (positions: matched_positions; vocab_map, map_ties: vocab_map;
-# ties: dtw; fallback, merge: transfer), chosen together.
+# 5. Presets: the choices above (positions: matched_positions; vocab_map, map_ties: vocab_map;
+# ties: dtw; fallback, merge and nanofuse's context: transfer), chosen together.
 #
 # "nanofuse" (default, ours): a position takes a distribution only where both tokens end at the
 #   same byte, so the source predicts what follows the same text, and the label is the token the
-#   target itself emits next, never a byte piece it never sees (its DTW ties are unused: no DTW).
-#   From Llama-3 onto Mistral v1 an oracle source's labels are right at 0.998 of its positions,
-#   against 0.779 with "paper" (docs/data-and-alignment.md, "Label quality").
+#   target itself emits next there, in context (a run of spaces cut as the target cuts it before
+#   what follows), never a byte piece it never sees; no DTW. Oracle labels are right at 0.998 from
+#   Llama-3 onto Mistral v1 (0.779 "paper"), 0.995 from GPT-NeoX onto Llama-2 (0.922 context-free).
 # "paper": MinED alignment, the 1:1 match rule and the MinED vocab map, with what the paper leaves
 #   open decided as nanofuse decides it. Its EM ablation is "paper" with vocab_map="em".
 # "official": the official FuseLLM code's choices, mistakes included: lowest-id map ties, argmin
@@ -422,7 +425,7 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
 
 PRESETS = {
     "nanofuse": dict(positions="exact", vocab_map="next", map_ties="emitted", ties="closest",
-                     fallback="next", merge="sum"),
+                     fallback="next", merge="sum", context="next-char"),
     "paper": dict(positions="paper", vocab_map="mined", map_ties="emitted", ties="closest",
                   fallback="next", merge="sum"),
     "official": dict(positions="paper", vocab_map="mined", map_ties="lowest", ties="official",
@@ -431,7 +434,7 @@ PRESETS = {
 
 
 def alignment_settings(preset: str = "nanofuse", vocab_map: str | None = None) -> dict:
-    """The six settings of a preset, its vocab map replaced by `vocab_map` if given (the paper's own
+    """The settings of a preset, its vocab map replaced by `vocab_map` if given (the paper's own
     ablation is preset "paper" with vocab_map "em"). A preset or map not in the tables: ValueError
     naming the choices."""
     if preset not in PRESETS:

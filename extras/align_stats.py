@@ -35,19 +35,24 @@ def display(norm: str) -> str:
 
 
 def window_stats(tr: Transferred, src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap,
-                 src_vocab=None, tgt_vocab=None) -> dict:
-    """How well one window's transfer went (align.transfer's result `tr`, for the same inputs):
+                 src_vocab=None, tgt_vocab=None, labels=None) -> dict:
+    """How well one window's transfer went (align.transfer's result `tr`, for the same inputs, the
+    same `labels` included: the ids are labelled as the transfer labelled them):
     - "matched" / "fallback": target positions that carry the source's distribution / fall back;
     - "kept_mass" / "lost_mass": the top-K probability at matched positions whose ids the vocab map
       sends to a target id / to none;
     - label quality over the positions that carry a distribution and where both sides have a next
       token ("scored"): "label_mass" adds the probability the renormalised carried distribution (its
-      stored float32 log-probs) puts on the target's true next token; "oracle_mass" counts where an oracle source, whose top-1 is
-      always its own true next token src_ids[i+1], lands on the target's true next token through
-      the vocab map. A perfect transfer gives oracle_mass == scored;
+      stored float32 log-probs) puts on the target's true next token; "oracle_mass" counts where
+      an oracle source, whose top-1 is always its own true next token src_ids[i+1], lands on the
+      target's true next token through the vocab map (or `labels`). A perfect transfer gives
+      oracle_mass == scored;
     - "unmatched": the source and target tokens at positions that took no source position (with
       the vocabularies and carry's alignment), counted."""
     m, n = len(tgt_ids), len(src_ids)
+
+    def label(i, ids):                       # (k,) target ids of the source ids predicted at i
+        return vmap[ids] if labels is None else labels(src_ids, i, ids)
     kept_mass = lost_mass = label_mass = 0.0
     scored = oracle = 0
     unmatched: Counter = Counter()
@@ -59,14 +64,14 @@ def window_stats(tr: Transferred, src_ids, tgt_ids, src_topk_ids, src_topk_logpr
                 unmatched[source_text, display(tgt_vocab[tgt_ids[j]])] += 1
             continue
         p = np.exp(src_topk_logprobs[i].astype(np.float64))          # (K,) probabilities
-        mapped = vmap[src_topk_ids[i]] >= 0
+        mapped = label(i, src_topk_ids[i]) >= 0                       # (K,) bool
         kept_mass += p[mapped].sum()
         lost_mass += p[~mapped].sum()
         if not tr.fallback[j] and j + 1 < m and i + 1 < n:
             a, b = tr.offsets[j], tr.offsets[j + 1]
             q = np.exp(tr.logprobs[a:b].astype(np.float64))            # the carried entries
             scored += 1
-            oracle += int(vmap[src_ids[i + 1]] == tgt_ids[j + 1])
+            oracle += int(label(i, src_ids[i + 1:i + 2])[0] == tgt_ids[j + 1])
             label_mass += q[tr.ids[a:b] == tgt_ids[j + 1]].sum() / q.sum()
     return {"positions": m, "matched": int((~tr.fallback).sum()),
             "fallback": int(tr.fallback.sum()), "kept_mass": kept_mass, "lost_mass": lost_mass,

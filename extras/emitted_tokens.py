@@ -6,11 +6,14 @@ vocab map (vocab_map_next, here) sends a source token to the first token the tar
 text, and every vocab map breaks ties between target ids of one string in favour of the id the
 encoder emits (a sentencepiece vocabulary with byte fallback has both '<0x65>' and 'e' for "e", and
 its encoder only ever writes 'e'). align.py states the idea; the mechanics (encoding a text as a
-continuation of other text, and telling when that fails) are here.
+continuation of other text, and telling when that fails) are here. So is nanofuse's context rule
+for labels: the vocab map is context-free, but where a source token ends in whitespace the target's
+cut depends on what follows (GPT-NeoX writes "    def" as '    ' 'def', Llama-2 as '▁▁▁' '▁def').
 
 What it holds: `continuation` (the tokens of a text where it continues other text),
-`preference_order` (every id, the emitted ones first among ids of one string) and `vocab_map_next`
-(align.vocab_map's "next" kind, nanofuse's default).
+`preference_order` (every id, the emitted ones first among ids of one string), `vocab_map_next`
+(align.vocab_map's "next" kind, nanofuse's default), and the context rule: CONTEXTS,
+`context_labels` (the labeller a preset's "context" setting names) and `NextCharLabels` (the rule).
 """
 from __future__ import annotations
 
@@ -88,3 +91,87 @@ def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
                 out[i] = by_bytes[b[:n]]
                 break
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The context rule (align.transfer's `labels`; the nanofuse preset's setting "context": "next-char")
+
+CONTEXTS = ("next-char",)   # the values of an alignment's "context" setting (none: the map alone)
+
+
+def context_labels(src_tok, tgt_tok, vmap, settings: dict) -> NextCharLabels | None:
+    """The labeller an alignment's settings name (align.PRESETS, settings.json): NextCharLabels for
+    "context": "next-char", None (the vocab map alone) where there is no "context" setting. An
+    unknown value is a ValueError naming the choices."""
+    context = settings.get("context")
+    if context is None:
+        return None
+    if context not in CONTEXTS:
+        raise ValueError(f"alignment setting context={context!r}; choose one of {CONTEXTS}")
+    return NextCharLabels(src_tok, tgt_tok, vmap)
+
+
+def first_char(tok, ids) -> str | None:
+    """The first character of the text the tokens `ids` spell; None where there is none, or where
+    the text begins inside a character (a byte-level token can end mid-character)."""
+    b = b"".join(tok.token_bytes(int(t)) for t in ids)
+    for n in range(1, min(4, len(b)) + 1):            # a UTF-8 character is 1 to 4 bytes
+        try:
+            return b[:n].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+class NextCharLabels:
+    """Labels in context for the top-K a source predicts at a matched position (align.transfer's
+    `labels`; docs/data-and-alignment.md "Labels in context").
+
+    The vocab map labels a candidate c by how the target cuts text(c) alone. Where text(c) ends in
+    whitespace the target may cut it otherwise in context, since sentencepiece glues a space to the
+    word after it: where GPT-NeoX predicts '    ' (its token for 4 spaces) before "def", Llama-2's
+    next token is '▁▁▁' ("    def" is '▁▁▁' '▁def'), not the map's '▁▁▁▁' (4 spaces alone).
+
+    The rule: such a candidate's label is the first token the target emits for text(c) followed by
+    the character that really comes after the source's next token (`continuation`, cached by
+    (c, character)), where that token spells text(c) but for whitespace at its end. Every other
+    candidate, and any where this fails (no character after, a text that does not decode), keeps
+    the map's label. The target's true next token is never read. Only whitespace is re-cut: the
+    same character given to every candidate re-cuts words ('rr' before 'o' becomes 'r' 'ro' where
+    the target writes 'rr') and lowers the oracle label mass on real pairs (docs/benchmarks.md)."""
+
+    def __init__(self, src_tok, tgt_tok, vmap: np.ndarray):
+        self.src, self.tgt, self.vmap = src_tok, tgt_tok, vmap
+        self.spaced = np.array([src_tok.token_bytes(i)[-1:].isspace()       # (V_src,) bool
+                                for i in range(src_tok.vocab_size)])
+        self.cache: dict[tuple[int, str], int] = {}
+
+    def __call__(self, src_ids, i: int, cand) -> np.ndarray:
+        """(K,) target ids for the (K,) source ids `cand` predicted at source position i of src_ids
+        (so after token i, before token i+1; the character is the first one after token i+1)."""
+        cand = np.asarray(cand)
+        out = self.vmap[cand]                                 # (K,) the map's labels (a copy)
+        spaced = np.flatnonzero(self.spaced[cand])            # the candidates ending in whitespace
+        # the text after the source's true next token i+1: 4 tokens hold a character's 4 bytes
+        ch = first_char(self.src, src_ids[i + 2:i + 6]) if len(spaced) else None
+        if ch is None:
+            return out
+        for k in spaced.tolist():
+            out[k] = self.label(int(cand[k]), ch)
+        return out
+
+    def label(self, c: int, ch: str) -> int:
+        """Candidate c's label where `ch` follows its text (the rule in the class docstring)."""
+        if (c, ch) not in self.cache:
+            b, label = self.src.token_bytes(c), int(self.vmap[c])
+            try:
+                ids = continuation(self.tgt, b.decode("utf-8") + ch)
+            except UnicodeDecodeError:
+                ids = None
+            if ids:
+                first = self.tgt.token_bytes(ids[0])
+                rest = b[len(first):]
+                if first and b.startswith(first) and (not rest or rest.isspace()):
+                    label = ids[0]
+            self.cache[c, ch] = label
+        return self.cache[c, ch]

@@ -21,6 +21,7 @@ import align
 import data
 import fusellm
 from extras.align_stats import window_stats
+from extras.emitted_tokens import context_labels
 from tokenizer import load_tokenizer
 
 
@@ -52,18 +53,22 @@ def label_mass(data_dir, fusion: str = "mince") -> dict:
     return out
 
 
-def oracle_quality(src_tok, tgt_tok, vmap, texts, positions="exact") -> tuple[float, float]:
+def oracle_quality(src_tok, tgt_tok, vmap, texts, positions="exact",
+                   context: str | None = None) -> tuple[float, float]:
     """Label quality of one vocab map and position rule on real text: (matched share, oracle label
     mass). The oracle source's top-1 at each token is its own true next token; the mass is the share
     of scored positions (extras/align_stats.py window_stats) where that label, carried over, is the
-    target's true next token."""
+    target's true next token. context: the labels' context rule (an alignment's "context" setting,
+    extras/emitted_tokens.py CONTEXTS; None: the vocab map alone)."""
     sv, tv = align.normalized_vocab(src_tok), align.normalized_vocab(tgt_tok)
+    labels = context_labels(src_tok, tgt_tok, vmap, {"context": context})
     totals = Counter()
     for text in texts:
         s_ids, t_ids = src_tok.encode(text), tgt_tok.encode(text)
         oracle = np.array(s_ids[1:] + s_ids[-1:], dtype=np.int64)[:, None]   # (n, 1) the next token
         no_logprobs = np.zeros(oracle.shape, np.float32)
-        tr = align.carry(s_ids, t_ids, oracle, no_logprobs, vmap, sv, tv, positions=positions)
-        stats = window_stats(tr, s_ids, t_ids, oracle, no_logprobs, vmap)
+        tr = align.carry(s_ids, t_ids, oracle, no_logprobs, vmap, sv, tv, positions=positions,
+                         labels=labels)
+        stats = window_stats(tr, s_ids, t_ids, oracle, no_logprobs, vmap, labels=labels)
         totals.update({k: v for k, v in stats.items() if k != "unmatched"})
     return totals["matched"] / totals["positions"], totals["oracle_mass"] / max(totals["scored"], 1)

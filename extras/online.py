@@ -24,6 +24,7 @@ import common
 import data
 import fusellm
 from extras import ranks, storage
+from extras.emitted_tokens import context_labels
 from extras.data_cli import source_name
 from extras.fast_align import PairCosts
 
@@ -52,7 +53,8 @@ class OnlineCandidates:
             # the vocab map: built once, on rank 0; the other ranks read it from the cache
             vmap = ranks.first_rank_then_all(
                 lambda: align.vocab_map(s_tok, tok, kind, Path(cfg.data) / "cache", ties))
-            self.align[name] = (vmap, align.normalized_vocab(s_tok), tv, PairCosts())
+            labels = context_labels(s_tok, tok, vmap, self.settings[name])   # as align_source
+            self.align[name] = (vmap, align.normalized_vocab(s_tok), tv, PairCosts(), labels)
         self.out = cfg.data
 
     def items(self, picked):
@@ -70,12 +72,12 @@ class OnlineCandidates:
                             "ce_per_byte": per_byte}
         for name in self.names[1:]:
             model, s_tok = self.models[name]
-            vmap, sv, tv, costs = self.align[name]
+            vmap, sv, tv, costs, labels = self.align[name]
             s_ids = [s_tok.encode(it["text"]) for it in items]
             ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
             for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
                 tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv,
-                                       costs, self.settings[name])
+                                       costs, self.settings[name], labels)
                 n_bytes = len(it["text"].encode())
                 per_byte = data.ce_per_byte(c_, len(si), s_tok.bos_id is not None, n_bytes)
                 rows = data.padded(tr, self.k)            # counts (n,), ids and logprobs (n, K)

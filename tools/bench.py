@@ -1,7 +1,7 @@
 """
 bench.py: benchmarks, each reporting ratios measured in one run.
 
-    python tools/bench.py [labels] [--files 24 --chars 6000 | --data DATA]
+    python tools/bench.py [labels] [--files 24 --chars 6000] [--vocab-dir LLAMA_CPP/models | --data DATA]
     python tools/bench.py load [--dim 1024 --layers 8 --vocab 32000]
     python tools/bench.py align [--blocks 20]
     python tools/bench.py vocab-map [--source-size 50000]
@@ -13,7 +13,8 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python tools/bench.py lm-eval --model GGUF_OR_DIR [--window 64 --docs 3]
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
-on tiktoken) over standard-library text. An oracle source, whose top-1 is always its own true next token, is
+on tiktoken; with --vocab-dir also GPT-NeoX <-> Llama-2, from llama.cpp's vocabulary files) over standard-library
+text. An oracle source, whose top-1 is always its own true next token, is
 carried onto the target by each alignment setting; the table gives the share of target positions that take a
 distribution and the share of those where the oracle's label is the target's true next token (1.0 is
 perfect). With --data, the labels of a data.py folder's real sources instead: how much probability each
@@ -472,10 +473,21 @@ def cl100k():
     return TiktokenBPE("tiktoken", "cl100k_base", pattern, ranks, np.arange(len(ranks)), {}, set(), None, None)
 
 
-def label_tokenizers() -> dict:
-    """The real tokenizers of the label-quality table, by name."""
+LLAMA_CPP_VOCABS = ("GPT-NeoX (MPT)", "ggml-vocab-mpt.gguf"), ("Llama-2 (sp)", "ggml-vocab-llama-spm.gguf")
+VOCAB_DIR_HOW = ("llama.cpp's vocabulary files are in the llama-cpp-python sdist: `pip download --no-deps --no-binary "
+                 ":all: llama-cpp-python==0.3.36`, unpack it, and pass --vocab-dir "
+                 "llama_cpp_python-0.3.36/vendor/llama.cpp/models (or set NANOFUSE_VOCAB_DIR)")
+
+
+def label_tokenizers(vocab_dir=None) -> dict:
+    """The real tokenizers of the label-quality table, by name; with `vocab_dir` (llama.cpp's models/ folder) also
+    GPT-NeoX's (MPT's, = GPT-NeoX-20B's: runs of spaces are tokens of their own) and Llama-2's."""
     from tokenizer import load_tokenizer
     toks = {}
+    for name, file in LLAMA_CPP_VOCABS if vocab_dir else ():
+        if not (Path(vocab_dir) / file).is_file():
+            raise SystemExit(f"error: {Path(vocab_dir) / file} not found. {VOCAB_DIR_HOW}")
+        toks[name] = load_tokenizer(Path(vocab_dir) / file)
     for name, file in (("Mistral v1 (sp)", "tokenizer.model.v1"), ("Mistral v3 (sp)", "mistral_instruct_tokenizer_240323.model.v3")):
         tmp = Path(tempfile.mkdtemp())
         (tmp / "tokenizer.model").write_bytes(package_file("mistral_common", "data", file).read_bytes())
@@ -486,14 +498,18 @@ def label_tokenizers() -> dict:
 
 
 LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Llama-3 (tiktoken)", "Mistral v1 (sp)"),
-               ("cl100k (tiktoken)", "Mistral v1 (sp)"), ("Mistral v1 (sp)", "Llama-3 (tiktoken)")]
-# (row name, positions, vocab map kind, tie order): the paper's rule with the old lowest-id ties first (as
-# nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions.
-LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False),
-                  ("paper positions, MinED", "paper", "mined", True),
-                  ("exact positions, EM", "exact", "em", True),
-                  ("exact positions, MinED", "exact", "mined", True),
-                  ("exact positions, next-token map (default)", "exact", "next", True)]
+               ("cl100k (tiktoken)", "Mistral v1 (sp)"), ("Mistral v1 (sp)", "Llama-3 (tiktoken)"),
+               ("GPT-NeoX (MPT)", "Llama-2 (sp)"), ("Llama-2 (sp)", "GPT-NeoX (MPT)")]   # the last two: --vocab-dir
+# (row name, positions, vocab map kind, tie order, context): the paper's rule with the old lowest-id ties first (as
+# nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions with
+# the nanofuse preset's labels in context (extras/emitted_tokens.py NextCharLabels), and the default's map without
+# them (as nanofuse was before 2026-12-06).
+LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False, None),
+                  ("paper positions, MinED", "paper", "mined", True, None),
+                  ("exact positions, EM", "exact", "em", True, "next-char"),
+                  ("exact positions, MinED", "exact", "mined", True, "next-char"),
+                  ("exact positions, next-token map, context-free (before)", "exact", "next", True, None),
+                  ("exact positions, next-token map in context (default)", "exact", "next", True, "next-char")]
 
 
 def shared_ends(src, tgt, texts, sv, tv) -> float:
@@ -522,12 +538,15 @@ def bench_labels(a):
         print(markdown_table(label_mass(a.data), f"labels of {a.data}, fused positions"))
         return
     texts = [t for t in stdlib_blocks(a.files, a.chars)]
-    toks = label_tokenizers()
+    vocab_dir = a.vocab_dir or os.environ.get("NANOFUSE_VOCAB_DIR", "")
+    if not vocab_dir:
+        print(f"(no GPT-NeoX -> Llama-2 pairs: {VOCAB_DIR_HOW})")
+    toks = label_tokenizers(vocab_dir)
     vocab = {n: align.normalized_vocab(t) for n, t in toks.items()}
     print(f"label quality on {len(texts)} blocks of standard-library code and docstrings ({sum(map(len, texts)):,} "
           f"characters); cells: matched share of target positions / oracle label mass")
     rows = {}
-    for src_name, tgt_name in LABEL_PAIRS:
+    for src_name, tgt_name in [(s, t) for s, t in LABEL_PAIRS if s in toks and t in toks]:
         src, tgt, sv, tv = toks[src_name], toks[tgt_name], vocab[src_name], vocab[tgt_name]
         t0 = time.perf_counter()
         from extras import fast_align
@@ -535,7 +554,7 @@ def bench_labels(a):
         order = preference_order(tgt, tv)
         maps = {}
         used = sorted({i for t in texts for i in src.encode(t)})    # MinED only where the oracle reads it
-        for row, positions, kind, prefer in LABEL_SETTINGS:
+        for row, positions, kind, prefer, context in LABEL_SETTINGS:
             o = order if prefer else None
             if (kind, prefer) not in maps:
                 if kind == "mined":
@@ -543,7 +562,7 @@ def bench_labels(a):
                     maps[kind, prefer][used] = fast_align.vocab_map_mined([sv[i] for i in used], tv, order=o)[0]
                 else:
                     maps[kind, prefer] = align.vocab_map_em(sv, tv, o) if kind == "em" else vocab_map_next(src, tgt, o)
-            share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions)
+            share, mass = oracle_quality(src, tgt, maps[kind, prefer], texts, positions, context)
             rows.setdefault(row, {})[f"{src_name} -> {tgt_name}"] = f"{share:.3f} / {mass:.3f}"
         rows.setdefault("(target positions whose token ends where a source token ends)", {})[
             f"{src_name} -> {tgt_name}"] = f"{shared_ends(src, tgt, texts, sv, tv):.3f}"
@@ -765,6 +784,8 @@ def main():
     lq.add_argument("--files", type=int, default=24, help="standard-library files read (default 24)")
     lq.add_argument("--chars", type=int, default=6000, help="characters read from each (default 6000)")
     lq.add_argument("--data", default="", help="a data.py folder: the label mass of its real sources instead")
+    lq.add_argument("--vocab-dir", default="", help="llama.cpp's models/ folder (env NANOFUSE_VOCAB_DIR): adds "
+                                                     "GPT-NeoX (MPT) <-> Llama-2, the paper's pair")
     bb = sub.add_parser("bbh", help="BBH-style questions from the bigbench sdist against BBH's own (lm-eval's examples)")
     bb.add_argument("--bigbench", required=True, help="the bigbench sdist (bigbench-1.0.0.tar.gz) or its folder")
     le = sub.add_parser("lm-eval", help="eval.py against lm-eval 0.4.13 itself on a real checkpoint")

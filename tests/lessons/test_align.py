@@ -6,7 +6,7 @@ import pytest
 
 import align
 from extras import fast_align
-from extras.emitted_tokens import preference_order, vocab_map_next
+from extras.emitted_tokens import CONTEXTS, preference_order, vocab_map_next
 from align import normalize
 from extras.align_stats import display, window_stats
 
@@ -288,8 +288,9 @@ def test_em_vocab_map_needs_equal_strings():
 
 def test_lesson_three_presets_choose_the_six_settings_together():
     """Six choices (positions, vocab map, map ties, path ties, fallback, merge) come in three
-    presets: ours, the paper's and the official code's. The paper's EM ablation is its preset with
-    the EM map; anything else is refused with the choices named."""
+    presets: ours, the paper's and the official code's; ours adds a seventh, labels in context
+    (tests/lessons/test_context_labels.py). The paper's EM ablation is its preset with the EM map;
+    anything else is refused with the choices named."""
     assert align.alignment_settings() == align.PRESETS["nanofuse"]
     assert align.alignment_settings()["positions"] == "exact"
     official = align.alignment_settings("official")
@@ -299,8 +300,9 @@ def test_lesson_three_presets_choose_the_six_settings_together():
     choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS,
                "map_ties": align.MAP_TIES, "ties": align.TIES, "fallback": align.FALLBACKS,
                "merge": align.MERGES}
+    assert align.PRESETS["nanofuse"]["context"] in CONTEXTS
     for preset in align.PRESETS:
-        settings = align.alignment_settings(preset)
+        settings = {k: v for k, v in align.alignment_settings(preset).items() if k != "context"}
         assert settings.keys() == choices.keys()
         assert all(settings[k] in choices[k] for k in choices), preset
     with pytest.raises(ValueError, match="nanofuse"):

@@ -42,11 +42,16 @@ def paper_map(src, tgt, texts):
 def test_oracle_labels_land_on_the_targets_next_token_on_real_tokenizer_pairs(real, pair):
     """Exact positions with the next-token map: >= 0.95 of the oracle's labels are right, on as many
     target positions as the paper's rule matched (MinED, lowest-id ties), which gets far fewer
-    right. Catches byte pieces winning ties, mispositioned matches, and labels of the wrong
-    granularity."""
+    right. The default labels in context (extras/emitted_tokens.py NextCharLabels) at the same
+    positions, never worse. Catches byte pieces winning ties, mispositioned matches, labels of the
+    wrong granularity, and a context rule that re-cuts words (the next character given to every
+    candidate, not only to those ending in whitespace: 'rr' before 'o' labelled 'r')."""
     src, tgt = real[pair[0]], real[pair[1]]
     texts = [t[:4000] for t in stdlib_texts(12)[::3]]
-    share, mass = oracle_quality(src, tgt, align.vocab_map(src, tgt, "next"), texts, "exact")
+    vmap = align.vocab_map(src, tgt, "next")
+    share, mass = oracle_quality(src, tgt, vmap, texts, "exact")
+    ctx_share, ctx_mass = oracle_quality(src, tgt, vmap, texts, "exact", "next-char")
+    assert ctx_share == share and ctx_mass >= mass, (pair, share, mass, ctx_mass)
     paper_share, paper_mass = oracle_quality(src, tgt, paper_map(src, tgt, texts), texts, "paper")
     assert mass >= 0.95, (pair, share, mass)
     assert share >= paper_share - 0.005, (pair, share, paper_share)

@@ -1,0 +1,134 @@
+"""Labels in context: a run of spaces is cut differently by each tokenizer, and where it is cut
+depends on what follows it. Hand-worked on two tokenizers built here as the real ones are: a
+GPT-NeoX-style byte-level BPE whose runs of spaces are added tokens, matched before
+pre-tokenization (GPT-NeoX's ids 50254-50276), and a Llama-2-style sentencepiece BPE that glues one
+space to the word after it ("    def" is '▁▁▁' '▁def')."""
+import json
+
+import numpy as np
+import pytest
+
+import align
+import data
+from extras import storage
+from extras.emitted_tokens import CONTEXTS, NextCharLabels, context_labels, vocab_map_next
+from extras.label_quality import oracle_quality
+from extras.gguf import sentencepiece_model_bytes
+from extras.tokenizer_json import GPT2_PATTERN
+from tokenizer import SentencePieceTokenizer, TiktokenBPE
+
+SP = "\u2581"
+TEXT = "a\n    def"
+
+
+@pytest.fixture(scope="module")
+def neox():
+    """Byte-level BPE: every byte (ids 0-255), the merges 'de' (256) and 'def' (257), and the runs
+    of 2, 3 and 4 spaces as added tokens (258, 259, 260), cut out of the text before the BPE."""
+    ranks = {bytes([b]): b for b in range(256)} | {b"de": 256, b"def": 257}
+    added = {"  ": 258, "   ": 259, "    ": 260}
+    return TiktokenBPE("bpe", "neox-like", GPT2_PATTERN, ranks, np.arange(len(ranks)), added,
+                       set(), None, None)
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    """Sentencepiece BPE with byte fallback: <unk> <s> </s>, the 256 byte pieces (ids 3-258), then
+    the pieces below, merged in the order of their scores (highest first): '▁d' before '▁de'
+    before '▁def', all three before the runs '▁▁', '▁▁▁', '▁▁▁▁', and 'ed' before 'de'."""
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    pieces += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    normal = [("▁d", -1), ("▁de", -2), ("▁def", -3), ("▁▁", -4), ("▁▁▁", -5), ("▁▁▁▁", -6),
+              ("ed", -6.5), ("de", -7), ("▁", -8), ("a", -9), ("d", -10), ("e", -11), ("f", -12)]
+    pieces += [(p.replace("▁", SP), score, 1) for p, score in normal]
+    proto = sentencepiece_model_bytes(pieces, bpe=True, byte_fallback=True,
+                                      add_dummy_prefix=True, unk_id=0)
+    return SentencePieceTokenizer(None, model_proto=proto, bos_id=1, eos_id=2)
+
+
+def src_ids_of(*texts):
+    """NeoX-like ids by their text: bytes are their own ids, then the merges and the runs."""
+    table = {"de": 256, "def": 257, "  ": 258, "   ": 259, "    ": 260}
+    return [table.get(t, ord(t[0])) for t in texts]
+
+
+def tgt_ids_of(tok, *texts):
+    """Llama-2-like ids of pieces by their text (spaces written as spaces): the regular piece,
+    never the byte piece of the same text ('▁', not '<0x20>')."""
+    return [tok.pieces.index(t.replace(" ", SP)) for t in texts]
+
+
+def test_lesson_a_run_of_spaces_is_cut_where_what_follows_decides(neox, llama2):
+    """GPT-NeoX writes TEXT as 'a' '\\n' '    ' 'def', Llama-2 as '▁' 'a' '\\n' '▁▁▁' '▁def' (the
+    first '▁' its dummy prefix). Both end a token after '\\n', so target position 2 takes source
+    position 1, whose next token is '    '. Alone, Llama-2 writes 4 spaces '▁▁▁▁' (the vocab map's
+    label); in TEXT its next token is '▁▁▁'. The rule asks the target how it writes the candidate
+    followed by the character that really comes next, 'd': '▁▁▁' '▁d', so the label is '▁▁▁'.
+    Candidates at that position: '    ' (p 0.5), '  ' (0.2), ' ' (0.2), 'de' (0.1).
+    - '  ' + 'd' is '▁' '▁d': '▁', not the map's '▁▁' (spaces again);
+    - ' ' + 'd' is '▁d', which runs past ' ' into what follows: it keeps the map's label '▁';
+    - 'de' + 'd' is 'd' 'ed' (one more character re-cuts a word), but 'de' does not end in
+      whitespace: it keeps the map's label, 'de' (on real tokenizers labels re-cut so are worse);
+    so '▁' takes 0.2 + 0.2 (merged) and the carried distribution is '▁▁▁' 0.5, '▁' 0.4, 'de' 0.1.
+    Catches: the context rule missing (the label '▁▁▁▁', which the target does not write here), a
+    label that runs past the candidate's text (' ' labelled '▁d'), the rule re-cutting words ('de'
+    labelled 'd'), or the rule reading the wrong character (the candidate's own, not the next)."""
+    s_ids, t_ids = neox.encode(TEXT), llama2.encode(TEXT)
+    assert [neox.token_bytes(i) for i in s_ids] == [b"a", b"\n", b"    ", b"def"]
+    assert [llama2.token_str(i) for i in t_ids] == ["▁", "a", "<0x0A>", "▁▁▁", "▁def"]
+    four, two, one, de = src_ids_of("    ", "  ", " ", "de")
+    t_three, t_one, t_de, t_two, t_four = tgt_ids_of(llama2, "   ", " ", "de", "  ", "    ")
+    vmap = vocab_map_next(neox, llama2)
+    assert vmap[[four, two, one, de]].tolist() == [t_four, t_two, t_one, t_de]   # context-free
+    topk = np.zeros((len(s_ids), 4), dtype=np.int64)
+    topk[1] = [four, two, one, de]
+    logprobs = np.log(np.tile([0.5, 0.2, 0.2, 0.1], (len(s_ids), 1))).astype(np.float32)
+    sv, tv = align.normalized_vocab(neox), align.normalized_vocab(llama2)
+
+    def carried(labels):
+        tr = align.carry(s_ids, t_ids, topk, logprobs, vmap, sv, tv, labels=labels)
+        assert tr.matched.tolist() == [-1, 0, 1, -1, 3]
+        a, b = tr.offsets[2], tr.offsets[3]
+        p = np.exp(tr.logprobs[a:b].astype(float)).round(6)              # (entries,)
+        return dict(zip(tr.ids[a:b].tolist(), p.tolist()))
+
+    assert carried(None) == {t_four: 0.5, t_two: 0.2, t_one: 0.2, t_de: 0.1}          # before
+    assert carried(NextCharLabels(neox, llama2, vmap)) == {t_three: 0.5, t_one: 0.4, t_de: 0.1}
+    assert t_ids[3] == t_three                       # the label is the target's true next token
+
+
+def test_lesson_the_oracle_lands_on_the_targets_next_token_with_the_rule(neox, llama2):
+    """An oracle source (top-1: its own true next token) over TEXT: 3 of the 5 target positions
+    take a distribution (the table above: 'a', '\\n', '▁def'); '▁def' is the last, with no next
+    token, so 2 are scored. After 'a' the oracle's '\\n' lands on '<0x0A>' either way; after
+    '\\n' its '    ' lands on '▁▁▁' only with the rule: oracle label mass 1/2 without, 2/2 with.
+    Catches: oracle_quality (docs/benchmarks.md "Label quality") measuring the map alone when
+    asked for the rule."""
+    vmap = vocab_map_next(neox, llama2)
+    assert oracle_quality(neox, llama2, vmap, [TEXT], "exact") == (0.6, 0.5)
+    assert oracle_quality(neox, llama2, vmap, [TEXT], "exact", "next-char") == (0.6, 1.0)
+
+
+def test_the_default_preset_labels_in_context_and_the_paper_presets_do_not(neox, llama2, tmp_path):
+    """nanofuse stores "context": "next-char" with its settings (data.align_window takes the labels
+    its settings name), "paper" and "official" have no such setting and are unchanged. A folder
+    aligned by nanofuse before the rule has no "context" in its settings.json: aligning more shards
+    into it is refused, naming the fix, so old and new labels never mix. Catches: the rule missing
+    from the default preset, or added to the paper's, or old folders silently extended."""
+    assert align.PRESETS["nanofuse"]["context"] == "next-char" and "next-char" in CONTEXTS
+    assert not {"context"} & (align.PRESETS["paper"].keys() | align.PRESETS["official"].keys())
+    vmap = vocab_map_next(neox, llama2)
+    assert context_labels(neox, llama2, vmap, align.alignment_settings("paper")) is None
+    labels = context_labels(neox, llama2, vmap, align.alignment_settings())
+    s_ids, t_ids = neox.encode(TEXT), llama2.encode(TEXT)
+    oracle = np.array(s_ids[1:] + s_ids[-1:])[:, None]                     # (n, 1) the next token
+    tr = data.align_window(s_ids, t_ids, oracle, np.zeros(oracle.shape, np.float32), vmap,
+                           align.normalized_vocab(neox), align.normalized_vocab(llama2), None,
+                           align.alignment_settings(), labels)
+    assert tr.ids[tr.offsets[2]:tr.offsets[3]].tolist() == [t_ids[3]]        # '▁▁▁'
+    with pytest.raises(ValueError, match="context='next-word'; choose one of"):
+        context_labels(neox, llama2, vmap, {"context": "next-word"})
+    old = {k: v for k, v in align.PRESETS["nanofuse"].items() if k != "context"}
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    conflict = storage.settings_conflict(tmp_path, align.alignment_settings())
+    assert "aligned with other settings" in conflict and "delete it" in conflict
