@@ -282,14 +282,16 @@ def token_losses(logits, labels, ids, probs):
 
 def fusion_loss(logits, batch: Batch, lam: float, n_clm: float, n_fus: float,
                 fusion: str = "mince", temperature: float = 1.0, avg_weights: str = "official",
-                tau: float = 1.0):
+                tau: float = 1.0, distance=None):
     """The training objective on one micro-batch, L = lambda * L_CLM + (1 - lambda) * L_fusion: P_t
     by `fuse`, then each per-position loss summed and divided by its token count over the whole
     step (n_clm: labelled positions, n_fus: positions in fusion_mask, every micro-batch and process
     together), so the step's loss is the mean over its tokens however it is split. Returns (loss,
-    CLM sum, fusion sum); the sums are detached."""
+    CLM sum, fusion sum); the sums are detached. `distance`: another L_fusion than the CE, below."""
     ids, probs = fuse(batch, fusion, temperature, avg_weights, tau)            # (B, T, E)
     clm, fus = token_losses(logits, batch.labels, ids, probs)                  # (B, T) each
+    if distance is not None:     # FuseLLM's successors (ULD, GOLD, X-Token): extras/successors.py
+        fus = distance(logits, ids, probs)                                     # (B, T)
     clm, fus = clm.sum(), (fus * batch.fusion_mask).sum()
     loss = lam * clm / max(n_clm, 1) + (1 - lam) * fus / max(n_fus, 1)
     return loss, clm.detach(), fus.detach()

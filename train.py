@@ -56,6 +56,7 @@ class TrainConfig:
     tau: float = 1.0  # AvgCE softmax weights and per-token AvgCE: their temperature
     ce_unit: str = "token"  # candidates' CE compared per token (paper) or per byte of the window's
                             # text
+    fusion_loss: str = "ce"  # L_fusion: ce (paper) | uld | gold | xtoken (extras/successors.py)
     # optimisation
     batch_size: int = 8  # windows per optimizer step, all processes together (the global batch)
     micro_batch: int = 0  # windows per forward pass on each process (0: largest divisor of its
@@ -209,7 +210,7 @@ def lam_at(step: int, total: int, cfg) -> float:
 
 
 def run_steps(model, opt, cfg, total: int, batches_at, device, V: int, world: int = 1,
-              start: int = 0):
+              start: int = 0, distance=None):
     """The training loop, the one loop of nanofuse (train() below, the demo's pre-training and
     bench.py all run it). Each step from `start` to `total`: the learning rate and lambda by their
     schedules; then for each of the step's micro-batches (batches_at(step): a list of fusellm.Batch)
@@ -244,7 +245,8 @@ def run_steps(model, opt, cfg, total: int, batches_at, device, V: int, world: in
                     loss = clm / max(n_clm, 1)
                 else:                                     # lambda * L_CLM + (1 - lambda) * L_fusion
                     loss, clm, fus = fusellm.fusion_loss(logits, b, lam, n_clm, n_fus, cfg.fusion,
-                                                         cfg.temperature, cfg.avg_weights, cfg.tau)
+                                                         cfg.temperature, cfg.avg_weights, cfg.tau,
+                                                         distance)
                     fus_sum += float(fus)
                 (loss * world).backward()
             clm_sum += float(clm.detach())
@@ -269,6 +271,10 @@ def train(cfg: TrainConfig):
     if not cfg.data or not cfg.target:
         raise TrainingError("give --data (a data.py folder) and --target (the target model "
                             "folder); `python train.py --help` lists every setting")
+    distance = None                  # L_fusion: the paper's soft-label CE, or one of its successors
+    if cfg.fusion_loss != "ce":      # (ULD, GOLD, X-Token): checked, tables built, before the rest
+        from extras.successors import distance_for
+        distance = distance_for(cfg)
     from extras import distributed           # torchrun's processes, and checkpoints
     rank, world, device = distributed.setup(cfg.device)     # alone: rank 0 of 1
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch, world)      # before anything loads
@@ -306,7 +312,7 @@ def train(cfg: TrainConfig):
 
     try:
         for rec in run_steps(fmodel, opt, cfg, total, batches_at, device, tok.vocab_size, world,
-                             start=step):
+                             start=step, distance=distance):
             log.step(rec)                    # out/metrics.jsonl, and a progress line
             ckpts.after(rec["step"], total)  # every --ckpt-every steps, and the last
     except LossNotFinite as e:

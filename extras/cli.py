@@ -23,7 +23,7 @@ import fusellm
 # train.py's settings with a fixed set of values: a typo is refused by the command line, before
 # anything loads.
 TRAIN_CHOICES = {"fusion": fusellm.FUSIONS, "avg_weights": fusellm.AVG_WEIGHTS,
-                 "ce_unit": ("token", "byte")}
+                 "ce_unit": ("token", "byte"), "fusion_loss": ("ce", "uld", "gold", "xtoken")}
 
 
 def field_help(cls) -> dict[str, str]:

@@ -205,3 +205,23 @@ def test_fusion_loss_sums_only_the_positions_in_the_fusion_mask(method):
     expected = per_position[0, 1] + per_position[0, 2] + per_position[1, 1]     # the mask, by hand
     _, _, fus = fusion_loss(logits, b, 0.5, 5, 3, method)
     assert fus.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_successor_distance_takes_the_fusion_terms_place_on_the_same_positions():
+    """fusion_loss(distance=...) (train.py --fusion-loss, extras/successors.py) scores the same
+    sparse P_t with another distance, summed over fusion_mask and divided by n_fus as the CE is.
+    ULD on padded_window_with_bos, MinCE, uniform logits over V=6 (Q_t = 1/6 everywhere):
+        window 0 takes candidate 0 (CE 1.0 < 2.0): at positions 1 and 2 P_t = {.6, .4}, sorted
+            [.6, .4, 0] against Q_t's top 3 [1/6, 1/6, 1/6], plus Q_t's 3/6 past them:
+            (.6 - 1/6) + (.4 - 1/6) + 1/6 + 3/6 = 4/3 each
+        window 1 takes candidate 1 (CE 1.0 < 2.0), which falls back: at position 1 a one-hot,
+            (1 - 1/6) + 1/6 + 1/6 + 3/6 = 5/3
+        sum over the mask: 4/3 + 4/3 + 5/3 = 13/3; at lambda 0 over n_fus = 3, the loss 13/9.
+    Catches the distance ignored (the CE: 3 ln 6 = 5.375) and the mask ignored (the three positions
+    off it have P_t = 0, a distance of 1 each: 22/3)."""
+    from extras.successors import uld
+    from fusellm import fusion_loss
+    loss, _, fus = fusion_loss(torch.zeros(2, 3, V), padded_window_with_bos(), 0.0, 5, 3, "mince",
+                               distance=uld)
+    assert fus.item() == pytest.approx(13 / 3, rel=1e-6)
+    assert loss.item() == pytest.approx(13 / 9, rel=1e-6)
