@@ -112,16 +112,17 @@ def shard_sizes(manifest: dict) -> list[int]:
 
 
 def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", logprob_bits=8,
-                  quiet=False):
+                  quiet=False, sample=0):
     """Stage 2: out/models/<name>/shard-*.npz: at each of a window's tokens (the model's own) the
-    top-K next-token ids and log-probs; per window the CE and a checksum of the tokens."""
+    top-K next-token ids and log-probs (sample=N: N ids drawn from the model's whole distribution,
+    each weighing 1/N, unbiased: window_topk); per window the CE and a checksum of the tokens."""
     from extras import ranks, storage
     from model import load
     m = load_manifest(out)
     d = Path(out) / "models" / name
     device = common.device(device)
     todo, prog = ranks.my_shards(d, shard_sizes(m), f"dists {name}", quiet)  # this rank's, to do
-    info = {"model": str(model_dir), "topk": topk, "logprob_bits": logprob_bits}
+    info = dict(model=str(model_dir), topk=sample or topk, sample=sample, logprob_bits=logprob_bits)
     if conflict := storage.info_conflict(d, info):  # a K or bits it cannot store, or made otherwise
         raise DataError(conflict)
     if not todo:
@@ -137,7 +138,8 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
         done = []                       # per window: its tokens, top-K ids and log-probs, its CE
         for b in range(0, len(windows), batch_size):
             batch = [tok.encode(w["text"]) for w in windows[b:b + batch_size]]
-            done += zip(batch, *window_topk(model, tok, batch, topk, device))
+            done += zip(batch, *window_topk(model, tok, batch, topk, device, sample=sample,
+                                            seed=name))
             prog.update(len(batch), sum(len(t) for t in batch))
         storage.save_dists(d / f"shard-{s:05d}.npz", done, tok.vocab_size, logprob_bits)
     prog.update(0, force=True)
@@ -145,14 +147,15 @@ def compute_dists(out, model_dir, name, topk=10, batch_size=8, device="auto", lo
 
 
 def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elements: int = 0,
-                head_cols: int = 0):
+                head_cols: int = 0, sample: int = 0, seed: str = ""):
     """One forward pass over a batch of token lists (BOS prepended when the tokenizer has one,
     right-padded). For each list of n tokens: (n, K) top-K ids and log-probs at each token
     (predicting the next one), and the CE: mean -log p of every text token given what precedes it.
     The output head runs in blocks of positions x vocabulary (extras/fast_head.py, block shape
     head_elements x head_cols, 0: the device's default), never building (N, V), so memory stays
     bounded and the stored numbers do not depend on the batch; `head_topk` below is the same
-    computation written whole, and tests prove them equal."""
+    computation written whole, and tests prove them equal. sample=N: instead of the top-K, N ids
+    drawn from p, each of log-prob -log N (Random Sampling KD, Anshumann et al. 2025: unbiased)."""
     import torch
     bos = [tok.bos_id] if tok.bos_id is not None else []
     seqs = [bos + t for t in batch]
@@ -164,7 +167,9 @@ def window_topk(model, tok, batch: list[list[int]], topk: int, device, head_elem
         h = torch.cat([h[r, :len(s)] for r, s in enumerate(seqs)])          # (N, C)
         nxt = torch.tensor([t for s in seqs for t in s[1:] + [-1]], device=h.device)   # (N,)
         from extras.fast_head import head_topk as blocked              # = head_topk, in blocks
-        top_ids, top_lp, label_lp = blocked(model, h, nxt, topk, V, head_elements, head_cols)
+        from extras.sampled_labels import uniforms    # (N, sample), seeded by seed and the tokens
+        top_ids, top_lp, label_lp = blocked(model, h, nxt, topk, V, head_elements, head_cols,
+                                            uniforms(seqs, sample, seed))     # None: top-K
     out_ids, out_lp, out_ce, at = [], [], [], 0
     for s in seqs:                      # its rows: at .. at+len(s); the text tokens' after BOS's
         out_ids.append(top_ids[at + len(bos):at + len(s)].cpu().numpy())
@@ -225,8 +230,8 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
     """Stage 3: out/aligned/<name>/shard-*.npz: per window, per target token, the source's
     distribution in target ids (`padded` rows, log-probs in uint8), the source's CE, and
     out/aligned/<name>/diagnostics.json. preset: one of align.PRESETS; vocab_map: replaces the
-    preset's (the six resolved settings are stored in out/aligned/<name>/settings.json)."""
-    from extras import ranks, storage
+    preset's (the resolved settings are stored in out/aligned/<name>/settings.json)."""
+    from extras import emitted_tokens, ranks, storage
     from extras.align_stats import (merged_diagnostics, save_shard_stats, shard_without_stats,
                                     window_stats)
     from extras.fast_align import PairCosts
@@ -251,6 +256,7 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
     vmap = ranks.first_rank_then_all(      # built once, on rank 0; the others read the cache
         lambda: align.vocab_map(s_tok, t_tok, settings["vocab_map"], Path(out) / "cache",
                                 settings["map_ties"]))
+    labels = emitted_tokens.context_labels(s_tok, t_tok, vmap, settings)  # None: the map alone
     costs = PairCosts()
     todo, prog = ranks.my_shards(d, shard_sizes(m), f"align {name}", quiet)  # this rank's, to do
     for s in todo:
@@ -262,9 +268,11 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
                 if changed := storage.changed_tokens(ids_, dist, w, s, who):
                     raise DataError(changed)
             topk_ids, topk_logprobs = storage.window_rows(src, w)                 # (n, K) each
-            tr = align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv, costs, settings)
+            tr = align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv, costs, settings,
+                              labels)
             entries.append(padded(tr, src_info["topk"]))
-            stats.append(window_stats(tr, s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv))
+            stats.append(window_stats(tr, s_ids, t_ids, topk_ids, topk_logprobs, vmap, sv, tv,
+                                      labels))
             prog.update(1, len(t_ids))
         save_shard_stats(d, s, stats)           # first: the shard's own file marks it done
         storage.save_aligned(d / f"shard-{s:05d}.npz", entries, t_tok.vocab_size, src["ce"],
@@ -275,13 +283,13 @@ def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
 
 
 def align_window(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab, costs,
-                 settings: dict) -> align.Transferred:
-    """One window through align.carry (alignment, matched positions, transfer) by the six settings
-    of a settings.json: for align_source, and for train.py --online (extras/online.py)."""
+                 settings: dict, labels=None) -> align.Transferred:
+    """One window through align.carry (alignment, matched positions, transfer) by the settings of a
+    settings.json and its labels (context_labels): for align_source and train.py --online."""
     return align.carry(s_ids, t_ids, topk_ids, topk_logprobs, vmap, src_vocab, tgt_vocab,
                        positions=settings["positions"], vocab_kind=settings["vocab_map"],
                        ties=settings["ties"], fallback=settings["fallback"],
-                       merge=settings["merge"], costs=costs)
+                       merge=settings["merge"], costs=costs, labels=labels)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,8 +42,14 @@ def parser(description: str) -> argparse.ArgumentParser:
         sp.add_argument("--txt-docs", choices=["file", "blocks"], default="file",
                         help="a .txt file is one document, or blank-line separated blocks are")
     for sp in (d, al):
-        sp.add_argument("--topk", type=int, default=10,
+        sp.add_argument("--topk", type=int, default=None,
                         help="next-token entries kept per token, 1..255 (default 10)")
+        sp.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="instead of the top-K, store N ids drawn from each model's whole "
+                             "next-token distribution, each weighing 1/N (unbiased: Random "
+                             "Sampling KD, Anshumann et al. 2025; about 12 suffice; 1..255). Every "
+                             "model of a data folder is stored the same way; align with nanofuse "
+                             "or paper (not official)")
         sp.add_argument("--batch-size", type=int, default=8,
                         help="windows per forward pass (default 8)")
         sp.add_argument("--device", default="auto", help=common.DEVICE_HELP)
@@ -72,20 +78,27 @@ def parser(description: str) -> argparse.ArgumentParser:
 def main(argv=None):
     """The stages in order (`python data.py STAGE --help`: the flags, above)."""
     args = parser(data.__doc__).parse_args(argv)
+    if getattr(args, "sample", 0) and args.topk is not None:
+        raise SystemExit(f"error: --topk {args.topk} and --sample {args.sample} both given: "
+                         f"--sample N stores N sampled ids instead of the top-K; choose one")
+    topk = args.topk if getattr(args, "topk", None) is not None else 10
+    if args.stage == "all" and args.sample and align.PRESETS[args.align]["merge"] == "first":
+        raise SystemExit(f"error: --align {args.align} merges repeated ids with 'first', which "
+                         f"would keep one of --sample's repeated draws; use nanofuse or paper")
     try:
         if args.stage in ("windows", "all"):
             data.build_windows(args.corpus, args.target, args.sources, args.data, args.seq_len,
                                args.shard_windows, args.text_field, args.txt_docs, args.quiet)
         if args.stage == "dists":
-            data.compute_dists(args.data, args.model, args.name, args.topk, args.batch_size,
-                               args.device, args.logprob_bits, args.quiet)
+            data.compute_dists(args.data, args.model, args.name, topk, args.batch_size,
+                               args.device, args.logprob_bits, args.quiet, args.sample)
         if args.stage == "align":
             data.align_source(args.data, args.name, args.align, args.vocab_map, quiet=args.quiet)
         if args.stage == "all":
             names = ["target"] + [source_name(s) for s in args.sources]
             for model, name in zip([args.target, *args.sources], names):
-                data.compute_dists(args.data, model, name, args.topk, args.batch_size,
-                                   args.device, args.logprob_bits, args.quiet)
+                data.compute_dists(args.data, model, name, topk, args.batch_size,
+                                   args.device, args.logprob_bits, args.quiet, args.sample)
             for name in names[1:]:
                 data.align_source(args.data, name, args.align, args.vocab_map, quiet=args.quiet)
     except ValueError as e:            # DataError, CheckpointError, TokenizerError: one clear line

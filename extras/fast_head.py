@@ -9,7 +9,9 @@ the matrix product). A learner reads data.head_topk, the whole-vocabulary log_so
 gather; data.window_topk calls this one instead when the logits would not fit in one block, and
 tests/lessons/test_windows_and_dists.py proves the two equal on random and real inputs.
 
-What it holds: `head_topk`, with the block shape chosen by device (`block_shape`).
+What it holds: `head_topk`, with the block shape chosen by device (`block_shape`). Given uniforms
+(`python data.py dists --sample N`), head_topk draws N ids per position from the whole distribution
+instead, in the same blocks (extras/sampled_labels.py head_sample).
 """
 from __future__ import annotations
 
@@ -33,15 +35,21 @@ def block_shape(V: int, on_gpu: bool, head_elements: int = 0,
     return rows, cols
 
 
-def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: int = 0):
+def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: int = 0,
+              u=None):
     """data.head_topk in blocks of positions x vocabulary, never the whole (N, V) logits: for a
     slice of `rows` positions, walk the vocabulary `cols` entries at a time -> logits (rows, cols)
     -> fold them into a running log-sum-exp (logaddexp), a running top-K (the block's top-K merged
     with the best so far) and the next token's logit when it falls in this block -> the next block.
     Peak memory is one block of head_elements floats whatever N and V. h (N, C): final hidden
     states; nxt (N,): the next token at each position (-1: none). Returns top-K ids and log-probs
-    (N, K) and the next token's log-prob (N,) (0 where nxt is -1)."""
+    (N, K) and the next token's log-prob (N,) (0 where nxt is -1). u (N, S), sorted uniforms
+    (extras/sampled_labels.py `uniforms`), or None: with them, k is unused and the ids are S draws
+    from each position's distribution, each of log-prob -log S (sampled_labels.head_sample)."""
     rows, cols = block_shape(V, h.is_cuda, head_elements, head_cols)
+    if u is not None:
+        from extras.sampled_labels import head_sample
+        return head_sample(model, h, nxt, u, V, rows, cols)
     ids, lps, label = [], [], []
     for i in range(0, len(h), rows):
         hs, t = h[i:i + rows], nxt[i:i + rows]                          # (r, C), (r,)

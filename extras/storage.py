@@ -33,10 +33,13 @@ What it holds:
 - `other_target`: the check that a data folder was made for the target tokenizer it is read with.
 - `info_conflict`, `write_info`, `changed_tokenizer`, `changed_tokens`: a model folder's info.json,
   and the checks that distributions are added to it only with settings it can store, the same
-  settings and the same tokenizer, and that a window still gives the tokens they were made on.
+  settings and the same tokenizer (and the same kind of labels as the data folder's other models:
+  top-K, or --sample N with one N, `labels_kind`), and that a window still gives the tokens they
+  were made on. Sampled labels (extras/sampled_labels.py) are stored as top-K ones are: N ids per
+  token, in ascending order, repeats kept, every log-prob -log N.
 - `read_align_settings`, `stored_align_settings`, `settings_conflict`: an aligned folder's
   settings.json (files from older versions included), and the check that a folder is aligned with
-  one set of settings only.
+  one set of settings only (and sampled labels never with merge "first").
 """
 from __future__ import annotations
 
@@ -298,13 +301,15 @@ def other_target(out, manifest: dict, tok) -> str | None:
 
 
 def read_align_settings(path: Path) -> dict:
-    """The alignment settings stored in an aligned/<name>/settings.json, in today's six keys: files
+    """The alignment settings stored in an aligned/<name>/settings.json, in today's keys: files
     written before a setting existed get the value that was used then (no "positions": the paper's
-    rule with lowest-id map ties; no "map_ties": "emitted"). A setting or value align.py does not
-    know is a ValueError naming the file."""
+    rule with lowest-id map ties; no "map_ties": "emitted"; no "context": the vocab map alone, as
+    the "paper" and "official" presets still have it). A setting or value align.py does not know is
+    a ValueError naming the file."""
+    from extras.emitted_tokens import CONTEXTS
     choices = {"positions": align.POSITIONS, "vocab_map": align.VOCAB_MAPS,
                "map_ties": align.MAP_TIES, "ties": align.TIES, "fallback": align.FALLBACKS,
-               "merge": align.MERGES}
+               "merge": align.MERGES, "context": CONTEXTS}
     stored = json.loads(Path(path).read_text())
     if "positions" not in stored:        # aligned before these settings existed: the paper's rule
         stored.update(positions="paper", map_ties="lowest")     # and lowest-id ties
@@ -339,21 +344,38 @@ def dists_plan(manifest: dict, shards: int, device, info: dict) -> str:
     return f"{shards} of {manifest['shards']} shards to do on {device}; {disk}"
 
 
+def labels_kind(info: dict) -> str:
+    """How a model folder's info.json says its labels were made: "--sample N" or "top-K"."""
+    return f"--sample {info['sample']}" if info.get("sample") else "top-K"
+
+
 def info_conflict(d: Path, info: dict) -> str | None:
-    """Why a model folder cannot take distributions made with `info` (model, topk, logprob_bits):
-    a top-K or a log-prob width this storage cannot hold, or its info.json says they were made
-    otherwise. None when it can."""
+    """Why a model folder cannot take distributions made with `info` (model, topk, sample,
+    logprob_bits): a top-K, a number of draws or a log-prob width this storage cannot hold; its
+    info.json says they were made otherwise; or another model of the same data folder was stored
+    another way (top-K beside --sample N, or another N: fusellm.collate reads as many entries per
+    candidate as the target stores, so a sampled source beside a top-K target would be cut, and its
+    estimate biased). A folder written before --sample existed reads as sample 0. None when it
+    can."""
     if info["logprob_bits"] not in (8, 16):
         return f"--logprob-bits {info['logprob_bits']}: choose 8 or 16"
+    what = "--sample" if info.get("sample") else "--topk"
     if not 1 <= info["topk"] <= 255:
-        return (f"--topk {info['topk']}: choose 1 to 255 (aligned distributions store their sizes "
+        return (f"{what} {info['topk']}: choose 1 to 255 (aligned distributions store their sizes "
                 f"as uint8)")
-    if not (d / "info.json").is_file():
-        return None
-    old = read_info(d / "info.json", d.name)
-    if {k: old.get(k) for k in info} == info:
-        return None
-    return f"{d}: already holds distributions made with {old}; use another --name or delete it"
+    if (d / "info.json").is_file():
+        old = read_info(d / "info.json", d.name)
+        if {k: old.get(k, 0 if k == "sample" else None) for k in info} != info:
+            return (f"{d}: already holds distributions made with {old}; use another --name or "
+                    f"delete it")
+    for other in sorted(d.parent.glob("*/info.json")):
+        theirs = read_info(other, other.parent.name)
+        if other.parent != d and theirs.get("sample", 0) != info.get("sample", 0):
+            return (f"{d.parent.parent}: {other.parent.name}'s distributions were made with "
+                    f"{labels_kind(theirs)} and these would be {labels_kind(info)}; every model "
+                    f"of a data folder is stored one way: run with {labels_kind(theirs)}, or "
+                    f"use another --data folder")
+    return None
 
 
 def write_info(d: Path, info: dict, tok):
@@ -383,8 +405,15 @@ def changed_tokens(ids, dists: dict, w: int, shard: int, who: str) -> str | None
 
 def settings_conflict(d: Path, settings: dict) -> str | None:
     """Why folder d (an aligned source) cannot take shards aligned with `settings`: its
-    settings.json (read_align_settings) says it was aligned otherwise. None when it can; the first
-    time, rank 0 writes the settings there."""
+    settings.json (read_align_settings) says it was aligned otherwise, or the source's labels are
+    sampled (--sample) and merge "first" would keep one draw of an id drawn several times (its
+    count lost: extras/sampled_labels.py). None when it can; the first time, rank 0 writes the
+    settings there."""
+    info = d.parent.parent / "models" / d.name / "info.json"
+    if settings["merge"] == "first" and info.is_file() and read_info(info, d.name).get("sample"):
+        return (f"{d.name}'s labels are sampled ({labels_kind(read_info(info, d.name))}): merge "
+                f"'first' (the official preset) would keep one draw of an id drawn several times; "
+                f"align it with --align nanofuse or paper (merge 'sum')")
     d.mkdir(parents=True, exist_ok=True)
     p = d / "settings.json"
     if p.is_file():

@@ -145,6 +145,111 @@ def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, 
                        tree(pipeline / "models" / "target")) == NONE
 
 
+# --- sampled labels (--sample N, extras/sampled_labels.py) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def sampled(world, pipeline, tmp_path_factory):
+    """The world's windows with the target's and the source's labels drawn, 12 per token
+    (`data.py dists --sample 12`), and the source aligned (nanofuse: merge "sum")."""
+    d = tmp_path_factory.mktemp("sampled") / "d"
+    d.mkdir()
+    shutil.copytree(pipeline / "windows", d / "windows")
+    shutil.copy(pipeline / "manifest.json", d)
+    for name in ("target", "source"):
+        data_cli.main(["dists", "--data", str(d), "--model", str(world / name), "--name", name,
+                       "--sample", "12", "--batch-size", "3", "--device", "cpu", "--quiet"])
+    data_cli.main(["align", "--data", str(d), "--name", "source", "--quiet"])
+    return d
+
+
+def test_sampled_labels_go_through_alignment_and_a_training_step(world, sampled, tmp_path):
+    """--sample 12: info.json says so (topk 12: entries per token), every token stores 12 ids in
+    ascending order with one log-prob, -log 12 (uint8 code 40), repeats kept; aligned, a target
+    token's entries are distinct ids (merge "sum" added the repeats) and at most 12; the stored
+    form stays within 30 bytes per token per model; FusionData, fusellm.collate (K = 12 from the
+    target's info.json), label_mass and one training step (MinCE) read it with finite losses.
+    Catches the draws' count lost in the stored form, a K cut below the draws, or a stage that
+    breaks on repeated ids."""
+    import train
+    from extras.label_quality import label_mass
+    info = data.model_info(sampled, "source")
+    assert info["sample"] == 12 and info["topk"] == 12
+    shards = sorted((sampled / "models" / "source").glob("shard-*.npz"))
+    tokens = 0
+    for f in shards:
+        z = np.load(f)
+        assert z["topk_ids"].shape[1] == 12 and (np.diff(z["topk_ids"], axis=1) >= 0).all()
+        assert (z["topk_logprobs"] == 40).all()                   # round(16 log 12) = 40
+        tokens += int(z["offsets"][-1])
+    assert (np.diff(np.load(shards[0])["topk_ids"], axis=1) == 0).any()    # repeats are kept
+    assert sum(f.stat().st_size for f in shards) / tokens <= 30
+    z = storage.read_aligned(sampled, "source", 0)
+    for row, c in zip(z["ids"], z["counts"]):
+        assert c <= 12 and len(set(row[:c].tolist())) == c
+    mass = label_mass(sampled)
+    assert 0 < mass["candidate: target"]["mass on the true next token"] < 1
+    out = tmp_path / "run"
+    train.train(train.parse_config(["--data", str(sampled), "--target", str(world / "target"),
+                                    "--out", str(out), "--batch-size", "4", "--max-steps", "1",
+                                    "--log-every", "1", "--no-export"]))
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(np.isfinite(v) for v in logged.values() if isinstance(v, float))
+
+
+def test_sampled_labels_are_the_same_bytes_on_any_rank_and_resumed(world, sampled, tmp_path,
+                                                                  monkeypatch):
+    """Each window's draws come from a generator seeded by its tokens and the model's name, never
+    the rank or the batch: rank 1 of 2 (the odd shards, in batches of 2) writes the bytes one
+    process wrote (in batches of 3), and so does a shard lost to a kill and redone. Catches uniforms
+    drawn from one generator running through the shards a process takes (rank 1 would draw other
+    ids for the same window), or seeded by the batch."""
+    shutil.copytree(sampled / "windows", tmp_path / "windows")
+    shutil.copy(sampled / "manifest.json", tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    data.compute_dists(tmp_path, world / "source", "source", batch_size=2, quiet=True, sample=12)
+    (tmp_path / "models" / "source" / "shard-00001.npz").unlink()        # killed: redone
+    data.compute_dists(tmp_path, world / "source", "source", batch_size=2, quiet=True, sample=12)
+    ours, theirs = tree(tmp_path / "models" / "source"), tree(sampled / "models" / "source")
+    assert sorted(ours) == [f"shard-{s:05d}.npz" for s in range(1, len(theirs) - 1, 2)]
+    assert differences(ours, {k: v for k, v in theirs.items() if k in ours}) == NONE
+
+
+def test_sampled_and_top_k_labels_are_never_mixed(world, pipeline, sampled, tmp_path):
+    """One clear error before any work: a sampled model beside top-K ones in a data folder (the
+    candidates are read with the target's K entries: a sampled source beside a top-5 target would
+    be cut to 5 of its draws), the reverse, another N, top-K added to a sampled folder, --topk
+    with --sample, and a sampled source aligned with merge "first" (the official preset: a
+    repeated id would keep one draw's weight)."""
+    with pytest.raises(data.DataError, match=r"data: source's distributions were made with top-K "
+                                             r"and these would be --sample 12; every model"):
+        data.compute_dists(pipeline, world / "source2", "source2", sample=12)
+    with pytest.raises(data.DataError, match="were made with --sample 12 and these would be top-K"):
+        data.compute_dists(sampled, world / "source2", "source2", topk=5)
+    with pytest.raises(data.DataError, match="made with --sample 12 and these would be --sample 8"):
+        data.compute_dists(sampled, world / "source2", "source2", sample=8)
+    with pytest.raises(data.DataError, match="already holds distributions made with"):
+        data.compute_dists(sampled, world / "source", "source", topk=12)
+    with pytest.raises(data.DataError, match="--sample 300: choose 1 to 255"):
+        data.compute_dists(sampled, world / "source2", "source2", sample=300)
+    assert not (sampled / "models" / "source2").exists()
+    assert not (pipeline / "models" / "source2").exists()
+    with pytest.raises(SystemExit, match="error: --topk 5 and --sample 12 both given"):
+        data_cli.main(["dists", "--data", str(sampled), "--model", str(world / "source"),
+                       "--name", "source", "--topk", "5", "--sample", "12"])
+    with pytest.raises(SystemExit, match="error: --align official merges repeated ids"):
+        data_cli.main(["all", "--corpus", str(world / "corpus"), "--target", str(world / "target"),
+                       "--data", str(tmp_path / "d"), "--sample", "12", "--align", "official"])
+    assert not (tmp_path / "d").exists()
+    d = tmp_path / "copy"
+    shutil.copytree(sampled, d)
+    shutil.rmtree(d / "aligned" / "source")
+    with pytest.raises(data.DataError, match="source's labels are sampled .--sample 12.: merge "
+                                             "'first' .the official preset. would keep one draw"):
+        data.align_source(d, "source", "official", quiet=True)
+    assert not (d / "aligned" / "source").exists()
+
+
 def data_command(world, out, ranks: int = 1, slow_filesystem=False) -> list[str]:
     """`python data.py all` on the world's target and source, or `torchrun --nproc_per_node <ranks>
     data.py all`, optionally through tests/robustness/slow_filesystem.py."""
