@@ -9,12 +9,13 @@ as columns), and the same as --json.
 
 --lm (.txt, .jsonl or a folder): bits per byte, the headline since it does not depend on the
 tokenizer, word perplexity, and each model's perplexity per token of its own tokenizer (eval_lm).
---mc (JSONL {"context": str, "choices": [str, ...], "label": int}; write choices bare, "Paris" not
-" Paris"): acc, acc_norm, acc_bytes (eval_mc). --gen (JSONL {"input": str, "target": str}): few-shot
-greedy generation, exact match (eval_gen). Every text starts with BOS when the model's tokenizer
-adds one by default (--bos auto), as lm-eval does. Benchmarks as they ship (the rows of ARC,
-OpenBookQA, BoolQ, HellaSwag or PIQA, BIG-bench task.json files, --bbh, --humaneval) are read by
-extras/benchmarks.py; HumanEval's completions run contained by extras/sandbox.py.
+--mc (JSONL {"context": str, "choices": [str, ...], "label": int}; write choices bare, "Paris"
+not " Paris"): acc, acc_norm, acc_bytes (eval_mc). --gen (JSONL {"input": str, "target": str}):
+few-shot greedy generation, exact match (extras/benchmarks.py eval_gen). Every text starts with BOS
+when the model's tokenizer adds one by default (--bos auto), as lm-eval does. Benchmarks as they
+ship (the rows of ARC, OpenBookQA, BoolQ, HellaSwag or PIQA, BIG-bench task.json files, --bbh,
+--humaneval) are read by extras/benchmarks.py; HumanEval's completions run contained by
+extras/sandbox.py.
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ class Scorer:
 
 
 # --------------------------------------------------------------------------------------------------
-# The three kinds of task (the benchmarks' own files: extras/benchmarks.py)
+# Two kinds of task: text (bits per byte) and multiple choice. The third, exact match of few-shot
+# generation (--gen), and the benchmarks' own files: extras/benchmarks.py
 
 
 def eval_lm(scorer: Scorer, path, stride: int | None, limit: int | None) -> dict:
@@ -232,26 +234,6 @@ def eval_mc(scorer: Scorer, path, limit: int | None, delimiter: str = " ") -> di
     return {**{m: h / len(rows) for m, h in hits.items()}, "n": len(rows), "loglikelihoods": lls}
 
 
-def eval_gen(scorer: Scorer, path, shots: int, max_new_tokens: int, limit: int | None) -> dict:
-    """Exact match of greedy generation: the first `shots` examples become the few-shot prompt
-    ("Q: ...\\nA: ...") and are not scored; an answer ends at a blank line or the next "Q:"."""
-    from extras.benchmarks import read_gen               # plain JSONL or a BIG-bench task.json
-    rows = read_gen(path)
-    if len(rows) <= shots:
-        raise EvalError(f"{path}: {len(rows)} examples leave none to score after {shots} few-shot "
-                        f"examples")
-    shown = "".join(f"Q: {s['input']}\nA: {s['target']}\n\n" for s in rows[:shots])
-    scored = rows[shots:][:limit]
-    prog = Progress(f"gen {Path(path).name}", len(scored), "examples")
-    em = 0
-    for r in scored:
-        prompt = shown + f"Q: {r['input']}\nA:"
-        answer = scorer.generate(prompt, max_new_tokens, ["\n\n", "\nQ:"])
-        em += answer.strip() == r["target"].strip()
-        prog.update(1)
-    return {"exact_match": em / len(scored), "n": len(scored)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Putting it together
 
@@ -287,7 +269,7 @@ def evaluate(models: list[str], names: list[str] | None = None, lm=(), mc=(), ge
             for metric in ("acc", "acc_norm", "acc_bytes"):
                 r[f"{metric}:{Path(f).stem}"] = m[metric]
         for f in gen:
-            m = eval_gen(scorer, f, shots, max_new_tokens or 64, limit)
+            m = benchmarks.eval_gen(scorer, f, shots, max_new_tokens or 64, limit)
             r[f"em:{Path(f).stem}"] = m["exact_match"]
         # BIG-Bench Hard and HumanEval as they ship: em:bbh, pass@1:<file>
         r.update(benchmarks.eval_benchmarks(scorer, name, bbh, bbh_prompts, humaneval,

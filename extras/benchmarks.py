@@ -20,13 +20,14 @@ What it holds, readers returning plain rows (lists of dicts) and the two benchma
   its answer extraction (bbh_answer), BBH's task files or BBH-style questions from the bigbench
   sdist (bbh_subtasks, bigbench_root, bigbench_tasks, BBH_FROM_BIGBENCH, bbh_style,
   bbh_from_bigbench), and eval_bbh (exact match per subtask and overall);
+- eval_gen: eval.py's --gen, exact match of few-shot greedy generation (as eval_bbh, on plain rows);
 - eval_benchmarks: the --bbh and --humaneval columns of eval.evaluate's table;
 - generation_end_ids: the end ids of a checkpoint's generation_config.json, where Hugging Face's
   generate, and so lm-eval, stops;
 - lm_eval_task_yaml: the lm-eval task whose numbers equal eval.py's --mc and --lm on the same file
   (the parity test and `tools/bench.py lm-eval` run lm-eval on it).
-eval_bbh, eval_humaneval and eval_benchmarks take eval.py's Scorer as an argument (this file
-never imports eval.py).
+eval_gen, eval_bbh, eval_humaneval and eval_benchmarks take eval.py's Scorer as an argument (this
+file never imports eval.py).
 Bad input raises BenchmarkError, a ValueError: eval.py's command prints it as one `error: ...` line.
 """
 from __future__ import annotations
@@ -266,6 +267,26 @@ def read_task_files(lm=(), mc=(), gen=(), humaneval=None, bbh=(), bbh_prompts=No
         folder = bbh_prompts_folder(bbh_prompts)
         for name, _ in bbh_subtasks(bbh):
             bbh_task(name, folder)
+
+
+def eval_gen(scorer, path, shots: int, max_new_tokens: int, limit: int | None) -> dict:
+    """eval.py --gen: exact match of greedy generation (eval.Scorer.generate): the first `shots`
+    examples become the few-shot prompt ("Q: ...\\nA: ...") and are not scored; an answer ends at a
+    blank line or the next "Q:"."""
+    rows = read_gen(path)                                # plain JSONL or a BIG-bench task.json
+    if len(rows) <= shots:
+        raise BenchmarkError(f"{path}: {len(rows)} examples leave none to score after {shots} "
+                             f"few-shot examples")
+    shown = "".join(f"Q: {s['input']}\nA: {s['target']}\n\n" for s in rows[:shots])
+    scored = rows[shots:][:limit]
+    prog = Progress(f"gen {Path(path).name}", len(scored), "examples")
+    em = 0
+    for r in scored:
+        prompt = shown + f"Q: {r['input']}\nA:"
+        answer = scorer.generate(prompt, max_new_tokens, ["\n\n", "\nQ:"])
+        em += answer.strip() == r["target"].strip()
+        prog.update(1)
+    return {"exact_match": em / len(scored), "n": len(scored)}
 
 
 def eval_humaneval(scorer, path, max_new_tokens: int | None, timeout: float,

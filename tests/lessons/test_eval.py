@@ -329,7 +329,7 @@ def test_exact_match_uses_few_shot_prompt(tmp_path):
     task.write_text("".join(json.dumps(r) + "\n" for r in [{"input": "shot", "target": "x"},
                                                             {"input": "q1", "target": ";<=>?"},
                                                             {"input": "q2", "target": "nope"}]))
-    r = ev.eval_gen(ev.Scorer(NextByte(), tok), task, shots=1, max_new_tokens=5, limit=None)
+    r = benchmarks.eval_gen(ev.Scorer(NextByte(), tok), task, shots=1, max_new_tokens=5, limit=None)
     assert r == {"exact_match": 0.5, "n": 2}
 
 
