@@ -288,14 +288,15 @@ def domain_bpb(out: Path, models: dict[str, Path], window: int) -> dict:
 def held_out_bpb(out: Path, models: dict[str, Path], files: dict[str, Path], window: int) -> dict:
     """{model: {column: bits per byte}} on each held-out file, every token scored with at most
     `window` tokens of context (pass the length the models were trained on), cached in each model's
-    folder (a model file: under out/bpb/) and keyed by the files' sizes and the window."""
-    key = {"bytes": [f.stat().st_size for f in files.values()], "window": window}
+    folder (a model file: under out/bpb/), one entry per set of columns, files' sizes and window."""
+    key = json.dumps({"bytes": {c: f.stat().st_size for c, f in files.items()}, "window": window})
     table = {}
     for name, path in models.items():
         path = Path(path)
         cache = path / "demo_bpb.json" if path.is_dir() else out / "bpb" / f"{path.name}.json"
-        if cache.is_file() and json.loads(cache.read_text())["key"] == key:
-            table[name] = json.loads(cache.read_text())["bpb"]
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if key in cached:
+            table[name] = cached[key]
             continue
         # windows of `window` tokens, as in training (the model sees window - 1 of them), sliding by
         # half a window so that most tokens have more than half a window of context; BOS only as
@@ -305,7 +306,7 @@ def held_out_bpb(out: Path, models: dict[str, Path], files: dict[str, Path], win
                         stride=window // 2, bos=False)[name]
         table[name] = {col: r[f"bpb:{f.stem}"] for col, f in files.items()}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, {"key": key, "bpb": table[name]})
+        write_json(cache, {**cached, key: table[name]})
     return table
 
 
@@ -313,10 +314,15 @@ def parse_args(argv=None):
     """demo.py's command line (also tools/demo_runs.py's): what to run, and its settings."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="demo", choices=["demo", "repro", "real"],
+    p.add_argument("what", nargs="?", default="demo",
+                   choices=["demo", "repro", "real", "dose", "methods"],
                    help="demo (default): one fused and one CLM-only run; repro: the paper's "
                         "comparisons, several seeds; real: a real pretrained source (Gemma 3 270M) "
-                        "fused into a target with another tokenizer (both: tools/demo_runs.py)")
+                        "fused into a target with another tokenizer; dose: lambda x steps on the "
+                        "cached stages of --on; methods: FuseLLM and its successors side by side "
+                        "(all but demo: tools/demo_runs.py)")
+    p.add_argument("--on", default="real", choices=["real", "toy"],
+                   help="dose, methods: the real demo's stages (default) or the toy demo's")
     p.add_argument("--out", default="",
                    help="every stage's output, cached (default runs/demo; real: runs/real)")
     p.add_argument("--source", default="",
@@ -328,8 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default="full", choices=list(SIZES),
                    help="full (default) or tiny (the tests' size)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="seeds (data orders) of the continue-training (repro: default 3; real: "
-                        "default 1)")
+                   help="seeds (data orders) of the continue-training (repro, dose, methods: "
+                        "default 3; real: default 1)")
     return p.parse_args(argv)
 
 
@@ -345,7 +351,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if parse_args().what in ("repro", "real"):     # the longer runs: tools/demo_runs.py
+    if parse_args().what != "demo":                # the longer runs: tools/demo_runs.py
         from tools import demo_runs
         demo_runs.main(sys.argv[1:])
     else:

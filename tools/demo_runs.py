@@ -19,6 +19,7 @@ demo's data or on copies of it aligned another way (ALIGNMENTS, aligned_copy).
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -268,6 +269,148 @@ def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
     return table
 
 
+# --------------------------------------------------------------------------------------------------
+# Sweeps on a demo's cached stages: the dose-response (lambda x steps) and the methods side by side
+
+
+# steps multiple -> lambdas: from CLM-only (1) to the fusion loss alone (0) at the demo's steps,
+# and three of them at 3x the steps (the CPU budget of one session: a 3x run costs three 1x runs)
+DOSE = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.5, 0.0)}
+DOSE_TOY = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.5)}       # the toy's steps cost more: fewer rows
+
+
+def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
+    """The cached stages a sweep continue-trains from (running the demo's stages first if needed):
+    (out, size, data folder, {column: held-out file}, the fusion text, {column: source model}),
+    for the toy demo (on="toy": a column per domain, each with its own source) or the real one."""
+    if on == "toy":
+        out, sz = Path(out or "runs/demo"), SIZES[size]
+        prepare(out, sz)
+        files = {d: out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES}
+        return (out, sz, out / "data", files, out / "corpus" / "train" / "fuse.jsonl",
+                {d: out / "models" / d for d in SOURCES})
+    out = Path(out or "runs/real")
+    if not (out / "data" / "aligned" / "source" / "diagnostics.json").is_file():
+        run_real(out, source, target_tokenizer, size)              # its stages, cached
+    source, _ = real_inputs(source, target_tokenizer)
+    return (out, REAL_SIZES[size][0], out / "data", {"held-out stdlib": out / "corpus" / "eval.jsonl"},
+            out / "corpus" / "fuse.jsonl", {"held-out stdlib": source})
+
+
+def sweep_run(out: Path, on: str, sz: DemoSize, data_dir: Path, seed: int, steps: int,
+              settings: dict) -> Path:
+    """One continue-training of the base target, cached by its settings: the demo's own runs where
+    they are the same (lambda 1 and 0.9 at 1x the steps), else runs/sweep/<settings>/seed<s>."""
+    settings = dict(settings)
+    own = {(1.0, "mince"): "clm", (0.9, "mince"): "fused"}.get(
+        (settings.get("lam"), settings.get("fusion", "mince")))
+    plain = set(settings) <= {"lam", "fusion"} and data_dir == out / "data"
+    if own and plain and steps == 1:
+        return continue_train(out, own if seed == 0 else f"{own}_seed{seed}", sz, data_dir, seed,
+                              **({} if on == "toy" else {"epochs": REAL_EPOCHS}), **settings)
+    slug = "_".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    slug = "".join(c if c.isalnum() or c in "=._" else "-" for c in slug)
+    run = f"sweep/{data_dir.name}/{slug}_x{steps}/seed{seed}"
+    if on == "toy":
+        return continue_train(out, run, dataclasses.replace(sz, fuse_steps=sz.fuse_steps * steps),
+                              data_dir, seed, **settings)
+    return continue_train(out, run, sz, data_dir, seed, epochs=REAL_EPOCHS * steps, **settings)
+
+
+def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, source="",
+          target_tokenizer="") -> dict:
+    """Continue-train the base target once per row and seed (rows: name -> (data folder name,
+    steps multiple, train settings); the first row is the reference, CLM-only) and score each run:
+    held-out bits per byte (mean and sd over seeds), the paired difference from the reference row
+    at the same steps (same windows in the same order), the share of the base -> source gap closed
+    on held-out text ((base - run) / (base - source), per column with that column's source, then
+    averaged), and bits per byte on the fusion text itself (what training fitted)."""
+    t0 = time.time()
+    out, sz, d, files, fuse_text, sources = sweep_setup(on, out, size, source, target_tokenizer)
+    if any(folder == "data_sampled" for folder, _, _ in rows.values()):
+        sampled_copy(out, {"source": sources["held-out stdlib"]} if on == "real" else
+                     {s: out / "models" / s for s in SOURCES})
+    both = {**files, "fusion text": fuse_text}
+
+    def score(name, model):           # ({held-out column: bpb}, bpb on the fusion text)
+        r = held_out_bpb(out, {name: model}, both, sz.seq_len)[name]
+        return {c: r[c] for c in files}, r["fusion text"]
+
+    base, base_fit = score("target base", out / "models" / "base")
+    src = {c: held_out_bpb(out, {c: m}, {c: files[c]}, sz.seq_len)[c][c] for c, m in sources.items()}
+    scores = {}                 # row -> per seed (held-out mean, {column: bpb}, fusion-text bpb)
+    for name, (folder, steps, settings) in rows.items():
+        for s in range(seeds):
+            held, fit = score(name, sweep_run(out, on, sz, out / folder, s, steps, settings))
+            scores.setdefault(name, []).append((statistics.mean(held.values()), held, fit))
+            log(f"{name}, seed {s}: held-out {statistics.mean(held.values()):.4f}, fusion text "
+                f"{fit:.4f} ({time.time() - t0:.0f} s)")
+    ref = {steps: name for name, (folder, steps, settings) in rows.items()
+           if settings.get("lam") == 1.0 and folder == "data"}
+    table = {"target base": {"held-out bits per byte": f"{statistics.mean(base.values()):.4f}",
+                             "fusion text": f"{base_fit:.4f}"}}
+    for c, b in src.items():
+        table[f"source ({c})"] = {"held-out bits per byte": f"{b:.4f}"}
+    for name, runs in scores.items():
+        steps = rows[name][1]
+        paired = [r[0] - c[0] for r, c in zip(runs, scores[ref[steps]])]
+        closed = [statistics.mean((base[c] - r[1][c]) / (base[c] - src[c]) for c in files)
+                  for r in runs]
+        table[name] = {"held-out bits per byte": mean_sd([r[0] for r in runs]),
+                       "minus CLM-only (paired)": mean_sd(paired, "+") if name != ref[steps] else "",
+                       "share of the gap to the source closed": f"{statistics.mean(closed):+.1%}",
+                       "fusion text": mean_sd([r[2] for r in runs])}
+    print()
+    print(markdown_table(table, f"{title}; {seeds} seed(s) (data orders)"))
+    write_json(out / f"{title.split(':')[0].replace(' ', '_')}.json", table)
+    log(f"done in {time.time() - t0:.0f} s; {len(rows) * seeds} runs")
+    return table
+
+
+def dose_rows(dose=DOSE, folder="data", label="") -> dict:
+    """name -> (data folder, steps multiple, settings): each steps multiple with its lambdas."""
+    return {f"lambda {lam:g}{label}, {k}x steps" + (" (CLM-only)" if lam == 1.0 else ""):
+            (folder, k, dict(lam=lam, fusion="mince")) for k, lams in dose.items() for lam in lams}
+
+
+
+# FuseLLM (MinCE's P_t, the soft-label CE) and what came after it, each on the same P_t where it
+# has one: the losses of extras/successors.py (train.py --fusion-loss) and the sampled labels of
+# extras/sampled_labels.py (data.py dists --sample 12) in the data folder "data_sampled"
+METHODS = {
+    "CLM-only": ("data", 1, dict(lam=1.0)),
+    "FuseLLM: MinCE, soft-label CE (the paper)": ("data", 1, dict(lam=0.9, fusion="mince")),
+    "ULD: sorted-probability L1": ("data", 1, dict(lam=0.9, fusion="mince", fusion_loss="uld")),
+    "GOLD-style: CE on shared tokens, ULD on the rest": ("data", 1, dict(lam=0.9, fusion="mince",
+                                                                         fusion_loss="gold")),
+    "X-Token-style: prefix projection": ("data", 1, dict(lam=0.9, fusion="mince",
+                                                         fusion_loss="xtoken")),
+    "FuseLLM on sampled labels (RS-KD, 12 draws)": ("data_sampled", 1, dict(lam=0.9,
+                                                                            fusion="mince")),
+}
+
+
+SAMPLES = 12     # draws per position for the sampled labels (Anshumann et al.: about 12 suffice)
+
+
+def sampled_copy(out: Path, sources: dict) -> Path:
+    """out/data_sampled: the demo's windows with every model's distributions drawn by Random
+    Sampling KD (SAMPLES ids from the whole distribution, each 1/SAMPLES) instead of its top-10,
+    the sources aligned by the default alignment. sources: {name in the data folder: model}."""
+    new, d = out / "data_sampled", out / "data"
+    if not (new / "manifest.json").is_file():
+        new.mkdir(exist_ok=True)
+        if not (new / "windows").exists():
+            shutil.copytree(d / "windows", new / "windows")
+        shutil.copy(d / "manifest.json", new / "manifest.json")
+    for name, model in {"target": out / "models" / "base", **sources}.items():
+        data.compute_dists(new, model, name, batch_size=8, sample=SAMPLES)
+    for name in sources:
+        if not (new / "aligned" / name / "diagnostics.json").is_file():
+            data.align_source(new, name, quiet=True)
+    return new
+
+
 def mean_sd(vals: list[float], sign: str = "") -> str:
     """The values as "mean ± standard deviation" (0 for a single value); sign="+" writes the mean's
     sign always."""
@@ -286,6 +429,16 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     if a.what == "repro":
         return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
+    if a.what in ("dose", "methods"):
+        rows = dict(METHODS) if a.what == "methods" else dose_rows(DOSE if a.on == "real" else
+                                                                   DOSE_TOY)
+        title = (f"dose-response: {a.on} demo, lambda x steps" if a.what == "dose" else
+                 f"methods: {a.on} demo, FuseLLM and its successors")
+        try:
+            return sweep(a.on, a.out, a.size, rows, a.seeds or 3, title, a.source,
+                         a.target_tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return demo.main(argv)
 
 
