@@ -248,10 +248,11 @@ def continue_train(out: Path, run: str, size: DemoSize, data_dir: Path, seed=0,
     if (final / "config.json").is_file():
         return final
     log_every = max(1, size.fuse_steps // 4) if size.fuse_steps else 10
-    cfg = train.TrainConfig(data=str(data_dir), target=str(out / "models" / "base"),
-                            out=str(out / "runs" / run), batch_size=size.batch,
-                            max_steps=size.fuse_steps, lr=1e-3, warmup=0.05, seed=seed,
-                            log_every=log_every, ckpt_every=10**9, shuffle_shards=0, **overrides)
+    settings = dict(data=str(data_dir), target=str(out / "models" / "base"),
+                    out=str(out / "runs" / run), batch_size=size.batch, max_steps=size.fuse_steps,
+                    lr=1e-3, warmup=0.05, seed=seed, log_every=log_every, ckpt_every=10**9,
+                    shuffle_shards=0)
+    cfg = train.TrainConfig(**{**settings, **overrides})
     log(f"continue-training: {run}")
     train.train(cfg)
     return final
@@ -315,14 +316,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="demo",
-                   choices=["demo", "repro", "real", "dose", "methods"],
+                   choices=["demo", "repro", "real", "dose", "methods", "grid"],
                    help="demo (default): one fused and one CLM-only run; repro: the paper's "
                         "comparisons, several seeds; real: a real pretrained source (Gemma 3 270M) "
                         "fused into a target with another tokenizer; dose: lambda x steps on the "
-                        "cached stages of --on; methods: FuseLLM and its successors side by side "
-                        "(all but demo: tools/demo_runs.py)")
+                        "cached stages of --on; methods: FuseLLM and its successors side by side; "
+                        "grid: learning rate and amount of fusion text (all but demo: "
+                        "tools/demo_runs.py)")
     p.add_argument("--on", default="real", choices=["real", "toy"],
-                   help="dose, methods: the real demo's stages (default) or the toy demo's")
+                   help="dose, methods, grid: the real demo's stages (default) or the toy "
+                        "demo's")
     p.add_argument("--out", default="",
                    help="every stage's output, cached (default runs/demo; real: runs/real)")
     p.add_argument("--source", default="",

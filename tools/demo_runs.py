@@ -293,8 +293,9 @@ def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
     if not (out / "data" / "aligned" / "source" / "diagnostics.json").is_file():
         run_real(out, source, target_tokenizer, size)              # its stages, cached
     source, _ = real_inputs(source, target_tokenizer)
-    return (out, REAL_SIZES[size][0], out / "data", {"held-out stdlib": out / "corpus" / "eval.jsonl"},
-            out / "corpus" / "fuse.jsonl", {"held-out stdlib": source})
+    return (out, REAL_SIZES[size][0], out / "data",
+            {"held-out stdlib": out / "corpus" / "eval.jsonl"}, out / "corpus" / "fuse.jsonl",
+            {"held-out stdlib": source})
 
 
 def sweep_run(out: Path, on: str, sz: DemoSize, data_dir: Path, seed: int, steps: int,
@@ -327,17 +328,25 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     averaged), and bits per byte on the fusion text itself (what training fitted)."""
     t0 = time.time()
     out, sz, d, files, fuse_text, sources = sweep_setup(on, out, size, source, target_tokenizer)
-    if any(folder == "data_sampled" for folder, _, _ in rows.values()):
-        sampled_copy(out, {"source": sources["held-out stdlib"]} if on == "real" else
-                     {s: out / "models" / s for s in SOURCES})
+    for folder in {folder for folder, _, _ in rows.values()}:
+        if folder == "data_sampled":
+            sampled_copy(out, {"source": sources["held-out stdlib"]} if on == "real" else
+                         {s: out / "models" / s for s in SOURCES})
+        elif folder.startswith("data_shards"):
+            subset_copy(out, int(folder.removeprefix("data_shards")))
     both = {**files, "fusion text": fuse_text}
 
     def score(name, model):           # ({held-out column: bpb}, bpb on the fusion text)
         r = held_out_bpb(out, {name: model}, both, sz.seq_len)[name]
         return {c: r[c] for c in files}, r["fusion text"]
 
+    quality = {}                # folder -> the fused P_t's mass on the target's true next token
+    for folder in {folder for folder, _, st in rows.values() if st.get("lam", 1.0) < 1.0}:
+        fused = [v for k, v in label_mass(out / folder).items() if k.startswith("fused")][0]
+        quality[folder] = fused["mass on the true next token"]
     base, base_fit = score("target base", out / "models" / "base")
-    src = {c: held_out_bpb(out, {c: m}, {c: files[c]}, sz.seq_len)[c][c] for c, m in sources.items()}
+    src = {c: held_out_bpb(out, {c: m}, {c: files[c]}, sz.seq_len)[c][c]
+           for c, m in sources.items()}
     scores = {}                 # row -> per seed (held-out mean, {column: bpb}, fusion-text bpb)
     for name, (folder, steps, settings) in rows.items():
         for s in range(seeds):
@@ -345,21 +354,29 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
             scores.setdefault(name, []).append((statistics.mean(held.values()), held, fit))
             log(f"{name}, seed {s}: held-out {statistics.mean(held.values()):.4f}, fusion text "
                 f"{fit:.4f} ({time.time() - t0:.0f} s)")
-    ref = {steps: name for name, (folder, steps, settings) in rows.items()
-           if settings.get("lam") == 1.0 and folder == "data"}
+    def others(settings):            # what a CLM-only run depends on
+        return {k: v for k, v in settings.items() if k not in ("lam", "fusion", "fusion_loss")}
+
+    def reference(name):             # the CLM-only row of the same steps and settings: on the same
+        folder, steps, settings = rows[name]   # folder where there is one (the same windows)
+        clm = [r for r, (f, k, st) in rows.items() if st.get("lam") == 1.0 and k == steps
+               and others(st) == others(settings) and f in (folder, "data")]
+        return sorted(clm, key=lambda r: rows[r][0] != folder)[0]
     table = {"target base": {"held-out bits per byte": f"{statistics.mean(base.values()):.4f}",
                              "fusion text": f"{base_fit:.4f}"}}
     for c, b in src.items():
         table[f"source ({c})"] = {"held-out bits per byte": f"{b:.4f}"}
     for name, runs in scores.items():
-        steps = rows[name][1]
-        paired = [r[0] - c[0] for r, c in zip(runs, scores[ref[steps]])]
+        ref = reference(name)
+        paired = [r[0] - c[0] for r, c in zip(runs, scores[ref])]
         closed = [statistics.mean((base[c] - r[1][c]) / (base[c] - src[c]) for c in files)
                   for r in runs]
         table[name] = {"held-out bits per byte": mean_sd([r[0] for r in runs]),
-                       "minus CLM-only (paired)": mean_sd(paired, "+") if name != ref[steps] else "",
+                       "minus CLM-only (paired)": "" if name == ref else mean_sd(paired, "+"),
                        "share of the gap to the source closed": f"{statistics.mean(closed):+.1%}",
-                       "fusion text": mean_sd([r[2] for r in runs])}
+                       "fusion text": mean_sd([r[2] for r in runs]),
+                       "label mass (P_t)": f"{quality[rows[name][0]]:.3f}"
+                       if rows[name][2].get("lam", 1.0) < 1.0 else ""}
     print()
     print(markdown_table(table, f"{title}; {seeds} seed(s) (data orders)"))
     write_json(out / f"{title.split(':')[0].replace(' ', '_')}.json", table)
@@ -385,9 +402,43 @@ METHODS = {
                                                                          fusion_loss="gold")),
     "X-Token-style: prefix projection": ("data", 1, dict(lam=0.9, fusion="mince",
                                                          fusion_loss="xtoken")),
-    "FuseLLM on sampled labels (RS-KD, 12 draws)": ("data_sampled", 1, dict(lam=0.9,
-                                                                            fusion="mince")),
+    **{f"FuseLLM on sampled labels (RS-KD, 12 draws), lambda {lam:g}": (
+        "data_sampled", 1, dict(lam=lam, fusion="mince")) for lam in (0.9, 0.5, 0.0)},
+    **{f"FuseLLM on top-10 labels, lambda {lam:g}": ("data", 1, dict(lam=lam, fusion="mince"))
+       for lam in (0.5, 0.0)},
 }
+
+
+def subset_copy(out: Path, shards: int) -> Path:
+    """out/data_shards<n>: the demo's data folder cut to its first n shards (windows, every
+    model's distributions, every aligned source), the manifest saying so: less fusion text, the
+    same labels."""
+    import json
+    new, d = out / f"data_shards{shards}", out / "data"
+    if (new / "manifest.json").is_file():
+        return new
+    m = json.loads((d / "manifest.json").read_text())
+    kept = sum(data.shard_sizes(m)[:shards])
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d)
+        if f.is_dir() or rel.parts[0] == "cache" or f.name == "manifest.json":
+            continue
+        if f.name.startswith(("shard-", "stats-")) and int(f.stem.split("-")[1]) >= shards:
+            continue
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, new / rel)
+    write_json(new / "manifest.json", {**m, "shards": shards, "windows": kept})
+    return new
+
+
+# where knowledge arrives: at each setting, CLM-only and lambda 0.5 (which helps at 3x the steps)
+GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince", **extra))
+        for what, folder, steps, extra in (
+            ("the demo (17 files of fusion text, 34 steps)", "data", 1, {}),
+            ("learning rate 3e-3 (the demo: 1e-3)", "data", 1, {"lr": 3e-3}),
+            ("half the fusion text (64 windows), 34 steps", "data_shards4", 1, {}),
+            ("a quarter of it (32 windows), 34 steps", "data_shards2", 1, {}))
+        for lam in (1.0, 0.5)}
 
 
 SAMPLES = 12     # draws per position for the sampled labels (Anshumann et al.: about 12 suffice)
@@ -429,11 +480,12 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
     if a.what == "repro":
         return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
-    if a.what in ("dose", "methods"):
-        rows = dict(METHODS) if a.what == "methods" else dose_rows(DOSE if a.on == "real" else
-                                                                   DOSE_TOY)
-        title = (f"dose-response: {a.on} demo, lambda x steps" if a.what == "dose" else
-                 f"methods: {a.on} demo, FuseLLM and its successors")
+    if a.what in ("dose", "methods", "grid"):
+        rows = {"methods": dict(METHODS), "grid": dict(GRID)}.get(a.what) or dose_rows(
+            DOSE if a.on == "real" else DOSE_TOY)
+        title = {"dose": f"dose-response: {a.on} demo, lambda x steps",
+                 "methods": f"methods: {a.on} demo, FuseLLM and its successors",
+                 "grid": f"grid: {a.on} demo, what limits fusion"}[a.what]
         try:
             return sweep(a.on, a.out, a.size, rows, a.seeds or 3, title, a.source,
                          a.target_tokenizer)
