@@ -20,6 +20,7 @@ demo's data or on copies of it aligned another way (ALIGNMENTS, aligned_copy).
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import statistics
 import sys
@@ -309,7 +310,7 @@ def sweep_run(out: Path, on: str, sz: DemoSize, data_dir: Path, seed: int, steps
     if own and plain and steps == 1:
         return continue_train(out, own if seed == 0 else f"{own}_seed{seed}", sz, data_dir, seed,
                               **({} if on == "toy" else {"epochs": REAL_EPOCHS}), **settings)
-    slug = "_".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    slug = "_".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "target")
     slug = "".join(c if c.isalnum() or c in "=._" else "-" for c in slug)
     run = f"sweep/{data_dir.name}/{slug}_x{steps}/seed{seed}"
     if on == "toy":
@@ -328,8 +329,12 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     averaged), and bits per byte on the fusion text itself (what training fitted)."""
     t0 = time.time()
     out, sz, d, files, fuse_text, sources = sweep_setup(on, out, size, source, target_tokenizer)
-    for folder in {folder for folder, _, _ in rows.values()}:
-        if folder == "data_sampled":
+    bases = {}                  # folder -> its own base target, where not the demo's
+    for folder in sorted({folder for folder, _, _ in rows.values()}):
+        if folder.startswith("data_target"):
+            dim, layers = map(int, folder.removeprefix("data_target").split("x"))
+            bases[folder] = target_copy(out, on, sz, dim, layers)[1]
+        elif folder == "data_sampled":
             sampled_copy(out, {"source": sources["held-out stdlib"]} if on == "real" else
                          {s: out / "models" / s for s in SOURCES})
         elif folder.startswith("data_shards"):
@@ -344,16 +349,20 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     for folder in {folder for folder, _, st in rows.values() if st.get("lam", 1.0) < 1.0}:
         fused = [v for k, v in label_mass(out / folder).items() if k.startswith("fused")][0]
         quality[folder] = fused["mass on the true next token"]
-    base, base_fit = score("target base", out / "models" / "base")
+    base_of = {folder: bases.get(folder, out / "models" / "base") for folder, _, _ in rows.values()}
+    base_scores = {b: score(f"target base {b.name}", b) for b in set(base_of.values())}
     src = {c: held_out_bpb(out, {c: m}, {c: files[c]}, sz.seq_len)[c][c]
            for c, m in sources.items()}
     scores = {}                 # row -> per seed (held-out mean, {column: bpb}, fusion-text bpb)
     for name, (folder, steps, settings) in rows.items():
+        if folder in bases:                         # another target: continue-train that one
+            settings = {**settings, "target": str(bases[folder])}
         for s in range(seeds):
             held, fit = score(name, sweep_run(out, on, sz, out / folder, s, steps, settings))
             scores.setdefault(name, []).append((statistics.mean(held.values()), held, fit))
             log(f"{name}, seed {s}: held-out {statistics.mean(held.values()):.4f}, fusion text "
                 f"{fit:.4f} ({time.time() - t0:.0f} s)")
+
     def others(settings):            # what a CLM-only run depends on
         return {k: v for k, v in settings.items() if k not in ("lam", "fusion", "fusion_loss")}
 
@@ -362,15 +371,21 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
         clm = [r for r, (f, k, st) in rows.items() if st.get("lam") == 1.0 and k == steps
                and others(st) == others(settings) and f in (folder, "data")]
         return sorted(clm, key=lambda r: rows[r][0] != folder)[0]
-    table = {"target base": {"held-out bits per byte": f"{statistics.mean(base.values()):.4f}",
-                             "fusion text": f"{base_fit:.4f}"}}
+
+    table = {}
+    for b, (held, fit) in sorted(base_scores.items()):
+        table["target base" + ("" if b.name == "base" else f" ({b.name})")] = {
+            "held-out bits per byte": f"{statistics.mean(held.values()):.4f}",
+            "fusion text": f"{fit:.4f}"}
     for c, b in src.items():
         table[f"source ({c})"] = {"held-out bits per byte": f"{b:.4f}"}
     for name, runs in scores.items():
         ref = reference(name)
         paired = [r[0] - c[0] for r, c in zip(runs, scores[ref])]
-        closed = [statistics.mean((base[c] - r[1][c]) / (base[c] - src[c]) for c in files)
-                  for r in runs]
+        base = base_scores[base_of[rows[name][0]]][0]     # the row's own base target
+        gap = [c for c in files if base[c] > src[c]]      # columns where the source is better
+        closed = [statistics.mean((base[c] - r[1][c]) / (base[c] - src[c]) for c in gap)
+                  for r in runs] if gap else [math.nan]
         table[name] = {"held-out bits per byte": mean_sd([r[0] for r in runs]),
                        "minus CLM-only (paired)": "" if name == ref else mean_sd(paired, "+"),
                        "share of the gap to the source closed": f"{statistics.mean(closed):+.1%}",
@@ -431,13 +446,41 @@ def subset_copy(out: Path, shards: int) -> Path:
     return new
 
 
+def target_copy(out: Path, on: str, sz: DemoSize, dim: int, layers: int) -> tuple[Path, Path]:
+    """Another target size: a base of dim x layers pre-trained as the demo's base is (same text,
+    tokenizer, steps and seed), and out/data_target<dim>x<layers>: the demo's windows and aligned
+    sources (they depend on the target's tokenizer only) with this base's own distributions.
+    Returns (data folder, base)."""
+    name = f"{dim}x{layers}"
+    base, new, d = out / "models" / f"base_{name}", out / f"data_target{name}", out / "data"
+    if on == "toy":
+        tok_file, texts = out / "tok" / "target" / "tokenizer.model", demo.corpus_texts(
+            out, "mix", "train")
+    else:
+        tok_file = next((out / "tok").glob("tokenizer.*"))
+        texts = list(read_corpus(out / "corpus" / "pretrain.jsonl"))
+    pretrain(base, tok_file, texts, dim, dataclasses.replace(sz, layers=layers), sz.base_steps,
+             0, f"target base {name}")
+    if not (new / "manifest.json").is_file():
+        for sub in ("windows", "aligned"):
+            if not (new / sub).exists():
+                shutil.copytree(d / sub, new / sub)
+        for src in (d / "models").iterdir():
+            if src.name != "target" and not (new / "models" / src.name).exists():
+                shutil.copytree(src, new / "models" / src.name)
+        shutil.copy(d / "manifest.json", new / "manifest.json")
+    data.compute_dists(new, base, "target", topk=10, batch_size=8)
+    return new, base
+
+
 # where knowledge arrives: at each setting, CLM-only and lambda 0.5 (which helps at 3x the steps)
 GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince", **extra))
         for what, folder, steps, extra in (
             ("the demo (17 files of fusion text, 34 steps)", "data", 1, {}),
             ("learning rate 3e-3 (the demo: 1e-3)", "data", 1, {"lr": 3e-3}),
             ("half the fusion text (64 windows), 34 steps", "data_shards4", 1, {}),
-            ("a quarter of it (32 windows), 34 steps", "data_shards2", 1, {}))
+            ("a quarter of it (32 windows), 34 steps", "data_shards2", 1, {}),
+            ("a smaller target (dim 96 x 2 layers, 2.5M parameters)", "data_target96x2", 1, {}))
         for lam in (1.0, 0.5)}
 
 

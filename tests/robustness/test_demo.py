@@ -70,7 +70,8 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
     """demo.py dose / methods / grid (tools/demo_runs.py sweep) on the tiny demo's stages. Catches:
     a sweep row that should be the demo's own run (lambda 0.9, MinCE, 1x) trained again or mapped to
     the wrong run (its numbers must be the demo's fused row); a paired difference taken against
-    another setting's CLM-only (the lr 3e-3 row must pair with the lr 3e-3 CLM-only); the
+    another setting's CLM-only (the lr 3e-3 and the smaller target's rows must pair with their own
+    CLM-only); a smaller target continue-training the demo's base instead of its own; the
     sampled-labels folder not sampled; the label-mass column not the data's own."""
     d, table = tiny_demo
     rows = {"CLM-only": ("data", 1, dict(lam=1.0)),
@@ -78,7 +79,9 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
             "ULD": ("data", 1, dict(lam=0.9, fusion="mince", fusion_loss="uld")),
             "sampled": ("data_sampled", 1, dict(lam=0.9, fusion="mince")),
             "lr 3e-3, CLM-only": ("data", 1, dict(lam=1.0, lr=3e-3)),
-            "lr 3e-3, lambda 0.5": ("data", 1, dict(lam=0.5, fusion="mince", lr=3e-3))}
+            "lr 3e-3, lambda 0.5": ("data", 1, dict(lam=0.5, fusion="mince", lr=3e-3)),
+            "small target, CLM-only": ("data_target16x1", 1, dict(lam=1.0)),
+            "small target, lambda 0.5": ("data_target16x1", 1, dict(lam=0.5, fusion="mince"))}
     capsys.readouterr()
     out = demo_runs.sweep("toy", str(d), "tiny", rows, 1, "test sweep")
     log = capsys.readouterr().out
@@ -90,6 +93,12 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
     paired = float(out["lr 3e-3, lambda 0.5"]["minus CLM-only (paired)"].split()[0])
     assert paired == pytest.approx(held["lr 3e-3, lambda 0.5"] - held["lr 3e-3, CLM-only"],
                                    abs=2e-4)
+    small = float(out["target base (base_16x1)"]["held-out bits per byte"])
+    assert small != float(out["target base"]["held-out bits per byte"])
+    assert held["small target, CLM-only"] != held["CLM-only"]
+    paired = float(out["small target, lambda 0.5"]["minus CLM-only (paired)"].split()[0])
+    small_clm = held["small target, CLM-only"]
+    assert paired == pytest.approx(held["small target, lambda 0.5"] - small_clm, abs=2e-4)
     info = json.loads((d / "data_sampled" / "models" / "code" / "info.json").read_text())
     assert info["sample"] == demo_runs.SAMPLES
     mass = demo_runs.label_mass(d / "data")
