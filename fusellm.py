@@ -264,19 +264,19 @@ def fuse(batch: Batch, method: str = "mince", temperature: float = 1.0,
 # 3. The objective (paper section 3): L = lambda * L_CLM + (1 - lambda) * L_fusion
 
 
-def token_losses(logits, labels, ids, probs):
-    """The two per-position losses, from one log-softmax and one gather (the step's memory stays at
-    plain cross-entropy's; no dense (B, T, V) target is built), with Q_t the target model's
+def token_losses(logits, labels, ids, probs, distance=None):
+    """The two per-position losses, from one log-softmax and two small gathers (the step's memory
+    stays at plain cross-entropy's; no dense (B, T, V) target is built), with Q_t the target model's
     predictions:
         L_CLM    = -log Q_t(label)                     (0 where labels == -100)
         L_fusion = -sum_k P_t(id_k) log Q_t(id_k)      the soft-label cross-entropy against P_t
-    logits (B, T, V); labels (B, T); ids, probs (B, T, E): the sparse P_t from fuse(). Returns two
-    (B, T)."""
+    logits (B, T, V); labels (B, T); ids, probs (B, T, E): the sparse P_t from fuse(); distance:
+    another L_fusion (FuseLLM's successors), scored on the same log Q_t. Returns two (B, T)."""
     logp = torch.log_softmax(logits.float(), dim=-1)                            # (B, T, V)
-    wanted = torch.cat([labels.clamp(min=0)[..., None], ids], dim=-1)           # (B, T, 1+E)
-    picked = logp.gather(-1, wanted)                                            # (B, T, 1+E)
-    clm = -picked[..., 0] * (labels != -100)                                    # (B, T)
-    fusion = -(probs * picked[..., 1:]).sum(-1)                                 # (B, T)
+    clm = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)   # (B, T)
+    if distance is not None:     # ULD, GOLD, X-Token (extras/successors.py) in the CE's place
+        return clm, distance(logp, ids, probs)                                  # (B, T) each
+    fusion = -(probs * logp.gather(-1, ids)).sum(-1)                            # (B, T)
     return clm, fusion
 
 
@@ -287,11 +287,9 @@ def fusion_loss(logits, batch: Batch, lam: float, n_clm: float, n_fus: float,
     by `fuse`, then each per-position loss summed and divided by its token count over the whole
     step (n_clm: labelled positions, n_fus: positions in fusion_mask, every micro-batch and process
     together), so the step's loss is the mean over its tokens however it is split. Returns (loss,
-    CLM sum, fusion sum); the sums are detached. `distance`: another L_fusion than the CE, below."""
+    CLM sum, fusion sum); the sums are detached. `distance`: another L_fusion than the CE, above."""
     ids, probs = fuse(batch, fusion, temperature, avg_weights, tau)            # (B, T, E)
-    clm, fus = token_losses(logits, batch.labels, ids, probs)                  # (B, T) each
-    if distance is not None:     # FuseLLM's successors (ULD, GOLD, X-Token): extras/successors.py
-        fus = distance(logits, ids, probs)                                     # (B, T)
+    clm, fus = token_losses(logits, batch.labels, ids, probs, distance)        # (B, T) each
     clm, fus = clm.sum(), (fus * batch.fusion_mask).sum()
     loss = lam * clm / max(n_clm, 1) + (1 - lam) * fus / max(n_fus, 1)
     return loss, clm.detach(), fus.detach()

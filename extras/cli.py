@@ -19,11 +19,12 @@ import re
 import sys
 
 import fusellm
+from extras import successors
 
 # train.py's settings with a fixed set of values: a typo is refused by the command line, before
 # anything loads.
 TRAIN_CHOICES = {"fusion": fusellm.FUSIONS, "avg_weights": fusellm.AVG_WEIGHTS,
-                 "ce_unit": ("token", "byte"), "fusion_loss": ("ce", "uld", "gold", "xtoken")}
+                 "ce_unit": ("token", "byte"), "fusion_loss": successors.LOSSES}
 
 
 def field_help(cls) -> dict[str, str]:

@@ -12,9 +12,10 @@ docs/results.md; what each loss is, in words: docs/training.md.
 
 What it holds: the three losses, `uld` (Boizard et al.), `gold` (TRL's GOLD trainer) and `xtoken`
 (NVIDIA NeMo RL's X-Token), on the sparse P_t that fusellm.fuse returns (ids, probs (B, T, E)) and
-the target's logits (B, T, V); their pieces (`merged`, `sorted_l1`); the tables two of them need,
-built once from the tokenizers (`exact_mask`, `prefix_table`); and `distance_for`, which train.py
-calls at the start of a run for the chosen one (a `Distance`, what fusellm.fusion_loss takes).
+the target's log-probabilities (B, T, V), the log-softmax token_losses computes once for both terms;
+their pieces (`merged`, `sorted_l1`); the tables two of them need, built once from the tokenizers
+(`exact_mask`, `prefix_table`); and `distance_for`, which train.py calls at the start of a run for
+the chosen one (a `Distance`, what fusellm.fusion_loss takes and hands to token_losses).
 """
 from __future__ import annotations
 
@@ -35,13 +36,16 @@ def merged(ids, probs):
     """P_t's probability of each distinct id, put on the id's first entry, 0 on its repeats: an id
     can appear more than once in a sparse P_t (AvgCE lays the candidates side by side), and a sorted
     distribution must count it once. ids, probs (B, T, E) -> (B, T, E), e.g. ids [2, 0, 2] with
-    probs [0.3, 0.5, 0.2] -> [0.5, 0.5, 0.0]."""
-    E = ids.shape[-1]
-    same = ids[..., :, None] == ids[..., None, :]                       # (B, T, E, E)
-    total = (same * probs[..., None, :]).sum(-1)                        # (B, T, E) its id's total
-    before = torch.ones(E, E, dtype=torch.bool, device=ids.device).tril(-1)    # [k, j]: j < k
-    repeat = (same & before).any(-1)                                    # (B, T, E) seen earlier
-    return total.masked_fill(repeat, 0.0)
+    probs [0.3, 0.5, 0.2] -> [0.5, 0.5, 0.0]. Sorting the ids puts equal ids side by side, so each
+    run is summed in O(E log E) time and O(E) memory per position (no (E, E) comparison)."""
+    sorted_ids, order = ids.sort(dim=-1, stable=True)       # (B, T, E); stable: first entry first
+    p = probs.gather(-1, order)                                         # (B, T, E) in that order
+    start = torch.ones_like(sorted_ids, dtype=torch.bool)               # (B, T, E) a run begins
+    start[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    run = start.cumsum(-1) - 1                                          # (B, T, E) its run's index
+    total = torch.zeros_like(p).scatter_add(-1, run, p)                 # (B, T, E) run r's sum at r
+    first = total.gather(-1, run) * start                               # the sum on a run's start
+    return torch.zeros_like(p).scatter(-1, order, first)                # back in the ids' order
 
 
 def sorted_l1(p, q):
@@ -59,10 +63,11 @@ def sorted_l1(p, q):
 
 
 # --------------------------------------------------------------------------------------------------
-# The losses: logits (B, T, V), the sparse P_t as ids, probs (B, T, E) -> (B, T)
+# The losses: the target's log-probabilities log Q_t (B, T, V), the sparse P_t as ids, probs
+# (B, T, E) -> (B, T). log Q_t is fusellm.token_losses' log-softmax, computed once for both terms.
 
 
-def uld(logits, ids, probs):
+def uld(logq, ids, probs):
     """ULD, Universal Logit Distillation (Boizard et al., "Towards Cross-Tokenizer Distillation: the
     Universal Logit Distillation Loss for LLMs", TMLR 2025, arXiv 2402.12030): no vocabulary map;
     at each aligned position the teacher's and the student's probabilities are each sorted, and the
@@ -77,11 +82,10 @@ def uld(logits, ids, probs):
     tail (the sources' mass beyond their top-K) is taken to be exactly 0, as the soft-label CE takes
     it; the ranks past E then add Q_t's mass beyond its top E, 1 - sum(top-E of Q_t). ULD's own
     teacher is its whole distribution, a flatter one than this top-K."""
-    q = torch.softmax(logits.float(), dim=-1)                           # (B, T, V)
-    return sorted_l1(merged(ids, probs), q)
+    return sorted_l1(merged(ids, probs), logq.exp())                    # (B, T)
 
 
-def gold(logits, ids, probs, exact):
+def gold(logq, ids, probs, exact):
     """GOLD's hybrid loss (TRL's GOLDTrainer, General Online Logit Distillation, huggingface/trl
     trl/experimental/gold): tokens whose strings match exactly in both vocabularies are compared
     directly, the rest by ULD's sorted L1 (`uld`). exact (V,) bool: the target ids whose text is a
@@ -92,34 +96,36 @@ def gold(logits, ids, probs, exact):
     matched tokens with a (generalised) Jensen-Shannon divergence and weights the two parts by the
     share of the vocabulary that matches; here the parts are summed and the matched part is the
     paper's soft CE, so with every id exact GOLD is FuseLLM's loss."""
-    logq = torch.log_softmax(logits.float(), dim=-1)                    # (B, T, V)
     on_exact = exact[ids]                                               # (B, T, E)
     ce = -(probs * on_exact * logq.gather(-1, ids)).sum(-1)             # (B, T)
     rest = merged(ids, probs).masked_fill(on_exact, 0.0)                # (B, T, E) non-exact ids
     return ce + sorted_l1(rest, logq.exp().masked_fill(exact, 0.0))
 
 
-def xtoken(logits, ids, probs, prefixes):
-    """X-Token-style P-KL (NVIDIA NeMo RL's cross-tokenizer distillation, arXiv 2605.21699): X-Token
-    builds a sparse many-to-many projection between the two vocabularies from string rules, and its
-    P-KL projects the student's distribution into the teacher's vocabulary before the KL. Here the
-    projection stays in the target's vocabulary: the student's probability of a carried entry t is
-    its total probability on the target tokens that t's text begins with (t itself included; the
-    (V, P) `prefix_table`, -1 padded),
-        L = -sum_k P_t(id_k) log sum_{u in prefixes(id_k)} Q_t(u).
-    What differs from X-Token's own: our carried entries are already the target's first pieces (the
-    next-token vocab map sends a source token to the first target token the target emits for its
-    text), so no projection across vocabularies is left to do; the projection adds the shorter
-    prefixes a target may cut first, crediting the target for starting the same text with a
-    shorter piece. Each projected value is at most 1 (distinct tokens), but together they may sum
-    to more than 1, so this is a cross-entropy against a projection, not a KL between
-    distributions."""
-    logq = torch.log_softmax(logits.float(), dim=-1)                    # (B, T, V)
-    B, T, E = ids.shape
-    pre = prefixes[ids]                                                 # (B, T, E, P)
-    picked = logq.gather(-1, pre.clamp(min=0).reshape(B, T, -1)).reshape(pre.shape)
-    projected = picked.masked_fill(pre < 0, -torch.inf).logsumexp(-1)   # (B, T, E) log sum Q_t
-    return -(probs * projected).sum(-1)                                 # (B, T)
+def xtoken(logq, ids, probs, prefixes, weights):
+    """X-Token-style projection (NVIDIA NeMo RL's cross-tokenizer distillation, arXiv 2605.21699):
+    X-Token builds a sparse many-to-many projection between the two vocabularies, a token's mass
+    spread over the other vocabulary's tokens its text maps to, and compares the distributions
+    after projecting. Here the *teacher* is projected, within the target's vocabulary: a carried
+    entry t's mass is spread over the target tokens that t's text begins with, t itself included
+    (the (V, P) `prefix_table`), and the target is scored by the soft cross-entropy against that,
+        P~(u) = sum_k P_t(id_k) W[id_k, u],        L = -sum_u P~(u) log Q_t(u),
+    so L = H(P~) + KL(P~ || Q_t), least at Q_t = P~. Our carried entries are already the target's
+    first pieces (the next-token vocab map sends a source token to the first target token the
+    target emits for its text); the projection adds the shorter prefixes a target may cut first,
+    so a target starting the same text with a shorter piece is not counted wrong.
+
+    Why the teacher: projecting the student instead, -sum_k P_t(id_k) log sum_{u prefix} Q_t(u),
+    is least when Q_t puts all its mass on a prefix the entries share (P_t = {the: .5, to: .5}:
+    all of Q_t on 't' scores 0, below Q_t = P_t's 0.693), so it would teach the target to emit
+    short pieces. W's weights are our choice: each prefix's share is its length in characters
+    (of the normalized text, the space mark included), so t itself gets the most; X-Token builds
+    its weights from string rules and re-tokenisation. ids, probs (B, T, E); prefixes (V, P) int32,
+    -1 padded; weights (V, P) float32, 0 on the padding, each row summing to 1."""
+    pre = prefixes[ids].long()                                          # (B, T, E, P)
+    spread = probs[..., None] * weights[ids]                            # (B, T, E, P) P~'s pieces
+    picked = logq.gather(-1, pre.clamp(min=0).flatten(-2)).reshape(pre.shape)   # log Q_t(u)
+    return -(spread * picked.masked_fill(pre < 0, 0.0)).sum((-2, -1))   # (B, T)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,35 +140,39 @@ def exact_mask(target_vocab: list[str], source_vocabs: list[list[str]]) -> torch
                         dtype=torch.bool)
 
 
-def prefix_table(vocab: list[str]) -> torch.Tensor:
-    """X-Token's projection, in the target's vocabulary (V, P) int64: row t lists every id whose
-    text is a non-empty prefix of t's text, t itself included (and any other id with the same text),
-    then -1. E.g. vocab ["a", "ab", "b"] -> [[0, -1], [0, 1], [2, -1]]."""
+def prefix_table(vocab: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-Token's projection W in the target's vocabulary, sparse: prefixes (V, P) int32, row t
+    every id whose text is a non-empty prefix of t's text, t itself included (and any other id
+    with the same text), then -1; weights (V, P) float32, each prefix's length in characters over
+    the row's total (0 on the padding). A token with no text (a control token) keeps its mass.
+    E.g. vocab ["a", "ab", "b"] -> [[0, -1], [0, 1], [2, -1]], [[1, 0], [1/3, 2/3], [1, 0]].
+    P is the most prefixes any token has (Llama-3's 128k vocabulary: docs/training.md)."""
     ids_of = defaultdict(list)                      # text -> the ids that have it
     for i, t in enumerate(vocab):
         if t:
             ids_of[t].append(i)
     rows = [[u for n in range(1, len(t) + 1) for u in ids_of.get(t[:n], ())] or [i]
             for i, t in enumerate(vocab)]
-    table = np.full((len(vocab), max(map(len, rows), default=1)), -1, dtype=np.int64)
+    table = np.full((len(vocab), max(map(len, rows), default=1)), -1, dtype=np.int32)
+    weights = np.zeros(table.shape, dtype=np.float32)
     for i, r in enumerate(rows):
-        table[i, :len(r)] = r
-    return torch.from_numpy(table)
+        lengths = np.array([max(len(vocab[u]), 1) for u in r], dtype=np.float64)
+        table[i, :len(r)], weights[i, :len(r)] = r, lengths / lengths.sum()
+    return torch.from_numpy(table), torch.from_numpy(weights)
 
 
 class Distance:
-    """One successor's L_fusion, as fusellm.fusion_loss takes it: (logits, ids, probs) -> (B, T),
-    with its table (GOLD's exact mask, X-Token's prefixes) moved to the logits' device once."""
+    """One successor's L_fusion, as fusellm.token_losses takes it: (logq, ids, probs) -> (B, T),
+    with its tables (GOLD's exact mask, X-Token's prefixes and weights) moved to the log-probs'
+    device once."""
 
-    def __init__(self, name: str, loss, table: torch.Tensor | None = None):
-        self.name, self.loss, self.table = name, loss, table
+    def __init__(self, name: str, loss, *tables: torch.Tensor):
+        self.name, self.loss, self.tables = name, loss, tables
 
-    def __call__(self, logits, ids, probs):
-        if self.table is None:
-            return self.loss(logits, ids, probs)
-        if self.table.device != logits.device:
-            self.table = self.table.to(logits.device)
-        return self.loss(logits, ids, probs, self.table)
+    def __call__(self, logq, ids, probs):
+        if any(t.device != logq.device for t in self.tables):
+            self.tables = tuple(t.to(logq.device) for t in self.tables)
+        return self.loss(logq, ids, probs, *self.tables)
 
 
 def source_models(cfg) -> list:
@@ -191,6 +201,6 @@ def distance_for(cfg) -> Distance | None:
     from tokenizer import load_tokenizer
     target = normalized_vocab(load_tokenizer(cfg.target))
     if cfg.fusion_loss == "xtoken":
-        return Distance("xtoken", xtoken, prefix_table(target))
+        return Distance("xtoken", xtoken, *prefix_table(target))
     sources = [normalized_vocab(load_tokenizer(p)) for p in source_models(cfg)]
     return Distance("gold", gold, exact_mask(target, sources))

@@ -225,3 +225,38 @@ def test_a_successor_distance_takes_the_fusion_terms_place_on_the_same_positions
                                distance=uld)
     assert fus.item() == pytest.approx(13 / 3, rel=1e-6)
     assert loss.item() == pytest.approx(13 / 9, rel=1e-6)
+
+
+def test_a_successor_distance_reuses_the_one_log_softmax():
+    """With a distance (GOLD here: its soft-CE part and its sorted L1 both need Q_t), the (B, T, V)
+    logits go through one log-softmax in all, and the distance is handed those log-probabilities
+    (each position's exp sums to 1), while the CLM term stays the plain cross-entropy. Catches a
+    second (B, T, V) softmax or log-softmax inside the distance (the memory the review found) and
+    the raw logits handed to it (their exp sums to 6 with zero logits)."""
+    from torch.overrides import TorchFunctionMode
+
+    from extras.successors import Distance, gold
+    from fusellm import fusion_loss
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.dense = 0                                   # (log-)softmaxes over (B, T, V)
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("softmax", "log_softmax", "_softmax", "_log_softmax") \
+                    and tuple(args[0].shape) == (2, 3, V):
+                self.dense += 1
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    inner = Distance("gold", gold, torch.tensor([True, False, True, False, True, False]))
+    distance = lambda logq, ids, probs: seen.append(logq) or inner(logq, ids, probs)  # noqa: E731
+    logits = torch.zeros(2, 3, V)
+    with Count() as count:
+        _, clm, _ = fusion_loss(logits, padded_window_with_bos(), 0.5, 5, 3, "mince",
+                                distance=distance)
+    assert count.dense == 1
+    assert torch.allclose(seen[0].exp().sum(-1), torch.ones(2, 3))
+    assert clm.item() == pytest.approx(5 * math.log(V), rel=1e-6)      # 5 labelled positions
