@@ -21,9 +21,9 @@ N-th shard; what all share (windows, vocab maps, diagnostics) rank 0 builds alon
 wait; the output is byte for byte one process's. A source added later needs only its dists + align.
 
 Storage (per model, per token; extras/storage.py): top-K ids in the narrowest unsigned type,
-log-probs in uint8 steps of 1/16 nat (or fp16: --logprob-bits 16); an aligned source's the same,
-as padded rows with a count per token (`padded`); each shard a compressed .npz. The model's own
-tokens are not stored: re-encoded from the text, checked by CRC.
+log-probs in uint8 steps of 1/16 nat (or fp16: --logprob-bits 16); an aligned source's in uint8
+(fp16 if sampled), as padded rows with a count per token (`padded`); each shard a compressed .npz.
+The model's own tokens are not stored: re-encoded from the text, checked by CRC.
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def padded(tr: align.Transferred, K: int) -> dict:
 def align_source(out, name, preset="nanofuse", vocab_map=None, target="target",
                  quiet=False) -> dict:
     """Stage 3: out/aligned/<name>/shard-*.npz: per window, per target token, the source's
-    distribution in target ids (`padded` rows, log-probs in uint8), the source's CE, and
+    distribution in target ids (`padded` rows, log-probs in uint8; fp16 when sampled), its CE, and
     out/aligned/<name>/diagnostics.json. preset: one of align.PRESETS; vocab_map: replaces the
     preset's (the resolved settings are stored in out/aligned/<name>/settings.json)."""
     from extras import emitted_tokens, ranks, storage

@@ -82,6 +82,10 @@ def main(argv=None):
         raise SystemExit(f"error: --topk {args.topk} and --sample {args.sample} both given: "
                          f"--sample N stores N sampled ids instead of the top-K; choose one")
     topk = args.topk if getattr(args, "topk", None) is not None else 10
+    if args.stage in ("dists", "all") and not 1 <= (args.sample or topk) <= 255:   # before any work
+        flag = f"--sample {args.sample}" if args.sample else f"--topk {topk}"
+        raise SystemExit(f"error: {flag}: choose 1 to 255 (aligned distributions store their sizes "
+                         f"as uint8)")
     if args.stage == "all" and args.sample and align.PRESETS[args.align]["merge"] == "first":
         raise SystemExit(f"error: --align {args.align} merges repeated ids with 'first', which "
                          f"would keep one of --sample's repeated draws; use nanofuse or paper")

@@ -10,8 +10,12 @@ the fly.
 What it holds: OnlineCandidates, the same items() as extras/stored_candidates.py: a frozen copy of
 the target and every source run over each window (data.window_topk), the sources aligned onto the
 target with the same code and settings as data.py (a source's stored aligned/<name>/settings.json
-when there is one, the nanofuse preset otherwise). tests/parity/test_labels_in_place.py and
-tests/parity/test_train_parity.py check that it gives what the stored path gives.
+when there is one, the nanofuse preset otherwise). On a data folder made with `data.py dists
+--sample N` (its models' info.json say so) every model's labels are N sampled ids instead of the
+top-K, drawn from the uniforms compute_dists draws (seeded by the window's tokens and the model's
+name in the folder: "target", or the source's), so the ids are the stored ones; --topk is then
+unused. tests/parity/test_labels_in_place.py, tests/parity/test_train_parity.py and
+tests/robustness/test_data_pipeline.py check that it gives what the stored path gives.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ class OnlineCandidates:
     def __init__(self, cfg, tok, device):
         m = data.load_manifest(cfg.data)
         sources = list(cfg.sources) or m["sources"]
-        self.device, self.tok, self.k = device, tok, cfg.topk
+        # --sample N: the folder's models store N drawn ids per token (0: the top-K, --topk)
+        self.sample = storage.folder_sample(cfg.data)
+        self.device, self.tok, self.k = device, tok, self.sample or cfg.topk
         dtype = common.dtype_for(device)
         self.models = {"target": fusellm.load(cfg.target, device, dtype)}
         self.names = ["target"]
@@ -64,7 +70,8 @@ class OnlineCandidates:
         items = [{"text": t, "tokens": self.tok.encode(t), "sources": {}} for t in texts]
         model, tok = self.models["target"]
         windows = [it["tokens"] for it in items]
-        ids, lps, ces = data.window_topk(model, tok, windows, self.k, self.device)
+        ids, lps, ces = data.window_topk(model, tok, windows, self.k, self.device,
+                                         sample=self.sample, seed="target")    # as compute_dists
         for it, i_, l_, c_ in zip(items, ids, lps, ces):
             n_bytes = len(it["text"].encode())
             per_byte = data.ce_per_byte(c_, len(it["tokens"]), tok.bos_id is not None, n_bytes)
@@ -74,7 +81,8 @@ class OnlineCandidates:
             model, s_tok = self.models[name]
             vmap, sv, tv, costs, labels = self.align[name]
             s_ids = [s_tok.encode(it["text"]) for it in items]
-            ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device)
+            ids, lps, ces = data.window_topk(model, s_tok, s_ids, self.k, self.device,
+                                             sample=self.sample, seed=name)
             for it, si, i_, l_, c_ in zip(items, s_ids, ids, lps, ces):
                 tr = data.align_window(si, it["tokens"], i_.astype(np.int64), l_, vmap, sv, tv,
                                        costs, self.settings[name], labels)

@@ -67,10 +67,14 @@ def sample_reference(model, h, nxt, u, V: int):
     P(id = v) = p(v)). h (N, C): final hidden states; nxt (N,): the next token (-1: none); u (N, S):
     sorted uniforms. Returns ids (N, S) (ascending along a row, since u is sorted), their log-probs
     (N, S), all -log S (each draw weighs 1/S), and the next token's log-prob (N,) (0 where nxt is
-    -1)."""
+    -1). The float64 CDF's last value misses 1 by rounding (~1e-13 on a real vocabulary); a uniform
+    at or past it finds no id, and takes the id where the CDF reaches that value: the last one
+    whose probability counted, never one of probability 0 (a reserved token at the end, say)."""
     logp = torch.log_softmax(model.logits(h, slice(0, V)).double(), dim=-1)     # (N, V)
     cdf = logp.exp().cumsum(dim=-1)                                             # (N, V)
-    ids = torch.searchsorted(cdf, u.to(cdf.device), right=True).clamp(max=V - 1)  # (N, S)
+    ids = torch.searchsorted(cdf, u.to(cdf.device), right=True)      # (N, S); V: past the CDF
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())    # (N, 1) first id where cdf = end
+    ids = torch.minimum(ids, last)               # a found id is never past it: only V changes
     label = logp.gather(1, nxt.clamp(min=0)[:, None])[:, 0] * (nxt >= 0)        # (N,)
     return ids, torch.full(ids.shape, -math.log(u.shape[1]), device=ids.device), label.float()
 
@@ -81,8 +85,10 @@ def head_sample(model, h, nxt, u, V: int, rows: int, cols: int):
     of positions, pass 1 walks the vocabulary for the log-sum-exp (float64, running logaddexp) and
     the next token's logit; pass 2 walks it again: block probabilities p = exp(z - lse), their CDF
     from where the last block ended (acc + cumsum), and each uniform not yet placed whose CDF
-    crossing falls in this block takes the id there (searchsorted). A uniform past the last CDF
-    (float rounding, ~1e-15) takes id V - 1, as in the reference. Same arguments and results."""
+    crossing falls in this block takes the id there (searchsorted). A uniform at or past the CDF's
+    last value (float rounding) takes the id where the CDF reaches that value, as in the
+    reference: the last block that added to the CDF, where its CDF reaches its end. Same arguments
+    and results."""
     S = u.shape[1]
     ids, label = [], []
     for i in range(0, len(h), rows):
@@ -97,8 +103,9 @@ def head_sample(model, h, nxt, u, V: int, rows: int, cols: int):
             lab = torch.where(here, z.gather(1, (t - c).clamp(0, z.shape[1] - 1)[:, None])[:, 0],
                               lab)
         acc = torch.zeros(r, dtype=torch.float64, device=h.device)      # (r,) CDF before the block
-        got = torch.full((r, S), V - 1, dtype=torch.long, device=h.device)           # (r, S)
+        got = torch.zeros(r, S, dtype=torch.long, device=h.device)      # (r, S)
         open_ = torch.ones(r, S, dtype=torch.bool, device=h.device)      # not placed yet
+        last = torch.zeros(r, dtype=torch.long, device=h.device)        # (r,) where the CDF ends
         for c in range(0, V, cols):                                      # pass 2: the CDF
             z = model.logits(hs, slice(c, min(c + cols, V))).double()    # (r, cols)
             cdf = acc[:, None] + (z - lse[:, None]).exp_().cumsum(dim=-1)          # (r, cols)
@@ -106,8 +113,10 @@ def head_sample(model, h, nxt, u, V: int, rows: int, cols: int):
             hit = open_ & (j < z.shape[1])
             got = torch.where(hit, j + c, got)
             open_ &= ~hit
+            end = torch.searchsorted(cdf, cdf[:, -1:].contiguous())[:, 0]    # (r,) first cdf = end
+            last = torch.where(cdf[:, -1] > acc, end + c, last)       # if the block added to it
             acc = cdf[:, -1]
-        ids.append(got)
+        ids.append(torch.where(open_, last[:, None], got))    # past the CDF's end: where it ends
         label.append(((lab - lse) * (t >= 0)).float())
     ids = torch.cat(ids)
     return ids, torch.full(ids.shape, -math.log(S), device=h.device), torch.cat(label)

@@ -24,7 +24,8 @@ What it holds:
   fingerprint of its tokenizer (its kind, size and every token's bytes), to catch a tokenizer that
   changed in between.
 - `save_dists` and `save_aligned`: one shard of a model's distributions, of a source's aligned
-  ones (data.py's padded rows), as the arrays above; `expected_disk` and `dists_plan`: the
+  ones (data.py's padded rows), as the arrays above (aligned log-probs in fp16 when the source's
+  labels are sampled: `aligned_bits`); `expected_disk` and `dists_plan`: the
   estimate compute_dists prints. `ragged_shards`: the check that refuses aligned shards in the
   ragged form of earlier versions (delete the folder and align again).
 - `read_windows`, `read_dists`, `window_rows`, `read_aligned`, `aligned_window`: the shards read
@@ -110,15 +111,29 @@ def save_dists(path: Path, windows, vocab_size: int, bits: int):
              checksum=np.array([token_checksum(t) for t in tokens], dtype=np.uint32))
 
 
-def save_aligned(path: Path, windows, vocab_size: int, ce, target_offsets):
+def save_aligned(path: Path, windows, vocab_size: int, ce, target_offsets, bits: int = 0):
     """One shard of a source's aligned distributions (data.align_source). windows: per window, the
     padded rows of data.padded (counts (n,), ids (n, K), logprobs (n, K)). Stored: the windows'
-    rows concatenated, counts as uint8, ids in id_dtype, log-probs as uint8 codes (padding: code
-    0), the source's CE per window and the target's offsets."""
+    rows concatenated, counts as uint8, ids in id_dtype, log-probs as uint8 codes or fp16 (`bits`;
+    0: aligned_bits of the shard's folder) (padding: 0), the source's CE per window and the
+    target's offsets. read_aligned reads either width."""
+    bits = bits or aligned_bits(Path(path).parent)
     save_npz(path, counts=np.concatenate([w["counts"].astype(np.uint8) for w in windows]),
              ids=np.concatenate([w["ids"].astype(id_dtype(vocab_size)) for w in windows]),
-             logprobs=np.concatenate([quantize_logprobs(w["logprobs"], 8) for w in windows]),
+             logprobs=np.concatenate([quantize_logprobs(w["logprobs"], bits) for w in windows]),
              ce=ce, target_offsets=target_offsets)
+
+
+def aligned_bits(d: Path) -> int:
+    """The width of the log-probs stored in aligned folder d (out/aligned/<name>): 16 (fp16) when
+    its source's labels are sampled (out/models/<name>/info.json says --sample N), else 8 (uint8
+    codes; also when there is no info.json, as for a shard written outside a data folder). A
+    sampled source's aligned entry is log(c/N), c of its N draws merged onto one target id, and
+    uint8's 1/16-nat steps would skew the counts' ratios (counts 1 and 11 of 12 read back as
+    0.080 and 0.920 instead of 0.083 and 0.917); fp16 keeps them within 0.1%. Top-K rows keep
+    uint8, as the model's own stored ones do by default."""
+    info = d.parent.parent / "models" / d.name / "info.json"
+    return 16 if info.is_file() and read_info(info, d.name).get("sample") else 8
 
 
 def ragged_shards(d: Path, name: str) -> str | None:
@@ -175,7 +190,7 @@ def read_info(path: Path, name: str) -> dict:
     """A model folder's info.json (write_info), checked to be an object naming the model and its
     tokenizer. Missing: run the dists stage for it."""
     rerun = f"`python data.py dists --name {name} --model MODEL`"
-    info = read_json(path, f"run {rerun} first", f"delete it and run {rerun}")
+    info = read_json(path, f"run {rerun} first", f"delete its folder and run {rerun}")
     if not isinstance(info, dict) or not all(k in info for k in ("model", "tokenizer", "topk")):
         raise FormatError(f"{path}: not a model's info.json (model, tokenizer, topk); delete its "
                           f"folder and run {rerun}")
@@ -349,6 +364,19 @@ def labels_kind(info: dict) -> str:
     return f"--sample {info['sample']}" if info.get("sample") else "top-K"
 
 
+def folder_sample(out) -> int:
+    """N when data folder `out`'s models were stored with --sample N, 0 when with their top-K or
+    none is stored yet (info_conflict keeps one kind per folder; train.py --online draws the same
+    N). A damaged info.json: a FormatError naming it."""
+    found = {read_info(p, p.parent.name).get("sample", 0)
+             for p in sorted(Path(out).glob("models/*/info.json"))}
+    if len(found) > 1:
+        raise FormatError(f"{Path(out) / 'models'}: its models' labels were made in different ways "
+                          f"({sorted(found)}; 0: top-K), which data.py refuses; delete the ones "
+                          f"that differ and run their dists again")
+    return found.pop() if found else 0
+
+
 def info_conflict(d: Path, info: dict) -> str | None:
     """Why a model folder cannot take distributions made with `info` (model, topk, sample,
     logprob_bits): a top-K, a number of draws or a log-prob width this storage cannot hold; its
@@ -363,14 +391,19 @@ def info_conflict(d: Path, info: dict) -> str | None:
     if not 1 <= info["topk"] <= 255:
         return (f"{what} {info['topk']}: choose 1 to 255 (aligned distributions store their sizes "
                 f"as uint8)")
-    if (d / "info.json").is_file():
-        old = read_info(d / "info.json", d.name)
-        if {k: old.get(k, 0 if k == "sample" else None) for k in info} != info:
-            return (f"{d}: already holds distributions made with {old}; use another --name or "
-                    f"delete it")
-    for other in sorted(d.parent.glob("*/info.json")):
-        theirs = read_info(other, other.parent.name)
-        if other.parent != d and theirs.get("sample", 0) != info.get("sample", 0):
+    try:
+        if (d / "info.json").is_file():
+            old = read_info(d / "info.json", d.name)
+            if {k: old.get(k, 0 if k == "sample" else None) for k in info} != info:
+                return (f"{d}: already holds distributions made with {old}; use another --name "
+                        f"or delete it")
+        siblings = [(p, read_info(p, p.parent.name))
+                    for p in sorted(d.parent.glob("*/info.json")) if p.parent != d]
+    except FormatError as e:   # refused, never skipped: a damaged sibling could hide a mix
+        return (f"{e} (every model's info.json in {d.parent} is read to check that they all "
+                f"store their labels one way; fix it before `dists --name {d.name}`)")
+    for other, theirs in siblings:
+        if theirs.get("sample", 0) != info.get("sample", 0):
             return (f"{d.parent.parent}: {other.parent.name}'s distributions were made with "
                     f"{labels_kind(theirs)} and these would be {labels_kind(info)}; every model "
                     f"of a data folder is stored one way: run with {labels_kind(theirs)}, or "

@@ -186,6 +186,7 @@ def test_sampled_labels_go_through_alignment_and_a_training_step(world, sampled,
     z = storage.read_aligned(sampled, "source", 0)
     for row, c in zip(z["ids"], z["counts"]):
         assert c <= 12 and len(set(row[:c].tolist())) == c
+    assert z["logprobs"].dtype == np.float16             # merged draws keep their counts' ratios
     mass = label_mass(sampled)
     assert 0 < mass["candidate: target"]["mass on the true next token"] < 1
     out = tmp_path / "run"
@@ -248,6 +249,58 @@ def test_sampled_and_top_k_labels_are_never_mixed(world, pipeline, sampled, tmp_
                                              "'first' .the official preset. would keep one draw"):
         data.align_source(d, "source", "official", quiet=True)
     assert not (d / "aligned" / "source").exists()
+
+
+def test_online_candidates_of_a_sampled_folder_are_the_stored_draws(world, sampled):
+    """train.py --online on a folder made with --sample 12 runs the models in the loop with the
+    same draws as data.py dists: for one window, the target's 12 ids per token and the source's
+    aligned ids and counts equal the stored ones, all entries at -log 12 for the target (the
+    stored ones are uint8 codes, -2.5). Catches the online path computing the top-K of a sampled
+    folder (--topk's 10 ids), or drawing with another seed than compute_dists's (the model's
+    name in the folder)."""
+    import train
+    from extras.online import OnlineCandidates
+    from extras.stored_candidates import StoredCandidates
+    cfg = train.parse_config(["--data", str(sampled), "--target", str(world / "target"),
+                              "--online", "--sources", str(world / "source")])
+    tok = load_tokenizer(world / "target")
+    online = OnlineCandidates(cfg, tok, "cpu")
+    assert online.k == 12
+    (a,), (b,) = online.items([(0, 1)]), StoredCandidates(cfg, tok).items([(0, 1)])
+    assert a["tokens"] == b["tokens"]
+    assert np.array_equal(a["target"]["topk_ids"], b["target"]["topk_ids"])
+    assert np.allclose(a["target"]["topk_logprobs"], -np.log(12))
+    sa, sb = a["sources"]["source"], b["sources"]["source"]
+    assert np.array_equal(sa["counts"], sb["counts"]) and np.array_equal(sa["ids"], sb["ids"])
+
+
+def test_a_bad_sample_or_topk_is_refused_before_any_work(world, tmp_path):
+    """`data.py all --sample 300` (or --topk 0) is one error before the windows are cut: the
+    number is checked with the flags, not after every window is built (info_conflict's check in
+    dists). Catches the range checked only by compute_dists."""
+    for flag in (["--sample", "300"], ["--topk", "0"]):
+        with pytest.raises(SystemExit, match=f"error: {' '.join(flag)}: choose 1 to 255"):
+            data_cli.main(["all", "--corpus", str(world / "corpus"), "--target",
+                           str(world / "target"), "--data", str(tmp_path / "d"), *flag])
+        assert not (tmp_path / "d").exists()
+
+
+def test_a_damaged_sibling_info_is_named_with_its_fix(world, sampled, tmp_path):
+    """dists for a new model reads every other model's info.json of the folder (one kind of labels
+    per folder); a damaged one is refused, not skipped (skipping could hide a top-K source beside
+    sampled ones), with one DataError naming that file, its fix and why it is read, and nothing
+    written for the new model. Catches a sibling's JSON error escaping as a bare FormatError
+    without the reason, or the sibling skipped."""
+    d = tmp_path / "copy"
+    shutil.copytree(sampled, d)
+    (d / "models" / "source" / "info.json").write_text('{"model": "x", "topk"')
+    with pytest.raises(data.DataError) as e:
+        data.compute_dists(d, world / "source2", "source2", topk=5, quiet=True)
+    said = str(e.value)
+    assert str(d / "models" / "source" / "info.json") in said
+    assert "delete its folder and run `python data.py dists --name source" in said
+    assert "to check that they all store their labels one way" in said
+    assert not (d / "models" / "source2").exists()
 
 
 def data_command(world, out, ranks: int = 1, slow_filesystem=False) -> list[str]:
