@@ -24,8 +24,12 @@ Every stage caches its output under --out, so a second run skips what is done.
     python demo.py repro --seeds 3      # the toy reproduction of the paper's comparisons
     python demo.py real [--seeds 3]     # a real source: Gemma 3 270M (.gguf) into a target with
                                         # Mistral's tokenizer
+    python demo.py dose [--on toy]      # lambda x steps on real's (or the toy's) cached stages
+    python demo.py methods [--on toy]   # FuseLLM beside ULD, GOLD, X-Token and sampled labels
+    python demo.py grid                 # what limits it: learning rate, fusion text, target size
 
-repro and real live in tools/demo_runs.py (run_repro, run_real): they reuse this file's stages.
+repro, real and the sweeps live in tools/demo_runs.py (run_repro, run_real, sweep): they reuse
+this file's stages.
 `real` is the same pipeline with a real pretrained source and a target with another real tokenizer;
 its target is small and pre-trained here on standard-library code (see REAL_SIZES there).
 """
