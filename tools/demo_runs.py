@@ -277,7 +277,7 @@ def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
 # steps multiple -> lambdas: from CLM-only (1) to the fusion loss alone (0) at the demo's steps,
 # and two of them at 3x the steps (the CPU budget of one session: a 3x run costs three 1x runs)
 DOSE = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.5)}
-DOSE_TOY = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.5)}       # the toy's steps cost more: fewer rows
+DOSE_TOY = {1: (1.0, 0.9, 0.5, 0.0)}          # the toy's runs cost more (its held-out text is long)
 
 
 def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
@@ -288,8 +288,13 @@ def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
         out, sz = Path(out or "runs/demo"), SIZES[size]
         prepare(out, sz)
         files = {d: out / "corpus" / "eval" / f"{d}.jsonl" for d in SOURCES}
-        return (out, sz, out / "data", files, out / "corpus" / "train" / "fuse.jsonl",
-                {d: out / "models" / d for d in SOURCES})
+        fit = out / "corpus" / "train" / "fuse_first.jsonl"     # the fusion text's first 100k
+        if not fit.is_file():                                    # characters: scoring all of it
+            texts, first = list(read_corpus(out / "corpus" / "train" / "fuse.jsonl")), []
+            while texts and sum(map(len, first)) < 100_000:     # would cost more than training
+                first.append(texts.pop(0))
+            _write_jsonl(fit, first)
+        return out, sz, out / "data", files, fit, {d: out / "models" / d for d in SOURCES}
     out = Path(out or "runs/real")
     if not (out / "data" / "aligned" / "source" / "diagnostics.json").is_file():
         run_real(out, source, target_tokenizer, size)              # its stages, cached
@@ -524,7 +529,9 @@ def main(argv=None):
     if a.what == "repro":
         return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
     if a.what in ("dose", "methods", "grid"):
-        rows = {"methods": dict(METHODS), "grid": dict(GRID)}.get(a.what) or dose_rows(
+        methods = METHODS if a.on == "real" else {   # the toy's dose has lambda 0.5 and 0
+            k: v for k, v in METHODS.items() if not k.endswith(("lambda 0.5", "lambda 0"))}
+        rows = {"methods": dict(methods), "grid": dict(GRID)}.get(a.what) or dose_rows(
             DOSE if a.on == "real" else DOSE_TOY)
         title = {"dose": f"dose-response: {a.on} demo, lambda x steps",
                  "methods": f"methods: {a.on} demo, FuseLLM and its successors",
