@@ -11,6 +11,7 @@ bench.py: benchmarks, each reporting ratios measured in one run.
     python tools/bench.py vocabs --dir LLAMA_CPP/models
     python tools/bench.py bbh --bigbench bigbench-1.0.0.tar.gz
     python tools/bench.py lm-eval --model GGUF_OR_DIR [--window 64 --docs 3]
+    python tools/bench.py gpu [--dry-run] [--out DIR]     # every GPU figure in one call
 
 labels (the default): label quality on real tokenizer pairs (Mistral v1/v3 sentencepiece, Llama-3 and cl100k
 on tiktoken; with --vocab-dir also GPT-NeoX <-> Llama-2, from llama.cpp's vocabulary files) over standard-library
@@ -792,7 +793,14 @@ def main():
     le.add_argument("--model", required=True, help="an HF folder or a .gguf (e.g. Gemma 3 270M's)")
     le.add_argument("--window", type=int, default=64, help="lm-eval's max_length (default 64: documents span windows)")
     le.add_argument("--docs", type=int, default=3, help="paragraphs of tasks/sample_text.txt scored (default 3)")
+    gp = sub.add_parser("gpu", help="every GPU figure in one call of <= 8 min (tools/gpu_bench.py)")
+    gp.add_argument("--dry-run", action="store_true", help="the same code at tiny sizes on the CPU")
+    gp.add_argument("--out", default="runs/gpu_bench", help="gpu_bench.json and .md go here")
+    gp.add_argument("--parts", default="", help="a comma-separated subset (default: every part)")
     a = p.parse_args(sys.argv[1:] or ["labels"])
+    if a.cmd == "gpu":
+        from tools import gpu_bench
+        return gpu_bench.main(a.dry_run, a.out, a.parts)
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
      "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate, "bbh": bench_bbh,
      "lm-eval": bench_lm_eval}[a.cmd](a)

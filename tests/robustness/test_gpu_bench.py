@@ -1,0 +1,78 @@
+"""`python tools/bench.py gpu --dry-run`: the GPU session's one command, run here at tiny sizes on
+the CPU, so that it cannot rot between the sessions that lend a GPU (tools/gpu_bench.py)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PARTS = ["precision", "dists", "train", "generate", "torchrun"]
+
+
+def dry_run(out, *extra, env=None):
+    """bench.py gpu --dry-run in a process of its own (its group killed whatever happens); the
+    JSON it wrote and its output."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "gpu", "--dry-run", "--out", str(out),
+           *extra]
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = p.communicate(timeout=300)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, log[-3000:]
+    return json.loads((out / "gpu_bench.json").read_text()), log
+
+
+def figures(row):
+    return [v for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+@pytest.mark.slow
+def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
+    """Every part runs to the end on the CPU with finite figures, the transformers comparisons
+    included, and the killed-and-resumed torchrun run equals the uninterrupted one. Catches a part
+    broken by a change elsewhere (a renamed function it calls, a changed signature), a NaN figure,
+    and a table row without its device, torch version and date."""
+    result, _ = dry_run(tmp_path)
+    assert list(result["parts"]) == PARTS
+    for name, part in result["parts"].items():
+        assert part["error"] is None, f"{name}: {part['error']}"
+        assert part["rows"], name
+        for row in part["rows"]:
+            assert figures(row) and all(math.isfinite(v) for v in figures(row)), (name, row)
+    assert {r["vocab"] for r in result["parts"]["dists"]["rows"]} == {"320", "1280", "2620"}
+    assert all("hf_tokens_per_s" in r for r in result["parts"]["dists"]["rows"])
+    assert [r["batch"] for r in result["parts"]["generate"]["rows"]] == [1, 8]
+    # greedy on the same fp32 weights: transformers picks the same tokens
+    assert all(r["same_tokens"] == 1.0 for r in result["parts"]["generate"]["rows"])
+    run = result["parts"]["torchrun"]["rows"][0]
+    assert run["equal"] and run["steps_before_kill"] == 2 and run["resumed_at"] == 2
+    assert run["backend"] == "gloo"
+    table = (tmp_path / "gpu_bench.md").read_text()
+    stamp = f"| {result['device']} | {result['torch']} | {result['date']} |"
+    n_rows = sum(len(p["rows"]) for p in result["parts"].values())
+    assert table.count(stamp) == n_rows
+
+
+@pytest.mark.slow
+def test_a_part_that_fails_is_recorded_and_the_next_part_still_runs(tmp_path):
+    """A part that raises writes its error into the JSON and the table, and the part after it
+    still gives its figures. Catches one failure losing every figure of the session (an exception
+    let through, or the JSON written only at the very end of a clean run)."""
+    result, log = dry_run(tmp_path, "--parts", "precision,generate",
+                          env={"NANOFUSE_GPU_BENCH_FAIL": "precision"})
+    assert list(result["parts"]) == ["precision", "generate"]
+    failed, ok = result["parts"]["precision"], result["parts"]["generate"]
+    assert "failed on purpose" in failed["error"] and failed["rows"] == []
+    assert ok["error"] is None and len(ok["rows"]) == 2
+    assert "[precision]" in log and "failed: RuntimeError" in log
+    assert "failed: RuntimeError: precision failed on purpose" in (
+        tmp_path / "gpu_bench.md").read_text()

@@ -1,0 +1,632 @@
+"""
+tools/gpu_bench.py: every GPU figure of nanofuse in one command, `python tools/bench.py gpu`.
+
+Why it exists: nanofuse is run as `python train.py` on one or more GPUs, yet GPU machines are lent
+only now and then, for minutes. So everything measured on a GPU is prepared here, runs in one call
+of at most 8 minutes on one H100/H200, and writes its figures (OUT/gpu_bench.json) and the tables
+the docs show (OUT/gpu_bench.md), each row with the device, the torch version and the date.
+`--dry-run` runs the same code at tiny sizes on the CPU (gloo instead of NCCL, torch.compile's
+"eager" backend instead of inductor), in the test suite, so that the command cannot rot between
+GPU sessions.
+
+What it holds, one part each (PARTS), every part time-boxed (its children killed when its time is
+up) and recorded on its own: a part that fails writes its error and the next one runs.
+- precision: our Transformer's log-probs in bf16 against fp32 on a Llama-3.2-1B and a Gemma 3 270M
+  shape (random weights, built on the device): the largest difference, top-1 agreement;
+- dists: source distributions, data.window_topk against transformers' forward + log_softmax + topk
+  (tools/bench.py dists_child, each in a fresh process), tokens/s and peak memory, at vocabularies
+  of 32k, 128k and 262k;
+- train: one optimizer step (train.run_steps) of the Llama-3.2-1B shape at 2,048 tokens, bf16
+  autocast, CLM-only and fusion, eager and torch.compile'd: tokens/s and MFU against the GPU's
+  dense bf16 peak (PEAK_BF16);
+- generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
+  generate on the same weights, new tokens/s at batch 1 and 8, and whether they chose the same;
+- torchrun: `torchrun --nproc_per_node 1` over NCCL, a FSDP2 model whose DCP checkpoint
+  (extras/distributed.py) is saved, the process killed (SIGKILL) and resumed: equal to the run
+  that was never killed. (train.py itself shards only across several processes, so at one process
+  it writes ckpt.pt; this worker shards its one process's model to write the DCP checkpoint.)
+transformers may be absent on the GPU machine (docs/benchmarks.md: the wheels folder): then the
+comparisons say so and give our figures alone.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                   # the repository's top-level files
+
+# Model shapes, as their config.json files give them (random weights: nothing is downloaded).
+LLAMA_1B = {    # meta-llama/Llama-3.2-1B
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+    "hidden_act": "silu", "rope_theta": 500000.0, "max_position_embeddings": 131072,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001}
+GEMMA_270M = {  # google/gemma-3-270m: 5 sliding layers, then a global one
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+    "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+    "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                    for i in range(18)],
+    "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
+# Dense bf16 peaks (no sparsity), TFLOP/s, by a piece of torch.cuda.get_device_name; first match.
+PEAK_BF16 = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
+
+
+def shrink(cfg: dict, vocab: int) -> dict:
+    """The same family at a dry-run's size: 2 layers of width 64, the given vocabulary."""
+    small = dict(cfg, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, head_dim=16, bos_token_id=1, eos_token_id=2)
+    small["num_key_value_heads"] = 1 if cfg["model_type"] == "gemma3_text" else 2
+    if cfg["model_type"] == "gemma3_text":
+        small.update(query_pre_attn_scalar=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"])
+    return small
+
+
+@dataclass
+class Sizes:
+    """What each part runs: the GPU's sizes, or the dry run's tiny ones."""
+    models: dict            # name -> config.json dict
+    vocab_models: tuple     # dists: (vocabulary label, model name)
+    precision: tuple        # (batch, tokens) of the bf16 / fp32 comparison
+    dists: tuple            # (batch, tokens, reps)
+    train: tuple            # (model name, batch, tokens, timed steps)
+    compile_backend: str    # torch.compile's backend in the train part
+    generate: tuple         # (model name, prompt tokens, new tokens, batches)
+    torchrun_steps: int     # the killed-and-resumed run: steps (a checkpoint every 2)
+    dry: bool               # the dry run: CPU, gloo, a tiny torchrun model
+    budget_s: dict          # each part's time box, seconds
+
+    @staticmethod
+    def for_gpu():
+        llama32k = dict(LLAMA_1B, vocab_size=32000)
+        return Sizes(models={"llama-1b": LLAMA_1B, "llama-1b-32k": llama32k,
+                             "gemma-270m": GEMMA_270M},
+                     vocab_models=(("32k", "llama-1b-32k"), ("128k", "llama-1b"),
+                                   ("262k", "gemma-270m")),
+                     precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 1, 2048, 5),
+                     compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
+                     torchrun_steps=6, dry=False,
+                     budget_s=dict(precision=45, dists=135, train=165, generate=60, torchrun=60))
+
+    @staticmethod
+    def for_dry_run():
+        return Sizes(models={"llama-1b": shrink(LLAMA_1B, 1280),
+                             "llama-1b-32k": shrink(LLAMA_1B, 320),
+                             "gemma-270m": shrink(GEMMA_270M, 2620)},
+                     vocab_models=(("320", "llama-1b-32k"), ("1280", "llama-1b"),
+                                   ("2620", "gemma-270m")),
+                     precision=(2, 32), dists=(2, 32, 1), train=("llama-1b", 2, 32, 1),
+                     compile_backend="eager", generate=("llama-1b", 8, 4, (1, 8)),
+                     torchrun_steps=4, dry=True,
+                     budget_s=dict(precision=60, dists=90, train=60, generate=60, torchrun=90))
+
+
+# --------------------------------------------------------------------------------------------------
+# Children: each runs in a fresh process (no memory, imports or CUDA state from another part)
+
+
+def random_model(cfg: dict, device, dtype, seed: int = 0):
+    """Our Transformer of a config.json's shape, built on the device: matrices N(0, 0.02), norms at
+    their identity (1; Gemma's x (1 + w): 0)."""
+    import fusellm
+    args = fusellm.ModelArgs.from_hf(cfg)
+    with torch.device(device):
+        model = fusellm.Transformer(args)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(0.0 if args.norm == "gemma" else 1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.to(dtype)
+
+
+def save_child(cfg: dict, path: str) -> dict:
+    """A random model of this shape saved as a model folder (Hugging Face names, config.json), in
+    the device's dtype, so that nanofuse and transformers load the same weights."""
+    import common
+    import fusellm
+    device = common.device("auto")
+    model = random_model(cfg, device, common.dtype_for(device)).cpu()
+    fusellm.save_model(model, path)
+    return dict(params=sum(p.numel() for p in model.parameters()))
+
+
+def precision_child(cfg: dict, B: int, T: int) -> dict:
+    """Log-probs of one random batch with the weights in fp32, then the same weights in bf16 (the
+    dtype data.py runs frozen models in on a GPU): the largest difference, its mean, and the share
+    of positions whose top-1 is the same."""
+    import common
+    device = common.device("auto")
+    model = random_model(cfg, device, torch.float32).eval()
+    x = torch.randint(0, cfg["vocab_size"], (B, T), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    with torch.no_grad():
+        lp32 = model(x).log_softmax(-1)                                           # (B, T, V)
+        top32 = lp32.argmax(-1)                                                   # (B, T)
+        lp16 = model.to(torch.bfloat16)(x).log_softmax(-1)                        # (B, T, V)
+        diff = (lp16 - lp32).abs()
+        return dict(max_logprob_diff=float(diff.max()), mean_logprob_diff=float(diff.mean()),
+                    top1_agreement=float((lp16.argmax(-1) == top32).float().mean()),
+                    positions=B * T, device=device)
+
+
+def fusion_batch(V: int, B: int, T: int, seed: int = 0, C: int = 3, K: int = 10):
+    """A random fusellm.Batch: B windows of T tokens and C candidates' top-K (as bench.py train)."""
+    import fusellm
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, T), generator=g)
+    return fusellm.Batch(input_ids=x, labels=torch.roll(x, -1, 1),
+                         fusion_mask=torch.ones(B, T, dtype=torch.bool),
+                         cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
+                         cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1),
+                         cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
+                         window_ce=torch.rand(C, B, generator=g) + 2)
+
+
+def train_child(cfg: dict, B: int, T: int, steps: int, lam: float, backend: str) -> dict:
+    """`steps` optimizer steps of train.run_steps (bf16 autocast on a GPU, fp32 master weights,
+    fused AdamW) after one untimed step (which compiles, with a backend): s/step, tokens/s, the
+    untimed step's seconds, peak memory, and N, the parameters (the tied embedding once)."""
+    import common
+    import train
+    from tools.bench import peak_rss
+    device = common.device("auto")
+    cuda = device.startswith("cuda")
+    model = random_model(cfg, device, torch.float32).train()
+    V = model.args.vocab_size
+    tcfg = train.TrainConfig(lam=lam, batch_size=B)
+    opt = train.make_optimizer(model, tcfg, device)
+    fmodel = torch.compile(model, backend=backend) if backend else model
+    batch = fusion_batch(V, B, T)
+    t0 = time.perf_counter()
+    for rec in train.run_steps(fmodel, opt, tcfg, steps + 1, lambda k: [batch], device, V):
+        if cuda:
+            torch.cuda.synchronize()
+        if rec["step"] == 1:                    # allocations, kernel choice, compilation
+            first_s = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return dict(step_s=dt, tokens_per_s=B * T / dt, first_step_s=first_s, peak_mib=peak / 2**20,
+                params=sum(p.numel() for p in model.parameters()), loss=rec["loss"],
+                device=device)
+
+
+def greedy_batch(model, x, new: int):
+    """B prompts of one length, `new` greedy tokens each with a KVCache: the prompts run once, then
+    each step one token per row. (B, new) ids."""
+    from extras.cached_generation import KVCache
+    B, P = x.shape
+    p = next(model.parameters())
+    cache = KVCache(model.args, B, P + new, p.device, p.dtype)
+    out = [model.logits(model.hidden(x, cache)[:, -1]).argmax(-1)]                 # (B,)
+    while len(out) < new:
+        out.append(model.logits(model.hidden(out[-1][:, None], cache)[:, -1]).argmax(-1))
+    return torch.stack(out, 1)                                                     # (B, new)
+
+
+def generate_child(path: str, prompt: int, new: int, batches: tuple, with_hf: bool) -> dict:
+    """New tokens/s of greedy generation from a model folder: at batch 1 eval.py's own steps
+    (Scorer.generate -> extras/cached_generation.CachedSteps), at larger batches the same KVCache
+    over B rows (greedy_batch); against transformers' generate (greedy, its cache) on the same
+    weights and prompts when with_hf. Each timed after one untimed short run."""
+    import types
+    import common
+    import eval as ev
+    import fusellm
+    device = common.device("auto")
+    dtype = common.dtype_for(device)
+    cuda = device.startswith("cuda")
+    model = fusellm.load_model(path, device, dtype).eval()
+    V = model.args.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V, (max(batches), prompt), generator=g)                # (B, P)
+    hf = None
+    if with_hf:
+        import transformers
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        hf.generation_config.eos_token_id = None                # exactly `new` tokens, as ours
+
+    def timed(fn):
+        fn(2)                                                   # untimed: allocations, kernels
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(new)
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    rows = []
+    for B in batches:
+        x = prompts[:B]
+        if B == 1:        # eval.py's path; a tokenizer stand-in: ids in, one character per id out
+            tok = types.SimpleNamespace(bos_id=None, eos_id=None, vocab_size=V, pieces=[],
+                                        special=set(), add_bos=False,
+                                        encode=lambda t: x[0].tolist(),
+                                        decode=lambda ids: ",".join(map(str, ids)))
+            scorer = ev.Scorer(model, tok, device, window=prompt + new)
+            ours, s = timed(lambda n: torch.tensor([[int(i) for i in
+                                                     scorer.generate("", n, []).split(",")]]))
+        else:
+            with torch.no_grad():
+                ours, s = timed(lambda n: greedy_batch(model, x.to(device), n).cpu())
+        row = dict(batch=B, prompt=prompt, new=new, ours_tokens_per_s=B * new / s)
+        if hf is not None:
+            with torch.no_grad():
+                theirs, s = timed(lambda n: hf.generate(
+                    x.to(device), attention_mask=torch.ones_like(x).to(device), do_sample=False,
+                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, prompt:].cpu())
+            row.update(hf_tokens_per_s=B * new / s, speed=row["ours_tokens_per_s"] * s / (B * new),
+                       same_rows=int((ours == theirs).all(1).sum()),
+                       same_tokens=float((ours == theirs).float().mean()))
+        rows.append(row)
+    return dict(rows=rows, device=device)
+
+
+def _child_main(conn, fn, args):
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException:                       # noqa: BLE001 - sent back to the parent as text
+        conn.send((False, traceback.format_exc()[-3000:]))
+
+
+def fresh(fn, *args, deadline: float):
+    """fn(*args) in a new (spawned) Python process, killed if it is not done by `deadline` (a
+    time.monotonic() value): a part cannot overrun its time box. fn must be a module-level function;
+    its error comes back as the child's traceback."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child_main, args=(send, fn, args), daemon=True)
+    p.start()
+    send.close()
+    try:
+        if not recv.poll(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{fn.__name__} did not finish within its part's time box")
+        ok, value = recv.recv()
+    except EOFError:
+        raise RuntimeError(f"{fn.__name__}: the child process died (exit code {p.exitcode}); "
+                           f"out of memory?") from None
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The torchrun worker: `python -m torch.distributed.run --nproc_per_node 1 tools/gpu_bench.py
+# --torchrun-worker OUT STEPS {run,crash,resume} DRY`
+
+
+def torchrun_worker(out: str, steps: int, mode: str, dry: bool):
+    """One rank: its process group (NCCL on a GPU, gloo on the CPU) checked by an all-reduce, a
+    model sharded with FSDP2 (fully_shard, as train.py --fsdp), train.run_steps with a DCP
+    checkpoint (extras/distributed.save_checkpoint) every 2 steps and after the last. mode "crash":
+    SIGKILL right after the first checkpoint; "resume": start from the checkpoint. Writes
+    metrics.jsonl (step, loss), final.pt (the whole weights) and info.json."""
+    import train
+    from extras import distributed
+    from torch.distributed.fsdp import fully_shard
+    import common
+    out = Path(out)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = common.device("auto")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    t = torch.full((1,), rank + 1.0, device=device)
+    torch.distributed.all_reduce(t)                       # the sum of 1..world over every rank
+    distributed.seed_all(0)
+    cfg = shrink(LLAMA_1B, 512) if dry else dict(shrink(LLAMA_1B, 4096), hidden_size=256,
+                                                    intermediate_size=512, head_dim=64)
+    model = random_model(cfg, device, torch.float32).train()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    tcfg = train.TrainConfig(lam=0.9, batch_size=4, lr=3e-3, warmup=1, max_steps=steps)
+    opt = train.make_optimizer(model, tcfg, device)
+    path = out / "ckpt"
+    start = distributed.load_checkpoint(path, model, opt, True) if mode == "resume" else 0
+    V = cfg["vocab_size"]
+    for rec in train.run_steps(model, opt, tcfg, steps, lambda k: [fusion_batch(V, 4, 64, seed=k)],
+                               device, V, world, start):
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": rec["step"], "loss": rec["loss"]}) + "\n")
+        if rec["step"] % 2 == 0 or rec["step"] == steps:
+            distributed.save_checkpoint(path, model, opt, rec["step"], tcfg, True, rank)
+            if mode == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)
+    weights = distributed.full_weights(model, True)
+    if rank == 0:
+        torch.save(weights, out / "final.pt")
+        (out / "info.json").write_text(json.dumps(dict(
+            backend=torch.distributed.get_backend(), all_reduce=float(t), world=world,
+            resumed_at=start, device=device)))
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_marked(marker: str):
+    """SIGKILL every live process whose environment holds NANOFUSE_GPU_BENCH_RUN=marker: torchrun's
+    agent and its workers, which run in sessions of their own, out of reach of one group kill."""
+    needle = f"NANOFUSE_GPU_BENCH_RUN={marker}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in (d / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(d.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):         # gone meanwhile, or not ours to read
+                pass
+
+
+def torchrun(out: Path, steps: int, mode: str, dry: bool, deadline: float) -> int:
+    """One `torchrun --nproc_per_node 1` launch of torchrun_worker, its exit code; whatever
+    happens, nothing it started outlives it."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "NANOFUSE_GPU_BENCH_RUN": marker, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
+           "--torchrun-worker", str(out), str(steps), mode, str(int(dry))]
+    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    try:
+        log = p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        kill_marked(marker)
+        p.wait()
+    if p.returncode != 0 and mode != "crash":
+        raise RuntimeError(f"torchrun ({mode}) exited with {p.returncode}:\n{log[-3000:]}")
+    return p.returncode
+
+
+# --------------------------------------------------------------------------------------------------
+# The parts: each appends its rows (dicts of figures) to `rows`, run by main() in its time box
+
+
+def part_precision(sz: Sizes, work: Path, deadline: float, rows: list):
+    B, T = sz.precision
+    for name in ("llama-1b", "gemma-270m"):
+        r = fresh(precision_child, sz.models[name], B, T, deadline=deadline)
+        rows.append(dict(model=name, dtype="bf16 vs fp32", **r))
+
+
+def has_transformers() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
+def saved(sz: Sizes, work: Path, name: str, deadline: float) -> str:
+    """The folder of model `name` (saved once, then reused by the next part)."""
+    path = work / name
+    if not (path / "config.json").is_file():
+        fresh(save_child, sz.models[name], str(path), deadline=deadline)
+    return str(path)
+
+
+def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
+    from tools.bench import dists_child
+    B, T, reps = sz.dists
+    for label, name in sz.vocab_models:
+        path = saved(sz, work, name, deadline)
+        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, deadline=deadline)
+        row = dict(vocab=label, model=name, tokens=B * T, ours_tokens_per_s=ours["tokens_per_s"],
+                   ours_peak_mib=ours["extra"] / 2**20)
+        if has_transformers():
+            hf = fresh(dists_child, "transformers", path, B, T, 10, reps, deadline=deadline)
+            row.update(hf_tokens_per_s=hf["tokens_per_s"], hf_peak_mib=hf["extra"] / 2**20,
+                       speed=ours["tokens_per_s"] / hf["tokens_per_s"],
+                       memory=ours["extra"] / max(hf["extra"], 1))
+        rows.append(row)
+
+
+def peak_tflops(device_name: str):
+    return next((v for k, v in PEAK_BF16 if k in device_name), None)
+
+
+def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
+    name, B, T, steps = sz.train
+    peak = peak_tflops(device_name())
+    for backend in ("", sz.compile_backend):
+        for step, lam in (("CLM only", 1.0), ("CLM + fusion", 0.9)):
+            r = fresh(train_child, sz.models[name], B, T, steps, lam, backend, deadline=deadline)
+            flops = 6 * r["params"] * r["tokens_per_s"]        # 6 N per token: forward + backward
+            rows.append(dict(model=name, step=step, compile=backend or "no", tokens=B * T,
+                             **{k: r[k] for k in ("step_s", "tokens_per_s", "first_step_s",
+                                                  "peak_mib", "params", "loss")},
+                             mfu=flops / (peak * 1e12) if peak else None))
+
+
+def part_generate(sz: Sizes, work: Path, deadline: float, rows: list):
+    name, prompt, new, batches = sz.generate
+    path = saved(sz, work, name, deadline)
+    r = fresh(generate_child, path, prompt, new, batches, has_transformers(), deadline=deadline)
+    rows += [dict(model=name, **row) for row in r["rows"]]
+
+
+def part_torchrun(sz: Sizes, work: Path, deadline: float, rows: list):
+    steps, dry = sz.torchrun_steps, sz.dry
+    whole, split = work / "torchrun_whole", work / "torchrun_killed"
+    for d in (whole, split):
+        d.mkdir(parents=True, exist_ok=True)
+    torchrun(whole, steps, "run", dry, deadline)
+    killed_rc = torchrun(split, steps, "crash", dry, deadline)
+    kept = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    torchrun(split, steps, "resume", dry, deadline)
+    a, b = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (whole, split))
+    if [r["step"] for r in a] != [r["step"] for r in b]:
+        raise RuntimeError(f"steps differ: {[r['step'] for r in a]} vs {[r['step'] for r in b]}")
+    w1, w2 = (torch.load(d / "final.pt", map_location="cpu", weights_only=False)
+              for d in (whole, split))
+    info = json.loads((split / "info.json").read_text())
+    loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+    weight_diff = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
+    rows.append(dict(backend=info["backend"], world=info["world"],
+                 all_reduce_ok=info["all_reduce"] == 1,
+                 checkpoint="DCP (FSDP2)", steps=steps, killed_exit_code=killed_rc,
+                 steps_before_kill=len(kept), resumed_at=info["resumed_at"],
+                 max_loss_diff=loss_diff, max_weight_diff=weight_diff,
+                 equal=loss_diff <= 1e-5 and weight_diff <= 1e-4))
+
+
+PARTS = {"precision": part_precision, "dists": part_dists, "train": part_train,
+         "generate": part_generate, "torchrun": part_torchrun}
+FAIL_ENV = "NANOFUSE_GPU_BENCH_FAIL"     # a part's name: it raises at once (the tests' check)
+
+
+def device_name() -> str:
+    """The GPU's name, asked in a child process so that this one never holds CUDA; or the CPU."""
+    cpu = f"cpu ({os.cpu_count()} cores)"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return cpu
+    probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+    name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120).stdout.strip()
+    return name or cpu
+
+
+# --------------------------------------------------------------------------------------------------
+# The tables
+
+
+COLUMNS = {
+    "precision": [("model", "model (random weights)", "{}"),
+                  ("max_logprob_diff", "largest log-prob difference (nats)", "{:.3g}"),
+                  ("mean_logprob_diff", "mean difference", "{:.2g}"),
+                  ("top1_agreement", "top-1 agreement", "{:.4f}"),
+                  ("positions", "positions", "{:,}")],
+    "dists": [("vocab", "vocabulary", "{}"), ("model", "model", "{}"), ("tokens", "tokens", "{:,}"),
+              ("ours_tokens_per_s", "window_topk tokens/s", "{:,.0f}"),
+              ("hf_tokens_per_s", "transformers tokens/s", "{:,.0f}"),
+              ("speed", "speed", "{:.2f}x"),
+              ("ours_peak_mib", "peak MiB added, ours", "{:,.0f}"),
+              ("hf_peak_mib", "transformers", "{:,.0f}"), ("memory", "memory", "{:.3f}x")],
+    "train": [("step", "step", "{}"), ("compile", "torch.compile", "{}"),
+              ("tokens", "tokens", "{:,}"), ("step_s", "s/step", "{:.3f}"),
+              ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
+              ("first_step_s", "first step s", "{:.1f}"), ("peak_mib", "peak MiB", "{:,.0f}")],
+    "generate": [("batch", "batch", "{}"), ("prompt", "prompt", "{}"), ("new", "new", "{}"),
+                 ("ours_tokens_per_s", "KV cache new tokens/s", "{:,.1f}"),
+                 ("hf_tokens_per_s", "transformers generate", "{:,.1f}"),
+                 ("speed", "speed", "{:.2f}x"), ("same_tokens", "same tokens", "{:.3f}")],
+    "torchrun": [("backend", "backend", "{}"), ("checkpoint", "checkpoint", "{}"),
+                 ("steps_before_kill", "steps before SIGKILL", "{}"),
+                 ("resumed_at", "resumed at step", "{}"),
+                 ("max_loss_diff", "largest loss difference", "{:.2g}"),
+                 ("max_weight_diff", "largest weight difference", "{:.2g}"),
+                 ("equal", "equal to the uninterrupted run", "{}")],
+}
+
+
+def markdown(result: dict) -> str:
+    """Each part's table, every row ending with device, torch version and date; a failed part
+    its error's last line."""
+    stamp = [result["device"], result["torch"], result["date"]]
+    out = [f"# `python tools/bench.py gpu{' --dry-run' if result['dry_run'] else ''}`", "",
+           f"{result['device']}, torch {result['torch']}, {result['date']}; dense bf16 peak: "
+           f"{result['peak_bf16_tflops'] or 'unknown for this device (no MFU)'}"
+           f"{' TFLOP/s' if result['peak_bf16_tflops'] else ''}; {result['seconds']:.0f} s", ""]
+    for name, part in result["parts"].items():
+        out.append(f"## {name} ({part['seconds']:.0f} s)")
+        out.append("")
+        if part["error"]:                       # and the rows it made before, if any
+            out += [f"failed: {part['error'].strip().splitlines()[-1]}", ""]
+        if not part["rows"]:
+            continue
+        cols = COLUMNS[name]
+        out.append("| " + " | ".join([c[1] for c in cols] + ["device", "torch", "date"]) + " |")
+        out.append("|" + " --- |" * (len(cols) + 3))
+        for row in part["rows"]:
+            cells = ["-" if row.get(k) is None else f.format(row[k]) for k, _, f in cols]
+            out.append("| " + " | ".join(cells + stamp) + " |")
+        for note in part["notes"]:
+            out.append(f"\n{note}")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
+    """Every part in turn, each in its time box; OUT/gpu_bench.json and OUT/gpu_bench.md."""
+    if dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""          # the children too: the CPU, gloo
+    sz = Sizes.for_dry_run() if dry_run else Sizes.for_gpu()
+    chosen = parts.split(",") if parts else list(PARTS)
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"error: --parts {parts}: unknown {unknown}; choose from {list(PARTS)}")
+    name = device_name()
+    peak = peak_tflops(name)
+    result = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  dry_run=dry_run, peak_bf16_tflops=peak, transformers=None, parts={})
+    if has_transformers():
+        from importlib.metadata import version
+        result["transformers"] = version("transformers")
+    print(f"gpu bench{' (dry run)' if dry_run else ''} on {name}, torch {torch.__version__}, "
+          f"transformers {result['transformers'] or 'not installed: our figures alone'}; "
+          f"dense bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown (no MFU)'}", flush=True)
+    t_all = time.monotonic()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        for part in chosen:
+            t0 = time.monotonic()
+            rec = dict(rows=[], notes=[], error=None)
+            try:
+                if os.environ.get(FAIL_ENV) == part:
+                    raise RuntimeError(f"{part} failed on purpose ({FAIL_ENV}={part})")
+                # each part appends its rows as it goes: a part cut short keeps those it made
+                PARTS[part](sz, Path(work), t0 + sz.budget_s[part], rec["rows"])
+                if part in ("dists", "generate") and not has_transformers():
+                    rec["notes"].append("transformers is not installed here: our figures alone "
+                                        "(docs/benchmarks.md: the wheels folder)")
+            except Exception:                           # recorded; the next part still runs
+                rec["error"] = traceback.format_exc()[-4000:]
+            rec["seconds"] = time.monotonic() - t0
+            result["parts"][part] = rec
+            status = "failed: " + rec["error"].strip().splitlines()[-1] if rec["error"] else "ok"
+            print(f"[{part}] {rec['seconds']:.1f} s, {status}", flush=True)
+    result["seconds"] = time.monotonic() - t_all
+    (Path(out) / "gpu_bench.json").write_text(json.dumps(result, indent=1))
+    (Path(out) / "gpu_bench.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {Path(out) / 'gpu_bench.json'} and gpu_bench.md in {result['seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--torchrun-worker"]:
+    out_dir, n_steps, run_mode, is_dry = sys.argv[2:6]
+    torchrun_worker(out_dir, int(n_steps), run_mode, bool(int(is_dry)))
