@@ -798,9 +798,11 @@ def main():
     gp.add_argument("--out", default="runs/gpu_bench", help="gpu_bench.json and .md go here")
     gp.add_argument("--parts", default="", help="a comma-separated subset (default: every part)")
     a = p.parse_args(sys.argv[1:] or ["labels"])
-    if a.cmd == "gpu":
-        from tools import gpu_bench
-        return gpu_bench.main(a.dry_run, a.out, a.parts)
+    if a.cmd == "gpu":      # tools/gpu_bench.py imports this file's helpers: its own process
+        import subprocess
+        cmd = [sys.executable, "-m", "tools.gpu_bench", "--out", a.out, "--parts", a.parts]
+        raise SystemExit(subprocess.call(cmd + ["--dry-run"] * a.dry_run,
+                                         cwd=Path(__file__).resolve().parents[1]))
     {"labels": bench_labels, "load": bench_load, "align": bench_align, "vocab-map": bench_vocab_map, "dists": bench_dists,
      "train": bench_train, "vocabs": bench_vocabs, "generate": bench_generate, "bbh": bench_bbh,
      "lm-eval": bench_lm_eval}[a.cmd](a)

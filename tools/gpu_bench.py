@@ -630,3 +630,11 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
 if __name__ == "__main__" and sys.argv[1:2] == ["--torchrun-worker"]:
     out_dir, n_steps, run_mode, is_dry = sys.argv[2:6]
     torchrun_worker(out_dir, int(n_steps), run_mode, bool(int(is_dry)))
+elif __name__ == "__main__":         # `python tools/bench.py gpu ...` runs this
+    import argparse
+    ap = argparse.ArgumentParser(description="every GPU figure (python tools/bench.py gpu --help)")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--out", default="runs/gpu_bench")
+    ap.add_argument("--parts", default="")
+    cli = ap.parse_args()
+    main(cli.dry_run, cli.out, cli.parts)
