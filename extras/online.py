@@ -33,6 +33,21 @@ from extras.data_cli import source_name
 from extras.fast_align import PairCosts
 
 
+
+def folder_name(out, path) -> str:
+    """The name a source model has in data folder `out`: the folder under out/models/ whose
+    info.json names this model (data.py dists --name may differ from the path's name, as demo.py
+    real's "source" does), else the name `data.py all` would give it. Its stored alignment settings
+    and its sampling seed are found by that name."""
+    import json
+    for info in sorted(Path(out, "models").glob("*/info.json")):
+        try:
+            if json.loads(info.read_text()).get("model") == str(path):
+                return info.parent.name
+        except ValueError:              # a damaged info.json is named where it is read
+            continue
+    return source_name(path)
+
 class OnlineCandidates:
     """Candidates computed inside the loop: a frozen copy of the target and every source run over
     each window, the sources carried onto the target's tokens as data.py carries them."""
@@ -47,7 +62,7 @@ class OnlineCandidates:
         self.models = {"target": fusellm.load(cfg.target, device, dtype)}
         self.names = ["target"]
         for path in sources:
-            name = source_name(path)
+            name = folder_name(cfg.data, path)
             self.models[name] = fusellm.load(path, device, dtype)
             self.names.append(name)
         tv = align.normalized_vocab(tok)

@@ -302,7 +302,8 @@ def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
 
 
 def first_chars(path: Path, chars: int) -> Path:
-    """path's first documents, up to `chars` characters, as <name>_first.jsonl beside it."""
+    """path's first documents, until they pass `chars` characters (the last one whole), as
+    <name>_first.jsonl beside it (made once: delete it after changing the corpus)."""
     short = path.with_name(f"{path.stem}_first.jsonl")
     if not short.is_file():
         texts, first = list(read_corpus(path)), []
@@ -379,10 +380,13 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     def others(settings):            # what a CLM-only run depends on
         return {k: v for k, v in settings.items() if k not in ("lam", "fusion", "fusion_loss")}
 
-    def reference(name):             # the CLM-only row of the same steps and settings: on the same
-        folder, steps, settings = rows[name]   # folder where there is one (the same windows)
+    def reference(name):             # the CLM-only row of the same steps, settings and folder
+        folder, steps, settings = rows[name]   # (data_sampled: data's, the same windows and base)
+        same = ("data_sampled", "data") if folder == "data_sampled" else (folder,)
         clm = [r for r, (f, k, st) in rows.items() if st.get("lam") == 1.0 and k == steps
-               and others(st) == others(settings) and f in (folder, "data")]
+               and others(st) == others(settings) and f in same]
+        if not clm:
+            raise ValueError(f"sweep row {name!r} has no CLM-only row of its settings to pair with")
         return sorted(clm, key=lambda r: rows[r][0] != folder)[0]
 
     table = {}
@@ -491,8 +495,9 @@ GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince",
         for what, folder, steps, extra in (
             ("the demo (17 files of fusion text, 34 steps)", "data", 1, {}),
             ("learning rate 3e-3 (the demo: 1e-3)", "data", 1, {"lr": 3e-3}),
-            ("half the fusion text (64 windows), 34 steps", "data_shards4", 1, {}),
-            ("a smaller target (dim 96 x 2 layers, 2.5M parameters)", "data_target96x2", 1, {}))
+            ("half the fusion text (64 windows), the same 2 epochs (16 steps)", "data_shards4", 1,
+             {}),
+            ("a smaller target (dim 96 x 2 layers, 3.3M parameters)", "data_target96x2", 1, {}))
         for lam in (1.0, 0.5)}
 
 
@@ -536,7 +541,7 @@ def main(argv=None):
     if a.what == "repro":
         return run_repro(a.out or "runs/demo", a.size, a.seeds or 3)
     if a.what in ("dose", "methods", "grid"):
-        methods = METHODS if a.on == "real" else {   # the toy's dose has lambda 0.5 and 0
+        methods = METHODS if a.on == "real" else {   # lambda 0.5 and 0: the real model only
             k: v for k, v in METHODS.items() if not k.endswith(("lambda 0.5", "lambda 0"))}
         rows = {"methods": dict(methods), "grid": dict(GRID)}.get(a.what) or dose_rows(
             DOSE if a.on == "real" else DOSE_TOY)

@@ -620,3 +620,17 @@ def test_changed_tokenizer_is_caught_at_alignment(world, pipeline, tmp_path):
 def test_stages_out_of_order_say_what_to_run(tmp_path):
     with pytest.raises(data.DataError, match="run `python data.py windows`"):
         data.compute_dists(tmp_path, tmp_path, "x", quiet=True)
+
+
+def test_online_finds_a_source_by_the_name_its_folder_gives_it(tmp_path):
+    """train.py --online names each source as data.py's folder does: the models/<name>/ whose
+    info.json names that model (demo.py real stores Gemma's .gguf as "source"), else the path's
+    name. Catches: the path's name used where the folder chose another (the stored alignment
+    settings and the sampling seed would be looked up under the wrong name)."""
+    import json
+    from extras.online import folder_name
+    for name, model in (("source", "/m/gemma.gguf"), ("target", "/m/base")):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "info.json").write_text(json.dumps({"model": model}))
+    assert folder_name(tmp_path, "/m/gemma.gguf") == "source"
+    assert folder_name(tmp_path, "/m/other model") == "other_model"
