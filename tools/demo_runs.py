@@ -197,15 +197,21 @@ ALIGNMENTS = {"data_paper_mined": dict(preset="paper"),
               "data_official": dict(preset="official")}
 
 
-def aligned_copy(out: Path, folder: str) -> Path:
-    """The demo's windows and distributions with the sources aligned again by ALIGNMENTS[folder]."""
+def data_copy(out: Path, folder: str, parts) -> Path:
+    """out/<folder>: the named parts of the demo's data folder (folders under out/data) copied, the
+    manifest last: it marks the copy done, so a copy cut short is finished by the next run."""
     new, d = out / folder, out / "data"
     if not (new / "manifest.json").is_file():
-        new.mkdir(exist_ok=True)
-        for sub in ("windows", "models"):
-            if not (new / sub).exists():
-                shutil.copytree(d / sub, new / sub)
+        for part in parts:
+            if not (new / part).exists():
+                shutil.copytree(d / part, new / part)
         shutil.copy(d / "manifest.json", new / "manifest.json")
+    return new
+
+
+def aligned_copy(out: Path, folder: str) -> Path:
+    """The demo's windows and distributions with the sources aligned again by ALIGNMENTS[folder]."""
+    new = data_copy(out, folder, ("windows", "models"))
     for s in SOURCES:
         if not (new / "aligned" / s / "diagnostics.json").is_file():
             diag = data.align_source(new, s, quiet=True, **ALIGNMENTS[folder])
@@ -478,14 +484,8 @@ def target_copy(out: Path, on: str, sz: DemoSize, dim: int, layers: int) -> tupl
         texts = list(read_corpus(out / "corpus" / "pretrain.jsonl"))
     pretrain(base, tok_file, texts, dim, dataclasses.replace(sz, layers=layers), sz.base_steps,
              0, f"target base {name}")
-    if not (new / "manifest.json").is_file():
-        for sub in ("windows", "aligned"):
-            if not (new / sub).exists():
-                shutil.copytree(d / sub, new / sub)
-        for src in (d / "models").iterdir():
-            if src.name != "target" and not (new / "models" / src.name).exists():
-                shutil.copytree(src, new / "models" / src.name)
-        shutil.copy(d / "manifest.json", new / "manifest.json")
+    sources = [f"models/{m.name}" for m in (d / "models").iterdir() if m.name != "target"]
+    data_copy(out, new.name, ("windows", "aligned", *sources))
     data.compute_dists(new, base, "target", topk=10, batch_size=8)
     return new, base
 
@@ -508,12 +508,7 @@ def sampled_copy(out: Path, sources: dict) -> Path:
     """out/data_sampled: the demo's windows with every model's distributions drawn by Random
     Sampling KD (SAMPLES ids from the whole distribution, each 1/SAMPLES) instead of its top-10,
     the sources aligned by the default alignment. sources: {name in the data folder: model}."""
-    new, d = out / "data_sampled", out / "data"
-    if not (new / "manifest.json").is_file():
-        new.mkdir(exist_ok=True)
-        if not (new / "windows").exists():
-            shutil.copytree(d / "windows", new / "windows")
-        shutil.copy(d / "manifest.json", new / "manifest.json")
+    new = data_copy(out, "data_sampled", ("windows",))
     for name, model in {"target": out / "models" / "base", **sources}.items():
         data.compute_dists(new, model, name, batch_size=8, sample=SAMPLES)
     for name in sources:
