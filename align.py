@@ -340,7 +340,7 @@ def transfer(matched, src_ids, tgt_ids, src_topk_ids: np.ndarray, src_topk_logpr
     positions; vmap: the vocab map (source id -> target id or -1).
 
     At a matched position i the source's top-K ids go through `vmap`, or through labels(src_ids, i,
-    ids) that read the text around (nanofuse's "context", extras/emitted_tokens.py NextCharLabels:
+    ids) that read the text around (nanofuse's "context", extras/emitted_tokens.py ContextLabels:
     GPT-NeoX's '    ' before "def" gets Llama-2's '▁▁▁' of '▁▁▁' '▁def', not the map's '▁▁▁▁'). Ids
     with no target entry are dropped (their mass is lost); ids that land on one target id are
     merged: "sum" adds their probabilities, "first" keeps the most probable (the official code).
@@ -425,7 +425,7 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
 
 PRESETS = {
     "nanofuse": dict(positions="exact", vocab_map="next", map_ties="emitted", ties="closest",
-                     fallback="next", merge="sum", context="next-char"),
+                     fallback="next", merge="sum", context="whitespace-run"),
     "paper": dict(positions="paper", vocab_map="mined", map_ties="emitted", ties="closest",
                   fallback="next", merge="sum"),
     "official": dict(positions="paper", vocab_map="mined", map_ties="lowest", ties="official",

@@ -13,9 +13,12 @@ cut depends on what follows (GPT-NeoX writes "    def" as '    ' 'def', Llama-2 
 What it holds: `continuation` (the tokens of a text where it continues other text),
 `preference_order` (every id, the emitted ones first among ids of one string), `vocab_map_next`
 (align.vocab_map's "next" kind, nanofuse's default), and the context rule: CONTEXTS,
-`context_labels` (the labeller a preset's "context" setting names) and `NextCharLabels` (the rule).
+`context_labels` (the labeller a preset's "context" setting names), `following_text` (the text it
+reads) and `ContextLabels` (the rule).
 """
 from __future__ import annotations
+
+import codecs
 
 import numpy as np
 
@@ -94,36 +97,47 @@ def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# The context rule (align.transfer's `labels`; the nanofuse preset's setting "context": "next-char")
+# The context rule (align.transfer's `labels`; the nanofuse preset's setting "context")
 
-CONTEXTS = ("next-char",)   # the values of an alignment's "context" setting (none: the map alone)
+# The values of an alignment's "context" setting (none: the map alone): "whitespace-run" (nanofuse's
+# default) reads the rest of the whitespace run after the source's next token and the first
+# character after it; "next-char" (nanofuse's default on 2026-12-06, kept so that folders aligned
+# with it still train --online as they were aligned) reads one character only.
+CONTEXTS = ("whitespace-run", "next-char")
+RUN_TOKENS = 64     # how many tokens after the source's next token the rule reads at most
 
 
-def context_labels(src_tok, tgt_tok, vmap, settings: dict) -> NextCharLabels | None:
-    """The labeller an alignment's settings name (align.PRESETS, settings.json): NextCharLabels for
-    "context": "next-char", None (the vocab map alone) where there is no "context" setting. An
-    unknown value is a ValueError naming the choices."""
+def context_labels(src_tok, tgt_tok, vmap, settings: dict) -> ContextLabels | None:
+    """The labeller an alignment's settings name (align.PRESETS, settings.json): ContextLabels for a
+    "context" setting, None (the vocab map alone) where there is none. An unknown value is a
+    ValueError naming the choices."""
     context = settings.get("context")
     if context is None:
         return None
     if context not in CONTEXTS:
         raise ValueError(f"alignment setting context={context!r}; choose one of {CONTEXTS}")
-    return NextCharLabels(src_tok, tgt_tok, vmap)
+    return ContextLabels(src_tok, tgt_tok, vmap, whole_run=context == "whitespace-run")
 
 
-def first_char(tok, ids) -> str | None:
-    """The first character of the text the tokens `ids` spell; None where there is none, or where
-    the text begins inside a character (a byte-level token can end mid-character)."""
-    b = b"".join(tok.token_bytes(int(t)) for t in ids)
-    for n in range(1, min(4, len(b)) + 1):            # a UTF-8 character is 1 to 4 bytes
-        try:
-            return b[:n].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return None
+def following_text(tok, ids, whole_run: bool) -> str | None:
+    """The text the tokens `ids` begin with: its first character, or (whole_run) the whitespace it
+    begins with and the first character after that (all of the text where it is whitespace only).
+    None where there is no text, or where it begins inside a character (a byte-level token can end
+    mid-character)."""
+    decode, text = codecs.getincrementaldecoder("utf-8")().decode, ""
+    try:
+        for t in ids:
+            text += decode(tok.token_bytes(int(t)))
+            if text.lstrip() if whole_run else text:
+                break
+    except UnicodeDecodeError:                    # the bytes begin inside a character
+        return None
+    if not text:
+        return None
+    return text[:len(text) - len(text.lstrip()) + 1] if whole_run else text[0]
 
 
-class NextCharLabels:
+class ContextLabels:
     """Labels in context for the top-K a source predicts at a matched position (align.transfer's
     `labels`; docs/data-and-alignment.md "Labels in context").
 
@@ -133,39 +147,47 @@ class NextCharLabels:
     next token is '▁▁▁' ("    def" is '▁▁▁' '▁def'), not the map's '▁▁▁▁' (4 spaces alone).
 
     The rule: such a candidate's label is the first token the target emits for text(c) followed by
-    the character that really comes after the source's next token (`continuation`, cached by
-    (c, character)), where that token spells text(c) but for whitespace at its end. Every other
-    candidate, and any where this fails (no character after, a text that does not decode), keeps
-    the map's label. The target's true next token is never read. Only whitespace is re-cut: the
-    same character given to every candidate re-cuts words ('rr' before 'o' becomes 'r' 'ro' where
-    the target writes 'rr') and lowers the oracle label mass on real pairs (docs/benchmarks.md)."""
+    the text that really comes after the source's next token (`following_text`: the rest of the
+    whitespace run there and the first character after it; with whole_run=False, one character),
+    where that token spells text(c) but for whitespace at its end (`continuation`, cached by
+    (c, text)). Every other candidate, and any where this fails (no text after, a text that does
+    not decode), keeps the map's label. The target's true next token is never read.
 
-    def __init__(self, src_tok, tgt_tok, vmap: np.ndarray):
-        self.src, self.tgt, self.vmap = src_tok, tgt_tok, vmap
+    Why the whole run: how a target cuts whitespace depends on all of it. Where the source's next
+    token is 16 spaces and more follow, one character asks how the target cuts 17 spaces (the toy
+    demo's target: 8 + 9), while the real run of 18 or more starts with its 16. Why only whitespace: the same text given to every candidate re-cuts words
+    ('rr' before 'o' becomes 'r' 'ro' where the target writes 'rr') and lowers the oracle label mass
+    on real pairs (docs/data-and-alignment.md)."""
+
+    def __init__(self, src_tok, tgt_tok, vmap: np.ndarray, whole_run: bool = True):
+        self.src, self.tgt, self.vmap, self.whole_run = src_tok, tgt_tok, vmap, whole_run
         self.spaced = np.array([src_tok.token_bytes(i)[-1:].isspace()       # (V_src,) bool
                                 for i in range(src_tok.vocab_size)])
         self.cache: dict[tuple[int, str], int] = {}
 
     def __call__(self, src_ids, i: int, cand) -> np.ndarray:
         """(K,) target ids for the (K,) source ids `cand` predicted at source position i of src_ids
-        (so after token i, before token i+1; the character is the first one after token i+1)."""
+        (so after token i, before token i+1; the text read starts after token i+1)."""
         cand = np.asarray(cand)
         out = self.vmap[cand]                                 # (K,) the map's labels (a copy)
         spaced = np.flatnonzero(self.spaced[cand])            # the candidates ending in whitespace
-        # the text after the source's true next token i+1: 4 tokens hold a character's 4 bytes
-        ch = first_char(self.src, src_ids[i + 2:i + 6]) if len(spaced) else None
-        if ch is None:
+        if not len(spaced):
+            return out
+        # one character takes at most 4 tokens (its 4 bytes); a whitespace run, up to RUN_TOKENS
+        after = src_ids[i + 2:i + 2 + (RUN_TOKENS if self.whole_run else 4)]
+        text = following_text(self.src, after, self.whole_run)
+        if text is None:
             return out
         for k in spaced.tolist():
-            out[k] = self.label(int(cand[k]), ch)
+            out[k] = self.label(int(cand[k]), text)
         return out
 
-    def label(self, c: int, ch: str) -> int:
-        """Candidate c's label where `ch` follows its text (the rule in the class docstring)."""
-        if (c, ch) not in self.cache:
+    def label(self, c: int, after: str) -> int:
+        """Candidate c's label where the text `after` follows its text (the class docstring)."""
+        if (c, after) not in self.cache:
             b, label = self.src.token_bytes(c), int(self.vmap[c])
             try:
-                ids = continuation(self.tgt, b.decode("utf-8") + ch)
+                ids = continuation(self.tgt, b.decode("utf-8") + after)
             except UnicodeDecodeError:
                 ids = None
             if ids:
@@ -173,5 +195,5 @@ class NextCharLabels:
                 rest = b[len(first):]
                 if first and b.startswith(first) and (not rest or rest.isspace()):
                     label = ids[0]
-            self.cache[c, ch] = label
-        return self.cache[c, ch]
+            self.cache[c, after] = label
+        return self.cache[c, after]

@@ -503,14 +503,17 @@ LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Llama-3 (tiktoken)", "M
                ("GPT-NeoX (MPT)", "Llama-2 (sp)"), ("Llama-2 (sp)", "GPT-NeoX (MPT)")]   # the last two: --vocab-dir
 # (row name, positions, vocab map kind, tie order, context): the paper's rule with the old lowest-id ties first (as
 # nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions with
-# the nanofuse preset's labels in context (extras/emitted_tokens.py NextCharLabels), and the default's map without
-# them (as nanofuse was before 2026-12-06).
+# the nanofuse preset's labels in context (extras/emitted_tokens.py ContextLabels), the default's map without
+# them (as nanofuse was before 2026-12-06) and with the one-character rule (its default on 2026-12-06).
 LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False, None),
                   ("paper positions, MinED", "paper", "mined", True, None),
-                  ("exact positions, EM", "exact", "em", True, "next-char"),
-                  ("exact positions, MinED", "exact", "mined", True, "next-char"),
+                  ("exact positions, EM", "exact", "em", True, "whitespace-run"),
+                  ("exact positions, MinED", "exact", "mined", True, "whitespace-run"),
                   ("exact positions, next-token map, context-free (before)", "exact", "next", True, None),
-                  ("exact positions, next-token map in context (default)", "exact", "next", True, "next-char")]
+                  ("exact positions, next-token map, one character of context (before)", "exact", "next", True,
+                   "next-char"),
+                  ("exact positions, next-token map in context (default)", "exact", "next", True,
+                   "whitespace-run")]
 
 
 def shared_ends(src, tgt, texts, sv, tv) -> float:

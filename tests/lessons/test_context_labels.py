@@ -11,7 +11,8 @@ import pytest
 import align
 import data
 from extras import storage
-from extras.emitted_tokens import CONTEXTS, NextCharLabels, context_labels, vocab_map_next
+from extras.emitted_tokens import (CONTEXTS, ContextLabels, context_labels, following_text,
+                                   vocab_map_next)
 from extras.label_quality import oracle_quality
 from extras.gguf import sentencepiece_model_bytes
 from extras.tokenizer_json import GPT2_PATTERN
@@ -93,7 +94,7 @@ def test_lesson_a_run_of_spaces_is_cut_where_what_follows_decides(neox, llama2):
         return dict(zip(tr.ids[a:b].tolist(), p.tolist()))
 
     assert carried(None) == {t_four: 0.5, t_two: 0.2, t_one: 0.2, t_de: 0.1}          # before
-    assert carried(NextCharLabels(neox, llama2, vmap)) == {t_three: 0.5, t_one: 0.4, t_de: 0.1}
+    assert carried(ContextLabels(neox, llama2, vmap)) == {t_three: 0.5, t_one: 0.4, t_de: 0.1}
     assert t_ids[3] == t_three                       # the label is the target's true next token
 
 
@@ -107,15 +108,49 @@ def test_lesson_the_oracle_lands_on_the_targets_next_token_with_the_rule(neox, l
     vmap = vocab_map_next(neox, llama2)
     assert oracle_quality(neox, llama2, vmap, [TEXT], "exact") == (0.6, 0.5)
     assert oracle_quality(neox, llama2, vmap, [TEXT], "exact", "next-char") == (0.6, 1.0)
+    assert oracle_quality(neox, llama2, vmap, [TEXT], "exact", "whitespace-run") == (0.6, 1.0)
+
+
+def test_lesson_the_rule_reads_the_whole_whitespace_run(neox, llama2):
+    """How a target cuts whitespace depends on the whole run. GPT-NeoX writes "a\n     def" (5
+    spaces) as 'a' '\n' '    ' ' ' 'def', Llama-2 as '▁' 'a' '<0x0A>' '▁▁▁▁' '▁def': after '\n' the
+    target's next token is '▁▁▁▁', which the map's label (4 spaces alone) has right. One character
+    after the source's next token ('    ', then ' ') asks how Llama-2 writes 5 spaces alone: '▁▁'
+    '▁▁▁', so '▁▁', wrong. The rest of the run and the first character after it ('    ' + ' d') ask
+    how it writes "     d": '▁▁▁▁' '▁d', so '▁▁▁▁', right. Oracle label mass over the text's 2
+    scored positions: the map 2/2, one character 1/2, the whole run 2/2.
+    following_text, hand-worked on "  éx" ('  ' '\xc3' '\xa9' 'x'): the whole run "  é" (a
+    character split over two tokens read whole), one character " ", nothing where the text begins
+    inside a character, and only whitespace where no other character follows.
+    Catches: the rule reading one character where the setting asks for the run (the label '▁▁'),
+    a run that stops at the first token, or a character split over byte tokens read as two."""
+    text = "a\n     def"
+    assert [neox.token_bytes(i) for i in neox.encode(text)] == [b"a", b"\n", b"    ", b" ", b"def"]
+    assert [llama2.token_str(i) for i in llama2.encode(text)] == ["▁", "a", "<0x0A>", "▁▁▁▁",
+                                                                   "▁def"]
+    vmap = vocab_map_next(neox, llama2)
+    got = {c: oracle_quality(neox, llama2, vmap, [text], "exact", c)
+           for c in (None, "next-char", "whitespace-run")}
+    assert got == {None: (0.6, 1.0), "next-char": (0.6, 0.5), "whitespace-run": (0.6, 1.0)}
+    labels, s_ids = ContextLabels(neox, llama2, vmap), neox.encode(text)
+    assert labels(s_ids, 1, src_ids_of("    ")).tolist() == tgt_ids_of(llama2, "    ")
+    assert ContextLabels(neox, llama2, vmap, whole_run=False)(
+        s_ids, 1, src_ids_of("    ")).tolist() == tgt_ids_of(llama2, "  ")
+    ids = neox.encode("  \u00e9x")
+    assert [neox.token_bytes(i) for i in ids] == [b"  ", b"\xc3", b"\xa9", b"x"]
+    assert following_text(neox, ids, True) == "  \u00e9"
+    assert following_text(neox, ids, False) == " "
+    assert following_text(neox, ids[2:], True) is None            # begins inside a character
+    assert following_text(neox, ids[:1], True) == "  "            # whitespace to the end
 
 
 def test_the_default_preset_labels_in_context_and_the_paper_presets_do_not(neox, llama2, tmp_path):
-    """nanofuse stores "context": "next-char" with its settings (data.align_window takes the labels
+    """nanofuse stores "context": "whitespace-run" with its settings (data.align_window takes the labels
     its settings name), "paper" and "official" have no such setting and are unchanged. A folder
     aligned by nanofuse before the rule has no "context" in its settings.json: aligning more shards
     into it is refused, naming the fix, so old and new labels never mix. Catches: the rule missing
     from the default preset, or added to the paper's, or old folders silently extended."""
-    assert align.PRESETS["nanofuse"]["context"] == "next-char" and "next-char" in CONTEXTS
+    assert align.PRESETS["nanofuse"]["context"] == "whitespace-run" and "next-char" in CONTEXTS
     assert not {"context"} & (align.PRESETS["paper"].keys() | align.PRESETS["official"].keys())
     vmap = vocab_map_next(neox, llama2)
     assert context_labels(neox, llama2, vmap, align.alignment_settings("paper")) is None

@@ -42,7 +42,7 @@ def paper_map(src, tgt, texts):
 def test_oracle_labels_land_on_the_targets_next_token_on_real_tokenizer_pairs(real, pair):
     """Exact positions with the next-token map: >= 0.95 of the oracle's labels are right, on as many
     target positions as the paper's rule matched (MinED, lowest-id ties), which gets far fewer
-    right. The default labels in context (extras/emitted_tokens.py NextCharLabels) at the same
+    right. The default labels in context (extras/emitted_tokens.py ContextLabels) at the same
     positions, never worse. Catches byte pieces winning ties, mispositioned matches, labels of the
     wrong granularity, and a context rule that re-cuts words (the next character given to every
     candidate, not only to those ending in whitespace: 'rr' before 'o' labelled 'r')."""
@@ -50,7 +50,8 @@ def test_oracle_labels_land_on_the_targets_next_token_on_real_tokenizer_pairs(re
     texts = [t[:4000] for t in stdlib_texts(12)[::3]]
     vmap = align.vocab_map(src, tgt, "next")
     share, mass = oracle_quality(src, tgt, vmap, texts, "exact")
-    ctx_share, ctx_mass = oracle_quality(src, tgt, vmap, texts, "exact", "next-char")
+    ctx_share, ctx_mass = oracle_quality(src, tgt, vmap, texts, "exact",
+                                         align.PRESETS["nanofuse"]["context"])
     assert ctx_share == share and ctx_mass >= mass, (pair, share, mass, ctx_mass)
     paper_share, paper_mass = oracle_quality(src, tgt, paper_map(src, tgt, texts), texts, "paper")
     assert mass >= 0.95, (pair, share, mass)
