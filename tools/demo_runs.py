@@ -110,20 +110,29 @@ def real_tokenizer_name(path: Path) -> str:
     return "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
 
 
+def real_splits(size: DemoSize, chars: dict) -> dict:
+    """{split: [standard-library file]}: every 10th file held out for evaluation, every 10th from
+    the 5th for fusion, the rest for pre-training the target, each split up to its number of
+    characters in `chars` (counting size.max_chars of each file at most)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    splits, n = {k: [] for k in chars}, {k: 0 for k in chars}
+    for k, f in enumerate(files):
+        split = "eval" if k % 10 == 9 else "fuse" if k % 10 == 4 else "pretrain"
+        length = len(f.read_text(encoding="utf-8", errors="replace")[:size.max_chars])
+        if length > 200 and n[split] < chars[split]:
+            splits[split].append(f)
+            n[split] += length
+    return splits
+
+
 def build_real_corpus(out: Path, size: DemoSize, chars: dict):
     """Standard-library modules as they are (code, comments, docstrings), up to size.max_chars of
-    each: every 10th file held out for evaluation, every 10th from the 5th for fusion, the rest for
-    pre-training the target, each split up to its number of characters in `chars`."""
+    each, in the splits of real_splits."""
     done = out / "corpus" / "done"
     if done.exists():
         return
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    splits = {k: [] for k in chars}
-    for k, f in enumerate(files):
-        split = "eval" if k % 10 == 9 else "fuse" if k % 10 == 4 else "pretrain"
-        text = f.read_text(encoding="utf-8", errors="replace")[:size.max_chars]
-        if len(text) > 200 and sum(map(len, splits[split])) < chars[split]:
-            splits[split].append(text)
+    splits = {split: [f.read_text(encoding="utf-8", errors="replace")[:size.max_chars]
+                      for f in files] for split, files in real_splits(size, chars).items()}
     for split, texts in splits.items():
         (out / "corpus").mkdir(parents=True, exist_ok=True)
         _write_jsonl(out / "corpus" / f"{split}.jsonl", texts)
@@ -283,7 +292,7 @@ def run_repro(out="runs/demo", size="full", seeds=3) -> dict:
 # steps multiple -> lambdas: from CLM-only (1) to the fusion loss alone (0) at the demo's steps,
 # and two of them at 3x the steps (the CPU budget of one session: a 3x run costs three 1x runs)
 DOSE = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.5)}
-DOSE_TOY = {1: (1.0, 0.9, 0.5, 0.0)}          # the toy's runs cost more (its held-out text is long)
+DOSE_TOY = {1: (1.0, 0.9, 0.5, 0.0), 3: (1.0, 0.9)}     # peers: 3x the steps at the paper's lambda
 
 
 def sweep_setup(on: str, out: str, size: str, source="", target_tokenizer=""):
@@ -359,6 +368,11 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
                          {s: out / "models" / s for s in SOURCES})
         elif folder.startswith("data_shards"):
             subset_copy(out, int(folder.removeprefix("data_shards")))
+        elif folder.startswith("data_text"):
+            if on != "real":
+                raise ValueError(f"sweep row folder {folder}: more fusion text is built for the "
+                                 f"real demo only (--on real)")
+            text_copy(out, size, source, target_tokenizer, int(folder.removeprefix("data_text")))
     both = {**files, "fusion text": fuse_text}
 
     def score(name, model):           # ({held-out column: bpb}, bpb on the fusion text)
@@ -490,6 +504,34 @@ def target_copy(out: Path, on: str, sz: DemoSize, dim: int, layers: int) -> tupl
     return new, base
 
 
+def longer_fuse_corpus(out: Path, size: str, times: int) -> Path:
+    """out/corpus/fuse_text<times>.jsonl: the real demo's fusion files (real_splits, the files of
+    its corpus/fuse.jsonl, in order) with up to `times` x size.max_chars characters of each."""
+    sz, chars = REAL_SIZES[size]
+    corpus = out / "corpus" / f"fuse_text{times}.jsonl"
+    if not corpus.is_file():
+        _write_jsonl(corpus, [f.read_text(encoding="utf-8", errors="replace")[:sz.max_chars * times]
+                              for f in real_splits(sz, chars)["fuse"]])
+    return corpus
+
+
+def text_copy(out: Path, size: str, source: str, target_tokenizer: str, times: int) -> Path:
+    """out/data_text<times>: more fusion text, the same files: the real demo's fusion files (its
+    corpus/fuse.jsonl) with up to `times` x size.max_chars characters of each, as a data folder of
+    its own (windows, the base target's and the source's top-10, the source aligned by default).
+    Held-out text and pre-training text are the demo's: the files of each split do not change."""
+    sz, new = REAL_SIZES[size][0], out / f"data_text{times}"
+    corpus = longer_fuse_corpus(out, size, times)
+    src, _ = real_inputs(source, target_tokenizer)
+    data.build_windows(corpus, out / "models" / "base", [src], new, seq_len=sz.seq_len,
+                       shard_windows=16)
+    data.compute_dists(new, out / "models" / "base", "target", topk=10, batch_size=8)
+    data.compute_dists(new, src, "source", topk=10, batch_size=4)
+    if not (new / "aligned" / "source" / "diagnostics.json").is_file():
+        data.align_source(new, "source", quiet=True)
+    return new
+
+
 # where knowledge arrives: at each setting, CLM-only and lambda 0.5 (which helps at 3x the steps)
 GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince", **extra))
         for what, folder, steps, extra in (
@@ -497,7 +539,10 @@ GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince",
             ("learning rate 3e-3 (the demo: 1e-3)", "data", 1, {"lr": 3e-3}),
             ("half the fusion text (64 windows), the same 2 epochs (16 steps)", "data_shards4", 1,
              {}),
-            ("a smaller target (dim 96 x 2 layers, 3.3M parameters)", "data_target96x2", 1, {}))
+            ("a smaller target (dim 96 x 2 layers, 3.3M parameters)", "data_target96x2", 1, {}),
+            ("a larger target (dim 384 x 4 layers, 19.4M parameters)", "data_target384x4", 1, {}),
+            ("3x the fusion text (the same 17 files, up to 24,000 characters of each), the same "
+             "2 epochs", "data_text4", 1, {}))
         for lam in (1.0, 0.5)}
 
 
@@ -538,7 +583,9 @@ def main(argv=None):
     if a.what in ("dose", "methods", "grid"):
         methods = METHODS if a.on == "real" else {   # lambda 0.5 and 0: the real model only
             k: v for k, v in METHODS.items() if not k.endswith(("lambda 0.5", "lambda 0"))}
-        rows = {"methods": dict(methods), "grid": dict(GRID)}.get(a.what) or dose_rows(
+        grid = {k: v for k, v in GRID.items()                # more fusion text: real only
+                if a.on == "real" or not v[0].startswith("data_text")}
+        rows = {"methods": dict(methods), "grid": grid}.get(a.what) or dose_rows(
             DOSE if a.on == "real" else DOSE_TOY)
         title = {"dose": f"dose-response: {a.on} demo, lambda x steps",
                  "methods": f"methods: {a.on} demo, FuseLLM and its successors",

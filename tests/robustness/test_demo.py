@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import demo
+from extras.corpus import read_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import demo_runs  # noqa: E402
@@ -133,3 +134,20 @@ def test_a_subset_of_the_fusion_data_keeps_the_first_shards_of_every_stage(tmp_p
         "manifest.json"])
     assert json.loads((new / "manifest.json").read_text()) == {
         "shards": 2, "windows": 32, "shard_windows": 16, "complete": True}
+
+
+def test_more_fusion_text_takes_more_of_the_same_files_and_none_held_out(tmp_path):
+    """demo.py grid's more fusion text (demo_runs.longer_fuse_corpus, read by text_copy): the real
+    demo's fusion files again, in order, with up to `times` x max_chars characters of each, so
+    held-out and pre-training text stay the demo's. Catches: files of another split taken (held-out
+    text trained on), other files or another order (not the demo's text made longer), the limit
+    left at max_chars (no more text) or not applied."""
+    sz, chars = demo_runs.REAL_SIZES["tiny"]
+    demo_runs.build_real_corpus(tmp_path, sz, chars)
+    read = lambda name: list(read_corpus(tmp_path / "corpus" / name))             # noqa: E731
+    fuse, longer = read("fuse.jsonl"), read(demo_runs.longer_fuse_corpus(tmp_path, "tiny", 3).name)
+    assert len(longer) == len(fuse) and all(t.startswith(f) for t, f in zip(longer, fuse))
+    assert sum(map(len, longer)) > sum(map(len, fuse))
+    assert max(map(len, longer)) <= 3 * sz.max_chars
+    others = {t[:200] for split in ("eval", "pretrain") for t in read(f"{split}.jsonl")}
+    assert not others & {t[:200] for t in longer}
