@@ -26,7 +26,7 @@ Every stage caches its output under --out, so a second run skips what is done.
                                         # Mistral's tokenizer
     python demo.py dose [--on toy]      # lambda x steps on real's (or the toy's) cached stages
     python demo.py methods [--on toy]   # FuseLLM beside ULD, GOLD, X-Token and sampled labels
-    python demo.py grid                 # what limits it: learning rate, fusion text, target size
+    python demo.py grid                 # what limits it (real only): learning rate, text, target
 
 repro, real and the sweeps live in tools/demo_runs.py (run_repro, run_real, sweep): they reuse
 this file's stages.
@@ -325,11 +325,10 @@ def parse_args(argv=None):
                         "comparisons, several seeds; real: a real pretrained source (Gemma 3 270M) "
                         "fused into a target with another tokenizer; dose: lambda x steps on the "
                         "cached stages of --on; methods: FuseLLM and its successors side by side; "
-                        "grid: learning rate and amount of fusion text (all but demo: "
-                        "tools/demo_runs.py)")
+                        "grid (real only): learning rate, amount of fusion text, target size "
+                        "(all but demo: tools/demo_runs.py)")
     p.add_argument("--on", default="real", choices=["real", "toy"],
-                   help="dose, methods, grid: the real demo's stages (default) or the toy "
-                        "demo's")
+                   help="dose, methods: the real demo's stages (default) or the toy demo's")
     p.add_argument("--out", default="",
                    help="every stage's output, cached (default runs/demo; real: runs/real)")
     p.add_argument("--source", default="",

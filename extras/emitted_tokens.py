@@ -155,9 +155,10 @@ class ContextLabels:
 
     Why the whole run: how a target cuts whitespace depends on all of it. Where the source's next
     token is 16 spaces and more follow, one character asks how the target cuts 17 spaces (the toy
-    demo's target: 8 + 9), while the real run of 18 or more starts with its 16. Why only whitespace: the same text given to every candidate re-cuts words
-    ('rr' before 'o' becomes 'r' 'ro' where the target writes 'rr') and lowers the oracle label mass
-    on real pairs (docs/data-and-alignment.md)."""
+    demo's target: 8 + 9), while the real run of 18 or more starts with its 16. Why only
+    whitespace: the same text given to every candidate re-cuts words ('rr' before 'o' becomes 'r'
+    'ro' where the target writes 'rr') and lowers the oracle label mass on real pairs
+    (docs/data-and-alignment.md)."""
 
     def __init__(self, src_tok, tgt_tok, vmap: np.ndarray, whole_run: bool = True):
         self.src, self.tgt, self.vmap, self.whole_run = src_tok, tgt_tok, vmap, whole_run

@@ -368,10 +368,7 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
                          {s: out / "models" / s for s in SOURCES})
         elif folder.startswith("data_shards"):
             subset_copy(out, int(folder.removeprefix("data_shards")))
-        elif folder.startswith("data_text"):
-            if on != "real":
-                raise ValueError(f"sweep row folder {folder}: more fusion text is built for the "
-                                 f"real demo only (--on real)")
+        elif folder.startswith("data_text"):            # the real demo's (demo.py grid)
             text_copy(out, size, source, target_tokenizer, int(folder.removeprefix("data_text")))
     both = {**files, "fusion text": fuse_text}
 
@@ -529,6 +526,11 @@ def text_copy(out: Path, size: str, source: str, target_tokenizer: str, times: i
     data.compute_dists(new, src, "source", topk=10, batch_size=4)
     if not (new / "aligned" / "source" / "diagnostics.json").is_file():
         data.align_source(new, "source", quiet=True)
+    settings = [(d / "aligned" / "source" / "settings.json").read_text()
+                for d in (out / "data", new)]
+    if settings[0] != settings[1]:          # the default alignment changed since out/data was made
+        raise data.DataError(f"{new} is aligned with other settings than {out / 'data'}: delete "
+                             f"both and run demo.py real and the sweep again")
     return new
 
 
@@ -583,9 +585,9 @@ def main(argv=None):
     if a.what in ("dose", "methods", "grid"):
         methods = METHODS if a.on == "real" else {   # lambda 0.5 and 0: the real model only
             k: v for k, v in METHODS.items() if not k.endswith(("lambda 0.5", "lambda 0"))}
-        grid = {k: v for k, v in GRID.items()                # more fusion text: real only
-                if a.on == "real" or not v[0].startswith("data_text")}
-        rows = {"methods": dict(methods), "grid": grid}.get(a.what) or dose_rows(
+        if a.what == "grid" and a.on != "real":   # its rows name the real target's sizes, steps
+            raise SystemExit("error: demo.py grid runs on the real demo's stages; drop --on toy")
+        rows = {"methods": dict(methods), "grid": dict(GRID)}.get(a.what) or dose_rows(
             DOSE if a.on == "real" else DOSE_TOY)
         title = {"dose": f"dose-response: {a.on} demo, lambda x steps",
                  "methods": f"methods: {a.on} demo, FuseLLM and its successors",

@@ -145,8 +145,10 @@ def test_lesson_the_rule_reads_the_whole_whitespace_run(neox, llama2):
 
 
 def test_the_default_preset_labels_in_context_and_the_paper_presets_do_not(neox, llama2, tmp_path):
-    """nanofuse stores "context": "whitespace-run" with its settings (data.align_window takes the labels
-    its settings name), "paper" and "official" have no such setting and are unchanged. A folder
+    """nanofuse stores "context": "whitespace-run" with its settings (data.align_window takes the
+    labels its settings name), "paper" and "official" have no such setting and are unchanged. A
+    folder aligned with the one-character rule ("next-char") is refused the same way, and its
+    settings still give that rule (for train.py --online). A folder
     aligned by nanofuse before the rule has no "context" in its settings.json: aligning more shards
     into it is refused, naming the fix, so old and new labels never mix. Catches: the rule missing
     from the default preset, or added to the paper's, or old folders silently extended."""
@@ -167,3 +169,10 @@ def test_the_default_preset_labels_in_context_and_the_paper_presets_do_not(neox,
     (tmp_path / "settings.json").write_text(json.dumps(old))
     conflict = storage.settings_conflict(tmp_path, align.alignment_settings())
     assert "aligned with other settings" in conflict and "delete it" in conflict
+    one_char = {**align.PRESETS["nanofuse"], "context": "next-char"}
+    (tmp_path / "settings.json").write_text(json.dumps(one_char))
+    assert "aligned with other settings" in storage.settings_conflict(
+        tmp_path, align.alignment_settings())
+    stored = storage.read_align_settings(tmp_path / "settings.json")
+    assert context_labels(neox, llama2, vmap, stored).whole_run is False
+    assert labels.whole_run is True
