@@ -360,7 +360,11 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     out, sz, d, files, fuse_text, sources = sweep_setup(on, out, size, source, target_tokenizer)
     bases = {}                  # folder -> its own base target, where not the demo's
     for folder in sorted({folder for folder, _, _ in rows.values()}):
-        if folder.startswith("data_target"):
+        if "_" in folder.removeprefix("data_"):           # several at once (demo.py grid)
+            base = combined_copy(out, on, sz, size, source, target_tokenizer, sources, folder)
+            if base != out / "models" / "base":
+                bases[folder] = base
+        elif folder.startswith("data_target"):
             dim, layers = map(int, folder.removeprefix("data_target").split("x"))
             bases[folder] = target_copy(out, on, sz, dim, layers)[1]
         elif folder == "data_sampled":
@@ -534,6 +538,40 @@ def text_copy(out: Path, size: str, source: str, target_tokenizer: str, times: i
     return new
 
 
+def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, target_tokenizer: str,
+                  sources: dict, folder: str) -> Path:
+    """out/<folder> for a folder named by several of the variants above at once, joined by "_"
+    (data_text4_target384x4_sampled: 3x the fusion text, a larger target, sampled labels): the
+    windows of the text variant (text_copy) or the demo's, the distributions of the target variant's
+    base (target_copy) or the demo's base, all of them sampled (SAMPLES) or top-10, the sources
+    aligned by default. sources: {column: source model} (sweep_setup). Returns the base target."""
+    parts, d = folder.removeprefix("data_").split("_"), out / "data"
+    known = [p for p in parts if p == "sampled" or p.startswith(("text", "target"))]
+    if known != parts or len({p[:4] for p in parts}) < len(parts):
+        raise ValueError(f"sweep row folder {folder}: name it data_ and any of textN, "
+                         f"target<dim>x<layers>, sampled, each once, joined by _")
+    text = next((int(p.removeprefix("text")) for p in parts if p.startswith("text")), 0)
+    windows = text_copy(out, size, source, target_tokenizer, text) if text else d
+    base = out / "models" / "base"
+    for p in parts:
+        if p.startswith("target"):
+            base = target_copy(out, on, sz, *map(int, p.removeprefix("target").split("x")))[1]
+    sample = SAMPLES if "sampled" in parts else 0
+    new = out / folder
+    if not (new / "manifest.json").is_file():         # the windows, the manifest last
+        if not (new / "windows").exists():
+            shutil.copytree(windows / "windows", new / "windows")
+        shutil.copy(windows / "manifest.json", new / "manifest.json")
+    models = {"target": base, **({"source": sources["held-out stdlib"]} if on == "real" else
+                                 {s: out / "models" / s for s in SOURCES})}
+    for name, model in models.items():
+        data.compute_dists(new, model, name, batch_size=8, sample=sample)
+    for name in list(models)[1:]:
+        if not (new / "aligned" / name / "diagnostics.json").is_file():
+            data.align_source(new, name, quiet=True)
+    return base
+
+
 # where knowledge arrives: at each setting, CLM-only and lambda 0.5 (which helps at 3x the steps)
 GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince", **extra))
         for what, folder, steps, extra in (
@@ -545,7 +583,10 @@ GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince",
             ("a larger target (dim 384 x 4 layers, 19.4M parameters)", "data_target384x4", 1, {}),
             ("3x the fusion text (the same 17 files, up to 24,000 characters of each), the same "
              "2 epochs", "data_text4", 1, {}))
-        for lam in (1.0, 0.5)}
+        for lam in (1.0, 0.5)} | {
+    f"all three: 3x the fusion text, the larger target, sampled labels: lambda {lam:g}": (
+        "data_text4_target384x4_sampled", 1, dict(lam=lam, fusion="mince"))
+    for lam in (1.0, 0.5, 0.0)}
 
 
 SAMPLES = 12     # draws per position for the sampled labels (Anshumann et al.: about 12 suffice)

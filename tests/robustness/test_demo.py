@@ -73,7 +73,10 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
     the wrong run (its numbers must be the demo's fused row); a paired difference taken against
     another setting's CLM-only (the lr 3e-3 and the smaller target's rows must pair with their own
     CLM-only); a smaller target continue-training the demo's base instead of its own; the
-    sampled-labels folder not sampled; the label-mass column not the data's own."""
+    sampled-labels folder not sampled; the label-mass column not the data's own; a folder of two
+    variants at once (demo_runs.combined_copy: the smaller target with sampled labels) taking the
+    demo's base or other windows (its CLM-only run must equal the smaller target's), or leaving
+    its distributions top-10 or computed by the demo's base."""
     d, table = tiny_demo
     rows = {"CLM-only": ("data", 1, dict(lam=1.0)),
             "FuseLLM": ("data", 1, dict(lam=0.9, fusion="mince")),
@@ -82,7 +85,10 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
             "lr 3e-3, CLM-only": ("data", 1, dict(lam=1.0, lr=3e-3)),
             "lr 3e-3, lambda 0.5": ("data", 1, dict(lam=0.5, fusion="mince", lr=3e-3)),
             "small target, CLM-only": ("data_target16x1", 1, dict(lam=1.0)),
-            "small target, lambda 0.5": ("data_target16x1", 1, dict(lam=0.5, fusion="mince"))}
+            "small target, lambda 0.5": ("data_target16x1", 1, dict(lam=0.5, fusion="mince")),
+            "small sampled, CLM-only": ("data_target16x1_sampled", 1, dict(lam=1.0)),
+            "small sampled, lambda 0.5": ("data_target16x1_sampled", 1, dict(lam=0.5,
+                                                                           fusion="mince"))}
     capsys.readouterr()
     out = demo_runs.sweep("toy", str(d), "tiny", rows, 1, "test sweep")
     log = capsys.readouterr().out
@@ -102,6 +108,16 @@ def test_a_sweep_reuses_the_demos_runs_pairs_each_row_with_its_own_clm_and_build
     assert paired == pytest.approx(held["small target, lambda 0.5"] - small_clm, abs=2e-4)
     info = json.loads((d / "data_sampled" / "models" / "code" / "info.json").read_text())
     assert info["sample"] == demo_runs.SAMPLES
+    assert held["small sampled, CLM-only"] == pytest.approx(small_clm, abs=1e-4)
+    both = d / "data_target16x1_sampled" / "models"
+    for name in ("target", "code", "prose"):
+        assert json.loads((both / name / "info.json").read_text())["sample"] == demo_runs.SAMPLES
+    assert json.loads((both / "target" / "info.json").read_text())["model"] == str(
+        d / "models" / "base_16x1")
+    paired = float(out["small sampled, lambda 0.5"]["minus CLM-only (paired)"].split()[0])
+    assert paired == pytest.approx(held["small sampled, lambda 0.5"] - small_clm, abs=2e-4)
+    with pytest.raises(ValueError, match="name it data_ and any of textN"):
+        demo_runs.combined_copy(d, "toy", None, "tiny", "", "", {}, "data_target16x1_bogus")
     mass = demo_runs.label_mass(d / "data")
     fused = [v for k, v in mass.items() if k.startswith("fused")][0]["mass on the true next token"]
     assert out["FuseLLM"]["label mass (P_t)"] == f"{fused:.3f}"
