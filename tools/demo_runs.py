@@ -516,26 +516,36 @@ def longer_fuse_corpus(out: Path, size: str, times: int) -> Path:
     return corpus
 
 
-def text_copy(out: Path, size: str, source: str, target_tokenizer: str, times: int) -> Path:
+def text_copy(out: Path, size: str, source: str, target_tokenizer: str, times: int,
+              dists: bool = True) -> Path:
     """out/data_text<times>: more fusion text, the same files: the real demo's fusion files (its
     corpus/fuse.jsonl) with up to `times` x size.max_chars characters of each, as a data folder of
-    its own (windows, the base target's and the source's top-10, the source aligned by default).
-    Held-out text and pre-training text are the demo's: the files of each split do not change."""
+    its own (windows, the base target's and the source's top-10, the source aligned by default;
+    dists=False: the windows only). Held-out text and pre-training text are the demo's: the files
+    of each split do not change."""
     sz, new = REAL_SIZES[size][0], out / f"data_text{times}"
     corpus = longer_fuse_corpus(out, size, times)
     src, _ = real_inputs(source, target_tokenizer)
     data.build_windows(corpus, out / "models" / "base", [src], new, seq_len=sz.seq_len,
                        shard_windows=16)
-    data.compute_dists(new, out / "models" / "base", "target", topk=10, batch_size=8)
-    data.compute_dists(new, src, "source", topk=10, batch_size=4)
-    if not (new / "aligned" / "source" / "diagnostics.json").is_file():
-        data.align_source(new, "source", quiet=True)
-    settings = [(d / "aligned" / "source" / "settings.json").read_text()
-                for d in (out / "data", new)]
-    if settings[0] != settings[1]:          # the default alignment changed since out/data was made
-        raise data.DataError(f"{new} is aligned with other settings than {out / 'data'}: delete "
-                             f"both and run demo.py real and the sweep again")
+    if dists:
+        data.compute_dists(new, out / "models" / "base", "target", topk=10, batch_size=8)
+        data.compute_dists(new, src, "source", topk=10, batch_size=4)
+        align_as_the_demo(out, new, ["source"])
     return new
+
+
+def align_as_the_demo(out: Path, new: Path, sources: list[str]):
+    """Align new's sources by default, and check that the default is how out/data was aligned: a
+    sweep compares a variant folder with the demo's, so their labels must come from one rule."""
+    for name in sources:
+        if not (new / "aligned" / name / "diagnostics.json").is_file():
+            data.align_source(new, name, quiet=True)
+        settings = [(d / "aligned" / name / "settings.json").read_text()
+                    for d in (out / "data", new)]
+        if settings[0] != settings[1]:      # the default alignment changed since out/data was made
+            raise data.DataError(f"{new} is aligned with other settings than {out / 'data'}: "
+                                 f"delete both and run the demo and the sweep again")
 
 
 def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, target_tokenizer: str,
@@ -551,7 +561,7 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
         raise ValueError(f"sweep row folder {folder}: name it data_ and any of textN, "
                          f"target<dim>x<layers>, sampled, each once, joined by _")
     text = next((int(p.removeprefix("text")) for p in parts if p.startswith("text")), 0)
-    windows = text_copy(out, size, source, target_tokenizer, text) if text else d
+    windows = text_copy(out, size, source, target_tokenizer, text, dists=False) if text else d
     base = out / "models" / "base"
     for p in parts:
         if p.startswith("target"):
@@ -566,9 +576,7 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
                                  {s: out / "models" / s for s in SOURCES})}
     for name, model in models.items():
         data.compute_dists(new, model, name, batch_size=8, sample=sample)
-    for name in list(models)[1:]:
-        if not (new / "aligned" / name / "diagnostics.json").is_file():
-            data.align_source(new, name, quiet=True)
+    align_as_the_demo(out, new, list(models)[1:])
     return base
 
 
@@ -584,8 +592,12 @@ GRID = {f"{what}: lambda {lam:g}": (folder, steps, dict(lam=lam, fusion="mince",
             ("3x the fusion text (the same 17 files, up to 24,000 characters of each), the same "
              "2 epochs", "data_text4", 1, {}))
         for lam in (1.0, 0.5)} | {
-    f"all three: 3x the fusion text, the larger target, sampled labels: lambda {lam:g}": (
-        "data_text4_target384x4_sampled", 1, dict(lam=lam, fusion="mince"))
+    f"{what}: lambda {lam:g}": (folder, 1, dict(lam=lam, fusion="mince"))
+    for what, folder in (("the larger target with sampled labels", "data_target384x4_sampled"),
+                         ("all three: 3x the fusion text, the larger target, sampled labels",
+                          "data_text4_target384x4_sampled"),
+                         ("all three with 3.8x the fusion text (up to 36,000 characters of each "
+                          "file)", "data_text6_target384x4_sampled"))
     for lam in (1.0, 0.5, 0.0)}
 
 
