@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -211,9 +212,8 @@ def data_copy(out: Path, folder: str, parts) -> Path:
     manifest last: it marks the copy done, so a copy cut short is finished by the next run."""
     new, d = out / folder, out / "data"
     if not (new / "manifest.json").is_file():
-        for part in parts:
-            if not (new / part).exists():
-                shutil.copytree(d / part, new / part)
+        for part in parts:              # again in whole: a part may have been cut short
+            shutil.copytree(d / part, new / part, dirs_exist_ok=True)
         shutil.copy(d / "manifest.json", new / "manifest.json")
     return new
 
@@ -556,11 +556,13 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
     base (target_copy) or the demo's base, all of them sampled (SAMPLES) or top-10, the sources
     aligned by default. sources: {column: source model} (sweep_setup). Returns the base target."""
     parts, d = folder.removeprefix("data_").split("_"), out / "data"
-    known = [p for p in parts if p == "sampled" or p.startswith(("text", "target"))]
+    known = [p for p in parts if p == "sampled" or re.fullmatch(r"text\d+|target\d+x\d+", p)]
     if known != parts or len({p[:4] for p in parts}) < len(parts):
         raise ValueError(f"sweep row folder {folder}: name it data_ and any of textN, "
                          f"target<dim>x<layers>, sampled, each once, joined by _")
     text = next((int(p.removeprefix("text")) for p in parts if p.startswith("text")), 0)
+    if text and on != "real":
+        raise ValueError(f"sweep row folder {folder}: more fusion text is the real demo's only")
     windows = text_copy(out, size, source, target_tokenizer, text, dists=False) if text else d
     base = out / "models" / "base"
     for p in parts:
@@ -568,9 +570,8 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
             base = target_copy(out, on, sz, *map(int, p.removeprefix("target").split("x")))[1]
     sample = SAMPLES if "sampled" in parts else 0
     new = out / folder
-    if not (new / "manifest.json").is_file():         # the windows, the manifest last
-        if not (new / "windows").exists():
-            shutil.copytree(windows / "windows", new / "windows")
+    if not (new / "manifest.json").is_file():         # the windows (again in whole), manifest last
+        shutil.copytree(windows / "windows", new / "windows", dirs_exist_ok=True)
         shutil.copy(windows / "manifest.json", new / "manifest.json")
     models = {"target": base, **({"source": sources["held-out stdlib"]} if on == "real" else
                                  {s: out / "models" / s for s in SOURCES})}
@@ -611,9 +612,7 @@ def sampled_copy(out: Path, sources: dict) -> Path:
     new = data_copy(out, "data_sampled", ("windows",))
     for name, model in {"target": out / "models" / "base", **sources}.items():
         data.compute_dists(new, model, name, batch_size=8, sample=SAMPLES)
-    for name in sources:
-        if not (new / "aligned" / name / "diagnostics.json").is_file():
-            data.align_source(new, name, quiet=True)
+    align_as_the_demo(out, new, list(sources))
     return new
 
 
