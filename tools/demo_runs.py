@@ -207,10 +207,11 @@ ALIGNMENTS = {"data_paper_mined": dict(preset="paper"),
               "data_official": dict(preset="official")}
 
 
-def data_copy(out: Path, folder: str, parts) -> Path:
-    """out/<folder>: the named parts of the demo's data folder (folders under out/data) copied, the
-    manifest last: it marks the copy done, so a copy cut short is finished by the next run."""
-    new, d = out / folder, out / "data"
+def data_copy(out: Path, folder: str, parts, src: Path | None = None) -> Path:
+    """out/<folder>: the named parts of the demo's data folder (folders under out/data; or of the
+    data folder `src`) copied, the manifest last: it marks the copy done, so a copy cut short is
+    finished by the next run."""
+    new, d = out / folder, src or out / "data"
     if not (new / "manifest.json").is_file():
         for part in parts:              # again in whole: a part may have been cut short
             shutil.copytree(d / part, new / part, dirs_exist_ok=True)
@@ -359,17 +360,19 @@ def sweep(on: str, out: str, size: str, rows: dict, seeds: int, title: str, sour
     t0 = time.time()
     out, sz, d, files, fuse_text, sources = sweep_setup(on, out, size, source, target_tokenizer)
     bases = {}                  # folder -> its own base target, where not the demo's
+    # the sources by their names in a data folder: {name: model}
+    named = ({"source": sources["held-out stdlib"]} if on == "real" else
+             {s: out / "models" / s for s in SOURCES})
     for folder in sorted({folder for folder, _, _ in rows.values()}):
         if "_" in folder.removeprefix("data_"):           # several at once (demo.py grid)
-            base = combined_copy(out, on, sz, size, source, target_tokenizer, sources, folder)
+            base = combined_copy(out, on, sz, size, source, target_tokenizer, named, folder)
             if base != out / "models" / "base":
                 bases[folder] = base
         elif folder.startswith("data_target"):
             dim, layers = map(int, folder.removeprefix("data_target").split("x"))
             bases[folder] = target_copy(out, on, sz, dim, layers)[1]
         elif folder == "data_sampled":
-            sampled_copy(out, {"source": sources["held-out stdlib"]} if on == "real" else
-                         {s: out / "models" / s for s in SOURCES})
+            sampled_copy(out, named)
         elif folder.startswith("data_shards"):
             subset_copy(out, int(folder.removeprefix("data_shards")))
         elif folder.startswith("data_text"):            # the real demo's (demo.py grid)
@@ -554,8 +557,8 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
     (data_text4_target384x4_sampled: 3x the fusion text, a larger target, sampled labels): the
     windows of the text variant (text_copy) or the demo's, the distributions of the target variant's
     base (target_copy) or the demo's base, all of them sampled (SAMPLES) or top-10, the sources
-    aligned by default. sources: {column: source model} (sweep_setup). Returns the base target."""
-    parts, d = folder.removeprefix("data_").split("_"), out / "data"
+    aligned by default. sources: {name in the data folder: source model}. Returns the base."""
+    parts = folder.removeprefix("data_").split("_")
     known = [p for p in parts if p == "sampled" or re.fullmatch(r"text\d+|target\d+x\d+", p)]
     if known != parts or len({p[:4] for p in parts}) < len(parts):
         raise ValueError(f"sweep row folder {folder}: name it data_ and any of textN, "
@@ -563,21 +566,16 @@ def combined_copy(out: Path, on: str, sz: DemoSize, size: str, source: str, targ
     text = next((int(p.removeprefix("text")) for p in parts if p.startswith("text")), 0)
     if text and on != "real":
         raise ValueError(f"sweep row folder {folder}: more fusion text is the real demo's only")
-    windows = text_copy(out, size, source, target_tokenizer, text, dists=False) if text else d
+    windows = text_copy(out, size, source, target_tokenizer, text, dists=False) if text else None
     base = out / "models" / "base"
     for p in parts:
         if p.startswith("target"):
             base = target_copy(out, on, sz, *map(int, p.removeprefix("target").split("x")))[1]
     sample = SAMPLES if "sampled" in parts else 0
-    new = out / folder
-    if not (new / "manifest.json").is_file():         # the windows (again in whole), manifest last
-        shutil.copytree(windows / "windows", new / "windows", dirs_exist_ok=True)
-        shutil.copy(windows / "manifest.json", new / "manifest.json")
-    models = {"target": base, **({"source": sources["held-out stdlib"]} if on == "real" else
-                                 {s: out / "models" / s for s in SOURCES})}
-    for name, model in models.items():
+    new = data_copy(out, folder, ("windows",), src=windows)
+    for name, model in {"target": base, **sources}.items():
         data.compute_dists(new, model, name, batch_size=8, sample=sample)
-    align_as_the_demo(out, new, list(models)[1:])
+    align_as_the_demo(out, new, list(sources))
     return base
 
 
