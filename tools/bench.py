@@ -416,6 +416,18 @@ def stored_bytes(data_dir: str):
                       f"tokens)")
 
 
+def fusion_batch(V: int, B: int, T: int, seed: int = 0, C: int = 3, K: int = 10) -> fusellm.Batch:
+    """A random fusellm.Batch: B windows of T tokens and C candidates' top-K (bench.py train and
+    tools/gpu_bench.py's train and torchrun parts)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, T), generator=g)
+    return fusellm.Batch(input_ids=x, labels=torch.roll(x, -1, 1), fusion_mask=torch.ones(B, T, dtype=torch.bool),
+                         cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
+                         cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1),
+                         cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
+                         window_ce=torch.rand(C, B, generator=g) + 2)
+
+
 def train_child(lam: float, dim: int, layers: int, steps: int) -> dict:
     """In a fresh process: `steps` optimizer steps of train.run_steps (the training loop) on one random Llama and
     one random batch of 3 candidates' top-10 (a first step not timed); seconds per step, peak memory, tokens/s."""
@@ -423,19 +435,13 @@ def train_child(lam: float, dim: int, layers: int, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    V, B, T, C, K = 32000, 4, 512, 3, 10
+    V, B, T = 32000, 4, 512
     args = fusellm.ModelArgs(vocab_size=V, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 64,
                              head_dim=64, hidden_dim=int(dim * 8 / 3) // 64 * 64, sliding_layers=(False,) * layers)
     model = fusellm.Transformer(args).to(device).train()
     cfg = train.TrainConfig(lam=lam, batch_size=B)
     opt = train.make_optimizer(model, cfg, device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, V, (B, T), generator=g)
-    batch = fusellm.Batch(input_ids=x, labels=torch.roll(x, -1, 1), fusion_mask=torch.ones(B, T, dtype=torch.bool),
-                          cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
-                          cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1),
-                          cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
-                          window_ce=torch.rand(C, B, generator=g) + 2)
+    batch = fusion_batch(V, B, T)
     for rec in train.run_steps(model, opt, cfg, steps + 1, lambda k: [batch], device, V):
         if cuda:
             torch.cuda.synchronize()

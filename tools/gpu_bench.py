@@ -30,6 +30,7 @@ comparisons say so and give our figures alone.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -172,26 +173,13 @@ def precision_child(cfg: dict, B: int, T: int) -> dict:
                     positions=B * T, device=device)
 
 
-def fusion_batch(V: int, B: int, T: int, seed: int = 0, C: int = 3, K: int = 10):
-    """A random fusellm.Batch: B windows of T tokens and C candidates' top-K (as bench.py train)."""
-    import fusellm
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, V, (B, T), generator=g)
-    return fusellm.Batch(input_ids=x, labels=torch.roll(x, -1, 1),
-                         fusion_mask=torch.ones(B, T, dtype=torch.bool),
-                         cand_ids=torch.randint(0, V, (C, B, T, K), generator=g),
-                         cand_logprobs=torch.randn(C, B, T, K, generator=g).log_softmax(-1),
-                         cand_fallback=torch.rand(C, B, T, generator=g) < 0.2,
-                         window_ce=torch.rand(C, B, generator=g) + 2)
-
-
 def train_child(cfg: dict, B: int, T: int, steps: int, lam: float, backend: str) -> dict:
     """`steps` optimizer steps of train.run_steps (bf16 autocast on a GPU, fp32 master weights,
     fused AdamW) after one untimed step (which compiles, with a backend): s/step, tokens/s, the
     untimed step's seconds, peak memory, and N, the parameters (the tied embedding once)."""
     import common
     import train
-    from tools.bench import peak_rss
+    from tools.bench import fusion_batch, peak_rss
     device = common.device("auto")
     cuda = device.startswith("cuda")
     model = random_model(cfg, device, torch.float32).train()
@@ -335,6 +323,7 @@ def torchrun_worker(out: str, steps: int, mode: str, dry: bool):
     from extras import distributed
     from torch.distributed.fsdp import fully_shard
     import common
+    from tools.bench import fusion_batch
     out = Path(out)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = common.device("auto")
@@ -509,8 +498,10 @@ PARTS = {"precision": part_precision, "dists": part_dists, "train": part_train,
 FAIL_ENV = "NANOFUSE_GPU_BENCH_FAIL"     # a part's name: it raises at once (the tests' check)
 
 
+@functools.cache
 def device_name() -> str:
-    """The GPU's name, asked in a child process so that this one never holds CUDA; or the CPU."""
+    """The GPU's name, asked in a child process so that this one never holds CUDA; or the CPU.
+    Asked once (main and the train part both need it)."""
     cpu = f"cpu ({os.cpu_count()} cores)"
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         return cpu
