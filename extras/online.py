@@ -33,7 +33,6 @@ from extras.data_cli import source_name
 from extras.fast_align import PairCosts
 
 
-
 def folder_name(out, path) -> str:
     """The name a source model has in data folder `out`: the folder under out/models/ whose
     info.json names this model (data.py dists --name may differ from the path's name, as demo.py
@@ -47,6 +46,7 @@ def folder_name(out, path) -> str:
         except ValueError:              # a damaged info.json is named where it is read
             continue
     return source_name(path)
+
 
 class OnlineCandidates:
     """Candidates computed inside the loop: a frozen copy of the target and every source run over
