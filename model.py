@@ -296,10 +296,14 @@ class Transformer(nn.Module):
             cache.len += input_ids.shape[1]
         return self.norm(x)                                                  # (B, T, C)
 
-    def logits(self, h: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, vocab: slice = slice(None),
+               fp32: bool = True) -> torch.Tensor:
         """Hidden states (..., C) -> logits (..., V) in fp32: the output head (and Gemma 2's
-        soft-cap); `vocab`: only these ids (extras/fast_head.py walks the vocabulary in blocks)."""
-        z = F.linear(h, self.output.weight[vocab]).float()
+        soft-cap); `vocab`: only these ids (extras/fast_head.py walks the vocabulary in blocks).
+        fp32=False: in the weights' dtype (each bf16 logit is exactly its fp32 value), or fp32 if
+        soft-capped."""
+        z = F.linear(h, self.output.weight[vocab])
+        z = z.float() if fp32 or self.args.final_softcap else z
         if self.args.final_softcap:                         # Gemma 2: c tanh(z / c)
             z = self.args.final_softcap * torch.tanh(z / self.args.final_softcap)
         return z

@@ -20,6 +20,7 @@ from pathlib import Path
 import align
 import common
 import data
+from extras import fast_head
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -86,6 +87,11 @@ def main(argv=None):
         flag = f"--sample {args.sample}" if args.sample else f"--topk {topk}"
         raise SystemExit(f"error: {flag}: choose 1 to 255 (aligned distributions store their sizes "
                          f"as uint8)")
+    if args.stage in ("dists", "all"):       # NANOFUSE_HEAD (the GPU head's switch): a typo now
+        try:
+            fast_head.head_mode(False)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.stage == "all" and args.sample and align.PRESETS[args.align]["merge"] == "first":
         raise SystemExit(f"error: --align {args.align} merges repeated ids with 'first', which "
                          f"would keep one of --sample's repeated draws; use nanofuse or paper")

@@ -9,16 +9,22 @@ the matrix product). A learner reads data.head_topk, the whole-vocabulary log_so
 gather; data.window_topk calls this one instead when the logits would not fit in one block, and
 tests/lessons/test_windows_and_dists.py proves the two equal on random and real inputs.
 
-What it holds: `head_topk`, with the block shape chosen by device (`block_shape`). Given uniforms
-(`python data.py dists --sample N`), head_topk draws N ids per position from the whole distribution
+What it holds: `head_topk`, with the block shape chosen by device (`block_shape`), and how a
+block's log-sum-exp is taken (`block_lse`: in place in fp32 on the CPU; on a GPU from the bf16
+logits, in one torch.compile'd pass, NANOFUSE_HEAD choosing otherwise). Given uniforms (`python
+data.py dists --sample N`), head_topk draws N ids per position from the whole distribution
 instead, in the same blocks (extras/sampled_labels.py head_sample).
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import torch
 
 CPU_ELEMENTS = 2**21       # floats per block on the CPU: 8 MiB, 512 positions x 4096 entries
-GPU_ELEMENTS = 2**26       # floats per block on a GPU: 256 MiB, with the whole vocabulary per block
+GPU_ELEMENTS = 2**26       # logits per block on a GPU: 128 MiB in bf16, the whole vocabulary a row
 CPU_COLS = 4096            # vocabulary entries per block on the CPU
 
 
@@ -28,8 +34,8 @@ def block_shape(V: int, on_gpu: bool, head_elements: int = 0,
     default. On CPU, 2^21 floats (8 MiB: 512 positions x 4096 entries), so a block stays in cache
     for the exp and top-K passes that follow the matrix product: on Gemma 3 270M and 2 cores that is
     1.4x faster than whole-vocabulary rows (docs/benchmarks.md, tools/bench.py dists). On GPU,
-    where each block costs kernel launches, 2^26 floats (256 MiB) and the whole vocabulary per
-    block."""
+    where each block costs kernel launches, 2^26 logits (128 MiB in bf16), the whole vocabulary
+    a row."""
     cols = min(V, head_cols or (V if on_gpu else CPU_COLS))
     rows = max(1, (head_elements or (GPU_ELEMENTS if on_gpu else CPU_ELEMENTS)) // cols)
     return rows, cols
@@ -45,11 +51,13 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
     states; nxt (N,): the next token at each position (-1: none). Returns top-K ids and log-probs
     (N, K) and the next token's log-prob (N,) (0 where nxt is -1). u (N, S), sorted uniforms
     (extras/sampled_labels.py `uniforms`), or None: with them, k is unused and the ids are S draws
-    from each position's distribution, each of log-prob -log S (sampled_labels.head_sample)."""
+    from each position's distribution, each of log-prob -log S (sampled_labels.head_sample).
+    A block's logits stay in the weights' dtype (bf16 on a GPU: `block_lse` below)."""
     rows, cols = block_shape(V, h.is_cuda, head_elements, head_cols)
     if u is not None:
         from extras.sampled_labels import head_sample
         return head_sample(model, h, nxt, u, V, rows, cols)
+    mode = head_mode(h.is_cuda)
     ids, lps, label = [], [], []
     for i in range(0, len(h), rows):
         hs, t = h[i:i + rows], nxt[i:i + rows]                          # (r, C), (r,)
@@ -58,18 +66,68 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
         top_i = torch.empty(len(hs), 0, dtype=torch.long, device=h.device)   # (r, <=K) their ids
         lab = torch.zeros(len(hs), device=h.device)                     # (r,) next token's logit
         for c in range(0, V, cols):
-            z = model.logits(hs, slice(c, min(c + cols, V)))           # (r, cols) fp32
+            z = model.logits(hs, slice(c, min(c + cols, V)), fp32=mode == "fp32")   # (r, cols)
             bv, bi = z.topk(min(k, z.shape[1]), dim=-1)                 # (r, k): bv[:, 0] the max
+            bv = bv.float()                  # exact: a bf16 value is its fp32 value, same order
             here = (t >= c) & (t < c + z.shape[1])                      # next token in this block
             at = (t - c).clamp(0, z.shape[1] - 1)[:, None]              # (r, 1)
-            lab = torch.where(here, z.gather(1, at)[:, 0], lab)
-            # the block's log-sum-exp, max + log sum exp(z - max), with z overwritten in place (one
-            # pass less and no second (r, cols) tensor), folded into the running one
-            block_lse = bv[:, 0] + z.sub_(bv[:, :1]).exp_().sum(-1).log()
-            lse = torch.logaddexp(lse, block_lse)
+            lab = torch.where(here, z.gather(1, at)[:, 0].float(), lab)
+            lse = torch.logaddexp(lse, block_lse(z, bv[:, :1], bi[:, :1], mode))
             top_v, j = torch.cat([top_v, bv], 1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
             top_i = torch.cat([top_i, bi + c], 1).gather(1, j)
         ids.append(top_i)
         lps.append(top_v - lse[:, None])                       # log-probs over the whole vocabulary
         label.append((lab - lse) * (t >= 0))
     return torch.cat(ids), torch.cat(lps), torch.cat(label)
+
+
+# --------------------------------------------------------------------------------------------------
+# A block's log-sum-exp, max + log sum exp(z - max), the pass over every logit of the block. On the
+# CPU the logits are fp32 and the pass is done in place (no second (r, cols) tensor). On a GPU they
+# are bf16 and the passes over memory are what costs: converting them all to fp32 first and then
+# subtracting, exponentiating and summing reads and writes each one about six times more. So a GPU
+# block takes its top-K from the bf16 logits (half the bytes, exact) and its log-sum-exp in one
+# torch.compile'd kernel that reads each bf16 logit once ("compiled"), or, where that cannot be
+# compiled, from log_softmax in fp32 (reads them three times, writes once: "eager").
+# NANOFUSE_HEAD=fp32|eager|compiled picks one (tools/gpu_bench.py times them side by side).
+
+MODES = ("auto", "fp32", "eager", "compiled")
+
+
+def head_mode(on_gpu: bool) -> str:
+    """NANOFUSE_HEAD (default auto: "compiled" on a GPU, "fp32" on the CPU), checked."""
+    mode = os.environ.get("NANOFUSE_HEAD", "auto")
+    if mode not in MODES:
+        raise ValueError(f"NANOFUSE_HEAD={mode!r}: use one of {', '.join(MODES)}")
+    return ("compiled" if on_gpu else "fp32") if mode == "auto" else mode
+
+
+def block_lse(z, m, at_max, mode: str):
+    """log sum_j exp(z_j) of each row of one block z (r, cols), in fp32 whatever z's dtype; m (r, 1)
+    the rows' maxima (fp32), at_max (r, 1) where they are. z is overwritten where it is fp32 (the
+    caller is done with it)."""
+    if z.dtype == torch.float32:                                        # one pass less, in place
+        return m[:, 0] + z.sub_(m).exp_().sum(-1).log()
+    if mode == "compiled" and not COMPILE_FAILED:
+        try:
+            return compiled_lse()(z, m)
+        except Exception as e:                                          # noqa: BLE001 - said once
+            COMPILE_FAILED.append(e)
+            print(f"[head] torch.compile failed ({type(e).__name__}: {str(e)[:300]}); the "
+                  f"log-sum-exp runs uncompiled from here (NANOFUSE_HEAD=eager: from the start)",
+                  file=sys.stderr, flush=True)
+    # eager: log p of the row's maximum is -log sum exp(z - max), log_softmax computing it in fp32
+    return m[:, 0] - torch.log_softmax(z, -1, dtype=torch.float32).gather(1, at_max)[:, 0]
+
+
+def lse_reference(z, m):
+    """The log-sum-exp as torch.compile fuses it: each logit read once, converted, exp'd, summed."""
+    return m[:, 0] + (z.float() - m).exp().sum(-1).log()
+
+
+COMPILE_FAILED = []      # the error, once torch.compile has failed in this process
+
+
+@functools.cache
+def compiled_lse():
+    return torch.compile(lse_reference, dynamic=True)

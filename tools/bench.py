@@ -273,11 +273,15 @@ def bench_vocab_map(a):
 
 
 def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 0,
-                head_cols: int = 0) -> dict:
+                head_cols: int = 0, heads: tuple = ("",), profile: bool = False) -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
     data.window_topk (the output head in blocks), or transformers' forward + log_softmax + topk + gather.
-    Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident)."""
+    Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident).
+    heads: for nanofuse, each NANOFUSE_HEAD mode to time in turn on the one loaded model ("": the default);
+    the first one's figures come back on top, every one's under "heads" with the untimed pass's seconds
+    (which compiles) and how far its log-probs and CE are from the first one's. profile: one more pass of
+    the first under torch.profiler (`profiled`)."""
     import types
     import data
     import common
@@ -308,23 +312,58 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     with torch.no_grad():                       # page in every weight (load_model maps the file lazily)
         for p in model.parameters():
             p.sum()
-    if cuda:                                    # the model is loaded: what the computation adds from here
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = reset_peak_rss()
-    run()                                       # untimed: allocations, kernel choice
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / reps
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return dict(tokens_per_s=B * T / dt, extra=peak - base, device=device)
+    results, first = {}, None
+    for mode in heads if which == "nanofuse" else ("",):
+        if mode:
+            os.environ["NANOFUSE_HEAD"] = mode
+        if cuda:                                # the model is loaded: what the computation adds from here
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = reset_peak_rss()
+        t0 = time.perf_counter()
+        out = run()                             # untimed: allocations, kernel choice, compilation
+        if cuda:
+            torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / reps
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+        r = dict(tokens_per_s=B * T / dt, extra=peak - base, first_s=first_s)
+        if which == "nanofuse":                 # (ids, log-probs, CE) per window: against the first mode's
+            first = first or out
+            r["max_logprob_diff"] = max(float(abs(a - b).max()) for a, b in zip(first[1], out[1]))
+            r["max_ce_diff"] = max(abs(a - b) for a, b in zip(first[2], out[2]))
+        results[mode or "default"] = r
+    head = results[next(iter(results))]
+    res = dict(tokens_per_s=head["tokens_per_s"], extra=head["extra"], device=device, heads=results)
+    if profile:
+        if heads[0]:
+            os.environ["NANOFUSE_HEAD"] = heads[0]
+        res["profile"] = profiled(run, cuda)
+    return res
+
+
+def profiled(fn, cuda: bool, rows: int = 15) -> dict:
+    """fn() once under torch.profiler: its operations (on a GPU: its kernels) by their own time, the
+    largest first, as the profiler's table and as the top rows' (name, share of the whole time)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1
+    top = sorted(events, key=lambda e: -getattr(e, key))[:rows]
+    return dict(table=events.table(sort_by=key, row_limit=rows, max_name_column_width=80),
+                top=[(e.key[:100], getattr(e, key) / total) for e in top], total_ms=total / 1e3,
+                clock="GPU" if cuda else "CPU")
 
 
 def dists_table(a, path, title):

@@ -91,6 +91,7 @@ class Sizes:
     precision: tuple        # (batch, tokens) of the bf16 / fp32 comparison
     dists: tuple            # (batch, tokens, reps)
     train: tuple            # (model name, batch, tokens, timed steps)
+    accum: int              # train: micro-batches in the accumulated step
     compile_backend: str    # torch.compile's backend in the train part
     generate: tuple         # (model name, prompt tokens, new tokens, batches)
     torchrun_steps: int     # the killed-and-resumed run: steps (a checkpoint every 2)
@@ -105,9 +106,9 @@ class Sizes:
                      vocab_models=(("32k", "llama-1b-32k"), ("128k", "llama-1b"),
                                    ("262k", "gemma-270m")),
                      precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 1, 2048, 5),
-                     compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
+                     accum=8, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
-                     budget_s=dict(precision=45, dists=135, train=165, generate=60, torchrun=60))
+                     budget_s=dict(precision=35, dists=150, train=160, generate=50, torchrun=55))
 
     @staticmethod
     def for_dry_run():
@@ -117,7 +118,7 @@ class Sizes:
                      vocab_models=(("320", "llama-1b-32k"), ("1280", "llama-1b"),
                                    ("2620", "gemma-270m")),
                      precision=(2, 32), dists=(2, 32, 1), train=("llama-1b", 2, 32, 1),
-                     compile_backend="eager", generate=("llama-1b", 8, 4, (1, 8)),
+                     accum=2, compile_backend="eager", generate=("llama-1b", 8, 4, (1, 8)),
                      torchrun_steps=4, dry=True,
                      budget_s=dict(precision=60, dists=90, train=60, generate=60, torchrun=90))
 
@@ -173,35 +174,53 @@ def precision_child(cfg: dict, B: int, T: int) -> dict:
                     positions=B * T, device=device)
 
 
-def train_child(cfg: dict, B: int, T: int, steps: int, lam: float, backend: str) -> dict:
-    """`steps` optimizer steps of train.run_steps (bf16 autocast on a GPU, fp32 master weights,
-    fused AdamW) after one untimed step (which compiles, with a backend): s/step, tokens/s, the
-    untimed step's seconds, peak memory, and N, the parameters (the tied embedding once)."""
+def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: str, accum: int,
+                profile: bool) -> dict:
+    """On one model (compiled once, with a backend), for each (label, lambda) of `kinds`: one untimed
+    optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master weights, fused AdamW; the
+    first compiles), `steps` timed steps of one micro-batch of B x T tokens, then, accum > 1, 2 timed
+    steps of `accum` micro-batches (the gradients adding up, one update: how a 1B target trains);
+    profile: one more step of the last kind under torch.profiler. Per kind: s/step, tokens/s, the
+    untimed step's seconds, peak memory; N, the parameters (the tied embedding once)."""
     import common
     import train
-    from tools.bench import fusion_batch, peak_rss
+    from tools.bench import fusion_batch, peak_rss, profiled
     device = common.device("auto")
     cuda = device.startswith("cuda")
     model = random_model(cfg, device, torch.float32).train()
     V = model.args.vocab_size
-    tcfg = train.TrainConfig(lam=lam, batch_size=B)
-    opt = train.make_optimizer(model, tcfg, device)
     fmodel = torch.compile(model, backend=backend) if backend else model
     batch = fusion_batch(V, B, T)
-    t0 = time.perf_counter()
-    for rec in train.run_steps(fmodel, opt, tcfg, steps + 1, lambda k: [batch], device, V):
-        if cuda:
-            torch.cuda.synchronize()
-        if rec["step"] == 1:                    # allocations, kernel choice, compilation
-            first_s = time.perf_counter() - t0
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
+    out = dict(params=sum(p.numel() for p in model.parameters()), device=device, kinds={})
+    for n, (label, lam) in enumerate(kinds):
+        tcfg = train.TrainConfig(lam=lam, batch_size=B)
+        opt = train.make_optimizer(model, tcfg, device)
+        plan = [1] + [1] * steps + [accum] * (2 if accum > 1 else 0)
+        plan += [1] if profile and n == len(kinds) - 1 else []
+        loop = train.run_steps(fmodel, opt, tcfg, len(plan), lambda k: [batch] * plan[k], device, V)
+
+        def one():                               # the loop's next step, timed
             t0 = time.perf_counter()
-    dt = (time.perf_counter() - t0) / steps
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return dict(step_s=dt, tokens_per_s=B * T / dt, first_step_s=first_s, peak_mib=peak / 2**20,
-                params=sum(p.numel() for p in model.parameters()), loss=rec["loss"],
-                device=device)
+            rec = next(loop)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, rec
+
+        first_s, _ = one()                      # allocations, kernel choice, compilation
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        timed = [one() for _ in range(steps)]
+        dt = sum(t for t, _ in timed) / steps
+        r = dict(step_s=dt, tokens_per_s=B * T / dt, first_step_s=first_s, loss=timed[-1][1]["loss"])
+        r["peak_mib"] = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) / 2**20
+        if accum > 1:
+            acc = sum(one()[0] for _ in range(2)) / 2
+            r.update(accum_step_s=acc, accum_tokens_per_s=accum * B * T / acc)
+        if profile and n == len(kinds) - 1:
+            out["profile"] = profiled(one, cuda)
+        out["kinds"][label] = r
+        del opt
+    return out
 
 
 def greedy_batch(model, x, new: int):
@@ -427,19 +446,35 @@ def saved(sz: Sizes, work: Path, name: str, deadline: float) -> str:
     return str(path)
 
 
+HEADS = ("compiled", "eager", "fp32")    # extras/fast_head.py's NANOFUSE_HEAD modes, the default first
+
+
 def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
+    """Per vocabulary, one process times window_topk with each head mode (HEADS) on one loaded model,
+    another transformers; the largest vocabulary's default head and transformers also profiled."""
     from tools.bench import dists_child
     B, T, reps = sz.dists
-    for label, name in sz.vocab_models:
+    for n, (label, name) in enumerate(sz.vocab_models):
         path = saved(sz, work, name, deadline)
-        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, deadline=deadline)
+        last = n == len(sz.vocab_models) - 1
+        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, HEADS, last,
+                     deadline=deadline)
         row = dict(vocab=label, model=name, tokens=B * T, ours_tokens_per_s=ours["tokens_per_s"],
-                   ours_peak_mib=ours["extra"] / 2**20)
+                   ours_peak_mib=ours["extra"] / 2**20,
+                   **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in ours["heads"].items()},
+                   first_s=ours["heads"][HEADS[0]]["first_s"],
+                   max_logprob_diff=max(r["max_logprob_diff"] for r in ours["heads"].values()),
+                   max_ce_diff=max(r["max_ce_diff"] for r in ours["heads"].values()))
+        if "profile" in ours:
+            row["profile"] = ours["profile"]
         if has_transformers():
-            hf = fresh(dists_child, "transformers", path, B, T, 10, reps, deadline=deadline)
+            hf = fresh(dists_child, "transformers", path, B, T, 10, reps, 0, 0, ("",), last,
+                       deadline=deadline)
             row.update(hf_tokens_per_s=hf["tokens_per_s"], hf_peak_mib=hf["extra"] / 2**20,
                        speed=ours["tokens_per_s"] / hf["tokens_per_s"],
                        memory=ours["extra"] / max(hf["extra"], 1))
+            if "profile" in hf:
+                row["hf_profile"] = hf["profile"]
         rows.append(row)
 
 
@@ -448,16 +483,29 @@ def peak_tflops(device_name: str):
 
 
 def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
+    """Eager, then compiled: one process each, CLM only and CLM + fusion on the one model; each also
+    with sz.accum micro-batches a step; the compiled fusion step profiled."""
     name, B, T, steps = sz.train
     peak = peak_tflops(device_name())
+    kinds = (("CLM only", 1.0), ("CLM + fusion", 0.9))
     for backend in ("", sz.compile_backend):
-        for step, lam in (("CLM only", 1.0), ("CLM + fusion", 0.9)):
-            r = fresh(train_child, sz.models[name], B, T, steps, lam, backend, deadline=deadline)
-            flops = 6 * r["params"] * r["tokens_per_s"]        # 6 N per token: forward + backward
-            rows.append(dict(model=name, step=step, compile=backend or "no", tokens=B * T,
-                             **{k: r[k] for k in ("step_s", "tokens_per_s", "first_step_s",
-                                                  "peak_mib", "params", "loss")},
-                             mfu=flops / (peak * 1e12) if peak else None))
+        r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, sz.accum,
+                  bool(backend), deadline=deadline)
+        for step, k in r["kinds"].items():
+            for tag, s_key, t_key, n in (("", "step_s", "tokens_per_s", 1),
+                                         (f", {sz.accum} micro-batches", "accum_step_s",
+                                          "accum_tokens_per_s", sz.accum)):
+                if t_key not in k:
+                    continue
+                flops = 6 * r["params"] * k[t_key]            # 6 N per token: forward + backward
+                rows.append(dict(model=name, step=step + tag, compile=backend or "no",
+                                 tokens=n * B * T, step_s=k[s_key], tokens_per_s=k[t_key],
+                                 first_step_s=k["first_step_s"], peak_mib=k["peak_mib"],
+                                 params=r["params"], loss=k["loss"],
+                                 mfu=flops / (peak * 1e12) if peak else None))
+        if "profile" in r:                 # one micro-batch of the last kind, the step profiled
+            next(x for x in rows if x["step"] == kinds[-1][0] and x["compile"] == backend)[
+                "profile"] = r["profile"]
 
 
 def part_generate(sz: Sizes, work: Path, deadline: float, rows: list):
@@ -522,11 +570,15 @@ COLUMNS = {
                   ("top1_agreement", "top-1 agreement", "{:.4f}"),
                   ("positions", "positions", "{:,}")],
     "dists": [("vocab", "vocabulary", "{}"), ("model", "model", "{}"), ("tokens", "tokens", "{:,}"),
-              ("ours_tokens_per_s", "window_topk tokens/s", "{:,.0f}"),
+              ("compiled_tokens_per_s", "window_topk tokens/s (default: bf16, compiled)", "{:,.0f}"),
+              ("eager_tokens_per_s", "bf16, eager", "{:,.0f}"),
+              ("fp32_tokens_per_s", "fp32 logits (before)", "{:,.0f}"),
               ("hf_tokens_per_s", "transformers tokens/s", "{:,.0f}"),
-              ("speed", "speed", "{:.2f}x"),
+              ("speed", "speed (default)", "{:.2f}x"),
               ("ours_peak_mib", "peak MiB added, ours", "{:,.0f}"),
-              ("hf_peak_mib", "transformers", "{:,.0f}"), ("memory", "memory", "{:.3f}x")],
+              ("hf_peak_mib", "transformers", "{:,.0f}"), ("memory", "memory", "{:.3f}x"),
+              ("max_logprob_diff", "largest log-prob difference between modes", "{:.2g}"),
+              ("first_s", "first pass s (compiles)", "{:.1f}")],
     "train": [("step", "step", "{}"), ("compile", "torch.compile", "{}"),
               ("tokens", "tokens", "{:,}"), ("step_s", "s/step", "{:.3f}"),
               ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
@@ -565,10 +617,27 @@ def markdown(result: dict) -> str:
         for row in part["rows"]:
             cells = ["-" if row.get(k) is None else f.format(row[k]) for k, _, f in cols]
             out.append("| " + " | ".join(cells + stamp) + " |")
+        for row in part["rows"]:
+            for key, who in (("profile", "ours"), ("hf_profile", "transformers")):
+                if key in row:
+                    out.append(f"\n{profile_line(name, row, who, row[key])}")
         for note in part["notes"]:
             out.append(f"\n{note}")
         out.append("")
     return "\n".join(out)
+
+
+def profile_name(part: str, row: dict, who: str) -> str:
+    """The file a profiled row's whole table is written to, in OUT."""
+    return f"profile-{part}-{who}-{row.get('vocab') or row.get('compile', '')}.txt"
+
+
+def profile_line(part: str, row: dict, who: str, prof: dict) -> str:
+    """Where one profiled pass spends its time: its largest operations and their shares."""
+    top = "; ".join(f"`{k[:60]}` {share:.0%}" for k, share in prof["top"][:6])
+    return (f"Where the time goes, {who} ({row.get('vocab') or row.get('step')}, "
+            f"{prof['total_ms']:.1f} ms of {prof['clock']} time under the profiler): {top}. "
+            f"The whole table: {profile_name(part, row, who)}.")
 
 
 def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
@@ -611,6 +680,11 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
             status = "failed: " + rec["error"].strip().splitlines()[-1] if rec["error"] else "ok"
             print(f"[{part}] {rec['seconds']:.1f} s, {status}", flush=True)
     result["seconds"] = time.monotonic() - t_all
+    for part, rec in result["parts"].items():              # the profiler's tables, one file each
+        for row in rec["rows"]:
+            for key, who in (("profile", "ours"), ("hf_profile", "transformers")):
+                if key in row:
+                    (Path(out) / profile_name(part, row, who)).write_text(row[key]["table"])
     (Path(out) / "gpu_bench.json").write_text(json.dumps(result, indent=1))
     (Path(out) / "gpu_bench.md").write_text(markdown(result))
     print(markdown(result))

@@ -138,7 +138,7 @@ class RandomHead:
     def __init__(self, C, V, seed):
         self.w = torch.randn(V, C, generator=torch.Generator().manual_seed(seed)) * 3
 
-    def logits(self, h, vocab=slice(None)):
+    def logits(self, h, vocab=slice(None), fp32=True):                 # fp32 weights: fp32 always
         return h @ self.w[vocab].T
 
 

@@ -60,6 +60,15 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     stamp = f"| {result['device']} | {result['torch']} | {result['date']} |"
     n_rows = sum(len(p["rows"]) for p in result["parts"].values())
     assert table.count(stamp) == n_rows
+    # every head mode timed, and giving the same numbers; the accumulated steps; the profiles
+    dists = result["parts"]["dists"]["rows"]
+    assert all(f"{m}_tokens_per_s" in r for r in dists for m in ("compiled", "eager", "fp32"))
+    assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
+    steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
+    assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
+    for name in ("profile-dists-ours-2620.txt", "profile-dists-transformers-2620.txt",
+                 "profile-train-ours-eager.txt"):
+        assert name in table and "Self CPU" in (tmp_path / name).read_text()
 
 
 @pytest.mark.slow

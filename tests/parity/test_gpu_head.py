@@ -1,0 +1,79 @@
+"""
+The output head the way a GPU runs it, checked on the CPU: extras/fast_head.py with bf16 weights
+takes each block's top-K from the bf16 logits and its log-sum-exp in one of three ways
+(NANOFUSE_HEAD: fp32 logits first, log_softmax in fp32, or one torch.compile'd pass). Each must give
+data.head_topk's numbers, the readable whole-vocabulary log_softmax + topk on the same model's fp32
+logits. bf16 logits tie often, and tied ids may come in any order, so the top-K is checked as a
+valid top-K (its values the reference's, each id's log-prob its value) rather than id by id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import fusellm
+from conftest import llama
+from extras import fast_head
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bf16_model(softcap=None):
+    model = llama(1000, 3)
+    if softcap:                      # Gemma 2's c tanh(z / c): the block's logits must be capped
+        model = fusellm.Transformer(dataclasses.replace(model.args, final_softcap=softcap))
+        model.load_state_dict(llama(1000, 3).state_dict())
+    return model.eval().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "eager", "compiled"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_the_gpu_head_gives_the_readable_heads_numbers(monkeypatch, mode, softcap):
+    """Catches: the log-sum-exp read at another entry than the row's maximum (eager), the maximum
+    left out of the compiled sum, top-K ids not shifted by the block's start, the soft-cap computed
+    on bf16 logits."""
+    monkeypatch.setenv("NANOFUSE_HEAD", mode)
+    model, N, V, K = bf16_model(softcap), 41, 1000, 7
+    h = torch.randn(N, model.args.dim, generator=torch.Generator().manual_seed(1)) * 4
+    h = h.bfloat16()
+    nxt = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    nxt[-1] = -1
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(h, slice(0, V)), dim=-1)          # (N, V) reference
+        want = data.head_topk(model, h, nxt, K, V)
+        for rows, cols in [(8, 300), (64, V)]:           # short last blocks both ways; one block
+            ids, lps, label = fast_head.head_topk(model, h, nxt, K, V, rows * cols, cols)
+            assert lps.dtype == torch.float32 and label.dtype == torch.float32
+            assert torch.allclose(lps, want[1], atol=2e-6), (rows, cols)
+            assert torch.allclose(logp.gather(1, ids), lps, atol=2e-6)   # each id: its log-prob
+            assert all(len(set(r.tolist())) == K for r in ids)            # K distinct ids
+            assert torch.allclose(label, want[2], atol=2e-6) and label[-1] == 0
+    assert not fast_head.COMPILE_FAILED
+
+
+def test_a_bf16_model_keeps_its_logits_in_bf16_unless_soft_capped():
+    """model.logits(fp32=False): the weights' dtype, each value exactly the fp32 logit; a soft-capped
+    model's in fp32 (the cap is not exact in bf16)."""
+    h = torch.randn(5, 32).bfloat16()
+    plain, capped = bf16_model(), bf16_model(softcap=2.0)
+    z = plain.logits(h, fp32=False)
+    assert z.dtype == torch.bfloat16 and torch.equal(z.float(), plain.logits(h))
+    assert torch.equal(capped.logits(h, fp32=False), capped.logits(h))
+
+
+def test_a_wrong_head_mode_is_named_before_any_work(tmp_path):
+    """NANOFUSE_HEAD=fast (a typo): data.py dists says so at once, naming the choices, without
+    loading a model or writing a file."""
+    env = {"NANOFUSE_HEAD": "fast", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "dists", "--data", str(tmp_path),
+                        "--model", str(tmp_path / "missing"), "--name", "m"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "NANOFUSE_HEAD='fast'" in r.stderr, r.stderr
+    assert "auto, fp32, eager, compiled" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
