@@ -6,8 +6,9 @@ real vocabulary that does not fit: Gemma 3's 262,144 tokens over 8 windows of 20
 of fp32 logits. A real user needs the same top-K, log-probs and CE with the memory of one small
 block, and on the CPU the blocked walk is also faster (a block stays in cache for the passes after
 the matrix product). A learner reads data.head_topk, the whole-vocabulary log_softmax + topk +
-gather; data.window_topk calls this one instead when the logits would not fit in one block, and
-tests/lessons/test_windows_and_dists.py proves the two equal on random and real inputs.
+gather; data.window_topk calls this one instead (a small batch is one block), and
+tests/lessons/test_windows_and_dists.py proves the two equal on random and real inputs
+(tests/parity/test_gpu_head.py: with bf16 weights, as on a GPU).
 
 What it holds: `head_topk`, with the block shape chosen by device (`block_shape`), and how a
 block's log-sum-exp is taken (`block_lse`: in place in fp32 on the CPU; on a GPU from the bf16
