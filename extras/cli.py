@@ -70,4 +70,10 @@ def parse(cls, argv, description: str, choices: dict, presets: dict):
     for flag, preset in presets.items():
         if getattr(cfg, flag):
             cfg = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if k not in explicit})
+    if getattr(cfg, "online", False):      # the sources' output heads run in the loop (fast_head)
+        from extras import fast_head
+        try:
+            fast_head.head_mode(False)     # NANOFUSE_HEAD: a typo named before anything loads
+        except ValueError as e:
+            p.error(str(e))
     return cfg

@@ -6,9 +6,9 @@ real vocabulary that does not fit: Gemma 3's 262,144 tokens over 8 windows of 20
 of fp32 logits. A real user needs the same top-K, log-probs and CE with the memory of one small
 block, and on the CPU the blocked walk is also faster (a block stays in cache for the passes after
 the matrix product). A learner reads data.head_topk, the whole-vocabulary log_softmax + topk +
-gather; data.window_topk calls this one instead (a small batch is one block), and
-tests/lessons/test_windows_and_dists.py proves the two equal on random and real inputs
-(tests/parity/test_gpu_head.py: with bf16 weights, as on a GPU).
+gather; data.window_topk calls this one instead, and tests/lessons/test_windows_and_dists.py
+proves the two equal on random and real inputs (tests/parity/test_gpu_head.py: with bf16 weights,
+as on a GPU).
 
 What it holds: `head_topk`, with the block shape chosen by device (`block_shape`), and how a
 block's log-sum-exp is taken (`block_lse`: in place in fp32 on the CPU; on a GPU from the bf16
@@ -53,7 +53,7 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
     (N, K) and the next token's log-prob (N,) (0 where nxt is -1). u (N, S), sorted uniforms
     (extras/sampled_labels.py `uniforms`), or None: with them, k is unused and the ids are S draws
     from each position's distribution, each of log-prob -log S (sampled_labels.head_sample).
-    A block's logits stay in the weights' dtype (bf16 on a GPU: `block_lse` below)."""
+    On a GPU the top-K comes from bf16 logits (`head_mode`, `block_lse` below)."""
     rows, cols = block_shape(V, h.is_cuda, head_elements, head_cols)
     if u is not None:
         from extras.sampled_labels import head_sample
@@ -73,7 +73,7 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
             here = (t >= c) & (t < c + z.shape[1])                      # next token in this block
             at = (t - c).clamp(0, z.shape[1] - 1)[:, None]              # (r, 1)
             lab = torch.where(here, z.gather(1, at)[:, 0].float(), lab)
-            lse = torch.logaddexp(lse, block_lse(z, bv[:, :1], bi[:, :1], mode))
+            lse = torch.logaddexp(lse, block_lse(z, bv[:, :1], mode))
             top_v, j = torch.cat([top_v, bv], 1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
             top_i = torch.cat([top_i, bi + c], 1).gather(1, j)
         ids.append(top_i)
@@ -85,40 +85,42 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
 # --------------------------------------------------------------------------------------------------
 # A block's log-sum-exp, max + log sum exp(z - max), the pass over every logit of the block. On the
 # CPU the logits are fp32 and the pass is done in place (no second (r, cols) tensor). On a GPU they
-# are bf16 and the passes over memory are what costs: converting them all to fp32 first and then
-# subtracting, exponentiating and summing reads and writes each one about six times more. So a GPU
-# block takes its top-K from the bf16 logits (half the bytes, exact) and its log-sum-exp in one
-# torch.compile'd kernel that reads each bf16 logit once ("compiled"), or, where that cannot be
-# compiled, from log_softmax in fp32 (reads them three times, writes once: "eager").
-# NANOFUSE_HEAD=fp32|eager|compiled picks one (tools/gpu_bench.py times them side by side).
+# are bf16, and the passes over memory are what costs: converting each logit to fp32 first, then
+# subtracting, exponentiating and summing, moves about 26 bytes per logit. So a GPU block takes its
+# top-K from the bf16 logits (half the bytes, exact) and its log-sum-exp in one torch.compile'd
+# kernel that reads each bf16 logit once ("compiled"). Where that cannot be compiled, the in-place
+# pass runs on an fp32 copy ("eager"); "fp32" converts the logits before the top-K too (as before).
+# NANOFUSE_HEAD=fp32|eager|compiled picks one (tools/gpu_bench.py times them side by side). The
+# sampled labels (extras/sampled_labels.py) read fp32 logits whatever it says. Gemma 2's soft-capped
+# logits are fp32 in every mode.
 
 MODES = ("auto", "fp32", "eager", "compiled")
 
 
 def head_mode(on_gpu: bool) -> str:
-    """NANOFUSE_HEAD (default auto: "compiled" on a GPU, "fp32" on the CPU), checked."""
-    mode = os.environ.get("NANOFUSE_HEAD", "auto")
+    """NANOFUSE_HEAD (unset or empty: auto, "compiled" on a GPU and "fp32" on the CPU), checked."""
+    mode = os.environ.get("NANOFUSE_HEAD") or "auto"
     if mode not in MODES:
         raise ValueError(f"NANOFUSE_HEAD={mode!r}: use one of {', '.join(MODES)}")
     return ("compiled" if on_gpu else "fp32") if mode == "auto" else mode
 
 
-def block_lse(z, m, at_max, mode: str):
+def block_lse(z, m, mode: str):
     """log sum_j exp(z_j) of each row of one block z (r, cols), in fp32 whatever z's dtype; m (r, 1)
-    the rows' maxima (fp32), at_max (r, 1) where they are. z is overwritten where it is fp32 (the
-    caller is done with it)."""
+    the rows' maxima (fp32). z is overwritten where it is fp32 (the caller is done with it)."""
     if z.dtype == torch.float32:                                        # one pass less, in place
         return m[:, 0] + z.sub_(m).exp_().sum(-1).log()
     if mode == "compiled" and not COMPILE_FAILED:
         try:
             return compiled_lse()(z, m)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:                                          # noqa: BLE001 - said once
-            COMPILE_FAILED.append(e)
-            print(f"[head] torch.compile failed ({type(e).__name__}: {str(e)[:300]}); the "
-                  f"log-sum-exp runs uncompiled from here (NANOFUSE_HEAD=eager: from the start)",
-                  file=sys.stderr, flush=True)
-    # eager: log p of the row's maximum is -log sum exp(z - max), log_softmax computing it in fp32
-    return m[:, 0] - torch.log_softmax(z, -1, dtype=torch.float32).gather(1, at_max)[:, 0]
+            COMPILE_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"[head] torch.compile failed ({COMPILE_FAILED[0]}); the log-sum-exp runs "
+                  f"uncompiled from here (NANOFUSE_HEAD=eager: from the start)", file=sys.stderr,
+                  flush=True)
+    return block_lse(z.float(), m, mode)                                # eager: on an fp32 copy
 
 
 def lse_reference(z, m):
@@ -126,7 +128,7 @@ def lse_reference(z, m):
     return m[:, 0] + (z.float() - m).exp().sum(-1).log()
 
 
-COMPILE_FAILED = []      # the error, once torch.compile has failed in this process
+COMPILE_FAILED = []      # why torch.compile failed in this process, once it has
 
 
 @functools.cache

@@ -273,20 +273,22 @@ def bench_vocab_map(a):
 
 
 def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 0,
-                head_cols: int = 0, heads: tuple = ("",), profile: bool = False) -> dict:
+                head_cols: int = 0, heads: tuple = ("",), profile: bool = False, dtype: str = "") -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
     data.window_topk (the output head in blocks), or transformers' forward + log_softmax + topk + gather.
     Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident).
     heads: for nanofuse, each NANOFUSE_HEAD mode to time in turn on the one loaded model ("": the default);
     the first one's figures come back on top, every one's under "heads" with the untimed pass's seconds
-    (which compiles) and how far its log-probs and CE are from the first one's. profile: one more pass of
-    the first under torch.profiler (`profiled`)."""
+    (which compiles) and how far its log-probs and CE are from the first one's, and compile_failed: why
+    torch.compile failed, if it did (the "compiled" figures are then uncompiled). profile: one more pass of
+    the first under torch.profiler (`profiled`). dtype: the model's ("": the device's, common.dtype_for)."""
     import types
     import data
     import common
     device = common.device("auto")
-    cuda, dtype = device.startswith("cuda"), common.dtype_for(device)
+    cuda = device.startswith("cuda")
+    dtype = getattr(torch, dtype) if dtype else common.dtype_for(device)
     if which == "nanofuse":
         model = fusellm.load_model(path, device, dtype)
     else:
@@ -314,8 +316,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
             p.sum()
     results, first = {}, None
     for mode in heads if which == "nanofuse" else ("",):
-        if mode:
-            os.environ["NANOFUSE_HEAD"] = mode
+        os.environ["NANOFUSE_HEAD"] = mode          # "": fast_head's default
         if cuda:                                # the model is loaded: what the computation adds from here
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -343,15 +344,19 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     head = results[next(iter(results))]
     res = dict(tokens_per_s=head["tokens_per_s"], extra=head["extra"], device=device, heads=results)
     if profile:
-        if heads[0]:
-            os.environ["NANOFUSE_HEAD"] = heads[0]
+        os.environ["NANOFUSE_HEAD"] = heads[0]
         res["profile"] = profiled(run, cuda)
+    if which == "nanofuse":
+        from extras import fast_head
+        res["compile_failed"] = fast_head.COMPILE_FAILED[0] if fast_head.COMPILE_FAILED else None
     return res
 
 
 def profiled(fn, cuda: bool, rows: int = 15) -> dict:
     """fn() once under torch.profiler: its operations (on a GPU: its kernels) by their own time, the
-    largest first, as the profiler's table and as the top rows' (name, share of the whole time)."""
+    largest first, as the profiler's table and as the top rows' (name, share of the whole time). On a
+    GPU only the kernels count: each operation also carries its kernels' time, which would count it twice."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         fn()
@@ -359,8 +364,9 @@ def profiled(fn, cuda: bool, rows: int = 15) -> dict:
             torch.cuda.synchronize()
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, key) for e in events) or 1
-    top = sorted(events, key=lambda e: -getattr(e, key))[:rows]
+    counted = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else list(events)
+    total = sum(getattr(e, key) for e in counted) or 1
+    top = sorted(counted, key=lambda e: -getattr(e, key))[:rows]
     return dict(table=events.table(sort_by=key, row_limit=rows, max_name_column_width=80),
                 top=[(e.key[:100], getattr(e, key) / total) for e in top], total_ms=total / 1e3,
                 clock="GPU" if cuda else "CPU")

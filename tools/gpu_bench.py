@@ -15,16 +15,20 @@ up) and recorded on its own: a part that fails writes its error and the next one
   shape (random weights, built on the device): the largest difference, top-1 agreement;
 - dists: source distributions, data.window_topk against transformers' forward + log_softmax + topk
   (tools/bench.py dists_child, each in a fresh process), tokens/s and peak memory, at vocabularies
-  of 32k, 128k and 262k;
-- train: one optimizer step (train.run_steps) of the Llama-3.2-1B shape at 2,048 tokens, bf16
-  autocast, CLM-only and fusion, eager and torch.compile'd: tokens/s and MFU against the GPU's
-  dense bf16 peak (PEAK_BF16);
+  of 262k, 128k and 32k; ours with each of extras/fast_head.py's head modes in turn (HEADS), the
+  262k pass of both profiled;
+- train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape at 2,048 tokens, bf16
+  autocast, CLM-only and fusion, eager and torch.compile'd, each also with 8 micro-batches a step:
+  tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the compiled fusion step
+  profiled;
 - generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
   generate on the same weights, new tokens/s at batch 1 and 8, and whether they chose the same;
 - torchrun: `torchrun --nproc_per_node 1` over NCCL, a FSDP2 model whose DCP checkpoint
   (extras/distributed.py) is saved, the process killed (SIGKILL) and resumed: equal to the run
   that was never killed. (train.py itself shards only across several processes, so at one process
   it writes ckpt.pt; this worker shards its one process's model to write the DCP checkpoint.)
+The profiles: where the time goes (the largest kernels and their shares) in the table, the
+profiler's whole tables in OUT/profile-*.txt.
 transformers may be absent on the GPU machine (docs/benchmarks.md: the wheels folder): then the
 comparisons say so and give our figures alone.
 """
@@ -103,8 +107,8 @@ class Sizes:
         llama32k = dict(LLAMA_1B, vocab_size=32000)
         return Sizes(models={"llama-1b": LLAMA_1B, "llama-1b-32k": llama32k,
                              "gemma-270m": GEMMA_270M},
-                     vocab_models=(("32k", "llama-1b-32k"), ("128k", "llama-1b"),
-                                   ("262k", "gemma-270m")),
+                     vocab_models=(("262k", "gemma-270m"), ("128k", "llama-1b"),
+                                   ("32k", "llama-1b-32k")),
                      precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 1, 2048, 5),
                      accum=8, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
@@ -115,8 +119,8 @@ class Sizes:
         return Sizes(models={"llama-1b": shrink(LLAMA_1B, 1280),
                              "llama-1b-32k": shrink(LLAMA_1B, 320),
                              "gemma-270m": shrink(GEMMA_270M, 2620)},
-                     vocab_models=(("320", "llama-1b-32k"), ("1280", "llama-1b"),
-                                   ("2620", "gemma-270m")),
+                     vocab_models=(("2620", "gemma-270m"), ("1280", "llama-1b"),
+                                   ("320", "llama-1b-32k")),
                      precision=(2, 32), dists=(2, 32, 1), train=("llama-1b", 2, 32, 1),
                      accum=2, compile_backend="eager", generate=("llama-1b", 8, 4, (1, 8)),
                      torchrun_steps=4, dry=True,
@@ -176,10 +180,11 @@ def precision_child(cfg: dict, B: int, T: int) -> dict:
 
 def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: str, accum: int,
                 profile: bool) -> dict:
-    """On one model (compiled once, with a backend), for each (label, lambda) of `kinds`: one untimed
-    optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master weights, fused AdamW; the
-    first compiles), `steps` timed steps of one micro-batch of B x T tokens, then, accum > 1, 2 timed
-    steps of `accum` micro-batches (the gradients adding up, one update: how a 1B target trains);
+    """On one model (compiled once, with a backend), for each (label, lambda) of `kinds`: one
+    untimed optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master weights, fused
+    AdamW; the first compiles), `steps` timed steps of one micro-batch of B x T tokens, then, accum
+    > 1, 2 timed steps of `accum` micro-batches (the gradients adding up, one update: how a 1B
+    target trains), with their own peak memory and loss;
     profile: one more step of the last kind under torch.profiler. Per kind: s/step, tokens/s, the
     untimed step's seconds, peak memory; N, the parameters (the tied embedding once)."""
     import common
@@ -211,11 +216,17 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
             torch.cuda.reset_peak_memory_stats()
         timed = [one() for _ in range(steps)]
         dt = sum(t for t, _ in timed) / steps
-        r = dict(step_s=dt, tokens_per_s=B * T / dt, first_step_s=first_s, loss=timed[-1][1]["loss"])
+        r = dict(step_s=dt, tokens_per_s=B * T / dt, first_step_s=first_s,
+                 loss=timed[-1][1]["loss"])
         r["peak_mib"] = (torch.cuda.max_memory_allocated() if cuda else peak_rss()) / 2**20
-        if accum > 1:
-            acc = sum(one()[0] for _ in range(2)) / 2
-            r.update(accum_step_s=acc, accum_tokens_per_s=accum * B * T / acc)
+        if accum > 1:                           # their own peak and loss
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            acc = [one() for _ in range(2)]
+            dt = sum(t for t, _ in acc) / 2
+            peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+            r.update(accum_step_s=dt, accum_tokens_per_s=accum * B * T / dt,
+                     accum_loss=acc[-1][1]["loss"], accum_peak_mib=peak / 2**20)
         if profile and n == len(kinds) - 1:
             out["profile"] = profiled(one, cuda)
         out["kinds"][label] = r
@@ -446,36 +457,38 @@ def saved(sz: Sizes, work: Path, name: str, deadline: float) -> str:
     return str(path)
 
 
-HEADS = ("compiled", "eager", "fp32")    # extras/fast_head.py's NANOFUSE_HEAD modes, the default first
+HEADS = ("compiled", "eager", "fp32")    # extras/fast_head.py's NANOFUSE_HEAD modes, default first
 
 
 def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
-    """Per vocabulary, one process times window_topk with each head mode (HEADS) on one loaded model,
-    another transformers; the largest vocabulary's default head and transformers also profiled."""
+    """Per vocabulary, the largest first: one process times window_topk with each head mode (HEADS)
+    on one loaded model, another transformers; the first vocabulary's default head and transformers
+    also profiled. The dry run's model is bf16, so the CPU runs the GPU's head."""
     from tools.bench import dists_child
     B, T, reps = sz.dists
     for n, (label, name) in enumerate(sz.vocab_models):
         path = saved(sz, work, name, deadline)
-        last = n == len(sz.vocab_models) - 1
-        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, HEADS, last,
-                     deadline=deadline)
+        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, HEADS, n == 0,
+                     "bfloat16" if sz.dry else "", deadline=deadline)
+        heads = ours["heads"]
         row = dict(vocab=label, model=name, tokens=B * T, ours_tokens_per_s=ours["tokens_per_s"],
                    ours_peak_mib=ours["extra"] / 2**20,
-                   **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in ours["heads"].items()},
-                   first_s=ours["heads"][HEADS[0]]["first_s"],
-                   max_logprob_diff=max(r["max_logprob_diff"] for r in ours["heads"].values()),
-                   max_ce_diff=max(r["max_ce_diff"] for r in ours["heads"].values()))
+                   **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in heads.items()},
+                   first_s=heads[HEADS[0]]["first_s"],
+                   max_logprob_diff=max(r["max_logprob_diff"] for r in heads.values()),
+                   max_ce_diff=max(r["max_ce_diff"] for r in heads.values()),
+                   compile_failed=ours["compile_failed"])
         if "profile" in ours:
             row["profile"] = ours["profile"]
+        rows.append(row)                        # kept if transformers' process runs out of time
         if has_transformers():
-            hf = fresh(dists_child, "transformers", path, B, T, 10, reps, 0, 0, ("",), last,
+            hf = fresh(dists_child, "transformers", path, B, T, 10, reps, 0, 0, ("",), n == 0,
                        deadline=deadline)
             row.update(hf_tokens_per_s=hf["tokens_per_s"], hf_peak_mib=hf["extra"] / 2**20,
                        speed=ours["tokens_per_s"] / hf["tokens_per_s"],
                        memory=ours["extra"] / max(hf["extra"], 1))
             if "profile" in hf:
                 row["hf_profile"] = hf["profile"]
-        rows.append(row)
 
 
 def peak_tflops(device_name: str):
@@ -492,16 +505,16 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
         r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, sz.accum,
                   bool(backend), deadline=deadline)
         for step, k in r["kinds"].items():
-            for tag, s_key, t_key, n in (("", "step_s", "tokens_per_s", 1),
-                                         (f", {sz.accum} micro-batches", "accum_step_s",
-                                          "accum_tokens_per_s", sz.accum)):
-                if t_key not in k:
-                    continue
-                flops = 6 * r["params"] * k[t_key]            # 6 N per token: forward + backward
-                rows.append(dict(model=name, step=step + tag, compile=backend or "no",
-                                 tokens=n * B * T, step_s=k[s_key], tokens_per_s=k[t_key],
-                                 first_step_s=k["first_step_s"], peak_mib=k["peak_mib"],
-                                 params=r["params"], loss=k["loss"],
+            figures = ("step_s", "tokens_per_s", "peak_mib", "loss")
+            variants = [dict(step=step, tokens=B * T, first_step_s=k["first_step_s"],
+                             **{x: k[x] for x in figures})]
+            if "accum_step_s" in k:                # the same, sz.accum micro-batches a step
+                variants.append(dict(step=f"{step}, {sz.accum} micro-batches",
+                                     tokens=sz.accum * B * T, first_step_s=None,
+                                     **{x: k[f"accum_{x}"] for x in figures}))
+            for v in variants:
+                flops = 6 * r["params"] * v["tokens_per_s"]      # 6 N per token: fwd + bwd
+                rows.append(dict(model=name, compile=backend or "no", params=r["params"], **v,
                                  mfu=flops / (peak * 1e12) if peak else None))
         if "profile" in r:                 # one micro-batch of the last kind, the step profiled
             next(x for x in rows if x["step"] == kinds[-1][0] and x["compile"] == backend)[
@@ -570,7 +583,8 @@ COLUMNS = {
                   ("top1_agreement", "top-1 agreement", "{:.4f}"),
                   ("positions", "positions", "{:,}")],
     "dists": [("vocab", "vocabulary", "{}"), ("model", "model", "{}"), ("tokens", "tokens", "{:,}"),
-              ("compiled_tokens_per_s", "window_topk tokens/s (default: bf16, compiled)", "{:,.0f}"),
+              ("compiled_tokens_per_s", "window_topk tokens/s (bf16, compiled: default)",
+               "{:,.0f}"),
               ("eager_tokens_per_s", "bf16, eager", "{:,.0f}"),
               ("fp32_tokens_per_s", "fp32 logits (before)", "{:,.0f}"),
               ("hf_tokens_per_s", "transformers tokens/s", "{:,.0f}"),
@@ -618,6 +632,9 @@ def markdown(result: dict) -> str:
             cells = ["-" if row.get(k) is None else f.format(row[k]) for k, _, f in cols]
             out.append("| " + " | ".join(cells + stamp) + " |")
         for row in part["rows"]:
+            if row.get("compile_failed"):
+                out.append(f"\n{row['vocab']}: torch.compile failed ({row['compile_failed']}), so "
+                           f"the compiled column and the ratios ran uncompiled.")
             for key, who in (("profile", "ours"), ("hf_profile", "transformers")):
                 if key in row:
                     out.append(f"\n{profile_line(name, row, who, row[key])}")

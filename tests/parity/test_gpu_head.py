@@ -1,10 +1,11 @@
 """
 The output head the way a GPU runs it, checked on the CPU: extras/fast_head.py with bf16 weights
 takes each block's top-K from the bf16 logits and its log-sum-exp in one of three ways
-(NANOFUSE_HEAD: fp32 logits first, log_softmax in fp32, or one torch.compile'd pass). Each must give
-data.head_topk's numbers, the readable whole-vocabulary log_softmax + topk on the same model's fp32
-logits. bf16 logits tie often, and tied ids may come in any order, so the top-K is checked as a
-valid top-K (its values the reference's, each id's log-prob its value) rather than id by id.
+(NANOFUSE_HEAD: fp32 logits first, an fp32 copy after the top-K, or one torch.compile'd pass).
+Each must give data.head_topk's numbers, the readable whole-vocabulary log_softmax + topk on the
+same model's fp32 logits. bf16 logits tie often, and tied ids may come in any order, so the top-K
+is checked as a valid top-K (its values the reference's, each id's log-prob its value) rather than
+id by id.
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ def bf16_model(softcap=None):
 @pytest.mark.parametrize("mode", ["fp32", "eager", "compiled"])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_the_gpu_head_gives_the_readable_heads_numbers(monkeypatch, mode, softcap):
-    """Catches: the log-sum-exp read at another entry than the row's maximum (eager), the maximum
-    left out of the compiled sum, top-K ids not shifted by the block's start, the soft-cap computed
-    on bf16 logits."""
+    """Catches: the maximum left out of the compiled sum (or subtracted and not added back), top-K
+    ids not shifted by the block's start, the soft-cap computed on bf16 logits."""
     monkeypatch.setenv("NANOFUSE_HEAD", mode)
     model, N, V, K = bf16_model(softcap), 41, 1000, 7
     h = torch.randn(N, model.args.dim, generator=torch.Generator().manual_seed(1)) * 4
@@ -58,8 +58,8 @@ def test_the_gpu_head_gives_the_readable_heads_numbers(monkeypatch, mode, softca
 
 
 def test_a_bf16_model_keeps_its_logits_in_bf16_unless_soft_capped():
-    """model.logits(fp32=False): the weights' dtype, each value exactly the fp32 logit; a soft-capped
-    model's in fp32 (the cap is not exact in bf16)."""
+    """model.logits(fp32=False): the weights' dtype, each value exactly the fp32 logit; a
+    soft-capped model's in fp32 (the cap is not exact in bf16)."""
     h = torch.randn(5, 32).bfloat16()
     plain, capped = bf16_model(), bf16_model(softcap=2.0)
     z = plain.logits(h, fp32=False)
@@ -77,3 +77,41 @@ def test_a_wrong_head_mode_is_named_before_any_work(tmp_path):
     assert r.returncode != 0 and "NANOFUSE_HEAD='fast'" in r.stderr, r.stderr
     assert "auto, fp32, eager, compiled" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def head_with_failing_compile(monkeypatch, error):
+    """fast_head.head_topk on a bf16 model (blocks of 8 x 300) where torch.compile raises `error`;
+    what it returns, what data.head_topk returns."""
+    monkeypatch.setenv("NANOFUSE_HEAD", "compiled")
+    monkeypatch.setattr(fast_head, "COMPILE_FAILED", [])
+
+    def broken(z, m):
+        raise error
+    monkeypatch.setattr(fast_head, "compiled_lse", lambda: broken)
+    model = bf16_model()
+    h = torch.randn(30, model.args.dim, generator=torch.Generator().manual_seed(5)).bfloat16()
+    nxt = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = [fast_head.head_topk(model, h, nxt, 5, 1000, 8 * 300, 300) for _ in range(2)]
+        return got, data.head_topk(model, h, nxt, 5, 1000)
+
+
+def test_a_compile_that_fails_falls_back_once_and_says_so(monkeypatch, capsys):
+    """torch.compile failing (no Triton, no C++ compiler) costs no result: the block it failed on
+    and every later one, in this call and the next, take the uncompiled pass, with the reference's
+    numbers, and the failure is said once, with its reason. Catches the failing block dropped or
+    its log-sum-exp left out, the error raised, and a message per block."""
+    got, want = head_with_failing_compile(monkeypatch, RuntimeError("no triton here"))
+    for ids, lps, label in got:
+        assert torch.allclose(lps, want[1], atol=2e-6) and torch.allclose(label, want[2], atol=2e-6)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "no triton here" in err
+    assert fast_head.COMPILE_FAILED == ["RuntimeError: no triton here"]
+
+
+def test_running_out_of_memory_is_not_taken_for_a_failed_compile(monkeypatch):
+    """Out of GPU memory inside the compiled pass is raised as it is (a smaller --batch-size is the
+    fix), not hidden behind the fallback. Catches an except clause that swallows every error."""
+    with pytest.raises(torch.OutOfMemoryError):
+        head_with_failing_compile(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    assert fast_head.COMPILE_FAILED == []
