@@ -67,13 +67,15 @@ def test_a_bf16_model_keeps_its_logits_in_bf16_unless_soft_capped():
     assert torch.equal(capped.logits(h, fp32=False), capped.logits(h))
 
 
-def test_a_wrong_head_mode_is_named_before_any_work(tmp_path):
-    """NANOFUSE_HEAD=fast (a typo): data.py dists says so at once, naming the choices, without
-    loading a model or writing a file."""
+@pytest.mark.parametrize("script, args", [
+    ("data.py", ["dists", "--name", "m", "--data", "{d}", "--model", "{d}/missing"]),
+    ("train.py", ["--online", "--data", "{d}", "--target", "{d}/missing", "--out", "{d}/out"])])
+def test_a_wrong_head_mode_is_named_before_any_work(tmp_path, script, args):
+    """NANOFUSE_HEAD=fast (a typo): data.py dists and train.py --online (whose sources' heads run in
+    the loop) say so at once, naming the choices, without loading a model or writing a file."""
     env = {"NANOFUSE_HEAD": "fast", "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "dists", "--data", str(tmp_path),
-                        "--model", str(tmp_path / "missing"), "--name", "m"], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / script), *(a.format(d=tmp_path) for a in args)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "NANOFUSE_HEAD='fast'" in r.stderr, r.stderr
     assert "auto, fp32, eager, compiled" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
