@@ -425,7 +425,7 @@ def carry(src_ids, tgt_ids, src_topk_ids, src_topk_logprobs, vmap, src_vocab, tg
 
 PRESETS = {
     "nanofuse": dict(positions="exact", vocab_map="next", map_ties="emitted", ties="closest",
-                     fallback="next", merge="sum", context="whitespace-run"),
+                     fallback="next", merge="sum", context="whitespace-token"),
     "paper": dict(positions="paper", vocab_map="mined", map_ties="emitted", ties="closest",
                   fallback="next", merge="sum"),
     "official": dict(positions="paper", vocab_map="mined", map_ties="lowest", ties="official",

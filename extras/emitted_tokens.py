@@ -99,11 +99,12 @@ def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # The context rule (align.transfer's `labels`; the nanofuse preset's setting "context")
 
-# The values of an alignment's "context" setting (none: the map alone): "whitespace-run" (nanofuse's
-# default) reads the rest of the whitespace run after the source's next token and the first
-# character after it; "next-char" (nanofuse's default on 2026-12-06, kept so that folders aligned
-# with it still train --online as they were aligned) reads one character only.
-CONTEXTS = ("whitespace-run", "next-char")
+# The values of an alignment's "context" setting (none: the map alone), the text the rule reads
+# after the source's next token: "whitespace-token" (nanofuse's default) the rest of the whitespace
+# run and the whole source token that ends it; "whitespace-run" (the default of 2026-12-06's second
+# session) the run and the first character after it; "next-char" (the default before) one character.
+# The older two are kept so that folders aligned with them still train --online as they were.
+CONTEXTS = ("whitespace-token", "whitespace-run", "next-char")
 RUN_TOKENS = 64     # how many tokens after the source's next token the rule reads at most
 
 
@@ -116,25 +117,29 @@ def context_labels(src_tok, tgt_tok, vmap, settings: dict) -> ContextLabels | No
         return None
     if context not in CONTEXTS:
         raise ValueError(f"alignment setting context={context!r}; choose one of {CONTEXTS}")
-    return ContextLabels(src_tok, tgt_tok, vmap, whole_run=context == "whitespace-run")
+    return ContextLabels(src_tok, tgt_tok, vmap, context)
 
 
-def following_text(tok, ids, whole_run: bool) -> str | None:
-    """The text the tokens `ids` begin with: its first character, or (whole_run) the whitespace it
-    begins with and the first character after that (all of the text where it is whitespace only).
-    None where there is no text, or where it begins inside a character (a byte-level token can end
-    mid-character)."""
+def following_text(tok, ids, context: str = "whitespace-token") -> str | None:
+    """The text the tokens `ids` begin with, as much as `context` reads (CONTEXTS): the whitespace
+    it begins with and the whole token that ends it ("whitespace-token"), or the first character
+    after that whitespace ("whitespace-run"); all of the text where it is whitespace only. Or its
+    first character ("next-char"). None where there is no text, or where it begins inside a
+    character (a byte-level token can end mid-character; a text read to such an end stops before
+    that character)."""
     decode, text = codecs.getincrementaldecoder("utf-8")().decode, ""
     try:
         for t in ids:
             text += decode(tok.token_bytes(int(t)))
-            if text.lstrip() if whole_run else text:
+            if text.lstrip() if context != "next-char" else text:
                 break
     except UnicodeDecodeError:                    # the bytes begin inside a character
         return None
     if not text:
         return None
-    return text[:len(text) - len(text.lstrip()) + 1] if whole_run else text[0]
+    if context == "next-char":
+        return text[0]
+    return text[:len(text) - len(text.lstrip()) + 1] if context == "whitespace-run" else text
 
 
 class ContextLabels:
@@ -147,21 +152,22 @@ class ContextLabels:
     next token is '▁▁▁' ("    def" is '▁▁▁' '▁def'), not the map's '▁▁▁▁' (4 spaces alone).
 
     The rule: such a candidate's label is the first token the target emits for text(c) followed by
-    the text that really comes after the source's next token (`following_text`: the rest of the
-    whitespace run there and the first character after it; with whole_run=False, one character),
-    where that token spells text(c) but for whitespace at its end (`continuation`, cached by
-    (c, text)). Every other candidate, and any where this fails (no text after, a text that does
-    not decode), keeps the map's label. The target's true next token is never read.
+    the text that really comes after the source's next token (`following_text`: by default the
+    rest of the whitespace run there and the whole source token that ends it), where that token
+    spells text(c) but for whitespace at its end (`continuation`, cached by (c, text)). Every other
+    candidate, and any where this fails (no text after, a text that does not decode), keeps the
+    map's label. The target's true next token is never read.
 
     Why the whole run: how a target cuts whitespace depends on all of it. Where the source's next
     token is 16 spaces and more follow, one character asks how the target cuts 17 spaces (the toy
-    demo's target: 8 + 9), while the real run of 18 or more starts with its 16. Why only
-    whitespace: the same text given to every candidate re-cuts words ('rr' before 'o' becomes 'r'
-    'ro' where the target writes 'rr') and lowers the oracle label mass on real pairs
-    (docs/data-and-alignment.md)."""
+    demo's target: 8 + 9), while the real run of 18 or more starts with its 16. Why the whole token
+    after it: so does what follows the run. Mistral v1 writes 8 spaces and "-" as 7 spaces and
+    '▁-', but 8 spaces and "----------" as 8 spaces and '----------'. Why only whitespace: the same
+    text given to every candidate re-cuts words ('rr' before 'o' becomes 'r' 'ro' where the target
+    writes 'rr') and lowers the oracle label mass on real pairs (docs/data-and-alignment.md)."""
 
-    def __init__(self, src_tok, tgt_tok, vmap: np.ndarray, whole_run: bool = True):
-        self.src, self.tgt, self.vmap, self.whole_run = src_tok, tgt_tok, vmap, whole_run
+    def __init__(self, src_tok, tgt_tok, vmap: np.ndarray, context: str = "whitespace-token"):
+        self.src, self.tgt, self.vmap, self.context = src_tok, tgt_tok, vmap, context
         self.spaced = np.array([src_tok.token_bytes(i)[-1:].isspace()       # (V_src,) bool
                                 for i in range(src_tok.vocab_size)])
         self.cache: dict[tuple[int, str], int] = {}
@@ -175,8 +181,8 @@ class ContextLabels:
         if not len(spaced):
             return out
         # one character takes at most 4 tokens (its 4 bytes); a whitespace run, up to RUN_TOKENS
-        after = src_ids[i + 2:i + 2 + (RUN_TOKENS if self.whole_run else 4)]
-        text = following_text(self.src, after, self.whole_run)
+        after = src_ids[i + 2:i + 2 + (4 if self.context == "next-char" else RUN_TOKENS)]
+        text = following_text(self.src, after, self.context)
         if text is None:
             return out
         for k in spaced.tolist():

@@ -555,16 +555,19 @@ LABEL_PAIRS = [("Mistral v3 (sp)", "Mistral v1 (sp)"), ("Llama-3 (tiktoken)", "M
 # (row name, positions, vocab map kind, tie order, context): the paper's rule with the old lowest-id ties first (as
 # nanofuse was before), then each vocab map with the target's own preference for ties, at exact positions with
 # the nanofuse preset's labels in context (extras/emitted_tokens.py ContextLabels), the default's map without
-# them (as nanofuse was before 2026-12-06) and with the one-character rule (its default on 2026-12-06).
+# them (as nanofuse was before 2026-12-06), with the one-character rule (its default on 2026-12-06) and with the
+# whitespace run and one character (its default after that).
 LABEL_SETTINGS = [("paper positions, MinED, lowest-id ties (before)", "paper", "mined", False, None),
                   ("paper positions, MinED", "paper", "mined", True, None),
-                  ("exact positions, EM", "exact", "em", True, "whitespace-run"),
-                  ("exact positions, MinED", "exact", "mined", True, "whitespace-run"),
+                  ("exact positions, EM", "exact", "em", True, "whitespace-token"),
+                  ("exact positions, MinED", "exact", "mined", True, "whitespace-token"),
                   ("exact positions, next-token map, context-free (before)", "exact", "next", True, None),
                   ("exact positions, next-token map, one character of context (before)", "exact", "next", True,
                    "next-char"),
+                  ("exact positions, next-token map, the whitespace run and one character (before)", "exact", "next",
+                   True, "whitespace-run"),
                   ("exact positions, next-token map in context (default)", "exact", "next", True,
-                   "whitespace-run")]
+                   "whitespace-token")]
 
 
 def shared_ends(src, tgt, texts, sv, tv) -> float:
