@@ -136,7 +136,9 @@ def dists_memory(a: ModelArgs, params: int, windows: int, seq: int, elem: int = 
     input (3 C per token) are alive with the MLP's activation, up projection and product (3 x hidden for a
     GLU; 2 x hidden for a plain MLP). The output head (extras/fast_head.py): the final hidden states (C per
     token), one block of logits, rows x cols (the whole vocabulary per block on GPU), in the model's dtype
-    and again in fp32, and the running and the block's top-K rows with their merge (4 x K values and ids)."""
+    and again in fp32 (fast_head's "eager" and "fp32" modes; its compiled default converts no block, so
+    this is an upper bound there), and the running and the block's top-K rows with their merge (4 x K
+    values and ids)."""
     tokens = windows * seq
     mlp = 3 * a.hidden_dim if a.mlp != "gelu" else 2 * a.hidden_dim
     body = (tokens * (3 * a.dim + mlp) + position_elements(a, seq)) * elem
