@@ -106,6 +106,7 @@ def vocab_map_next(src_tok, tgt_tok, order=None) -> np.ndarray:
 # The older two are kept so that folders aligned with them still train --online as they were.
 CONTEXTS = ("whitespace-token", "whitespace-run", "next-char")
 RUN_TOKENS = 64     # how many tokens after the source's next token the rule reads at most
+CACHE_ENTRIES = 2**20   # labels kept (by candidate and text); a long --online run starts again
 
 
 def context_labels(src_tok, tgt_tok, vmap, settings: dict) -> ContextLabels | None:
@@ -192,6 +193,8 @@ class ContextLabels:
     def label(self, c: int, after: str) -> int:
         """Candidate c's label where the text `after` follows its text (the class docstring)."""
         if (c, after) not in self.cache:
+            if len(self.cache) >= CACHE_ENTRIES:                   # bounded memory, whatever the run
+                self.cache.clear()
             b, label = self.src.token_bytes(c), int(self.vmap[c])
             try:
                 ids = continuation(self.tgt, b.decode("utf-8") + after)

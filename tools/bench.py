@@ -315,8 +315,18 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         for p in model.parameters():
             p.sum()
     results, first = {}, None
+    caller = os.environ.get("NANOFUSE_HEAD")
+
+    def use_head(mode: str):                    # "": as the caller set it (unset: fast_head's default)
+        if mode:
+            os.environ["NANOFUSE_HEAD"] = mode
+        elif caller is None:
+            os.environ.pop("NANOFUSE_HEAD", None)
+        else:
+            os.environ["NANOFUSE_HEAD"] = caller
+
     for mode in heads if which == "nanofuse" else ("",):
-        os.environ["NANOFUSE_HEAD"] = mode          # "": fast_head's default
+        use_head(mode)
         if cuda:                                # the model is loaded: what the computation adds from here
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -344,7 +354,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     head = results[next(iter(results))]
     res = dict(tokens_per_s=head["tokens_per_s"], extra=head["extra"], device=device, heads=results)
     if profile:
-        os.environ["NANOFUSE_HEAD"] = heads[0]
+        use_head(heads[0])
         res["profile"] = profiled(run, cuda)
     if which == "nanofuse":
         from extras import fast_head

@@ -112,7 +112,7 @@ class Sizes:
                      precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 1, 2048, 5),
                      accum=8, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
-                     budget_s=dict(precision=40, dists=145, train=160, generate=50, torchrun=55))
+                     budget_s=dict(precision=40, dists=160, train=170, generate=50, torchrun=55))
 
     @staticmethod
     def for_dry_run():

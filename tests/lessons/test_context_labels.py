@@ -64,16 +64,16 @@ def test_lesson_a_run_of_spaces_is_cut_where_what_follows_decides(neox, llama2):
     first '▁' its dummy prefix). Both end a token after '\\n', so target position 2 takes source
     position 1, whose next token is '    '. Alone, Llama-2 writes 4 spaces '▁▁▁▁' (the vocab map's
     label); in TEXT its next token is '▁▁▁'. The rule asks the target how it writes the candidate
-    followed by the character that really comes next, 'd': '▁▁▁' '▁d', so the label is '▁▁▁'.
-    Candidates at that position: '    ' (p 0.5), '  ' (0.2), ' ' (0.2), 'de' (0.1).
-    - '  ' + 'd' is '▁' '▁d': '▁', not the map's '▁▁' (spaces again);
-    - ' ' + 'd' is '▁d', which runs past ' ' into what follows: it keeps the map's label '▁';
-    - 'de' + 'd' is 'd' 'ed' (one more character re-cuts a word), but 'de' does not end in
-      whitespace: it keeps the map's label, 'de' (on real tokenizers labels re-cut so are worse);
+    followed by the text that really comes next, the source token 'def': '▁▁▁' '▁def', so the
+    label is '▁▁▁'. Candidates at that position: '    ' (p 0.5), '  ' (0.2), ' ' (0.2), 'de' (0.1).
+    - '  ' + 'def' is '▁' '▁def': '▁', not the map's '▁▁' (spaces again);
+    - ' ' + 'def' is '▁def', which runs past ' ' into what follows: it keeps the map's label '▁';
+    - 'de' does not end in whitespace: it keeps the map's label, 'de' (text after a word can re-cut
+      it: 'de' + 'd' is 'd' 'ed' here, and on real tokenizers such labels are worse);
     so '▁' takes 0.2 + 0.2 (merged) and the carried distribution is '▁▁▁' 0.5, '▁' 0.4, 'de' 0.1.
     Catches: the context rule missing (the label '▁▁▁▁', which the target does not write here), a
-    label that runs past the candidate's text (' ' labelled '▁d'), the rule re-cutting words ('de'
-    labelled 'd'), or the rule reading the wrong character (the candidate's own, not the next)."""
+    label that runs past the candidate's text (' ' labelled '▁def'), the rule re-cutting words ('de'
+    labelled 'd'), or the rule reading the wrong text (the candidate's own, not what follows)."""
     s_ids, t_ids = neox.encode(TEXT), llama2.encode(TEXT)
     assert [neox.token_bytes(i) for i in s_ids] == [b"a", b"\n", b"    ", b"def"]
     assert [llama2.token_str(i) for i in t_ids] == ["▁", "a", "<0x0A>", "▁▁▁", "▁def"]
@@ -150,8 +150,8 @@ def test_lesson_the_rule_reads_the_whole_whitespace_run(neox, llama2):
 @pytest.fixture(scope="module")
 def dashes():
     """A source and a target cut as GPT-NeoX and Mistral v1 cut "        ----------": the source
-    with the merge '--' (256) and the runs of 2 to 4 spaces (257-259); the target (sentencepiece BPE,
-    byte fallback) with '--' merged before '▁-', before the runs '▁▁', '▁▁▁', '▁▁▁▁'."""
+    with the merge '--' (256) and the runs of 2 to 4 spaces (257-259); the target (sentencepiece
+    BPE, byte fallback) with '--' merged before '▁-', before the runs '▁▁', '▁▁▁', '▁▁▁▁'."""
     ranks = {bytes([b]): b for b in range(256)} | {b"--": 256}
     src = TiktokenBPE("bpe", "dashes", GPT2_PATTERN, ranks, np.arange(len(ranks)),
                       {"  ": 257, "   ": 258, "    ": 259}, set(), None, None)

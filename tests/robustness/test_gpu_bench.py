@@ -85,3 +85,21 @@ def test_a_part_that_fails_is_recorded_and_the_next_part_still_runs(tmp_path):
     assert "[precision]" in log and "failed: RuntimeError" in log
     assert "failed: RuntimeError: precision failed on purpose" in (
         tmp_path / "gpu_bench.md").read_text()
+
+
+def test_the_table_says_when_the_compiled_head_ran_uncompiled():
+    """A dists row whose torch.compile failed (extras/fast_head.py fell back) is named under the
+    part's table with the error, so its "compiled" figures are not read as compiled ones; a row
+    without that note says nothing. Catches the fallback hidden behind the default's label."""
+    sys.path.insert(0, str(ROOT))
+    from tools import gpu_bench
+    row = dict(vocab="262k", model="gemma-270m", tokens=8192, compiled_tokens_per_s=1e5)
+    result = dict(device="dev", torch="t", date="d", dry_run=False, peak_bf16_tflops=None,
+                  seconds=1.0, parts={"dists": dict(rows=[row, dict(row, vocab="128k",
+                                                                   compile_failed=None)],
+                                                    notes=[], error=None, seconds=1.0)})
+    assert "ran uncompiled" not in gpu_bench.markdown(result)
+    row["compile_failed"] = "BackendCompilerFailed: no triton"
+    table = gpu_bench.markdown(result)
+    assert "262k: torch.compile failed (BackendCompilerFailed: no triton)" in table
+    assert table.count("ran uncompiled") == 1
