@@ -667,6 +667,9 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     if unknown:
         raise SystemExit(f"error: --parts {parts}: unknown {unknown}; choose from {list(PARTS)}")
     name = device_name()
+    if not dry_run and name.startswith("cpu"):      # GPU sizes on a CPU would only time out
+        raise SystemExit(f"error: no CUDA GPU visible here (torch {torch.__version__}: "
+                         f"torch.cuda.is_available() is False); on a CPU run --dry-run")
     peak = peak_tflops(name)
     result = dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   dry_run=dry_run, peak_bf16_tflops=peak, transformers=None, parts={})

@@ -103,3 +103,21 @@ def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     table = gpu_bench.markdown(result)
     assert "262k: torch.compile failed (BackendCompilerFailed: no triton)" in table
     assert table.count("ran uncompiled") == 1
+
+
+def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
+    """`bench.py gpu` without --dry-run where no CUDA GPU is visible stops before any part, naming
+    --dry-run, instead of running the GPU's sizes on the CPU until every time box runs out. Catches
+    the device check missing (the parts start: a model of 1.24B parameters on the CPU)."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "gpu", "--out", str(tmp_path)]
+    p = subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        log = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode != 0 and "no CUDA GPU visible" in log and "--dry-run" in log, log[-2000:]
+    assert "[precision]" not in log and list(tmp_path.iterdir()) == []
