@@ -14,20 +14,25 @@ from conftest import ROOT
 PARTS = ["precision", "dists", "train", "generate", "torchrun"]
 
 
-def dry_run(out, *extra, env=None):
-    """bench.py gpu --dry-run in a process of its own (its group killed whatever happens); the
-    JSON it wrote and its output."""
-    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "gpu", "--dry-run", "--out", str(out),
-           *extra]
+def bench_gpu(out, *args, env=None, timeout=300):
+    """`bench.py gpu --out OUT ARGS` in a process of its own (its group killed whatever happens):
+    its exit code and output."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "gpu", "--out", str(out), *args]
     p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        log = p.communicate(timeout=300)[0]
+        log = p.communicate(timeout=timeout)[0]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    assert p.returncode == 0, log[-3000:]
+    return p.returncode, log
+
+
+def dry_run(out, *extra, env=None):
+    """bench.py gpu --dry-run: the JSON it wrote and its output."""
+    rc, log = bench_gpu(out, "--dry-run", *extra, env=env)
+    assert rc == 0, log[-3000:]
     return json.loads((out / "gpu_bench.json").read_text()), log
 
 
@@ -109,15 +114,6 @@ def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
     """`bench.py gpu` without --dry-run where no CUDA GPU is visible stops before any part, naming
     --dry-run, instead of running the GPU's sizes on the CPU until every time box runs out. Catches
     the device check missing (the parts start: a model of 1.24B parameters on the CPU)."""
-    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "gpu", "--out", str(tmp_path)]
-    p = subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
-    try:
-        log = p.communicate(timeout=120)[0]
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode != 0 and "no CUDA GPU visible" in log and "--dry-run" in log, log[-2000:]
+    rc, log = bench_gpu(tmp_path, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert rc != 0 and "no CUDA GPU visible" in log and "--dry-run" in log, log[-2000:]
     assert "[precision]" not in log and list(tmp_path.iterdir()) == []
