@@ -512,13 +512,12 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
                 variants.append(dict(step=f"{step}, {sz.accum} micro-batches",
                                      tokens=sz.accum * B * T, first_step_s=None,
                                      **{x: k[f"accum_{x}"] for x in figures}))
+            if "profile" in r and step == kinds[-1][0]:   # its one-micro-batch step, profiled
+                variants[0]["profile"] = r["profile"]
             for v in variants:
                 flops = 6 * r["params"] * v["tokens_per_s"]      # 6 N per token: fwd + bwd
                 rows.append(dict(model=name, compile=backend or "no", params=r["params"], **v,
                                  mfu=flops / (peak * 1e12) if peak else None))
-        if "profile" in r:                 # one micro-batch of the last kind, the step profiled
-            next(x for x in rows if x["step"] == kinds[-1][0] and x["compile"] == backend)[
-                "profile"] = r["profile"]
 
 
 def part_generate(sz: Sizes, work: Path, deadline: float, rows: list):
@@ -635,13 +634,16 @@ def markdown(result: dict) -> str:
             if row.get("compile_failed"):
                 out.append(f"\n{row['vocab']}: torch.compile failed ({row['compile_failed']}), so "
                            f"the compiled column and the ratios ran uncompiled.")
-            for key, who in (("profile", "ours"), ("hf_profile", "transformers")):
+            for key, who in PROFILES:
                 if key in row:
                     out.append(f"\n{profile_line(name, row, who, row[key])}")
         for note in part["notes"]:
             out.append(f"\n{note}")
         out.append("")
     return "\n".join(out)
+
+
+PROFILES = (("profile", "ours"), ("hf_profile", "transformers"))   # a row's key: whose pass
 
 
 def profile_name(part: str, row: dict, who: str) -> str:
@@ -702,7 +704,7 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     result["seconds"] = time.monotonic() - t_all
     for part, rec in result["parts"].items():              # the profiler's tables, one file each
         for row in rec["rows"]:
-            for key, who in (("profile", "ours"), ("hf_profile", "transformers")):
+            for key, who in PROFILES:
                 if key in row:
                     (Path(out) / profile_name(part, row, who)).write_text(row[key]["table"])
     (Path(out) / "gpu_bench.json").write_text(json.dumps(result, indent=1))
