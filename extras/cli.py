@@ -18,6 +18,7 @@ import inspect
 import re
 import sys
 
+import common
 import fusellm
 from extras import successors
 
@@ -73,7 +74,8 @@ def parse(cls, argv, description: str, choices: dict, presets: dict):
     if getattr(cfg, "online", False):      # the sources' output heads run in the loop (fast_head)
         from extras import fast_head
         try:
-            fast_head.head_mode(False)     # NANOFUSE_HEAD: a typo named before anything loads
+            # NANOFUSE_HEAD: a typo (or a mode this device cannot run) named before anything loads
+            fast_head.head_mode(common.device(cfg.device).startswith("cuda"))
         except ValueError as e:
             p.error(str(e))
     return cfg

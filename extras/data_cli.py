@@ -89,7 +89,7 @@ def main(argv=None):
                          f"as uint8)")
     if args.stage in ("dists", "all"):       # NANOFUSE_HEAD (the GPU head's switch): a typo now
         try:
-            fast_head.head_mode(False)
+            fast_head.head_mode(common.device(args.device).startswith("cuda"))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     if args.stage == "all" and args.sample and align.PRESETS[args.align]["merge"] == "first":

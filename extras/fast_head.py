@@ -11,8 +11,9 @@ proves the two equal on random and real inputs (tests/parity/test_gpu_head.py: w
 as on a GPU).
 
 What it holds: `head_topk`, with the block shape chosen by device (`block_shape`), and how a
-block's log-sum-exp is taken (`block_lse`: in place in fp32 on the CPU; on a GPU from the bf16
-logits, in one torch.compile'd pass, NANOFUSE_HEAD choosing otherwise). Given uniforms (`python
+block's top-K and log-sum-exp are taken (`block_topk_lse`, `block_lse`: in place in fp32 on the
+CPU; on a GPU from the bf16 logits, the log-sum-exp in one torch.compile'd pass, NANOFUSE_HEAD
+choosing otherwise, e.g. extras/triton_head.py's one-read kernel). Given uniforms (`python
 data.py dists --sample N`), head_topk draws N ids per position from the whole distribution
 instead, in the same blocks (extras/sampled_labels.py head_sample).
 """
@@ -68,12 +69,11 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
         lab = torch.zeros(len(hs), device=h.device)                     # (r,) next token's logit
         for c in range(0, V, cols):
             z = model.logits(hs, slice(c, min(c + cols, V)), fp32=mode == "fp32")   # (r, cols)
-            bv, bi = z.topk(min(k, z.shape[1]), dim=-1)                 # (r, k): bv[:, 0] the max
-            bv = bv.float()                  # exact: a bf16 value is its fp32 value, same order
             here = (t >= c) & (t < c + z.shape[1])                      # next token in this block
             at = (t - c).clamp(0, z.shape[1] - 1)[:, None]              # (r, 1)
             lab = torch.where(here, z.gather(1, at)[:, 0].float(), lab)
-            lse = torch.logaddexp(lse, block_lse(z, bv[:, :1], mode))
+            bv, bi, block = block_topk_lse(z, min(k, z.shape[1]), mode)   # (r, k), (r, k), (r,)
+            lse = torch.logaddexp(lse, block)
             top_v, j = torch.cat([top_v, bv], 1).topk(min(k, top_v.shape[1] + bv.shape[1]), dim=-1)
             top_i = torch.cat([top_i, bi + c], 1).gather(1, j)
         ids.append(top_i)
@@ -90,19 +90,50 @@ def head_topk(model, h, nxt, k: int, V: int, head_elements: int = 0, head_cols: 
 # top-K from the bf16 logits (half the bytes, exact) and its log-sum-exp in one torch.compile'd
 # kernel that reads each bf16 logit once ("compiled"). Where that cannot be compiled, the in-place
 # pass runs on an fp32 copy ("eager"); "fp32" converts the logits before the top-K too (as before).
-# NANOFUSE_HEAD=fp32|eager|compiled picks one (tools/gpu_bench.py times them side by side). The
+# "triton" takes the top-K and the log-sum-exp together from one read, in extras/triton_head.py's
+# kernel. NANOFUSE_HEAD=fp32|eager|compiled|triton picks one (tools/gpu_bench.py times them). The
 # sampled labels (extras/sampled_labels.py) read fp32 logits whatever it says. Gemma 2's soft-capped
 # logits are fp32 in every mode.
 
-MODES = ("auto", "fp32", "eager", "compiled")
+MODES = ("auto", "fp32", "eager", "compiled", "triton")
 
 
 def head_mode(on_gpu: bool) -> str:
-    """NANOFUSE_HEAD (unset or empty: auto, "compiled" on a GPU and "fp32" on the CPU), checked."""
+    """NANOFUSE_HEAD (unset or empty: auto, "compiled" on a GPU and "fp32" on the CPU), checked:
+    a name not in MODES, or "triton" without the triton package or off a GPU (where only Triton's
+    interpreter runs it, TRITON_INTERPRET=1: the tests), is a ValueError saying what to do."""
     mode = os.environ.get("NANOFUSE_HEAD") or "auto"
     if mode not in MODES:
         raise ValueError(f"NANOFUSE_HEAD={mode!r}: use one of {', '.join(MODES)}")
+    if mode == "triton":
+        from extras import triton_head
+        if triton_head.triton is None:
+            raise ValueError("NANOFUSE_HEAD=triton: the triton package is not installed (pip "
+                             "install triton; CUDA builds of torch bring it), or choose another "
+                             "mode: " + ", ".join(MODES))
+        if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("NANOFUSE_HEAD=triton runs on a CUDA GPU, and this run is on the "
+                             "CPU: unset NANOFUSE_HEAD (on the CPU only Triton's interpreter runs "
+                             "it, TRITON_INTERPRET=1, for tests)")
     return ("compiled" if on_gpu else "fp32") if mode == "auto" else mode
+
+
+def block_topk_lse(z, k: int, mode: str):
+    """One block z (r, cols): its top-k values (fp32) and ids (r, k) and its log-sum-exp (r,); z
+    is overwritten where it is fp32. "triton": all three from one read (extras/triton_head.py)."""
+    if mode == "triton" and not TRITON_FAILED:
+        from extras import triton_head
+        try:
+            return triton_head.topk_lse(z, k)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:                                          # noqa: BLE001 - said once
+            TRITON_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+            print(f"[head] the Triton kernel failed ({TRITON_FAILED[0]}); the head runs "
+                  f"NANOFUSE_HEAD=compiled from here", file=sys.stderr, flush=True)
+    bv, bi = z.topk(k, dim=-1)                                          # (r, k): bv[:, 0] the max
+    bv = bv.float()                         # exact: a bf16 value is its fp32 value, same order
+    return bv, bi, block_lse(z, bv[:, :1], "compiled" if mode == "triton" else mode)
 
 
 def block_lse(z, m, mode: str):
@@ -129,6 +160,7 @@ def lse_reference(z, m):
 
 
 COMPILE_FAILED = []      # why torch.compile failed in this process, once it has
+TRITON_FAILED = []       # why the Triton kernel failed in this process, once it has
 
 
 @functools.cache

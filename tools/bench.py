@@ -281,7 +281,8 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     heads: for nanofuse, each NANOFUSE_HEAD mode to time in turn on the one loaded model ("": the default);
     the first one's figures come back on top, every one's under "heads" with the untimed pass's seconds
     (which compiles) and how far its log-probs and CE are from the first one's, and compile_failed: why
-    torch.compile failed, if it did (the "compiled" figures are then uncompiled). profile: one more pass of
+    torch.compile failed, if it did (the "compiled" figures are then uncompiled), triton_failed: why the Triton
+    kernel did (its figures are then the compiled mode's). profile: one more pass of
     the first under torch.profiler (`profiled`). dtype: the model's ("": the device's, common.dtype_for)."""
     import types
     import data
@@ -359,6 +360,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     if which == "nanofuse":
         from extras import fast_head
         res["compile_failed"] = fast_head.COMPILE_FAILED[0] if fast_head.COMPILE_FAILED else None
+        res["triton_failed"] = fast_head.TRITON_FAILED[0] if fast_head.TRITON_FAILED else None
     return res
 
 

@@ -6,8 +6,8 @@ only now and then, for minutes. So everything measured on a GPU is prepared here
 of at most 8 minutes on one H100/H200, and writes its figures (OUT/gpu_bench.json) and the tables
 the docs show (OUT/gpu_bench.md), each row with the device, the torch version and the date.
 `--dry-run` runs the same code at tiny sizes on the CPU (gloo instead of NCCL, torch.compile's
-"eager" backend instead of inductor), in the test suite, so that the command cannot rot between
-GPU sessions.
+"eager" backend instead of inductor, Triton's interpreter for the Triton head), in the test
+suite, so that the command cannot rot between GPU sessions.
 
 What it holds, one part each (PARTS), every part time-boxed (its children killed when its time is
 up) and recorded on its own: a part that fails writes its error and the next one runs.
@@ -15,8 +15,9 @@ up) and recorded on its own: a part that fails writes its error and the next one
   shape (random weights, built on the device): the largest difference, top-1 agreement;
 - dists: source distributions, data.window_topk against transformers' forward + log_softmax + topk
   (tools/bench.py dists_child, each in a fresh process), tokens/s and peak memory, at vocabularies
-  of 262k, 128k and 32k; ours with each of extras/fast_head.py's head modes in turn (HEADS), the
-  262k pass of both profiled;
+  of 262k, 128k and 32k; ours with each of extras/fast_head.py's head modes in turn (HEADS: the
+  default compiled log-sum-exp, extras/triton_head.py's one-read kernel, ...) and the fastest
+  named, the 262k pass of both profiled;
 - train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape at 2,048 tokens, bf16
   autocast, CLM-only and fusion, eager and torch.compile'd, each also with 8 micro-batches a step:
   tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the compiled fusion step
@@ -457,7 +458,13 @@ def saved(sz: Sizes, work: Path, name: str, deadline: float) -> str:
     return str(path)
 
 
-HEADS = ("compiled", "eager", "fp32")    # extras/fast_head.py's NANOFUSE_HEAD modes, default first
+HEADS = ("compiled", "triton", "eager", "fp32")  # fast_head.py's NANOFUSE_HEAD modes, default first
+
+
+def heads() -> tuple:
+    """HEADS, less "triton" where the triton package is not installed (its column then empty)."""
+    from extras import triton_head
+    return HEADS if triton_head.triton is not None else tuple(m for m in HEADS if m != "triton")
 
 
 def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
@@ -466,18 +473,20 @@ def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
     also profiled. The dry run's model is bf16, so the CPU runs the GPU's head."""
     from tools.bench import dists_child
     B, T, reps = sz.dists
+    modes = heads()
     for n, (label, name) in enumerate(sz.vocab_models):
         path = saved(sz, work, name, deadline)
-        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, HEADS, n == 0,
+        ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, modes, n == 0,
                      "bfloat16" if sz.dry else "", deadline=deadline)
-        heads = ours["heads"]
+        timed = ours["heads"]
+        best = max(timed, key=lambda m: timed[m]["tokens_per_s"])
         row = dict(vocab=label, model=name, tokens=B * T, ours_tokens_per_s=ours["tokens_per_s"],
                    ours_peak_mib=ours["extra"] / 2**20,
-                   **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in heads.items()},
-                   first_s=heads[HEADS[0]]["first_s"],
-                   max_logprob_diff=max(r["max_logprob_diff"] for r in heads.values()),
-                   max_ce_diff=max(r["max_ce_diff"] for r in heads.values()),
-                   compile_failed=ours["compile_failed"])
+                   **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in timed.items()},
+                   first_s=timed[modes[0]]["first_s"], best_mode=best,
+                   max_logprob_diff=max(r["max_logprob_diff"] for r in timed.values()),
+                   max_ce_diff=max(r["max_ce_diff"] for r in timed.values()),
+                   compile_failed=ours["compile_failed"], triton_failed=ours["triton_failed"])
         if "profile" in ours:
             row["profile"] = ours["profile"]
         rows.append(row)                        # kept if transformers' process runs out of time
@@ -486,6 +495,7 @@ def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
                        deadline=deadline)
             row.update(hf_tokens_per_s=hf["tokens_per_s"], hf_peak_mib=hf["extra"] / 2**20,
                        speed=ours["tokens_per_s"] / hf["tokens_per_s"],
+                       best_speed=timed[best]["tokens_per_s"] / hf["tokens_per_s"],
                        memory=ours["extra"] / max(hf["extra"], 1))
             if "profile" in hf:
                 row["hf_profile"] = hf["profile"]
@@ -584,10 +594,12 @@ COLUMNS = {
     "dists": [("vocab", "vocabulary", "{}"), ("model", "model", "{}"), ("tokens", "tokens", "{:,}"),
               ("compiled_tokens_per_s", "window_topk tokens/s (bf16, compiled: default)",
                "{:,.0f}"),
+              ("triton_tokens_per_s", "bf16, Triton kernel", "{:,.0f}"),
               ("eager_tokens_per_s", "bf16, eager", "{:,.0f}"),
               ("fp32_tokens_per_s", "fp32 logits (before)", "{:,.0f}"),
               ("hf_tokens_per_s", "transformers tokens/s", "{:,.0f}"),
-              ("speed", "speed (default)", "{:.2f}x"),
+              ("speed", "speed (default)", "{:.2f}x"), ("best_mode", "fastest mode", "{}"),
+              ("best_speed", "its speed", "{:.2f}x"),
               ("ours_peak_mib", "peak MiB added, ours", "{:,.0f}"),
               ("hf_peak_mib", "transformers", "{:,.0f}"), ("memory", "memory", "{:.3f}x"),
               ("max_logprob_diff", "largest log-prob difference between modes", "{:.2g}"),
@@ -634,6 +646,9 @@ def markdown(result: dict) -> str:
             if row.get("compile_failed"):
                 out.append(f"\n{row['vocab']}: torch.compile failed ({row['compile_failed']}), so "
                            f"the compiled column and the ratios ran uncompiled.")
+            if row.get("triton_failed"):
+                out.append(f"\n{row['vocab']}: the Triton kernel failed ({row['triton_failed']}), "
+                           f"so its column ran the compiled mode.")
             for key, who in PROFILES:
                 if key in row:
                     out.append(f"\n{profile_line(name, row, who, row[key])}")
@@ -663,6 +678,7 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     """Every part in turn, each in its time box; OUT/gpu_bench.json and OUT/gpu_bench.md."""
     if dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""          # the children too: the CPU, gloo
+        os.environ["TRITON_INTERPRET"] = "1"             # the Triton head in Triton's interpreter
     sz = Sizes.for_dry_run() if dry_run else Sizes.for_gpu()
     chosen = parts.split(",") if parts else list(PARTS)
     unknown = [p for p in chosen if p not in PARTS]
@@ -695,6 +711,9 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
                 if part in ("dists", "generate") and not has_transformers():
                     rec["notes"].append("transformers is not installed here: our figures alone "
                                         "(docs/benchmarks.md: the wheels folder)")
+                if part == "dists" and "triton" not in heads():
+                    rec["notes"].append("The triton package is not installed here: no Triton "
+                                        "kernel column.")
             except Exception:                           # recorded; the next part still runs
                 rec["error"] = traceback.format_exc()[-4000:]
             rec["seconds"] = time.monotonic() - t0

@@ -20,7 +20,7 @@ import torch
 import data
 import fusellm
 from conftest import llama
-from extras import fast_head
+from extras import fast_head, triton_head
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,12 +33,16 @@ def bf16_model(softcap=None):
     return model.eval().to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "eager", "compiled"])
-@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("mode, softcap", [(m, c) for m in ("fp32", "eager", "compiled")
+                                           for c in (None, 2.0)] + [("triton", None)])
 def test_the_gpu_head_gives_the_readable_heads_numbers(monkeypatch, mode, softcap):
     """Catches: the maximum left out of the compiled sum (or subtracted and not added back), top-K
-    ids not shifted by the block's start, the soft-cap computed on bf16 logits."""
+    ids not shifted by the block's start, the soft-cap computed on bf16 logits; "triton" (the
+    kernel in Triton's interpreter, chunks of 512 ids so that a row spans two, the last one
+    short; the kernel on fp32 logits, as soft-capped ones are, in test_triton_head.py): a chunk's
+    ids not shifted by its start, the chunks' sums merged without their maxima."""
     monkeypatch.setenv("NANOFUSE_HEAD", mode)
+    monkeypatch.setattr(triton_head, "CHUNK", 512)
     model, N, V, K = bf16_model(softcap), 41, 1000, 7
     h = torch.randn(N, model.args.dim, generator=torch.Generator().manual_seed(1)) * 4
     h = h.bfloat16()
@@ -54,7 +58,7 @@ def test_the_gpu_head_gives_the_readable_heads_numbers(monkeypatch, mode, softca
             assert torch.allclose(logp.gather(1, ids), lps, atol=2e-6)   # each id: its log-prob
             assert all(len(set(r.tolist())) == K for r in ids)            # K distinct ids
             assert torch.allclose(label, want[2], atol=2e-6) and label[-1] == 0
-    assert not fast_head.COMPILE_FAILED
+    assert not fast_head.COMPILE_FAILED and not fast_head.TRITON_FAILED
 
 
 def test_a_bf16_model_keeps_its_logits_in_bf16_unless_soft_capped():

@@ -67,7 +67,9 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert table.count(stamp) == n_rows
     # every head mode timed, and giving the same numbers; the accumulated steps; the profiles
     dists = result["parts"]["dists"]["rows"]
-    assert all(f"{m}_tokens_per_s" in r for r in dists for m in ("compiled", "eager", "fp32"))
+    modes = ("compiled", "triton", "eager", "fp32")      # triton: in Triton's interpreter
+    assert all(f"{m}_tokens_per_s" in r for r in dists for m in modes)
+    assert all(r["triton_failed"] is None and r["best_mode"] in modes for r in dists)
     assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
     steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
     assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
@@ -93,9 +95,10 @@ def test_a_part_that_fails_is_recorded_and_the_next_part_still_runs(tmp_path):
 
 
 def test_the_table_says_when_the_compiled_head_ran_uncompiled():
-    """A dists row whose torch.compile failed (extras/fast_head.py fell back) is named under the
-    part's table with the error, so its "compiled" figures are not read as compiled ones; a row
-    without that note says nothing. Catches the fallback hidden behind the default's label."""
+    """A dists row whose torch.compile (or Triton kernel) failed (extras/fast_head.py fell back) is
+    named under the part's table with the error, so its "compiled" (or Triton) figures are not read
+    as such; a row without that note says nothing. Catches the fallback hidden behind the mode's
+    label."""
     sys.path.insert(0, str(ROOT))
     from tools import gpu_bench
     row = dict(vocab="262k", model="gemma-270m", tokens=8192, compiled_tokens_per_s=1e5)
@@ -107,7 +110,11 @@ def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     row["compile_failed"] = "BackendCompilerFailed: no triton"
     table = gpu_bench.markdown(result)
     assert "262k: torch.compile failed (BackendCompilerFailed: no triton)" in table
-    assert table.count("ran uncompiled") == 1
+    assert table.count("ran uncompiled") == 1 and "Triton kernel failed" not in table
+    row["triton_failed"] = "CompilationError: at 12:4"
+    table = gpu_bench.markdown(result)
+    assert "262k: the Triton kernel failed (CompilationError: at 12:4), so its column ran the " \
+           "compiled mode" in table
 
 
 def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
