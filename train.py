@@ -232,7 +232,7 @@ def run_steps(model, opt, cfg, total: int, batches_at, device, V: int, world: in
         n_clm = sum(int((b.labels != -100).sum()) for b in batches)              # the step's tokens
         n_fus = sum(int(b.fusion_mask.sum()) for b in batches if b.fusion_mask is not None)
         n_clm, n_fus = all_reduce_sum([n_clm, n_fus], device, world)       # over every process
-        clm_sum = fus_sum = 0.0
+        clm_sum = fus_sum = 0.0         # added up on the device, read once a step: no GPU waits
         for i, b in enumerate(batches):                    # micro-batches: the gradients accumulate
             b = b.to(device)
             last = i == len(batches) - 1                   # DDP: average gradients after the last
@@ -247,10 +247,10 @@ def run_steps(model, opt, cfg, total: int, batches_at, device, V: int, world: in
                     loss, clm, fus = fusellm.fusion_loss(logits, b, lam, n_clm, n_fus, cfg.fusion,
                                                          cfg.temperature, cfg.avg_weights, cfg.tau,
                                                          distance)
-                    fus_sum += float(fus)
+                    fus_sum += fus
                 (loss * world).backward()
-            clm_sum += float(clm.detach())
-        clm_sum, fus_sum = all_reduce_sum([clm_sum, fus_sum], device, world)
+            clm_sum += clm.detach()
+        clm_sum, fus_sum = all_reduce_sum([float(clm_sum), float(fus_sum)], device, world)
         clm, fus = clm_sum / max(n_clm, 1), fus_sum / max(n_fus, 1)        # means, for the log
         loss = lam * clm + (1 - lam) * fus if lam < 1 else clm
         if not math.isfinite(loss):

@@ -72,7 +72,7 @@ def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
                        K: tl.constexpr, CHUNK: tl.constexpr):
     """Program (row, c): chunk c of row `row`, read once into registers -> its max, sum of exp,
     top-K (K passes of max + argmax over the registers, each taking out the one it found)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)                 # row * row_stride may pass 2^31
     c = tl.program_id(1)
     out = row * tl.num_programs(1) + c                  # this chunk's place in (r, n)
     offs = tl.arange(0, CHUNK)

@@ -278,7 +278,8 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
     data.window_topk (the output head in blocks), or transformers' forward + log_softmax + topk + gather.
     Tokens/s, and the peak memory the computation adds to the loaded model (GPU: allocated; CPU: resident).
-    heads: for nanofuse, each NANOFUSE_HEAD mode to time in turn on the one loaded model ("": the default);
+    heads: for nanofuse, each NANOFUSE_HEAD mode to time in turn on the one loaded model ("": the default;
+    "MODE@N": with blocks of N logits instead of head_elements);
     the first one's figures come back on top, every one's under "heads" with the untimed pass's seconds
     (which compiles) and how far its log-probs and CE are from the first one's, and compile_failed: why
     torch.compile failed, if it did (the "compiled" figures are then uncompiled), triton_failed: why the Triton
@@ -303,9 +304,9 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     tok = types.SimpleNamespace(bos_id=None, vocab_size=V)
     batch = [row.tolist() for row in x]
 
-    def run():
+    def run(elements: int = head_elements):
         if which == "nanofuse":
-            return data.window_topk(model, tok, batch, K, device, head_elements, head_cols)
+            return data.window_topk(model, tok, batch, K, device, elements, head_cols)
         with torch.no_grad():
             logp = model(x.to(device)).logits.float().log_softmax(-1)                       # (B, T, V)
             top = logp.topk(K, dim=-1)
@@ -327,7 +328,8 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
             os.environ["NANOFUSE_HEAD"] = caller
 
     for mode in heads if which == "nanofuse" else ("",):
-        use_head(mode)
+        head, _, elements = mode.partition("@")          # "compiled@536870912": its block size too
+        use_head(head)
         if cuda:                                # the model is loaded: what the computation adds from here
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -335,13 +337,13 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         else:
             base = reset_peak_rss()
         t0 = time.perf_counter()
-        out = run()                             # untimed: allocations, kernel choice, compilation
+        out = run(int(elements or head_elements))   # untimed: allocations, kernels, compilation
         if cuda:
             torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(reps):
-            run()
+            run(int(elements or head_elements))
         if cuda:
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / reps
@@ -354,9 +356,10 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         results[mode or "default"] = r
     head = results[next(iter(results))]
     res = dict(tokens_per_s=head["tokens_per_s"], extra=head["extra"], device=device, heads=results)
-    if profile:
-        use_head(heads[0])
-        res["profile"] = profiled(run, cuda)
+    if profile:                                 # the first mode, as it was timed
+        head, _, elements = heads[0].partition("@")
+        use_head(head)
+        res["profile"] = profiled(lambda: run(int(elements or head_elements)), cuda)
     if which == "nanofuse":
         from extras import fast_head
         res["compile_failed"] = fast_head.COMPILE_FAILED[0] if fast_head.COMPILE_FAILED else None

@@ -68,8 +68,10 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     # every head mode timed, and giving the same numbers; the accumulated steps; the profiles
     dists = result["parts"]["dists"]["rows"]
     modes = ("compiled", "triton", "eager", "fp32")      # triton: in Triton's interpreter
-    assert all(f"{m}_tokens_per_s" in r for r in dists for m in modes)
-    assert all(r["triton_failed"] is None and r["best_mode"] in modes for r in dists)
+    big = [f"{m}@{2**29}" for m in ("compiled", "triton")]      # and both with 1 GiB blocks
+    assert all(f"{m}_tokens_per_s" in r for r in dists for m in modes + tuple(big))
+    names = modes + ("compiled, 1 GiB blocks", "triton, 1 GiB blocks")
+    assert all(r["triton_failed"] is None and r["best_mode"] in names for r in dists)
     assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
     steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
     assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
