@@ -273,7 +273,8 @@ def bench_vocab_map(a):
 
 
 def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_elements: int = 0,
-                head_cols: int = 0, heads: tuple = ("",), profile: bool = False, dtype: str = "") -> dict:
+                head_cols: int = 0, heads: tuple = ("",), profile: bool = False, dtype: str = "",
+                body: bool = False) -> dict:
     """In a fresh process: load one checkpoint, then compute the source distributions of a random batch
     (top-K ids and log-probs at every position, and the CE) `reps` times after one untimed pass: nanofuse's
     data.window_topk (the output head in blocks), or transformers' forward + log_softmax + topk + gather.
@@ -284,7 +285,9 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     (which compiles) and how far its log-probs and CE are from the first one's, and compile_failed: why
     torch.compile failed, if it did (the "compiled" figures are then uncompiled), triton_failed: why the Triton
     kernel did (its figures are then the compiled mode's). profile: one more pass of
-    the first under torch.profiler (`profiled`). dtype: the model's ("": the device's, common.dtype_for)."""
+    the first under torch.profiler (`profiled`). dtype: the model's ("": the device's, common.dtype_for).
+    body: also the Transformer's body alone (the final hidden states, no output head), body_tokens_per_s:
+    which of the two lags, the body or the head."""
     import types
     import data
     import common
@@ -356,6 +359,21 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         results[mode or "default"] = r
     head = results[next(iter(results))]
     res = dict(tokens_per_s=head["tokens_per_s"], extra=head["extra"], device=device, heads=results)
+    if body:                                    # ours: model.hidden; transformers': its base model
+        def hidden():
+            with torch.no_grad():
+                if which == "nanofuse":
+                    return model.hidden(x.to(device))
+                return model.model(input_ids=x.to(device), use_cache=False).last_hidden_state
+        hidden()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            hidden()
+        if cuda:
+            torch.cuda.synchronize()
+        res["body_tokens_per_s"] = B * T * reps / (time.perf_counter() - t0)
     if profile:                                 # the first mode, as it was timed
         head, _, elements = heads[0].partition("@")
         use_head(head)

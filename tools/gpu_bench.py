@@ -125,7 +125,7 @@ class Sizes:
                      precision=(2, 32), dists=(2, 32, 1), train=("llama-1b", 2, 32, 1),
                      accum=2, compile_backend="eager", generate=("llama-1b", 8, 4, (1, 8)),
                      torchrun_steps=4, dry=True,
-                     budget_s=dict(precision=60, dists=90, train=60, generate=60, torchrun=90))
+                     budget_s=dict(precision=60, dists=150, train=60, generate=60, torchrun=90))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
     for n, (label, name) in enumerate(sz.vocab_models):
         path = saved(sz, work, name, deadline)
         ours = fresh(dists_child, "nanofuse", path, B, T, 10, reps, 0, 0, modes, n == 0,
-                     "bfloat16" if sz.dry else "", deadline=deadline)
+                     "bfloat16" if sz.dry else "", True, deadline=deadline)
         timed = ours["heads"]
         best = max(timed, key=lambda m: timed[m]["tokens_per_s"])
         row = dict(vocab=label, model=name, tokens=B * T, ours_tokens_per_s=ours["tokens_per_s"],
@@ -489,16 +489,19 @@ def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
                    best_mode=best.replace(f"@{BIG}", ", 1 GiB blocks"),
                    max_logprob_diff=max(r["max_logprob_diff"] for r in timed.values()),
                    max_ce_diff=max(r["max_ce_diff"] for r in timed.values()),
-                   compile_failed=ours["compile_failed"], triton_failed=ours["triton_failed"])
+                   compile_failed=ours["compile_failed"], triton_failed=ours["triton_failed"],
+                   body_tokens_per_s=ours["body_tokens_per_s"])
         if "profile" in ours:
             row["profile"] = ours["profile"]
         rows.append(row)                        # kept if transformers' process runs out of time
         if has_transformers():
             hf = fresh(dists_child, "transformers", path, B, T, 10, reps, 0, 0, ("",), n == 0,
-                       deadline=deadline)
+                       "", True, deadline=deadline)
             row.update(hf_tokens_per_s=hf["tokens_per_s"], hf_peak_mib=hf["extra"] / 2**20,
                        speed=ours["tokens_per_s"] / hf["tokens_per_s"],
                        best_speed=timed[best]["tokens_per_s"] / hf["tokens_per_s"],
+                       hf_body_tokens_per_s=hf["body_tokens_per_s"],
+                       body_speed=ours["body_tokens_per_s"] / hf["body_tokens_per_s"],
                        memory=ours["extra"] / max(hf["extra"], 1))
             if "profile" in hf:
                 row["hf_profile"] = hf["profile"]
@@ -605,6 +608,9 @@ COLUMNS = {
               ("hf_tokens_per_s", "transformers tokens/s", "{:,.0f}"),
               ("speed", "speed (default)", "{:.2f}x"), ("best_mode", "fastest mode", "{}"),
               ("best_speed", "its speed", "{:.2f}x"),
+              ("body_tokens_per_s", "body alone tokens/s, ours", "{:,.0f}"),
+              ("hf_body_tokens_per_s", "transformers' body", "{:,.0f}"),
+              ("body_speed", "body speed", "{:.2f}x"),
               ("ours_peak_mib", "peak MiB added, ours", "{:,.0f}"),
               ("hf_peak_mib", "transformers", "{:,.0f}"), ("memory", "memory", "{:.3f}x"),
               ("max_logprob_diff", "largest log-prob difference between modes", "{:.2g}"),

@@ -72,6 +72,8 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert all(f"{m}_tokens_per_s" in r for r in dists for m in modes + tuple(big))
     names = modes + ("compiled, 1 GiB blocks", "triton, 1 GiB blocks")
     assert all(r["triton_failed"] is None and r["best_mode"] in names for r in dists)
+    assert all(r["body_tokens_per_s"] > r["ours_tokens_per_s"] and r["body_speed"] > 0
+               for r in dists)                           # the body alone: faster than with a head
     assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
     steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
     assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
