@@ -30,7 +30,6 @@ are the same, and each id's value is its logit.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -55,7 +54,8 @@ def chunk_stats_reference(z, k: int, chunk: int):
     vals, ids = x.topk(k, dim=-1)                                         # (r, n, k)
     ids = ids + torch.arange(n, device=z.device)[:, None] * chunk        # ids within the row
     m = vals[..., 0]                                                      # (r, n) the maxima
-    s = (x - m[..., None]).exp().sum(-1)                                  # (r, n)
+    safe = m.masked_fill(m == -float("inf"), 0)           # a chunk all -inf: its sum 0, not NaN
+    s = (x - safe[..., None]).exp().sum(-1)                               # (r, n)
     return vals, ids, m, s
 
 
@@ -64,6 +64,7 @@ def merge(vals, ids, m, s, k: int):
     top-k values and ids (r, k) and its log-sum-exp (r,)."""
     top, j = vals.flatten(1).topk(k, dim=-1)                             # (r, k) of n * k
     M = m.max(dim=1, keepdim=True).values                                 # (r, 1)
+    M = M.masked_fill(M == -float("inf"), 0)              # a row all -inf: its lse -inf, not NaN
     lse = M[:, 0] + (s * (m - M).exp()).sum(1).log()                     # (r,)
     return top, ids.flatten(1).gather(1, j), lse
 
@@ -71,7 +72,10 @@ def merge(vals, ids, m, s, k: int):
 def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
                        K: tl.constexpr, CHUNK: tl.constexpr):
     """Program (row, c): chunk c of row `row`, read once into registers -> its max, sum of exp,
-    top-K (K passes of max + argmax over the registers, each taking out the one it found)."""
+    top-K (K passes of max + argmax over the registers, each taking out the one it found; a loop,
+    not unrolled, so that a top-255 compiles as small as a top-10). Triton specialises V, the
+    stride and the pointers on divisibility by 16 (every real vocabulary's size is), which is
+    what lets it load 16 bytes at a time under the mask."""
     row = tl.program_id(0).to(tl.int64)                 # row * row_stride may pass 2^31
     c = tl.program_id(1)
     out = row * tl.num_programs(1) + c                  # this chunk's place in (r, n)
@@ -81,8 +85,9 @@ def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
     x = x.to(tl.float32)                                # (CHUNK,) a bf16 logit is its fp32 value
     m = tl.max(x, axis=0)
     tl.store(m_ptr + out, m)
-    tl.store(s_ptr + out, tl.sum(tl.exp(x - m), axis=0))
-    for j in tl.static_range(K):
+    safe = tl.where(m == -float("inf"), 0.0, m)         # a chunk all -inf: its sum 0, not NaN
+    tl.store(s_ptr + out, tl.sum(tl.exp(x - safe), axis=0))
+    for j in range(K):
         v, i = tl.max(x, axis=0, return_indices=True)   # the first of equal values
         tl.store(vals_ptr + out * K + j, v)
         tl.store(ids_ptr + out * K + j, c * CHUNK + i)
@@ -90,9 +95,10 @@ def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
 
 
 @functools.cache
-def _jitted(interpret: str):
-    """The kernel, compiled by Triton (or interpreted: TRITON_INTERPRET is read when it is made)."""
-    return triton.jit(chunk_stats_kernel, do_not_specialize=["V"])
+def jitted():
+    """The kernel as Triton runs it: compiled for the GPU, or interpreted where TRITON_INTERPRET=1
+    was set before triton was first imported (tests/conftest.py does)."""
+    return triton.jit(chunk_stats_kernel)
 
 
 def chunk_stats(z, k: int, chunk: int = 0):
@@ -105,16 +111,14 @@ def chunk_stats(z, k: int, chunk: int = 0):
     ids = torch.empty(r, n, k, dtype=torch.long, device=z.device)
     m = torch.empty(r, n, device=z.device)
     s = torch.empty(r, n, device=z.device)
-    kernel = _jitted(os.environ.get("TRITON_INTERPRET", ""))
-    kernel[(r, n)](z, z.stride(0), V, vals, ids, m, s, K=k, CHUNK=chunk,
-                   num_warps=8 if chunk >= 2048 else 4)
+    jitted()[(r, n)](z, z.stride(0), V, vals, ids, m, s, K=k, CHUNK=chunk,
+                     num_warps=8 if chunk >= 2048 else 4)
     return vals, ids, m, s
 
 
 def topk_lse(z, k: int, chunk: int = 0):
-    """Each row of z (r, V): its top-k values (fp32) and ids (r, k) and its log-sum-exp (r,), from
-    one read of z. k must not exceed the chunk size."""
+    """Each row of z (r, V), k <= V: its top-k values (fp32) and ids (r, k) and its log-sum-exp
+    (r,), from one read of z. A chunk gives at most all of its ids, so a k above the chunk size
+    still merges to the row's top-k."""
     chunk = chunk or CHUNK
-    if k > min(chunk, z.shape[1]):
-        raise ValueError(f"top-{k} from chunks of {chunk} ids of {z.shape[1]}: k is too large")
-    return merge(*chunk_stats(z, k, chunk), k)
+    return merge(*chunk_stats(z, min(k, chunk), chunk), k)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The suite has no GPU: Triton kernels (extras/triton_head.py) run in Triton's interpreter, which
 # must be chosen before triton is first imported (its own library functions are made then).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"
 
 from extras.package_files import package_path  # noqa: E402
 

