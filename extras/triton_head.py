@@ -29,6 +29,7 @@ are the same, and each id's value is its logit.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -111,8 +112,10 @@ def chunk_stats(z, k: int, chunk: int = 0):
     ids = torch.empty(r, n, k, dtype=torch.long, device=z.device)
     m = torch.empty(r, n, device=z.device)
     s = torch.empty(r, n, device=z.device)
-    jitted()[(r, n)](z, z.stride(0), V, vals, ids, m, s, K=k, CHUNK=chunk,
-                     num_warps=8 if chunk >= 2048 else 4)
+    # Triton launches on the current GPU, not z's: under torchrun data.py's rank 1 has z on cuda:1
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        jitted()[(r, n)](z, z.stride(0), V, vals, ids, m, s, K=k, CHUNK=chunk,
+                         num_warps=8 if chunk >= 2048 else 4)
     return vals, ids, m, s
 
 
