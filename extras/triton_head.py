@@ -74,9 +74,12 @@ def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
                        K: tl.constexpr, CHUNK: tl.constexpr):
     """Program (row, c): chunk c of row `row`, read once into registers -> its max, sum of exp,
     top-K (K passes of max + argmax over the registers, each taking out the one it found; a loop,
-    not unrolled, so that a top-255 compiles as small as a top-10). Triton specialises V, the
-    stride and the pointers on divisibility by 16 (every real vocabulary's size is), which is
-    what lets it load 16 bytes at a time under the mask."""
+    not unrolled, so that a top-255 compiles as small as a top-10). A chunk with fewer than K
+    logits above -inf repeats its last id for the rest (only a row with fewer than K finite
+    logits could pick them). Triton specialises V, the stride and the pointers on divisibility
+    by 16, which lets it load 16 bytes at a time under the mask: where V is a multiple of 16
+    (Llama 2 and 3, Mistral, Gemma), not where it is not (GPT-2's 50,257, Qwen2.5's 151,665:
+    2-byte loads, the same results)."""
     row = tl.program_id(0).to(tl.int64)                 # row * row_stride may pass 2^31
     c = tl.program_id(1)
     out = row * tl.num_programs(1) + c                  # this chunk's place in (r, n)
@@ -98,7 +101,8 @@ def chunk_stats_kernel(z_ptr, row_stride, V, vals_ptr, ids_ptr, m_ptr, s_ptr,
 @functools.cache
 def jitted():
     """The kernel as Triton runs it: compiled for the GPU, or interpreted where TRITON_INTERPRET=1
-    was set before triton was first imported (tests/conftest.py does)."""
+    (read here, on the first call; and it must have been set before triton was first imported,
+    which makes the interpreter's own library functions: tests/conftest.py does both)."""
     return triton.jit(chunk_stats_kernel)
 
 

@@ -283,11 +283,12 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     "MODE@N": with blocks of N logits instead of head_elements);
     the first one's figures come back on top, every one's under "heads" with the untimed pass's seconds
     (which compiles) and how far its log-probs and CE are from the first one's, and compile_failed: why
-    torch.compile failed, if it did (the "compiled" figures are then uncompiled), triton_failed: why the Triton
-    kernel did (its figures are then the compiled mode's). profile: one more pass of
-    the first under torch.profiler (`profiled`). dtype: the model's ("": the device's, common.dtype_for).
-    body: also the Transformer's body alone (the final hidden states, no output head), body_tokens_per_s:
-    which of the two lags, the body or the head."""
+    torch.compile failed, if it did (the "compiled" figures are then uncompiled), triton_failed:
+    why the Triton kernel did (its figures are then the compiled mode's). profile: one more pass
+    of the first under torch.profiler (`profiled`). dtype: the model's ("": the device's,
+    common.dtype_for). body: also the Transformer's body alone (the final hidden states, no
+    output head), body_tokens_per_s: which of the two lags, the body or the head. transformers
+    runs without its KV cache (use_cache=False), which scoring does not need."""
     import types
     import data
     import common
@@ -311,7 +312,7 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
         if which == "nanofuse":
             return data.window_topk(model, tok, batch, K, device, elements, head_cols)
         with torch.no_grad():
-            logp = model(x.to(device)).logits.float().log_softmax(-1)                       # (B, T, V)
+            logp = model(x.to(device), use_cache=False).logits.float().log_softmax(-1)      # (B, T, V)
             top = logp.topk(K, dim=-1)
             ce = -logp[:, :-1].gather(-1, x[:, 1:].to(device)[..., None]).mean(dim=(1, 2))
             return top.indices.cpu(), top.values.cpu(), ce.cpu()

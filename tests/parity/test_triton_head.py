@@ -113,9 +113,10 @@ def test_the_kernel_compiles_for_an_h100_without_spilling_registers(tmp_path):
     """Triton's compiler (not its interpreter) builds the kernel for sm_90 as a launch on a block
     of 262,144 ids would (Triton's own specialisation of the arguments; triton_head.CHUNK ids a
     program; top-10 on bf16 and fp32 logits, and data.py's largest top-255) into code whose
-    registers fit (no stack, no local memory) and that loads 16 bytes at a time. Catches a kernel only the interpreter runs, a chunk too large for the registers
-    (CHUNK = 65536 spills 2,752 bytes a thread to the stack), and V kept from specialisation
-    (do_not_specialize: 2-byte loads)."""
+    registers fit (no stack, no local memory) and that loads 16 bytes at a time. Catches a kernel
+    only the interpreter runs, a chunk too large for the registers (CHUNK = 65536 spills 2,752
+    bytes a thread to the stack), and V kept from specialisation (do_not_specialize: 2-byte
+    loads)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     r = subprocess.run([sys.executable, "-c", COMPILE, str(tmp_path)], capture_output=True,

@@ -119,6 +119,20 @@ def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     assert "262k: the Triton kernel failed (CompilationError: at 12:4): from the block it failed " \
            "on, the Triton columns ran the compiled mode" in table
     assert "bf16, Triton kernel" not in table      # no row has a Triton figure: no such column
+    row["triton_tokens_per_s"] = 2e5                # one row has it: the column, "-" in the other
+    table = gpu_bench.markdown(result)
+    assert "bf16, Triton kernel" in table and "| 200,000 |" in table and "| - |" in table
+
+
+def test_a_triton_mode_that_fell_back_is_never_named_the_fastest():
+    """Where the Triton kernel failed, its columns ran the compiled mode's code: the fastest is
+    named among the other modes. Catches the fallback's figure credited to the Triton kernel."""
+    sys.path.insert(0, str(ROOT))
+    from tools import gpu_bench
+    timed = {m: dict(tokens_per_s=v) for m, v in
+             [("compiled", 1.0), ("triton", 3.0), (f"triton@{2**29}", 4.0), ("eager", 2.0)]}
+    assert gpu_bench.fastest(timed, None) == f"triton@{2**29}"
+    assert gpu_bench.fastest(timed, "CompilationError: at 12:4") == "eager"
 
 
 def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
