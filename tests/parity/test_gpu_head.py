@@ -96,6 +96,12 @@ def head_with_failing_compile(monkeypatch, error):
     def broken(z, m):
         raise error
     monkeypatch.setattr(fast_head, "compiled_lse", lambda: broken)
+    return blocked_head_twice()
+
+
+def blocked_head_twice():
+    """fast_head.head_topk on a bf16 model in blocks of 8 x 300, called twice (the second call:
+    after whatever the first one did), and data.head_topk on the same inputs."""
     model = bf16_model()
     h = torch.randn(30, model.args.dim, generator=torch.Generator().manual_seed(5)).bfloat16()
     nxt = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(6))

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 from extras import fast_head, triton_head
 
 pytest.importorskip("triton")          # Linux only (requirements-dev.txt); the GPU image has it
@@ -133,19 +132,14 @@ def test_the_kernel_compiles_for_an_h100_without_spilling_registers(tmp_path):
 def failing_head(monkeypatch, error):
     """head_topk with NANOFUSE_HEAD=triton on a bf16 model (blocks of 8 x 300) where the kernel
     raises `error`, twice; and data.head_topk."""
-    from test_gpu_head import bf16_model
+    from test_gpu_head import blocked_head_twice
     monkeypatch.setenv("NANOFUSE_HEAD", "triton")
     monkeypatch.setattr(fast_head, "TRITON_FAILED", [])
 
     def broken(z, k):
         raise error
     monkeypatch.setattr(triton_head, "topk_lse", broken)
-    model = bf16_model()
-    h = torch.randn(30, model.args.dim, generator=torch.Generator().manual_seed(5)).bfloat16()
-    nxt = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        got = [fast_head.head_topk(model, h, nxt, 5, 1000, 8 * 300, 300) for _ in range(2)]
-        return got, data.head_topk(model, h, nxt, 5, 1000)
+    return blocked_head_twice()
 
 
 def test_a_kernel_that_fails_falls_back_to_the_compiled_head_once_and_says_so(monkeypatch, capsys):
