@@ -123,14 +123,10 @@ def block_topk_lse(z, k: int, mode: str):
     is overwritten where it is fp32. "triton": all three from one read (extras/triton_head.py)."""
     if mode == "triton" and not TRITON_FAILED:
         from extras import triton_head
-        try:
-            return triton_head.topk_lse(z, k)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:                                          # noqa: BLE001 - said once
-            TRITON_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
-            print(f"[head] the Triton kernel failed ({TRITON_FAILED[0]}); the head runs "
-                  f"NANOFUSE_HEAD=compiled from here", file=sys.stderr, flush=True)
+        got = or_none(TRITON_FAILED, "the Triton kernel failed", "the head runs "
+                      "NANOFUSE_HEAD=compiled from here", lambda: triton_head.topk_lse(z, k))
+        if got is not None:
+            return got
     bv, bi = z.topk(k, dim=-1)                                          # (r, k): bv[:, 0] the max
     bv = bv.float()                         # exact: a bf16 value is its fp32 value, same order
     return bv, bi, block_lse(z, bv[:, :1], "compiled" if mode == "triton" else mode)
@@ -142,16 +138,26 @@ def block_lse(z, m, mode: str):
     if z.dtype == torch.float32:                                        # one pass less, in place
         return m[:, 0] + z.sub_(m).exp_().sum(-1).log()
     if mode == "compiled" and not COMPILE_FAILED:
-        try:
-            return compiled_lse()(z, m)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:                                          # noqa: BLE001 - said once
-            COMPILE_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
-            print(f"[head] torch.compile failed ({COMPILE_FAILED[0]}); the log-sum-exp runs "
-                  f"uncompiled from here (NANOFUSE_HEAD=eager: from the start)", file=sys.stderr,
-                  flush=True)
+        got = or_none(COMPILE_FAILED, "torch.compile failed", "the log-sum-exp runs uncompiled "
+                      "from here (NANOFUSE_HEAD=eager: from the start)",
+                      lambda: compiled_lse()(z, m))     # torch.compile() itself may refuse too
+        if got is not None:
+            return got
     return block_lse(z.float(), m, mode)                                # eager: on an fp32 copy
+
+
+def or_none(failed: list, what: str, instead: str, fn):
+    """fn(), or None where it fails (no Triton, no C++ compiler, a kernel this GPU cannot
+    build): why is kept in `failed`, so that the caller stops trying, and said once, with what
+    runs instead. Out of GPU memory is raised as it is: a smaller batch is the fix there."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:                                              # noqa: BLE001 - said once
+        failed.append(f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"[head] {what} ({failed[0]}); {instead}", file=sys.stderr, flush=True)
+        return None
 
 
 def lse_reference(z, m):
