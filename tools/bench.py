@@ -323,34 +323,39 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
     results, first = {}, None
     caller = os.environ.get("NANOFUSE_HEAD")
 
-    def use_head(mode: str):                    # "": as the caller set it (unset: fast_head's default)
-        if mode:
-            os.environ["NANOFUSE_HEAD"] = mode
+    def use_head(mode: str):                    # "MODE@N": NANOFUSE_HEAD=MODE, blocks of N logits
+        head, _, elements = mode.partition("@")  # "": as the caller set it (unset: the default)
+        if head:
+            os.environ["NANOFUSE_HEAD"] = head
         elif caller is None:
             os.environ.pop("NANOFUSE_HEAD", None)
         else:
             os.environ["NANOFUSE_HEAD"] = caller
+        return lambda: run(int(elements or head_elements))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def clocked(fn):                            # fn's first result, that untimed call's seconds,
+        t0 = time.perf_counter()                # and the seconds of each of `reps` timed calls
+        out = fn()                              # untimed: allocations, kernels, compilation
+        sync()
+        first_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return out, first_s, (time.perf_counter() - t0) / reps
 
     for mode in heads if which == "nanofuse" else ("",):
-        head, _, elements = mode.partition("@")          # "compiled@536870912": its block size too
-        use_head(head)
-        if cuda:                                # the model is loaded: what the computation adds from here
-            torch.cuda.synchronize()
+        fn = use_head(mode)
+        sync()                                  # the model is loaded: what the run adds from here
+        if cuda:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
             base = reset_peak_rss()
-        t0 = time.perf_counter()
-        out = run(int(elements or head_elements))   # untimed: allocations, kernels, compilation
-        if cuda:
-            torch.cuda.synchronize()
-        first_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            run(int(elements or head_elements))
-        if cuda:
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / reps
+        out, first_s, dt = clocked(fn)
         peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
         r = dict(tokens_per_s=B * T / dt, extra=peak - base, first_s=first_s)
         if which == "nanofuse":                 # (ids, log-probs, CE) per window: against the first mode's
@@ -366,19 +371,9 @@ def dists_child(which: str, path: str, B: int, T: int, K: int, reps: int, head_e
                 if which == "nanofuse":
                     return model.hidden(x.to(device))
                 return model.model(input_ids=x.to(device), use_cache=False).last_hidden_state
-        hidden()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            hidden()
-        if cuda:
-            torch.cuda.synchronize()
-        res["body_tokens_per_s"] = B * T * reps / (time.perf_counter() - t0)
+        res["body_tokens_per_s"] = B * T / clocked(hidden)[2]
     if profile:                                 # the first mode, as it was timed
-        head, _, elements = heads[0].partition("@")
-        use_head(head)
-        res["profile"] = profiled(lambda: run(int(elements or head_elements)), cuda)
+        res["profile"] = profiled(use_head(heads[0]), cuda)
     if which == "nanofuse":
         from extras import fast_head
         res["compile_failed"] = fast_head.COMPILE_FAILED[0] if fast_head.COMPILE_FAILED else None
