@@ -172,17 +172,21 @@ class Attention(nn.Module):
         if cache is not None:                       # the keys and values of every position so far
             k, v = cache.update(self.layer_id, k, v)                        # (B, Hkv, S, hd)
         S = k.shape[2]                              # queries are positions S-T .. S-1 of the S keys
-        mask, causal = None, True
+        mask, causal = None, T > 1                  # one query (a decoding step) sees every key
         if alibi is not None:                       # (1, H, T, S): -slope*(i-j), -inf where j > i
             mask, causal = alibi, False
-        elif S > T or self.window is not None and S > self.window or self.softcap:
+        elif S > T > 1 or self.window is not None and S > self.window or self.softcap:
             i, j = torch.arange(S - T, S, device=x.device), torch.arange(S, device=x.device)
             mask, causal = j[None, :] <= i[:, None], False                  # (T, S) causal
             if self.window is not None:
                 mask = mask & (j[None, :] > i[:, None] - self.window)        # and in the window
-        if self.softcap:                # Gemma 2: scores capped by c tanh(s / c) before the softmax
+        if mask is not None and self.n_kv_heads != self.n_heads:
+            # On a GPU, SDPA's flash kernel shares a key/value head among query heads but takes no
+            # mask, its memory-efficient kernel takes a mask but no sharing: asked for both, SDPA
+            # falls back to plain math, the (B, H, T, S) scores in fp32. So share them by copying.
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        if self.softcap:                # Gemma 2: scores capped by c tanh(s / c) before the softmax
             scale = self.scale if self.scale is not None else self.head_dim ** -0.5
             s = (q @ k.transpose(-1, -2)) * scale                           # (B, H, T, S)
             s = self.softcap * torch.tanh(s / self.softcap)                 # (B, H, T, S)
@@ -191,7 +195,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                scale=self.scale,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+                                               enable_gqa=k.shape[1] != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))                 # (B, T, C)
 
 

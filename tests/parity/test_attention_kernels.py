@@ -1,0 +1,106 @@
+"""What our attention asks of torch's scaled_dot_product_attention decides which kernel a GPU runs.
+Flash shares a key/value head among several query heads (enable_gqa) but takes no mask; the
+memory-efficient kernel takes a mask but no sharing. A call with both falls back to plain math:
+the (B, H, T, S) scores written out in fp32, many times slower at T = 2,048 (Gemma 3's sliding
+layers, every decoding step). On the CPU we check what each call asks; the results are checked
+against transformers in test_model_parity.py and against the whole sequence in test_kv_cache.py."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusellm
+from conftest import llama
+from extras.cached_generation import KVCache
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each SDPA call as (T, S, query heads, key heads, has a mask, is_causal, enable_gqa)."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        seen.append(dict(T=q.shape[2], S=k.shape[2], H=q.shape[1], Hkv=k.shape[1],
+                         mask=attn_mask is not None, causal=is_causal, gqa=enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa,
+                    **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    return seen
+
+
+def windowed(window):
+    """conftest's llama (4 query heads, 2 key/value heads) with a sliding window on layer 0."""
+    model = llama(50, 0)
+    args = dataclasses.replace(model.args, sliding_window=window, sliding_layers=(True, False))
+    out = fusellm.Transformer(args)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def run(model, ids):
+    """The whole sequence, then a prompt of 5 with one token at a time through the cache, then a
+    chunk of 3 after them."""
+    with torch.no_grad():
+        model(ids)
+        cache = KVCache(model.args, 1, ids.shape[1], "cpu", torch.float32)
+        model(ids[:, :5], cache=cache)
+        for t in range(5, 9):
+            model(ids[:, t:t + 1], cache=cache)
+        model(ids[:, 9:12], cache=cache)
+
+
+def test_no_call_asks_for_a_mask_and_shared_heads_together(calls):
+    """Bug caught: the mask built for a window, a decoding step or a chunk after the cache, handed
+    to SDPA with enable_gqa: a GPU computes that attention in unfused fp32 math."""
+    run(windowed(3), torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0)))
+    masked = [c for c in calls if c["mask"]]
+    assert masked and all(c["Hkv"] == c["H"] and not c["gqa"] for c in masked)
+
+
+def test_unmasked_calls_keep_the_heads_shared_and_decoding_needs_no_mask(calls):
+    """Without a window, the whole sequence is plain causal and a decoding step sees every key:
+    neither needs a mask, so both go to flash with the heads shared (no copies of k and v).
+    Bugs caught: k and v always copied; a decoding step given a mask (or is_causal, which for one
+    query and S keys would let it see only key 0)."""
+    run(windowed(None), torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1)))
+    whole, steps = calls[0], [c for c in calls if c["T"] == 1]
+    assert whole["causal"] and not whole["mask"] and whole["gqa"] and whole["Hkv"] == 2
+    assert len(steps) == 4 * 2                                     # 4 steps x 2 layers
+    assert all(not c["mask"] and not c["causal"] and c["gqa"] and c["Hkv"] == 2 for c in steps)
+    chunk = [c for c in calls if c["T"] == 3]                      # 3 queries after 9 keys
+    assert chunk and all(c["mask"] and c["Hkv"] == c["H"] for c in chunk)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_every_call_can_use_a_fused_kernel():
+    """On a GPU, torch's own eligibility checks: each call our model makes in bf16, whole
+    sequence, decoding and chunk, with and without a window, can run flash or memory-efficient
+    attention."""
+    from torch.backends.cuda import (SDPAParams, can_use_efficient_attention,
+                                     can_use_flash_attention)
+    failed, sdpa = [], F.scaled_dot_product_attention
+
+    def checked(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+        p = SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+        if not (can_use_flash_attention(p, True) or can_use_efficient_attention(p, True)):
+            failed.append((tuple(q.shape), tuple(k.shape), attn_mask is not None, enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = checked
+    try:
+        for window in (3, None):
+            model = windowed(window).to("cuda", torch.bfloat16)
+            ids = torch.randint(0, 50, (1, 12), device="cuda")
+            with torch.no_grad():
+                model(ids)
+                cache = KVCache(model.args, 1, 12, "cuda", torch.bfloat16)
+                model(ids[:, :5], cache=cache)
+                model(ids[:, 5:6], cache=cache)
+                model(ids[:, 6:9], cache=cache)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    assert not failed, failed
