@@ -142,3 +142,37 @@ def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
     rc, log = bench_gpu(tmp_path, env={"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert rc != 0 and "no CUDA GPU visible" in log and "--dry-run" in log, log[-2000:]
     assert "[precision]" not in log and list(tmp_path.iterdir()) == []
+
+
+def test_the_attention_check_passes_every_argument_through_and_puts_sdpa_back():
+    """precision's count of attention calls a fused kernel can run wraps torch's
+    scaled_dot_product_attention: the wrapped call gives the same result (scale, mask, enable_gqa
+    passed on), one entry a call (False here: torch's GPU checks say no to CPU tensors), and the
+    function is torch's own again after, even when the block raised. Off a GPU nothing is wrapped.
+    Catches an argument dropped by the wrapper (the bench's bf16 log-probs computed wrongly) and
+    the wrapper left in place."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+    from tools import gpu_bench
+    sdpa = F.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4 if n == 0 else 2, 6, 8, generator=g) for n in range(3))
+    mask = torch.rand(6, 6, generator=g) > 0.3
+    mask[:, 0] = True
+    want = sdpa(q, k, v, scale=0.3, enable_gqa=True)
+    want_masked = sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    with gpu_bench.fused_attention_calls(True) as calls:
+        assert F.scaled_dot_product_attention is not sdpa
+        got = F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+        got_masked = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                                    v.repeat_interleave(2, 1), attn_mask=mask)
+    assert torch.equal(got, want) and torch.equal(got_masked, want_masked) and calls == [False] * 2
+    assert F.scaled_dot_product_attention is sdpa
+    with pytest.raises(ValueError), gpu_bench.fused_attention_calls(True):
+        raise ValueError
+    assert F.scaled_dot_product_attention is sdpa
+    with gpu_bench.fused_attention_calls(False) as calls:
+        assert F.scaled_dot_product_attention is sdpa
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert calls == []
