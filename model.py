@@ -171,6 +171,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:                       # the keys and values of every position so far
             k, v = cache.update(self.layer_id, k, v)                        # (B, Hkv, S, hd)
+        if T == 1 and self.window is not None:      # a decoding step sees the last `window` keys
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         S = k.shape[2]                              # queries are positions S-T .. S-1 of the S keys
         mask, causal = None, T > 1                  # one query (a decoding step) sees every key
         if alibi is not None:                       # (1, H, T, S): -slope*(i-j), -inf where j > i

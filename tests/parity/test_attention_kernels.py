@@ -59,6 +59,17 @@ def test_no_call_asks_for_a_mask_and_shared_heads_together(calls):
     assert masked and all(c["Hkv"] == c["H"] and not c["gqa"] for c in masked)
 
 
+def test_a_decoding_step_in_a_window_reads_only_the_window_and_needs_no_mask(calls):
+    """A decoding step's one query sees the last `window` keys: the windowed layer hands SDPA those
+    3 keys (not all S with a mask, which would copy the whole cache's shared heads every step), the
+    other layer every key. The logits: test_kv_cache.py. Bug caught: the window slice dropped (a
+    mask and a copied cache each step)."""
+    run(windowed(3), torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(2)))
+    steps = [c for c in calls if c["T"] == 1]
+    assert len(steps) == 4 * 2 and all(not c["mask"] and c["gqa"] for c in steps)
+    assert [c["S"] for c in steps] == [3, 6, 3, 7, 3, 8, 3, 9]   # layer 0 windowed, layer 1 not
+
+
 def test_unmasked_calls_keep_the_heads_shared_and_decoding_needs_no_mask(calls):
     """Without a window, the whole sequence is plain causal and a decoding step sees every key:
     neither needs a mask, so both go to flash with the heads shared (no copies of k and v).
