@@ -171,8 +171,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:                       # the keys and values of every position so far
             k, v = cache.update(self.layer_id, k, v)                        # (B, Hkv, S, hd)
-        if T == 1 and self.window is not None:      # a decoding step sees the last `window` keys
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        if T == 1 and self.window is not None and alibi is None:
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]    # a decoding step: the window
         S = k.shape[2]                              # queries are positions S-T .. S-1 of the S keys
         mask, causal = None, T > 1                  # one query (a decoding step) sees every key
         if alibi is not None:                       # (1, H, T, S): -slope*(i-j), -inf where j > i
@@ -183,9 +183,10 @@ class Attention(nn.Module):
             if self.window is not None:
                 mask = mask & (j[None, :] > i[:, None] - self.window)        # and in the window
         if mask is not None and self.n_kv_heads != self.n_heads:
-            # On a GPU, SDPA's flash kernel shares a key/value head among query heads but takes no
-            # mask, its memory-efficient kernel takes a mask but no sharing: asked for both, SDPA
-            # falls back to plain math, the (B, H, T, S) scores in fp32. So share them by copying.
+            # On a GPU (torch 2.11-2.13), SDPA's flash kernel shares a key/value head among query
+            # heads but takes no mask, its memory-efficient one takes a mask but no sharing, cuDNN's
+            # both up to head_dim 128: asked for both, SDPA may fall back to unfused math, the
+            # (B, H, T, S) scores in fp32. So share them by copying.
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         if self.softcap:                # Gemma 2: scores capped by c tanh(s / c) before the softmax

@@ -164,9 +164,8 @@ def save_child(cfg: dict, path: str) -> dict:
 def precision_child(cfg: dict, B: int, T: int) -> dict:
     """Log-probs of one random batch with the weights in fp32, then the same weights in bf16 (the
     dtype data.py runs frozen models in on a GPU): the largest difference, its mean, and the share
-    of positions whose top-1 is the same. On a GPU also how many of the bf16 pass's attention calls
-    torch's checks let a fused kernel run (flash or memory-efficient; the others take plain
-    math)."""
+    of positions whose top-1 is the same; and the kernel SDPA picks for each of the bf16 pass's
+    attention calls, counted ("math": the unfused fallback)."""
     import common
     device = common.device("auto")
     model = random_model(cfg, device, torch.float32).eval()
@@ -175,33 +174,35 @@ def precision_child(cfg: dict, B: int, T: int) -> dict:
     with torch.no_grad():
         lp32 = model(x).log_softmax(-1)                                           # (B, T, V)
         top32 = lp32.argmax(-1)                                                   # (B, T)
-        with fused_attention_calls(device.startswith("cuda")) as calls:
+        with sdpa_kernels() as kernels:
             lp16 = model.to(torch.bfloat16)(x).log_softmax(-1)                    # (B, T, V)
         diff = (lp16 - lp32).abs()
         return dict(max_logprob_diff=float(diff.max()), mean_logprob_diff=float(diff.mean()),
                     top1_agreement=float((lp16.argmax(-1) == top32).float().mean()),
                     positions=B * T, device=device,
-                    fused_attention=f"{sum(calls)} of {len(calls)}" if calls else None)
+                    attention=", ".join(f"{k.removesuffix('_attention')} x{kernels.count(k)}"
+                                        for k in sorted(set(kernels))))
 
 
 @contextlib.contextmanager
-def fused_attention_calls(cuda: bool):
-    """A list that gets, for each scaled_dot_product_attention call made inside, whether torch's
-    own checks let flash or the memory-efficient kernel run it; left empty off a GPU, where those
-    checks do not apply."""
+def sdpa_kernels():
+    """A list that gets, for each scaled_dot_product_attention call made inside, the kernel torch's
+    dispatcher picks for it (torch._fused_sdp_choice, the choice SDPA itself makes): on a GPU
+    "cudnn_attention", "flash_attention" or "efficient_attention", or "math", the unfused
+    fallback that writes the (B, H, T, S) scores out in fp32."""
+    from torch.nn.attention import SDPBackend
     F, seen = torch.nn.functional, []
     sdpa = F.scaled_dot_product_attention
 
-    def checked(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False):
-        from torch.backends import cuda as c
-        p = c.SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
-        seen.append(c.can_use_flash_attention(p) or c.can_use_efficient_attention(p))
+    def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                         enable_gqa=enable_gqa)
+        seen.append(SDPBackend(choice).name.lower())
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                     scale=scale, enable_gqa=enable_gqa)
 
-    if cuda:
-        F.scaled_dot_product_attention = checked
+    F.scaled_dot_product_attention = recorded
     try:
         yield seen
     finally:
@@ -634,7 +635,7 @@ COLUMNS = {
                   ("mean_logprob_diff", "mean difference", "{:.2g}"),
                   ("top1_agreement", "top-1 agreement", "{:.4f}"),
                   ("positions", "positions", "{:,}"),
-                  ("fused_attention", "attention calls a fused kernel can run", "{}")],
+                  ("attention", "attention kernels (bf16 pass, calls)", "{}")],
     "dists": [("vocab", "vocabulary", "{}"), ("model", "model", "{}"), ("tokens", "tokens", "{:,}"),
               ("compiled_tokens_per_s", "window_topk tokens/s (bf16, compiled: default)",
                "{:,.0f}"),

@@ -1,8 +1,9 @@
 """What our attention asks of torch's scaled_dot_product_attention decides which kernel a GPU runs.
-Flash shares a key/value head among several query heads (enable_gqa) but takes no mask; the
-memory-efficient kernel takes a mask but no sharing. A call with both falls back to plain math:
-the (B, H, T, S) scores written out in fp32, many times slower at T = 2,048 (Gemma 3's sliding
-layers, every decoding step). On the CPU we check what each call asks; the results are checked
+In torch 2.11-2.13 flash shares a key/value head among several query heads (enable_gqa) but takes
+no mask; the memory-efficient kernel takes a mask but no sharing; cuDNN both, up to a head size of
+128. A call with both can fall back to plain math, the (B, H, T, S) scores written out in fp32
+(Gemma 3's sliding layers, every decoding step; docs/benchmarks.md "The body on a GPU"). On the
+CPU we check what each call asks, on a GPU which kernel SDPA picks; the results are checked
 against transformers in test_model_parity.py and against the whole sequence in test_kv_cache.py."""
 import dataclasses
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusellm
-from conftest import llama
+from conftest import llama, mpt
 from extras.cached_generation import KVCache
 
 
@@ -84,20 +85,29 @@ def test_unmasked_calls_keep_the_heads_shared_and_decoding_needs_no_mask(calls):
     assert chunk and all(c["mask"] and c["Hkv"] == c["H"] for c in chunk)
 
 
+def shaped(n_kv_heads, head_dim, window):
+    """A random 2-layer llama of 4 query heads on n_kv_heads, head_dim wide, a window on layer 0:
+    (1, 64) gives conftest's shape, (1, 256) Gemma 3's."""
+    args = dataclasses.replace(llama(50, 0).args, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                               sliding_window=window, sliding_layers=(True, False))
+    torch.manual_seed(0)
+    return fusellm.Transformer(args).eval()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_every_call_can_use_a_fused_kernel():
-    """On a GPU, torch's own eligibility checks (the helper bench.py gpu counts them with): each
-    call our model makes in bf16, whole sequence, decoding and chunk, with and without a window,
-    can run flash or memory-efficient attention."""
-    from tools.gpu_bench import fused_attention_calls
-    with fused_attention_calls(True) as calls:
-        for window in (3, None):
-            model = windowed(window).to("cuda", torch.bfloat16)
-            ids = torch.randint(0, 50, (1, 12), device="cuda")
-            with torch.no_grad():
-                model(ids)
-                cache = KVCache(model.args, 1, 12, "cuda", torch.bfloat16)
-                model(ids[:, :5], cache=cache)
-                model(ids[:, 5:6], cache=cache)
-                model(ids[:, 6:9], cache=cache)
-    assert calls and all(calls), calls
+@pytest.mark.parametrize("model", [lambda: windowed(3), lambda: windowed(None),
+                                   lambda: shaped(1, 256, 3), lambda: mpt(50, 1).eval()],
+                         ids=["window", "no window", "Gemma 3 heads", "mpt (ALiBi)"])
+def test_on_a_gpu_no_call_falls_back_to_math(model):
+    """On a GPU, the kernel SDPA's own dispatcher picks (the helper bench.py gpu counts them with)
+    for each call our model makes in bf16, whole sequence, decoding and chunk: never math."""
+    from tools.gpu_bench import sdpa_kernels
+    m = model().to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 50, (1, 12), device="cuda")
+    with sdpa_kernels() as kernels, torch.no_grad():
+        m(ids)
+        cache = KVCache(m.args, 1, 12, "cuda", torch.bfloat16)
+        m(ids[:, :5], cache=cache)
+        m(ids[:, 5:6], cache=cache)
+        m(ids[:, 6:9], cache=cache)
+    assert kernels and "math" not in kernels, kernels

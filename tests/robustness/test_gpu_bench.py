@@ -56,6 +56,8 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert {r["vocab"] for r in result["parts"]["dists"]["rows"]} == {"320", "1280", "2620"}
     assert all("hf_tokens_per_s" in r for r in result["parts"]["dists"]["rows"])
     assert [r["batch"] for r in result["parts"]["generate"]["rows"]] == [1, 8]
+    # each precision row counts the kernels its attention calls got (none seen: an empty string)
+    assert all(" x" in r["attention"] for r in result["parts"]["precision"]["rows"])
     # greedy on the same fp32 weights: transformers picks the same tokens
     assert all(r["same_tokens"] == 1.0 for r in result["parts"]["generate"]["rows"])
     run = result["parts"]["torchrun"]["rows"][0]
@@ -144,35 +146,33 @@ def test_without_a_gpu_the_real_run_stops_at_once(tmp_path):
     assert "[precision]" not in log and list(tmp_path.iterdir()) == []
 
 
-def test_the_attention_check_passes_every_argument_through_and_puts_sdpa_back():
-    """precision's count of attention calls a fused kernel can run wraps torch's
-    scaled_dot_product_attention: the wrapped call gives the same result (scale, mask, enable_gqa
-    passed on), one entry a call (False here: torch's GPU checks say no to CPU tensors), and the
-    function is torch's own again after, even when the block raised. Off a GPU nothing is wrapped.
+def test_the_attention_kernel_count_passes_every_argument_through_and_puts_sdpa_back():
+    """precision's count of the kernels SDPA picks wraps torch's scaled_dot_product_attention: the
+    wrapped call gives the same result (scale, mask, is_causal, enable_gqa passed on), one
+    backend name a call, and the function is torch's own again after, even when the block raised.
     Catches an argument dropped by the wrapper (the bench's bf16 log-probs computed wrongly) and
     the wrapper left in place."""
     sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
     from tools import gpu_bench
     sdpa = F.scaled_dot_product_attention
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4 if n == 0 else 2, 6, 8, generator=g) for n in range(3))
+    k4, v4 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     mask = torch.rand(6, 6, generator=g) > 0.3
     mask[:, 0] = True
-    want = sdpa(q, k, v, scale=0.3, enable_gqa=True)
-    want_masked = sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
-    with gpu_bench.fused_attention_calls(True) as calls:
+    calls = [((q, k, v), dict(scale=0.3, enable_gqa=True)), ((q, k4, v4), dict(attn_mask=mask)),
+             ((q, k4, v4), dict(is_causal=True))]
+    want = [sdpa(*a, **kw) for a, kw in calls]
+    assert not torch.allclose(want[1], want[2]) and not torch.allclose(want[0], sdpa(q, k4, v4))
+    with gpu_bench.sdpa_kernels() as kernels:
         assert F.scaled_dot_product_attention is not sdpa
-        got = F.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
-        got_masked = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
-                                                    v.repeat_interleave(2, 1), attn_mask=mask)
-    assert torch.equal(got, want) and torch.equal(got_masked, want_masked) and calls == [False] * 2
+        got = [F.scaled_dot_product_attention(*a, **kw) for a, kw in calls]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(kernels) == 3 and set(kernels) <= {b.lower() for b in SDPBackend.__members__}
     assert F.scaled_dot_product_attention is sdpa
-    with pytest.raises(ValueError), gpu_bench.fused_attention_calls(True):
+    with pytest.raises(ValueError), gpu_bench.sdpa_kernels():
         raise ValueError
     assert F.scaled_dot_product_attention is sdpa
-    with gpu_bench.fused_attention_calls(False) as calls:
-        assert F.scaled_dot_product_attention is sdpa
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert calls == []
