@@ -12,8 +12,8 @@ tests/parity/test_generation.py the same text from a checkpoint loaded from its 
 logits from every family's: tests/lessons/test_kv_cache.py, tests/parity/test_generation.py).
 
 What it holds: `KVCache` (every layer's keys and values so far; model.Attention stores into it
-and reads from it), and `CachedSteps`, called as Scorer.next_token is: the ids so far -> the most
-likely next token.
+and reads from it), `CachedSteps`, called as Scorer.next_token is: the ids so far -> the most
+likely next token, and `decoding`, the attention kernels its steps may use.
 """
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def decoding():
+    """The context generation's steps run in: SDPA may pick any attention kernel but cuDNN's. On an
+    H100 or H200, torch (2.11 with its cuDNN 9.19, the GPU image's) tries cuDNN's kernel first for
+    head sizes up to 128, and cuDNN builds an execution plan for each new shape it meets, the
+    number of keys included (torch's cuDNN attention caches plans by shape): a decoding step
+    adds a key every time, so each step would build one, tens of milliseconds of host time
+    reported elsewhere (not measured here). Flash and the memory-efficient kernel take one query
+    against any number of keys without planning."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 class CachedSteps:
     """The greedy steps of one generation with a KV cache, which holds the prompt and the
     max_new_tokens after it (at most the window). Where max_new_tokens alone fills the window
@@ -54,8 +67,11 @@ class CachedSteps:
         self.cache = None
         self.seen = 0                            # ids[:seen] are in the cache
 
-    @torch.no_grad()
     def __call__(self, ids: list[int]) -> int:
+        with torch.no_grad(), decoding():
+            return self.step(ids)
+
+    def step(self, ids: list[int]) -> int:
         if len(ids) > self.window:
             self.cache = None                                # the whole context, as it stands
             x = torch.tensor([ids[-self.window:]], device=self.device)

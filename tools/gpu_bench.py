@@ -267,14 +267,15 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
 
 def greedy_batch(model, x, new: int):
     """B prompts of one length, `new` greedy tokens each with a KVCache: the prompts run once, then
-    each step one token per row. (B, new) ids."""
-    from extras.cached_generation import KVCache
+    each step one token per row, in the attention kernels eval.py's generation uses. (B, new)."""
+    from extras.cached_generation import KVCache, decoding
     B, P = x.shape
     p = next(model.parameters())
     cache = KVCache(model.args, B, P + new, p.device, p.dtype)
-    out = [model.logits(model.hidden(x, cache)[:, -1]).argmax(-1)]                 # (B,)
-    while len(out) < new:
-        out.append(model.logits(model.hidden(out[-1][:, None], cache)[:, -1]).argmax(-1))
+    with decoding():
+        out = [model.logits(model.hidden(x, cache)[:, -1]).argmax(-1)]             # (B,)
+        while len(out) < new:
+            out.append(model.logits(model.hidden(out[-1][:, None], cache)[:, -1]).argmax(-1))
     return torch.stack(out, 1)                                                     # (B, new)
 
 

@@ -85,6 +85,31 @@ def test_unmasked_calls_keep_the_heads_shared_and_decoding_needs_no_mask(calls):
     assert chunk and all(c["mask"] and c["Hkv"] == c["H"] for c in chunk)
 
 
+def test_generation_steps_leave_cudnn_out_and_put_the_flags_back(monkeypatch):
+    """eval.py's generation (CachedSteps) and bench.py gpu's batched one (greedy_batch) run every
+    attention call with cuDNN's kernel disabled (it would plan anew for each new number of keys)
+    and flash enabled, and the flags are as before afterwards. Bug caught: a generation path
+    without extras/cached_generation.decoding (cuDNN back in every decoding step)."""
+    from extras.cached_generation import CachedSteps
+    from tools.gpu_bench import greedy_batch
+    flags, sdpa = [], F.scaled_dot_product_attention
+    cuda = torch.backends.cuda
+
+    def recorded(*a, **kw):
+        flags.append((cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled()))
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded)
+    model, before = windowed(3), (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled())
+    assert before == (True, True)                                  # torch's defaults
+    steps, ids = CachedSteps(model, 16, 4, "cpu"), [1, 2, 3, 4, 5]
+    for _ in range(4):
+        ids.append(steps(ids))
+    greedy_batch(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 3)
+    assert len(flags) == (4 + 3) * 2 and set(flags) == {(False, True)}
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled()) == before
+
+
 def shaped(n_kv_heads, head_dim, window):
     """A random 2-layer llama of 4 query heads on n_kv_heads, head_dim wide, a window on layer 0:
     (1, 64) gives conftest's shape, (1, 256) Gemma 3's."""
