@@ -183,10 +183,10 @@ class Attention(nn.Module):
             if self.window is not None:
                 mask = mask & (j[None, :] > i[:, None] - self.window)        # and in the window
         if mask is not None and self.n_kv_heads != self.n_heads:
-            # On a GPU (torch 2.11-2.13), SDPA's flash kernel shares a key/value head among query
-            # heads but takes no mask, its memory-efficient one takes a mask but no sharing, cuDNN's
-            # both up to head_dim 128: asked for both, SDPA may fall back to unfused math, the
-            # (B, H, T, S) scores in fp32. So share them by copying.
+            # On a GPU (torch 2.11), SDPA's flash kernel shares a key/value head among query heads
+            # but takes no mask, its memory-efficient one takes a mask but no sharing; cuDNN's takes
+            # both but runs first only on an H100/H200: elsewhere SDPA falls back to unfused math,
+            # the (B, H, T, S) scores in fp32. So share them by copying.
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         if self.softcap:                # Gemma 2: scores capped by c tanh(s / c) before the softmax

@@ -17,7 +17,10 @@ likely next token, and `decoding`, the attention kernels its steps may use.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
 
 class KVCache:
     """The keys and values every layer has computed so far, so that generating one more token runs
@@ -42,17 +45,21 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@contextlib.contextmanager
 def decoding():
-    """The context generation's steps run in: SDPA may pick any attention kernel but cuDNN's. On an
-    H100 or H200, torch (2.11 with its cuDNN 9.19, the GPU image's) tries cuDNN's kernel first for
-    head sizes up to 128, and cuDNN builds an execution plan for each new shape it meets, the
-    number of keys included (torch's cuDNN attention caches plans by shape): a decoding step
-    adds a key every time, so each step would build one, tens of milliseconds of host time
-    reported elsewhere (not measured here). Flash and the memory-efficient kernel take one query
-    against any number of keys without planning."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+    """The context generation's steps run in: SDPA may pick any attention kernel but cuDNN's (a
+    process-wide switch, put back as it was after). On an H100 or H200, torch 2.11 for CUDA 13
+    (the GPU image's, with cuDNN 9.19) tries cuDNN's kernel first, and cuDNN builds an execution
+    plan for each new shape, the number of keys included (torch caches the plans by shape): a
+    decoding step of a full-attention layer adds a key every time, so each step would build
+    one, tens of milliseconds of host time as reported elsewhere (not measured here). Flash
+    takes one query against any number of keys without planning."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 class CachedSteps:

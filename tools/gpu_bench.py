@@ -187,9 +187,9 @@ def precision_child(cfg: dict, B: int, T: int) -> dict:
 @contextlib.contextmanager
 def sdpa_kernels():
     """A list that gets, for each scaled_dot_product_attention call made inside, the kernel torch's
-    dispatcher picks for it (torch._fused_sdp_choice, the choice SDPA itself makes): on a GPU
-    "cudnn_attention", "flash_attention" or "efficient_attention", or "math", the unfused
-    fallback that writes the (B, H, T, S) scores out in fp32."""
+    dispatcher picks for it (torch._fused_sdp_choice, the choice SDPA itself makes, outside
+    autocast): on a GPU "cudnn_attention", "flash_attention" or "efficient_attention", or
+    "math", the unfused fallback that writes the (B, H, T, S) scores out in fp32."""
     from torch.nn.attention import SDPBackend
     F, seen = torch.nn.functional, []
     sdpa = F.scaled_dot_product_attention
@@ -265,14 +265,15 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
     return out
 
 
-def greedy_batch(model, x, new: int):
+def greedy_batch(model, x, new: int, sdpa_choice: bool = False):
     """B prompts of one length, `new` greedy tokens each with a KVCache: the prompts run once, then
-    each step one token per row, in the attention kernels eval.py's generation uses. (B, new)."""
+    each step one token per row, in the attention kernels eval.py's generation uses (cuDNN's left
+    out), or sdpa_choice: in whichever SDPA picks. (B, new) ids."""
     from extras.cached_generation import KVCache, decoding
     B, P = x.shape
     p = next(model.parameters())
     cache = KVCache(model.args, B, P + new, p.device, p.dtype)
-    with decoding():
+    with contextlib.nullcontext() if sdpa_choice else decoding():
         out = [model.logits(model.hidden(x, cache)[:, -1]).argmax(-1)]             # (B,)
         while len(out) < new:
             out.append(model.logits(model.hidden(out[-1][:, None], cache)[:, -1]).argmax(-1))
@@ -282,8 +283,10 @@ def greedy_batch(model, x, new: int):
 def generate_child(path: str, prompt: int, new: int, batches: tuple, with_hf: bool) -> dict:
     """New tokens/s of greedy generation from a model folder: at batch 1 eval.py's own steps
     (Scorer.generate -> extras/cached_generation.CachedSteps), at larger batches the same KVCache
-    over B rows (greedy_batch); against transformers' generate (greedy, its cache) on the same
-    weights and prompts when with_hf. Each timed after one untimed short run."""
+    over B rows (greedy_batch); then the same rows in the attention kernels SDPA picks itself
+    (cuDNN's included, which eval.py's steps leave out); against transformers' generate (greedy,
+    its cache, SDPA's own choice) on the same weights and prompts when with_hf. Each timed after
+    one untimed short run."""
     import types
     import common
     import eval as ev
@@ -326,6 +329,9 @@ def generate_child(path: str, prompt: int, new: int, batches: tuple, with_hf: bo
             with torch.no_grad():
                 ours, s = timed(lambda n: greedy_batch(model, x.to(device), n).cpu())
         row = dict(batch=B, prompt=prompt, new=new, ours_tokens_per_s=B * new / s)
+        with torch.no_grad():
+            _, s = timed(lambda n: greedy_batch(model, x.to(device), n, sdpa_choice=True).cpu())
+        row["ours_sdpa_tokens_per_s"] = B * new / s
         if hf is not None:
             with torch.no_grad():
                 theirs, s = timed(lambda n: hf.generate(
@@ -661,6 +667,7 @@ COLUMNS = {
               ("first_step_s", "first step s", "{:.1f}"), ("peak_mib", "peak MiB", "{:,.0f}")],
     "generate": [("batch", "batch", "{}"), ("prompt", "prompt", "{}"), ("new", "new", "{}"),
                  ("ours_tokens_per_s", "KV cache new tokens/s", "{:,.1f}"),
+                 ("ours_sdpa_tokens_per_s", "the same, SDPA's own kernel choice", "{:,.1f}"),
                  ("hf_tokens_per_s", "transformers generate", "{:,.1f}"),
                  ("speed", "speed", "{:.2f}x"), ("same_tokens", "same tokens", "{:.3f}")],
     "torchrun": [("backend", "backend", "{}"), ("checkpoint", "checkpoint", "{}"),

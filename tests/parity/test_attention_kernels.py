@@ -1,10 +1,12 @@
 """What our attention asks of torch's scaled_dot_product_attention decides which kernel a GPU runs.
-In torch 2.11-2.13 flash shares a key/value head among several query heads (enable_gqa) but takes
-no mask; the memory-efficient kernel takes a mask but no sharing; cuDNN both, up to a head size of
-128. A call with both can fall back to plain math, the (B, H, T, S) scores written out in fp32
-(Gemma 3's sliding layers, every decoding step; docs/benchmarks.md "The body on a GPU"). On the
-CPU we check what each call asks, on a GPU which kernel SDPA picks; the results are checked
-against transformers in test_model_parity.py and against the whole sequence in test_kv_cache.py."""
+In torch 2.11 flash shares a key/value head among several query heads (enable_gqa) but takes no
+mask; the memory-efficient kernel takes a mask but no sharing; cuDNN both, but it runs first only
+on an H100/H200 and generation leaves it out. A call with both can fall back to plain math, the
+(B, H, T, S) scores written out in fp32 (Gemma 3's sliding layers, every decoding step;
+docs/benchmarks.md "The body on a GPU"). On the CPU we check what each call asks, on a GPU which
+kernel SDPA picks; the results are checked against transformers in test_model_parity.py and
+against the whole sequence in test_kv_cache.py."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -125,14 +127,24 @@ def shaped(n_kv_heads, head_dim, window):
                          ids=["window", "no window", "Gemma 3 heads", "mpt (ALiBi)"])
 def test_on_a_gpu_no_call_falls_back_to_math(model):
     """On a GPU, the kernel SDPA's own dispatcher picks (the helper bench.py gpu counts them with)
-    for each call our model makes in bf16, whole sequence, decoding and chunk: never math."""
+    for each call our model makes in bf16, whole sequence, decoding and chunk: never math, with
+    every kernel allowed and again as generation runs them (decoding: cuDNN's left out, where a
+    mask with shared heads has only math left but for the copy model.py makes), the decoding
+    steps there on flash."""
+    from extras.cached_generation import decoding
     from tools.gpu_bench import sdpa_kernels
     m = model().to("cuda", torch.bfloat16)
     ids = torch.randint(0, 50, (1, 12), device="cuda")
-    with sdpa_kernels() as kernels, torch.no_grad():
-        m(ids)
-        cache = KVCache(m.args, 1, 12, "cuda", torch.bfloat16)
-        m(ids[:, :5], cache=cache)
-        m(ids[:, 5:6], cache=cache)
-        m(ids[:, 6:9], cache=cache)
-    assert kernels and "math" not in kernels, kernels
+    for kernels_allowed in (contextlib.nullcontext, decoding):
+        with sdpa_kernels() as kernels, torch.no_grad(), kernels_allowed():
+            m(ids)
+            cache = KVCache(m.args, 1, 12, "cuda", torch.bfloat16)
+            m(ids[:, :5], cache=cache)
+            m(ids[:, 5:6], cache=cache)                             # a decoding step
+            m(ids[:, 6:9], cache=cache)
+        layers = m.args.n_layers
+        assert len(kernels) == 4 * layers and "math" not in kernels, kernels
+        if kernels_allowed is decoding:
+            assert "cudnn_attention" not in kernels, kernels
+            if m.args.pos != "alibi":                             # ALiBi's steps carry a mask
+                assert kernels[2 * layers:3 * layers] == ["flash_attention"] * layers, kernels
