@@ -18,8 +18,9 @@ up) and recorded on its own: a part that fails writes its error and the next one
   of 262k, 128k and 32k; ours with each of extras/fast_head.py's head modes in turn (HEADS: the
   default compiled log-sum-exp, extras/triton_head.py's one-read kernel, ...) and the fastest
   named, the 262k pass of both profiled;
-- train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape at 2,048 tokens, bf16
-  autocast, CLM-only and fusion, eager and torch.compile'd, each also with 8 micro-batches a step:
+- train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape, micro-batches of 4 windows
+  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager and torch.compile'd, each also with 4
+  micro-batches a step:
   tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the compiled fusion step
   profiled;
 - generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
@@ -111,8 +112,8 @@ class Sizes:
                              "gemma-270m": GEMMA_270M},
                      vocab_models=(("262k", "gemma-270m"), ("128k", "llama-1b"),
                                    ("32k", "llama-1b-32k")),
-                     precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 1, 2048, 5),
-                     accum=8, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
+                     precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 4, 2048, 5),
+                     accum=4, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
                      budget_s=dict(precision=40, dists=160, train=170, generate=50, torchrun=55))
 
