@@ -50,10 +50,10 @@ def decoding():
     """The context generation's steps run in: SDPA may pick any attention kernel but cuDNN's (a
     process-wide switch, put back as it was after). On an H100 or H200, torch 2.11 for CUDA 13
     (the GPU image's, with cuDNN 9.19) tries cuDNN's kernel first, and cuDNN builds an execution
-    plan for each new shape, the number of keys included (torch caches the plans by shape): a
-    decoding step of a full-attention layer adds a key every time, so each step would build
-    one, tens of milliseconds of host time as reported elsewhere (not measured here). Flash
-    takes one query against any number of keys without planning."""
+    plan for each new shape, the number of keys included (torch caches the plans by shape, per
+    thread): a decoding step adds a key every time, so each step of a generation longer than any
+    before it in the process builds one, tens of milliseconds of host time as reported elsewhere
+    (not measured here). Flash takes one query against any number of keys without planning."""
     was = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:

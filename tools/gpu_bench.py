@@ -12,19 +12,20 @@ suite, so that the command cannot rot between GPU sessions.
 What it holds, one part each (PARTS), every part time-boxed (its children killed when its time is
 up) and recorded on its own: a part that fails writes its error and the next one runs.
 - precision: our Transformer's log-probs in bf16 against fp32 on a Llama-3.2-1B and a Gemma 3 270M
-  shape (random weights, built on the device): the largest difference, top-1 agreement;
+  shape (random weights, built on the device): the largest difference, top-1 agreement, and the
+  attention kernel SDPA picks for each call (sdpa_kernels);
 - dists: source distributions, data.window_topk against transformers' forward + log_softmax + topk
   (tools/bench.py dists_child, each in a fresh process), tokens/s and peak memory, at vocabularies
   of 262k, 128k and 32k; ours with each of extras/fast_head.py's head modes in turn (HEADS: the
   default compiled log-sum-exp, extras/triton_head.py's one-read kernel, ...) and the fastest
   named, the 262k pass of both profiled;
 - train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape, micro-batches of 4 windows
-  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager and torch.compile'd, each also with 4
-  micro-batches a step:
-  tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the compiled fusion step
-  profiled;
+  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager and torch.compile'd, each also with
+  4 micro-batches a step: tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the
+  compiled fusion step profiled;
 - generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
   generate on the same weights, new tokens/s at batch 1 and 8, and whether they chose the same;
+  our batched steps also with cuDNN's attention allowed (eval.py's steps leave it out);
 - torchrun: `torchrun --nproc_per_node 1` over NCCL, a FSDP2 model whose DCP checkpoint
   (extras/distributed.py) is saved, the process killed (SIGKILL) and resumed: equal to the run
   that was never killed. (train.py itself shards only across several processes, so at one process
@@ -284,10 +285,12 @@ def greedy_batch(model, x, new: int, sdpa_choice: bool = False):
 def generate_child(path: str, prompt: int, new: int, batches: tuple, with_hf: bool) -> dict:
     """New tokens/s of greedy generation from a model folder: at batch 1 eval.py's own steps
     (Scorer.generate -> extras/cached_generation.CachedSteps), at larger batches the same KVCache
-    over B rows (greedy_batch); then the same rows in the attention kernels SDPA picks itself
-    (cuDNN's included, which eval.py's steps leave out); against transformers' generate (greedy,
-    its cache, SDPA's own choice) on the same weights and prompts when with_hf. Each timed after
-    one untimed short run."""
+    over B rows (greedy_batch); greedy_batch again in the attention kernels SDPA picks itself
+    (cuDNN's included, which eval.py's steps leave out), its time over greedy_batch's as they run
+    (at batch 1 timed for it: eval.py's steps also wait for each token); against transformers'
+    generate (greedy, its cache, SDPA's own choice) on the same weights and prompts when with_hf.
+    Each timed after one untimed run of 2 tokens, so cuDNN's plans for longer key counts are
+    built in the timed run, as in a process's first generation of that length."""
     import types
     import common
     import eval as ev
@@ -330,9 +333,10 @@ def generate_child(path: str, prompt: int, new: int, batches: tuple, with_hf: bo
             with torch.no_grad():
                 ours, s = timed(lambda n: greedy_batch(model, x.to(device), n).cpu())
         row = dict(batch=B, prompt=prompt, new=new, ours_tokens_per_s=B * new / s)
-        with torch.no_grad():
-            _, s = timed(lambda n: greedy_batch(model, x.to(device), n, sdpa_choice=True).cpu())
-        row["ours_sdpa_tokens_per_s"] = B * new / s
+        with torch.no_grad():                  # the batched steps both ways: cuDNN out, then in
+            s_out = s if B > 1 else timed(lambda n: greedy_batch(model, x.to(device), n))[1]
+            _, s_own = timed(lambda n: greedy_batch(model, x.to(device), n, sdpa_choice=True))
+        row.update(ours_sdpa_tokens_per_s=B * new / s_own, no_cudnn_gain=s_own / s_out)
         if hf is not None:
             with torch.no_grad():
                 theirs, s = timed(lambda n: hf.generate(
@@ -668,7 +672,8 @@ COLUMNS = {
               ("first_step_s", "first step s", "{:.1f}"), ("peak_mib", "peak MiB", "{:,.0f}")],
     "generate": [("batch", "batch", "{}"), ("prompt", "prompt", "{}"), ("new", "new", "{}"),
                  ("ours_tokens_per_s", "KV cache new tokens/s", "{:,.1f}"),
-                 ("ours_sdpa_tokens_per_s", "the same, SDPA's own kernel choice", "{:,.1f}"),
+                 ("ours_sdpa_tokens_per_s", "batched steps, SDPA's own kernels", "{:,.1f}"),
+                 ("no_cudnn_gain", "cuDNN left out (batched steps)", "{:.2f}x"),
                  ("hf_tokens_per_s", "transformers generate", "{:,.1f}"),
                  ("speed", "speed", "{:.2f}x"), ("same_tokens", "same tokens", "{:.3f}")],
     "torchrun": [("backend", "backend", "{}"), ("checkpoint", "checkpoint", "{}"),

@@ -56,9 +56,10 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert {r["vocab"] for r in result["parts"]["dists"]["rows"]} == {"320", "1280", "2620"}
     assert all("hf_tokens_per_s" in r for r in result["parts"]["dists"]["rows"])
     assert [r["batch"] for r in result["parts"]["generate"]["rows"]] == [1, 8]
-    # each precision row counts the kernels its attention calls got (none seen: an empty string)
+    # each precision row counts the kernels its attention calls got (none seen would be "")
     assert all(" x" in r["attention"] for r in result["parts"]["precision"]["rows"])
-    assert all(r["ours_sdpa_tokens_per_s"] > 0 for r in result["parts"]["generate"]["rows"])
+    assert all(r["ours_sdpa_tokens_per_s"] > 0 and r["no_cudnn_gain"] > 0
+               for r in result["parts"]["generate"]["rows"])
     # greedy on the same fp32 weights: transformers picks the same tokens
     assert all(r["same_tokens"] == 1.0 for r in result["parts"]["generate"]["rows"])
     run = result["parts"]["torchrun"]["rows"][0]
