@@ -43,11 +43,12 @@ def windowed(window):
 
 
 def run(model, ids):
-    """The whole sequence, then a prompt of 5 with one token at a time through the cache, then a
-    chunk of 3 after them."""
+    """The whole sequence, then a prompt of 5 with one token at a time through the cache (4 steps),
+    then a chunk of 3 after them: 7 calls of each layer, the steps' calls the 3rd to the 6th."""
+    p = next(model.parameters())
     with torch.no_grad():
         model(ids)
-        cache = KVCache(model.args, 1, ids.shape[1], "cpu", torch.float32)
+        cache = KVCache(model.args, 1, ids.shape[1], p.device, p.dtype)
         model(ids[:, :5], cache=cache)
         for t in range(5, 9):
             model(ids[:, t:t + 1], cache=cache)
@@ -136,15 +137,11 @@ def test_on_a_gpu_no_call_falls_back_to_math(model):
     m = model().to("cuda", torch.bfloat16)
     ids = torch.randint(0, 50, (1, 12), device="cuda")
     for kernels_allowed in (contextlib.nullcontext, decoding):
-        with sdpa_kernels() as kernels, torch.no_grad(), kernels_allowed():
-            m(ids)
-            cache = KVCache(m.args, 1, 12, "cuda", torch.bfloat16)
-            m(ids[:, :5], cache=cache)
-            m(ids[:, 5:6], cache=cache)                             # a decoding step
-            m(ids[:, 6:9], cache=cache)
+        with sdpa_kernels() as kernels, kernels_allowed():
+            run(m, ids)
         layers = m.args.n_layers
-        assert len(kernels) == 4 * layers and "math" not in kernels, kernels
+        assert len(kernels) == 7 * layers and "math" not in kernels, kernels
         if kernels_allowed is decoding:
             assert "cudnn_attention" not in kernels, kernels
             if m.args.pos != "alibi":                             # ALiBi's steps carry a mask
-                assert kernels[2 * layers:3 * layers] == ["flash_attention"] * layers, kernels
+                assert kernels[2 * layers:6 * layers] == ["flash_attention"] * 4 * layers, kernels

@@ -115,12 +115,19 @@ def test_a_compile_that_fails_falls_back_once_and_says_so(monkeypatch, capsys):
     and every later one, in this call and the next, take the uncompiled pass, with the reference's
     numbers, and the failure is said once, with its reason. Catches the failing block dropped or
     its log-sum-exp left out, the error raised, and a message per block."""
-    got, want = head_with_failing_compile(monkeypatch, RuntimeError("no triton here"))
+    error = RuntimeError("no triton here")
+    got, want = head_with_failing_compile(monkeypatch, error)
+    fell_back_once(got, want, capsys.readouterr().err, "torch.compile failed", error,
+                   fast_head.COMPILE_FAILED)
+
+
+def fell_back_once(got, want, err, said: str, error, failed: list):
+    """Every blocked head's numbers in `got` are the readable head's `want`; the failure is said
+    once in `err`, with its reason, and kept in `failed` (so that no later block tries again)."""
     for ids, lps, label in got:
         assert torch.allclose(lps, want[1], atol=2e-6) and torch.allclose(label, want[2], atol=2e-6)
-    err = capsys.readouterr().err
-    assert err.count("torch.compile failed") == 1 and "no triton here" in err
-    assert fast_head.COMPILE_FAILED == ["RuntimeError: no triton here"]
+    assert err.count(said) == 1 and str(error) in err
+    assert failed == [f"{type(error).__name__}: {error}"]
 
 
 def test_running_out_of_memory_is_not_taken_for_a_failed_compile(monkeypatch):

@@ -146,12 +146,11 @@ def test_a_kernel_that_fails_falls_back_to_the_compiled_head_once_and_says_so(mo
     """A kernel Triton cannot build or launch on this GPU costs no result: that block and every
     later one take the compiled mode, with the reference's numbers, and the failure is said once.
     Catches the failing block dropped, the error raised, a message per block."""
-    got, want = failing_head(monkeypatch, RuntimeError("no sm_90 here"))
-    for ids, lps, label in got:
-        assert torch.allclose(lps, want[1], atol=2e-6) and torch.allclose(label, want[2], atol=2e-6)
-    err = capsys.readouterr().err
-    assert err.count("the Triton kernel failed") == 1 and "no sm_90 here" in err
-    assert fast_head.TRITON_FAILED == ["RuntimeError: no sm_90 here"]
+    from test_gpu_head import fell_back_once
+    error = RuntimeError("no sm_90 here")
+    got, want = failing_head(monkeypatch, error)
+    fell_back_once(got, want, capsys.readouterr().err, "the Triton kernel failed", error,
+                   fast_head.TRITON_FAILED)
 
 
 def test_out_of_memory_in_the_kernel_is_raised_as_it_is(monkeypatch):
