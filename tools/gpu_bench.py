@@ -4,7 +4,8 @@ tools/gpu_bench.py: every GPU figure of nanofuse in one command, `python tools/b
 Why it exists: nanofuse is run as `python train.py` on one or more GPUs, yet GPU machines are lent
 only now and then, for minutes. So everything measured on a GPU is prepared here, runs in one call
 of at most 8 minutes on one H100/H200, and writes its figures (OUT/gpu_bench.json) and the tables
-the docs show (OUT/gpu_bench.md), each row with the device, the torch version and the date.
+the docs show (OUT/gpu_bench.md), each row with the device, the torch version and the date; both
+are written again after each part, so a command stopped midway keeps the parts it finished.
 `--dry-run` runs the same code at tiny sizes on the CPU (gloo instead of NCCL, torch.compile's
 "eager" backend instead of inductor, Triton's interpreter for the Triton head), in the test
 suite, so that the command cannot rot between GPU sessions.
@@ -621,6 +622,7 @@ def part_torchrun(sz: Sizes, work: Path, deadline: float, rows: list):
 
 PARTS = {"precision": part_precision, "dists": part_dists, "train": part_train,
          "generate": part_generate, "torchrun": part_torchrun}
+STOPPED = "not finished: the command was stopped while this part ran (its time limit?)"
 FAIL_ENV = "NANOFUSE_GPU_BENCH_FAIL"     # a part's name: it raises at once (the tests' check)
 
 
@@ -739,6 +741,22 @@ def profile_line(part: str, row: dict, who: str, prof: dict) -> str:
             f"The whole table: {profile_name(part, row, who)}.")
 
 
+def write(result: dict, out: Path):
+    """OUT/gpu_bench.json, OUT/gpu_bench.md and the profiler's tables (one file each) of the parts
+    done so far; each file written whole under another name, then renamed over the last one, so a
+    kill leaves the last complete version."""
+    files = {"gpu_bench.json": json.dumps(result, indent=1), "gpu_bench.md": markdown(result)}
+    for part, rec in result["parts"].items():
+        for row in rec["rows"]:
+            for key, who in PROFILES:
+                if key in row:
+                    files[profile_name(part, row, who)] = row[key]["table"]
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
 def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     """Every part in turn, each in its time box; OUT/gpu_bench.json and OUT/gpu_bench.md."""
     if dry_run:
@@ -767,6 +785,9 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     with tempfile.TemporaryDirectory() as work:
         for part in chosen:
             t0 = time.monotonic()
+            result["parts"][part] = dict(rows=[], notes=[], seconds=0.0, error=STOPPED)
+            result["seconds"] = t0 - t_all
+            write(result, Path(out))       # what a kill during this part leaves: said as such
             rec = dict(rows=[], notes=[], error=None)
             try:
                 if os.environ.get(FAIL_ENV) == part:
@@ -783,16 +804,10 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
                 rec["error"] = traceback.format_exc()[-4000:]
             rec["seconds"] = time.monotonic() - t0
             result["parts"][part] = rec
+            result["seconds"] = time.monotonic() - t_all
+            write(result, Path(out))          # after every part: a command killed later keeps it
             status = "failed: " + rec["error"].strip().splitlines()[-1] if rec["error"] else "ok"
             print(f"[{part}] {rec['seconds']:.1f} s, {status}", flush=True)
-    result["seconds"] = time.monotonic() - t_all
-    for part, rec in result["parts"].items():              # the profiler's tables, one file each
-        for row in rec["rows"]:
-            for key, who in PROFILES:
-                if key in row:
-                    (Path(out) / profile_name(part, row, who)).write_text(row[key]["table"])
-    (Path(out) / "gpu_bench.json").write_text(json.dumps(result, indent=1))
-    (Path(out) / "gpu_bench.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {Path(out) / 'gpu_bench.json'} and gpu_bench.md in {result['seconds']:.0f} s")
     return result

@@ -101,6 +101,39 @@ def test_a_part_that_fails_is_recorded_and_the_next_part_still_runs(tmp_path):
         tmp_path / "gpu_bench.md").read_text()
 
 
+def test_a_command_killed_during_a_part_keeps_the_parts_before_it(tmp_path, monkeypatch):
+    """The JSON and the table are on disk after every part, and a part that is running says so: a
+    device call stopped at its time limit (SIGKILL, no clean-up) still brings back the parts it
+    finished. Here the second part looks at the files as a kill would leave them, then stops the
+    command. Catches the files written only once every part is done, and a part cut off by the
+    kill left out instead of named."""
+    sys.path.insert(0, str(ROOT))
+    from tools import gpu_bench
+    left = {}
+
+    def first(sz, work, deadline, rows):
+        rows.append(dict(model="m", max_logprob_diff=0.5))
+
+    def killed(sz, work, deadline, rows):
+        rows.append(dict(vocab="262k"))
+        left.update(json=json.loads((tmp_path / "gpu_bench.json").read_text()),
+                    md=(tmp_path / "gpu_bench.md").read_text())
+        raise KeyboardInterrupt                 # not caught as a part's failure: the end
+
+    monkeypatch.setattr(gpu_bench, "PARTS", {"precision": first, "dists": killed})
+    for var in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET"):     # main() sets them: put back
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.main(dry_run=True, out=str(tmp_path))
+    parts = left["json"]["parts"]
+    assert list(parts) == ["precision", "dists"]
+    assert parts["precision"]["error"] is None and parts["precision"]["rows"][0]["model"] == "m"
+    assert parts["dists"]["error"] == gpu_bench.STOPPED and parts["dists"]["rows"] == []
+    assert "| 0.5 |" in left["md"] and "## dists" in left["md"]
+    assert f"failed: {gpu_bench.STOPPED}" in left["md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_bench.json", "gpu_bench.md"]
+
+
 def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     """A dists row whose torch.compile (or Triton kernel) failed (extras/fast_head.py fell back) is
     named under the part's table with the error, so its "compiled" (or Triton) figures are not read
