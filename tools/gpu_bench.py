@@ -21,9 +21,10 @@ up) and recorded on its own: a part that fails writes its error and the next one
   default compiled log-sum-exp, extras/triton_head.py's one-read kernel, ...) and the fastest
   named, the 262k pass of both profiled;
 - train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape, micro-batches of 4 windows
-  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager and torch.compile'd, each also with
-  4 micro-batches a step: tokens/s and MFU against the GPU's dense bf16 peak (PEAK_BF16); the
-  compiled fusion step profiled;
+  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager, torch.compile'd whole (as train.py
+  --compile) and block by block, each also with 4 micro-batches a step: tokens/s and MFU against
+  the GPU's dense bf16 peak (PEAK_BF16), the graphs compiled; the whole-compiled fusion step
+  profiled;
 - generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
   generate on the same weights, new tokens/s at batch 1 and 8, and whether they chose the same;
   our batched steps also with cuDNN's attention allowed (eval.py's steps leave it out);
@@ -117,7 +118,7 @@ class Sizes:
                      precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 4, 2048, 5),
                      accum=4, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
-                     budget_s=dict(precision=40, dists=160, train=170, generate=50, torchrun=55))
+                     budget_s=dict(precision=35, dists=160, train=190, generate=45, torchrun=50))
 
     @staticmethod
     def for_dry_run():
@@ -212,15 +213,18 @@ def sdpa_kernels():
         F.scaled_dot_product_attention = sdpa
 
 
-def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: str, accum: int,
-                profile: bool) -> dict:
-    """On one model (compiled once, with a backend), for each (label, lambda) of `kinds`: one
+def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: str, blocks: bool,
+                accum: int, profile: bool) -> dict:
+    """On one model (backend: compiled once with it, whole as train.py --compile does, or blocks:
+    each Transformer block on its own, one compilation serving all), for each (label, lambda) of
+    `kinds`: one
     untimed optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master weights, fused
     AdamW; the first compiles), `steps` timed steps of one micro-batch of B x T tokens, then, accum
     > 1, 2 timed steps of `accum` micro-batches (the gradients adding up, one update: how a 1B
     target trains), with their own peak memory and loss;
     profile: one more step of the last kind under torch.profiler. Per kind: s/step, tokens/s, the
-    untimed step's seconds, peak memory; N, the parameters (the tied embedding once)."""
+    untimed step's seconds, peak memory; N, the parameters (the tied embedding once); compiled:
+    the graphs torch.compile made and the graph breaks that split them."""
     import common
     import train
     from tools.bench import fusion_batch, peak_rss, profiled
@@ -228,9 +232,13 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
     cuda = device.startswith("cuda")
     model = random_model(cfg, device, torch.float32).train()
     V = model.args.vocab_size
-    fmodel = torch.compile(model, backend=backend) if backend else model
+    fmodel = torch.compile(model, backend=backend) if backend and not blocks else model
+    if backend and blocks:
+        for layer in model.layers:
+            layer.compile(backend=backend)
     batch = fusion_batch(V, B, T)
-    out = dict(params=sum(p.numel() for p in model.parameters()), device=device, kinds={})
+    out = dict(params=sum(p.numel() for p in model.parameters()), device=device, kinds={},
+               graphs=None, graph_breaks=None)
     for n, (label, lam) in enumerate(kinds):
         tcfg = train.TrainConfig(lam=lam, batch_size=B)
         opt = train.make_optimizer(model, tcfg, device)
@@ -265,6 +273,10 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
             out["profile"] = profiled(one, cuda)
         out["kinds"][label] = r
         del opt
+    if backend:             # what torch.compile made of it: graphs, and breaks that split them
+        from torch._dynamo.utils import counters
+        out.update(graphs=counters["stats"]["unique_graphs"],
+                   graph_breaks=sum(counters["graph_break"].values()))
     return out
 
 
@@ -563,14 +575,17 @@ def peak_tflops(device_name: str):
 
 
 def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
-    """Eager, then compiled: one process each, CLM only and CLM + fusion on the one model; each also
-    with sz.accum micro-batches a step; the compiled fusion step profiled."""
+    """Eager, compiled whole, then compiled block by block (does the whole model's compilation,
+    which takes longest, pay?): one process each, CLM only and CLM + fusion on the one model; each
+    also with sz.accum micro-batches a step; the whole model's compiled fusion step profiled."""
     name, B, T, steps = sz.train
     peak = peak_tflops(device_name())
     kinds = (("CLM only", 1.0), ("CLM + fusion", 0.9))
-    for backend in ("", sz.compile_backend):
-        r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, sz.accum,
-                  bool(backend), deadline=deadline)
+    be = sz.compile_backend
+    ways = (("", False, "no"), (be, False, be), (be, True, f"{be}, each block"))
+    for backend, blocks, label in ways:
+        r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, blocks, sz.accum,
+                  bool(backend) and not blocks, deadline=deadline)
         for step, k in r["kinds"].items():
             figures = ("step_s", "tokens_per_s", "peak_mib", "loss")
             variants = [dict(step=step, tokens=B * T, first_step_s=k["first_step_s"],
@@ -583,7 +598,8 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
                 variants[0]["profile"] = r["profile"]
             for v in variants:
                 flops = 6 * r["params"] * v["tokens_per_s"]      # 6 N per token: fwd + bwd
-                rows.append(dict(model=name, compile=backend or "no", params=r["params"], **v,
+                rows.append(dict(model=name, compile=label, params=r["params"], **v,
+                                 graphs=r["graphs"], graph_breaks=r["graph_breaks"],
                                  mfu=flops / (peak * 1e12) if peak else None))
 
 
@@ -671,7 +687,8 @@ COLUMNS = {
     "train": [("step", "step", "{}"), ("compile", "torch.compile", "{}"),
               ("tokens", "tokens", "{:,}"), ("step_s", "s/step", "{:.3f}"),
               ("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
-              ("first_step_s", "first step s", "{:.1f}"), ("peak_mib", "peak MiB", "{:,.0f}")],
+              ("first_step_s", "first step s", "{:.1f}"), ("peak_mib", "peak MiB", "{:,.0f}"),
+              ("graphs", "graphs compiled", "{}"), ("graph_breaks", "graph breaks", "{}")],
     "generate": [("batch", "batch", "{}"), ("prompt", "prompt", "{}"), ("new", "new", "{}"),
                  ("ours_tokens_per_s", "KV cache new tokens/s", "{:,.1f}"),
                  ("ours_sdpa_tokens_per_s", "batched steps, SDPA's own kernels", "{:,.1f}"),

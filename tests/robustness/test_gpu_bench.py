@@ -78,8 +78,12 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     assert all(r["triton_failed"] is None and r["best_mode"] in names for r in dists)
     assert all(r["body_tokens_per_s"] > 0 and r["body_speed"] > 0 for r in dists)
     assert all(r["max_logprob_diff"] <= 1e-5 and r["max_ce_diff"] <= 1e-5 for r in dists)
-    steps = [(r["step"], r["compile"], r["tokens"]) for r in result["parts"]["train"]["rows"]]
-    assert len(steps) == 8 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
+    train = result["parts"]["train"]["rows"]
+    steps = [(r["step"], r["compile"], r["tokens"]) for r in train]
+    assert len(steps) == 12 and ("CLM + fusion, 2 micro-batches", "eager", 128) in steps
+    # one graph each way, no breaks: compiled block by block, the 2 blocks share one compilation
+    assert {(r["compile"], r["graphs"], r["graph_breaks"]) for r in train} == {
+        ("no", None, None), ("eager", 1, 0), ("eager, each block", 1, 0)}
     for name in ("profile-dists-ours-2620.txt", "profile-dists-transformers-2620.txt",
                  "profile-train-ours-eager.txt"):
         assert name in table and "Self CPU" in (tmp_path / name).read_text()
