@@ -280,11 +280,14 @@ def test_a_steps_gradient_is_that_of_the_mean_loss_however_it_is_split(lam):
     computed here by torch's dense cross-entropies. Windows of different lengths give micro-batches
     different token counts. Catches a loss multiplied by the number of micro-batches, or divided by
     each micro-batch's own token count: AdamW and clipping hide such a scale, so comparing the
-    losses (test_gradient_accumulation_equals_one_big_batch) cannot see it."""
+    losses (test_gradient_accumulation_equals_one_big_batch) cannot see it. The record's clm,
+    fusion and loss are those means too (catches the logged fusion term divided by the CLM's token
+    count instead of the fusion mask's). The model has 8 spare rows past the tokenizer's V, which
+    take no part (catches the logits not cut to [..., :V]: the spare rows in every softmax)."""
     V = 40
-    args = fusellm.ModelArgs(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
-                             hidden_dim=32, qkv_bias=False, sliding_layers=(False,))
-    torch.manual_seed(0)
+    args = fusellm.ModelArgs(vocab_size=V + 8, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                             head_dim=8, hidden_dim=32, qkv_bias=False, sliding_layers=(False,))
+    torch.manual_seed(0)                  # 8 spare rows of the checkpoint past the tokenizer's V
     model = fusellm.Transformer(args)
     b = random_fusion_batch(V=V)
     cfg = train.TrainConfig(lam=lam, grad_clip=1e9, warmup=0, fusion="avgce")
@@ -311,8 +314,80 @@ def test_a_steps_gradient_is_that_of_the_mean_loss_however_it_is_split(lam):
         batches = [part(slice(i * size, (i + 1) * size)) for i in range(n_micro)]
         (rec,) = list(train.run_steps(m, opt, cfg, 1, lambda step: batches, "cpu", V, 1))
         assert rec["grad_norm"] == pytest.approx(float(expected_norm), rel=1e-4), n_micro
+        assert rec["clm"] == pytest.approx(clm.item(), rel=1e-5), n_micro
+        assert rec["loss"] == pytest.approx(lam * clm.item() + (1 - lam) * fus.item(), rel=1e-5)
+        if lam < 1:
+            assert rec["fusion"] == pytest.approx(fus.item(), rel=1e-5), n_micro
         for got, want in zip(opt.grads[0], expected):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), n_micro
+
+
+class SyncRecordingModel(torch.nn.Module):
+    """A model with DDP's no_sync(), recording for each forward whether it ran inside it (DDP then
+    keeps that micro-batch's gradients local, without averaging them over the processes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.local, self.calls = model, False, []
+
+    def no_sync(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def inside():
+            self.local = True
+            try:
+                yield
+            finally:
+                self.local = False
+        return inside()
+
+    def forward(self, x):
+        self.calls.append(self.local)
+        return self.model(x)
+
+
+def test_only_the_last_micro_batch_averages_gradients_over_the_processes():
+    """Under DDP, a step's micro-batches but the last run inside model.no_sync(): their gradients
+    add up locally, and the last backward averages the sum over the processes once. Worked: 3
+    micro-batches a step, 2 steps -> inside, inside, outside; inside, inside, outside. Catches the
+    flag on the wrong micro-batch (`last = i == 0`: the first averaged, the others never, so the
+    processes' weights drift apart), which one process (no no_sync) cannot show."""
+    V = 40
+    args = fusellm.ModelArgs(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                             hidden_dim=32, sliding_layers=(False,))
+    model = SyncRecordingModel(fusellm.Transformer(args))
+    b = random_fusion_batch(V=V)
+    cfg = train.TrainConfig(lam=0.5, warmup=0, fusion="avgce")
+    opt = RecordingOptimizer(model)
+    list(train.run_steps(model, opt, cfg, 2, lambda step: [b, b, b], "cpu", V))
+    assert model.calls == [True, True, False] * 2
+
+
+def test_an_infinite_loss_stops_before_the_update():
+    """A loss of +inf (a label whose logit is -inf: log p = -inf) stops the loop with LossNotFinite
+    before the optimizer steps, as a NaN does (tests/robustness/test_train_runs.py). Catches the
+    check written as isnan(loss), which lets +inf through to AdamW (NaN weights from then on)."""
+    V = 40
+    args = fusellm.ModelArgs(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                             hidden_dim=32, sliding_layers=(False,))
+
+    class NoSeven(torch.nn.Module):                       # token 7 can never be predicted
+        def __init__(self):
+            super().__init__()
+            self.model = fusellm.Transformer(args)
+
+        def forward(self, x):
+            z = self.model(x)
+            return z.masked_fill(torch.arange(z.shape[-1]) == 7, -float("inf"))
+
+    model, b = NoSeven(), random_fusion_batch(V=V)
+    b.labels[0, 0] = 7
+    opt = RecordingOptimizer(model)
+    with pytest.raises(train.LossNotFinite, match="inf"):
+        list(train.run_steps(model, opt, train.TrainConfig(lam=1.0, warmup=0), 1, lambda s: [b],
+                             "cpu", V))
+    assert opt.grads == []                                # no update
 
 
 @pytest.mark.parametrize("loss, online", [("uld", False), ("gold", False), ("xtoken", False),

@@ -159,6 +159,44 @@ def test_the_fast_head_equals_the_readable_head(rows, cols):
     assert got[2][-1] == 0 and want[2][-1] == 0
 
 
+class IdentityHead:
+    """An output head whose logits are the hidden states themselves: h (N, 4) -> z = h, so a test
+    writes the logits it wants. 4 rows: the tokenizer's 3 ids and one spare row of the
+    checkpoint."""
+
+    def logits(self, h, vocab=slice(None), fp32=True):
+        return h[:, vocab].clone()                  # a copy: the fast head overwrites its logits
+
+
+@pytest.mark.parametrize("head_elements, cols", [(0, 0), (2, 2), (1, 2)],
+                         ids=["one block", "1 x 2 blocks", "a block smaller than a row"])
+def test_both_heads_on_logits_worked_by_hand(head_elements, cols):
+    """Three positions, logits chosen so that the probabilities over the tokenizer's 3 ids are
+    eighths and ninths (the spare 4th row's logit, 10, is no token and is left out):
+        z = ln [4, 1, 3] -> p = [1/2, 1/8, 3/8], next token 0 (the first id, the first block's
+                                                                first entry)
+        z = ln [1, 6, 2] -> p = [1/9, 6/9, 2/9], next token 2 (the last, short block of 1)
+        z = ln [5, 2, 1] -> p = [5/8, 2/8, 1/8], no next token (-1): 0.
+    Both heads (data.head_topk whole, fast_head.head_topk in blocks of `cols` ids; a block of 1
+    element is smaller than a row and must still hold one position) give these top-2 ids and
+    log-probs and next-token log-probs. Catches a next token of id 0 scored 0 as if it were "none"
+    (`* (nxt > 0)`), the spare row counted in the normaliser, and a block of 0 positions (rows =
+    head_elements // cols with no floor of 1: range() with step 0)."""
+    ln = torch.tensor([[4, 1, 3], [1, 6, 2], [5, 2, 1]], dtype=torch.float32).log()
+    h = torch.cat([ln, torch.full((3, 1), 10.0)], 1)                       # (3, 4): a spare row
+    nxt = torch.tensor([0, 2, -1])
+    want_ids = torch.tensor([[0, 2], [1, 2], [0, 1]])
+    want_lps = torch.tensor([[1 / 2, 3 / 8], [6 / 9, 2 / 9], [5 / 8, 2 / 8]]).log()
+    want_label = torch.tensor([1 / 2, 2 / 9, 1.0]).log()                    # ln 1 = 0: no next
+    assert fast_head.block_shape(3, False, head_elements, cols)[0] >= 1
+    for ids, lps, label in (data.head_topk(IdentityHead(), h, nxt, 2, 3),
+                            fast_head.head_topk(IdentityHead(), h, nxt, 2, 3, head_elements,
+                                                cols)):
+        assert torch.equal(ids, want_ids)
+        assert torch.allclose(lps, want_lps, atol=1e-6)
+        assert torch.allclose(label, want_label, atol=1e-6)
+
+
 def test_aligned_entries_are_padded_rows_read_back_with_a_mask():
     """An aligned source carries 0 (fallback) to K entries onto each target token, stored as padded
     rows: counts [2, 0, 1] put entries a, b in row 0, nothing in row 1 and c in row 2, each row

@@ -113,6 +113,30 @@ def test_generation_steps_leave_cudnn_out_and_put_the_flags_back(monkeypatch):
     assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled()) == before
 
 
+def test_decoding_puts_back_the_cudnn_flag_it_found_even_after_an_error():
+    """extras/cached_generation.decoding() turns cuDNN's attention off inside and back to what it
+    was after: off if the user (or a caller) had turned it off, and on again when a step inside
+    raises (a generation stopped by an error, KeyboardInterrupt, a bad prompt). Catches the flag
+    set to True afterwards instead of to what it was (the test above starts from torch's default,
+    True, so cannot see that), and a restore that is not in a finally (cuDNN off for the rest of
+    the process after one failed generation: every later prefill slower on an H100)."""
+    from extras.cached_generation import decoding
+    cuda = torch.backends.cuda
+    was = cuda.cudnn_sdp_enabled()
+    try:
+        cuda.enable_cudnn_sdp(False)
+        with decoding():
+            assert not cuda.cudnn_sdp_enabled()
+        assert not cuda.cudnn_sdp_enabled()                 # off before: off after
+        cuda.enable_cudnn_sdp(True)
+        with pytest.raises(KeyError), decoding():
+            assert not cuda.cudnn_sdp_enabled()
+            raise KeyError("a step that fails")
+        assert cuda.cudnn_sdp_enabled()                     # on before: on after the error
+    finally:
+        cuda.enable_cudnn_sdp(was)
+
+
 def shaped(n_kv_heads, head_dim, window):
     """A random 2-layer llama of 4 query heads on n_kv_heads, head_dim wide, a window on layer 0:
     (1, 64) gives conftest's shape, (1, 256) Gemma 3's."""

@@ -136,3 +136,20 @@ def test_running_out_of_memory_is_not_taken_for_a_failed_compile(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         head_with_failing_compile(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
     assert fast_head.COMPILE_FAILED == []
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_the_default_head_mode_is_compiled_on_a_gpu_and_fp32_on_the_cpu(monkeypatch, value):
+    """NANOFUSE_HEAD unset, or set empty (`NANOFUSE_HEAD= python data.py ...`, how a shell clears
+    it): "auto", which is "compiled" on a GPU (the bf16 top-K and one compiled log-sum-exp pass,
+    the fast mode the docs promise) and "fp32" on the CPU; a mode that is set is taken as it is.
+    Catches the empty value refused as a typo (os.environ.get(name, "auto") keeps ""), and the
+    auto choices swapped (a GPU silently running the slow fp32 mode, which every numeric test,
+    run on the CPU, would pass)."""
+    if value is None:
+        monkeypatch.delenv("NANOFUSE_HEAD", raising=False)
+    else:
+        monkeypatch.setenv("NANOFUSE_HEAD", value)
+    assert (fast_head.head_mode(True), fast_head.head_mode(False)) == ("compiled", "fp32")
+    monkeypatch.setenv("NANOFUSE_HEAD", "eager")
+    assert (fast_head.head_mode(True), fast_head.head_mode(False)) == ("eager", "eager")

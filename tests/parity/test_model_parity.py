@@ -33,6 +33,11 @@ CASES = {
         (LlamaConfig, dict(LLAMA, num_key_value_heads=2,
                            rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0))),
     "mistral_sliding_window": (MistralConfig, dict(LLAMA, num_key_value_heads=2, sliding_window=7)),
+    # 3 query heads a key/value head: a masked call copies each kv head to its own 3 (a head count
+    # of 2 query heads a kv head, as above, cannot tell n_heads // n_kv_heads from n_kv_heads)
+    "mistral_3_query_heads_a_kv_head":
+        (MistralConfig, dict(LLAMA, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                             sliding_window=7)),
     "qwen2_biases_tied":
         (Qwen2Config, dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2_sliding_upper_layers":
@@ -336,3 +341,23 @@ def test_a_gguf_file_gives_the_logits_transformers_reads_from_it(tmp_path, arch)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(8))
     assert (logits_of(ours, ids) - logits_of(ref, ids)).abs().max().item() < TOL
     assert (logits_of(theirs, ids) - logits_of(ref, ids)).abs().max().item() < TOL
+
+
+def test_a_bf16_models_rope_is_the_fp32_angle_rounded_once():
+    """RoPE's cos and sin for a bf16 model (every GPU run) at positions 0..4095 are cos(p theta_i)
+    worked here in float64, rounded once to bf16: the positions and frequencies stay fp32 and only
+    the result is cast. Catches the positions made in the model's dtype (bf16 holds integers
+    exactly only up to 256: position 1001 becomes 1000) and the frequencies cast to bf16 before the
+    product (a relative error of 2^-9 is radians by position 2000), which fp32 test models cannot
+    show."""
+    from conftest import llama
+    model = llama(50, 0)
+    (rope, _), _ = model.positions(4096, "cpu", torch.bfloat16)
+    cos, sin = rope
+    d = model.args.head_dim
+    inv_freq = model.args.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.outer(torch.arange(4096, dtype=torch.float64), inv_freq)      # (T, hd/2)
+    angle = torch.cat([angle, angle], -1)                                       # (T, hd)
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert (cos.double() - angle.cos()).abs().max() < 8e-3        # bf16's step near 1: 2^-8
+    assert (sin.double() - angle.sin()).abs().max() < 8e-3

@@ -78,6 +78,21 @@ def test_merging_the_chunks_gives_the_whole_rows_topk_and_log_sum_exp():
     assert torch.allclose(lse, small.float().logsumexp(-1), atol=2e-6)
 
 
+def test_a_strided_view_of_logits_gives_the_numbers_of_its_contiguous_copy():
+    """topk_lse on logits that are a view, not a fresh (r, V) tensor: a column slice of a wider
+    block (each row V entries apart from the next: row stride 1000, V 700) and a transposed
+    tensor (the entries of a row not adjacent). Both give the top-k and log-sum-exp of the same
+    values made contiguous. Catches the row stride taken as V (rows read from the wrong place) and
+    the contiguity guard dropped (the kernel reads row entries as if adjacent)."""
+    wide = tied_logits(4, 1000, seed=3)
+    tall = tied_logits(700, 4, seed=4)
+    for z in (wide[:, :700], tall.t()):
+        assert not z.is_contiguous()
+        vals, ids, lse = triton_head.topk_lse(z, 5, 256)
+        check_topk(z.contiguous(), vals, ids, 5)
+        assert torch.allclose(lse, z.float().logsumexp(-1), atol=2e-6)
+
+
 COMPILE = r"""
 import json, subprocess, sys
 from pathlib import Path

@@ -215,3 +215,37 @@ def test_the_attention_kernel_count_passes_every_argument_through_and_puts_sdpa_
     with pytest.raises(ValueError), gpu_bench.sdpa_kernels():
         raise ValueError
     assert F.scaled_dot_product_attention is sdpa
+
+
+def test_the_attention_kernel_count_asks_the_dispatcher_with_the_calls_own_arguments():
+    """The kernel counted for a call of shared key/value heads (enable_gqa) is the one SDPA picks
+    for it: on the CPU flash, as for the same attention with the heads copied, not "math" (what
+    the dispatcher answers when asked without enable_gqa: 4 query heads against 2 key heads do not
+    fit otherwise). Catches enable_gqa (or another argument) left out of the _fused_sdp_choice call:
+    SDPA's result stays right, so the test above cannot see it, but bench.py gpu's precision part
+    would report every GQA call as falling back to math."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+    from tools import gpu_bench
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4 if n == 0 else 2, 6, 8, generator=g) for n in range(3))
+    with gpu_bench.sdpa_kernels() as kernels:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                       is_causal=True)
+    assert kernels[0] == kernels[1] != "math", kernels
+
+
+def test_a_figure_of_zero_is_written_as_zero_not_as_missing():
+    """In the markdown table a figure that is 0 (no graph breaks, no rows the same as
+    transformers') is written "0"; only a missing one (None) is "-". Catches `if not value` for
+    `if value is None`: the table would say "no figure" where the figure is the good news."""
+    sys.path.insert(0, str(ROOT))
+    from tools import gpu_bench
+    rows = [dict(step="compiled", graphs=3, graph_breaks=0), dict(step="eager", graphs=None,
+                                                                   graph_breaks=None)]
+    result = dict(device="dev", torch="t", date="d", dry_run=True, peak_bf16_tflops=None,
+                  seconds=1.0, parts={"train": dict(rows=rows, notes=[], error=None, seconds=1.0)})
+    lines = [row for row in gpu_bench.markdown(result).splitlines() if row.startswith("| comp")]
+    assert lines == ["| compiled | 3 | 0 | dev | t | d |"]
