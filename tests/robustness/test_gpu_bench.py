@@ -249,3 +249,31 @@ def test_a_figure_of_zero_is_written_as_zero_not_as_missing():
                   seconds=1.0, parts={"train": dict(rows=rows, notes=[], error=None, seconds=1.0)})
     lines = [row for row in gpu_bench.markdown(result).splitlines() if row.startswith("| comp")]
     assert lines == ["| compiled | 3 | 0 | dev | t | d |"]
+
+
+def test_a_write_cut_off_halfway_leaves_the_last_whole_files(tmp_path, monkeypatch):
+    """write() puts each file whole under another name, then renames it over the last version: a
+    kill in the middle of writing (the device call's time limit can land there) leaves the previous
+    gpu_bench.json, which still parses, not half of the new one. Here the second write stops
+    halfway through its first file. Catches the files written in place."""
+    sys.path.insert(0, str(ROOT))
+    from pathlib import Path
+    from tools import gpu_bench
+    result = dict(device="dev", torch="t", date="d", dry_run=True, peak_bf16_tflops=None,
+                  seconds=1.0, parts={"precision": dict(rows=[dict(model="m")], notes=[],
+                                                        error=None, seconds=1.0)})
+    gpu_bench.write(result, tmp_path)
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+
+    def half_then_killed(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt                     # stands for the kill
+
+    monkeypatch.setattr(Path, "write_text", half_then_killed)
+    result["parts"]["dists"] = dict(rows=[], notes=[], error=gpu_bench.STOPPED, seconds=0.0)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.write(result, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.name in before} == before
+    assert list(json.loads((tmp_path / "gpu_bench.json").read_text())["parts"]) == ["precision"]
