@@ -44,6 +44,7 @@ import functools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,7 +119,7 @@ class Sizes:
                      precision=(2, 1024), dists=(4, 2048, 3), train=("llama-1b", 4, 2048, 5),
                      accum=4, compile_backend="inductor", generate=("llama-1b", 128, 64, (1, 8)),
                      torchrun_steps=6, dry=False,
-                     budget_s=dict(precision=35, dists=160, train=190, generate=45, torchrun=50))
+                     budget_s=dict(precision=35, dists=155, train=180, generate=40, torchrun=50))
 
     @staticmethod
     def for_dry_run():
@@ -214,20 +215,24 @@ def sdpa_kernels():
 
 
 def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: str, blocks: bool,
-                accum: int, profile: bool) -> dict:
+                accum: int, profile: bool, cache: str) -> dict:
     """On one model (backend: compiled once with it, whole as train.py --compile does, or blocks:
     each Transformer block on its own, one compilation serving all), for each (label, lambda) of
-    `kinds`: one
-    untimed optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master weights, fused
-    AdamW; the first compiles), `steps` timed steps of one micro-batch of B x T tokens, then, accum
-    > 1, 2 timed steps of `accum` micro-batches (the gradients adding up, one update: how a 1B
-    target trains), with their own peak memory and loss;
-    profile: one more step of the last kind under torch.profiler. Per kind: s/step, tokens/s, the
-    untimed step's seconds, peak memory; N, the parameters (the tied embedding once); compiled:
-    the graphs torch.compile made and the graph breaks that split them."""
+    `kinds`: one untimed optimizer step of train.run_steps (bf16 autocast on a GPU, fp32 master
+    weights, fused AdamW; the first compiles, into the empty folder `cache`), `steps` timed steps
+    of one micro-batch of B x T tokens, then, accum > 1, 2 timed steps of `accum` micro-batches
+    (the gradients adding up, one update: how a 1B target trains), with their own peak memory and
+    loss; profile: one more step of the last kind under torch.profiler. Per kind: s/step,
+    tokens/s, the untimed step's seconds, peak memory; N, the parameters (the tied embedding
+    once); compiled: the graphs torch.compile made, the graph breaks that split them and the
+    operations captured."""
     import common
     import train
     from tools.bench import fusion_batch, peak_rss, profiled
+    # inductor's and Triton's caches on disk would serve this process what an earlier one (or an
+    # earlier run on the same machine) compiled: the first step would not time a compilation
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    os.environ.pop("TRITON_CACHE_DIR", None)         # Triton's then goes under inductor's
     device = common.device("auto")
     cuda = device.startswith("cuda")
     model = random_model(cfg, device, torch.float32).train()
@@ -238,7 +243,7 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
             layer.compile(backend=backend)
     batch = fusion_batch(V, B, T)
     out = dict(params=sum(p.numel() for p in model.parameters()), device=device, kinds={},
-               graphs=None, graph_breaks=None)
+               graphs=None, graph_breaks=None, ops_captured=None)
     for n, (label, lam) in enumerate(kinds):
         tcfg = train.TrainConfig(lam=lam, batch_size=B)
         opt = train.make_optimizer(model, tcfg, device)
@@ -276,7 +281,8 @@ def train_child(cfg: dict, B: int, T: int, steps: int, kinds: tuple, backend: st
     if backend:             # what torch.compile made of it: graphs, and breaks that split them
         from torch._dynamo.utils import counters
         out.update(graphs=counters["stats"]["unique_graphs"],
-                   graph_breaks=sum(counters["graph_break"].values()))
+                   graph_breaks=sum(counters["graph_break"].values()),
+                   ops_captured=counters["stats"]["calls_captured"])
     return out
 
 
@@ -490,7 +496,8 @@ def torchrun(out: Path, steps: int, mode: str, dry: bool, deadline: float) -> in
 
 
 # --------------------------------------------------------------------------------------------------
-# The parts: each appends its rows (dicts of figures) to `rows`, run by main() in its time box
+# The parts: each adds its rows (dicts of figures) to `rows` (main's Rows, which saves the files
+# each time), run by main() in its time box
 
 
 def part_precision(sz: Sizes, work: Path, deadline: float, rows: list):
@@ -568,6 +575,7 @@ def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
                        memory=ours["extra"] / max(hf["extra"], 1))
             if "profile" in hf:
                 row["hf_profile"] = hf["profile"]
+            rows.save()                         # the row changed in place: saved again
 
 
 def peak_tflops(device_name: str):
@@ -583,9 +591,10 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
     kinds = (("CLM only", 1.0), ("CLM + fusion", 0.9))
     be = sz.compile_backend
     ways = (("", False, "no"), (be, False, be), (be, True, f"{be}, each block"))
-    for backend, blocks, label in ways:
+    for n, (backend, blocks, label) in enumerate(ways):
         r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, blocks, sz.accum,
-                  bool(backend) and not blocks, deadline=deadline)
+                  bool(backend) and not blocks, str(work / f"compile-cache-{n}"),
+                  deadline=deadline)
         for step, k in r["kinds"].items():
             figures = ("step_s", "tokens_per_s", "peak_mib", "loss")
             variants = [dict(step=step, tokens=B * T, first_step_s=k["first_step_s"],
@@ -600,6 +609,7 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
                 flops = 6 * r["params"] * v["tokens_per_s"]      # 6 N per token: fwd + bwd
                 rows.append(dict(model=name, compile=label, params=r["params"], **v,
                                  graphs=r["graphs"], graph_breaks=r["graph_breaks"],
+                                 ops_captured=r["ops_captured"],
                                  mfu=flops / (peak * 1e12) if peak else None))
 
 
@@ -638,6 +648,7 @@ def part_torchrun(sz: Sizes, work: Path, deadline: float, rows: list):
 
 PARTS = {"precision": part_precision, "dists": part_dists, "train": part_train,
          "generate": part_generate, "torchrun": part_torchrun}
+PROBE_S = 60            # naming the GPU (a fresh process: torch's import and CUDA's start)
 STOPPED = "not finished: the command was stopped while this part ran (its time limit?)"
 FAIL_ENV = "NANOFUSE_GPU_BENCH_FAIL"     # a part's name: it raises at once (the tests' check)
 
@@ -650,8 +661,12 @@ def device_name() -> str:
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         return cpu
     probe = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-    name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120).stdout.strip()
+    try:
+        name = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=PROBE_S).stdout.strip()
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: torch.cuda did not name the GPU within {PROBE_S} s (the driver "
+                         f"hangs?): no part can run; check `nvidia-smi`") from None
     return name or cpu
 
 
@@ -747,7 +762,8 @@ PROFILES = (("profile", "ours"), ("hf_profile", "transformers"))   # a row's key
 
 def profile_name(part: str, row: dict, who: str) -> str:
     """The file a profiled row's whole table is written to, in OUT."""
-    return f"profile-{part}-{who}-{row.get('vocab') or row.get('compile', '')}.txt"
+    label = re.sub(r"[^\w.-]+", "-", str(row.get("vocab") or row.get("compile", "")))
+    return f"profile-{part}-{who}-{label}.txt"     # the device call returns only such names
 
 
 def profile_line(part: str, row: dict, who: str, prof: dict) -> str:
@@ -758,11 +774,36 @@ def profile_line(part: str, row: dict, who: str, prof: dict) -> str:
             f"The whole table: {profile_name(part, row, who)}.")
 
 
+class Rows(list):
+    """A part's rows, the files written again each time rows are added (`save`): a command killed
+    in the middle of a part keeps the rows it had made."""
+
+    def __init__(self, save):
+        super().__init__()
+        self.save = save
+
+    def append(self, row):
+        super().append(row)
+        self.save()
+
+    def extend(self, rows):
+        super().extend(rows)
+        self.save()
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
 def write(result: dict, out: Path):
     """OUT/gpu_bench.json, OUT/gpu_bench.md and the profiler's tables (one file each) of the parts
     done so far; each file written whole under another name, then renamed over the last one, so a
     kill leaves the last complete version."""
-    files = {"gpu_bench.json": json.dumps(result, indent=1), "gpu_bench.md": markdown(result)}
+    try:
+        table = markdown(result)
+    except Exception:                    # a formatting bug must not cost the figures or the parts
+        table = f"The tables could not be written:\n\n```\n{traceback.format_exc()}```\n"
+    files = {"gpu_bench.json": json.dumps(result, indent=1), "gpu_bench.md": table}
     for part, rec in result["parts"].items():
         for row in rec["rows"]:
             for key, who in PROFILES:
@@ -802,14 +843,21 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
     with tempfile.TemporaryDirectory() as work:
         for part in chosen:
             t0 = time.monotonic()
-            result["parts"][part] = dict(rows=[], notes=[], seconds=0.0, error=STOPPED)
-            result["seconds"] = t0 - t_all
-            write(result, Path(out))       # what a kill during this part leaves: said as such
-            rec = dict(rows=[], notes=[], error=None)
+            rec = dict(notes=[], error=STOPPED, seconds=0.0)      # until the part ends: said so
+
+            def save(rec=rec, t0=t0):     # the files as they stand: what a kill from here leaves
+                rec["seconds"] = time.monotonic() - t0
+                result["seconds"] = time.monotonic() - t_all
+                write(result, Path(out))
+
+            rec["rows"] = Rows(save)
+            result["parts"][part] = rec
+            save()
             try:
                 if os.environ.get(FAIL_ENV) == part:
                     raise RuntimeError(f"{part} failed on purpose ({FAIL_ENV}={part})")
-                # each part appends its rows as it goes: a part cut short keeps those it made
+                # each part adds its rows as it goes (saved each time): a part cut short by its
+                # time box, an error or a kill keeps those it made
                 PARTS[part](sz, Path(work), t0 + sz.budget_s[part], rec["rows"])
                 if part in ("dists", "generate") and not has_transformers():
                     rec["notes"].append("transformers is not installed here: our figures alone "
@@ -817,12 +865,10 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
                 if part == "dists" and "triton" not in heads():
                     rec["notes"].append("The triton package is not installed here: no Triton "
                                         "kernel column.")
+                rec["error"] = None
             except Exception:                           # recorded; the next part still runs
                 rec["error"] = traceback.format_exc()[-4000:]
-            rec["seconds"] = time.monotonic() - t0
-            result["parts"][part] = rec
-            result["seconds"] = time.monotonic() - t_all
-            write(result, Path(out))          # after every part: a command killed later keeps it
+            save()
             status = "failed: " + rec["error"].strip().splitlines()[-1] if rec["error"] else "ok"
             print(f"[{part}] {rec['seconds']:.1f} s, {status}", flush=True)
     print(markdown(result))
