@@ -21,9 +21,9 @@ up) and recorded on its own: a part that fails writes its error and the next one
   default compiled log-sum-exp, extras/triton_head.py's one-read kernel, ...) and the fastest
   named, the 262k pass of both profiled;
 - train: optimizer steps (train.run_steps) of the Llama-3.2-1B shape, micro-batches of 4 windows
-  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager, torch.compile'd whole (as train.py
-  --compile) and block by block, each also with 4 micro-batches a step: tokens/s and MFU against
-  the GPU's dense bf16 peak (PEAK_BF16), the graphs compiled; the whole-compiled fusion step
+  of 2,048 tokens, bf16 autocast, CLM-only and fusion, eager, torch.compile'd block by block and
+  whole (as train.py --compile), each also with 4 micro-batches a step: tokens/s and MFU against
+  the GPU's dense bf16 peak (PEAK_BF16), the graphs compiled; both compiled fusion steps
   profiled;
 - generate: greedy generation with the KV cache (extras/cached_generation.py) against transformers'
   generate on the same weights, new tokens/s at batch 1 and 8, and whether they chose the same;
@@ -583,17 +583,18 @@ def peak_tflops(device_name: str):
 
 
 def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
-    """Eager, compiled whole, then compiled block by block (does the whole model's compilation,
-    which takes longest, pay?): one process each, CLM only and CLM + fusion on the one model; each
-    also with sz.accum micro-batches a step; the whole model's compiled fusion step profiled."""
+    """Eager, compiled block by block, then compiled whole (does the whole model's compilation pay
+    for its time? It goes last, so that if it outruns the time box the compiled figures are still
+    there): one process each, CLM only and CLM + fusion on the one model; each also with sz.accum
+    micro-batches a step; both compiled fusion steps profiled."""
     name, B, T, steps = sz.train
     peak = peak_tflops(device_name())
     kinds = (("CLM only", 1.0), ("CLM + fusion", 0.9))
     be = sz.compile_backend
-    ways = (("", False, "no"), (be, False, be), (be, True, f"{be}, each block"))
+    ways = (("", False, "no"), (be, True, f"{be}, each block"), (be, False, be))
     for n, (backend, blocks, label) in enumerate(ways):
         r = fresh(train_child, sz.models[name], B, T, steps, kinds, backend, blocks, sz.accum,
-                  bool(backend) and not blocks, str(work / f"compile-cache-{n}"),
+                  bool(backend), str(work / f"compile-cache-{n}"),
                   deadline=deadline)
         for step, k in r["kinds"].items():
             figures = ("step_s", "tokens_per_s", "peak_mib", "loss")
@@ -769,7 +770,8 @@ def profile_name(part: str, row: dict, who: str) -> str:
 def profile_line(part: str, row: dict, who: str, prof: dict) -> str:
     """Where one profiled pass spends its time: its largest operations and their shares."""
     top = "; ".join(f"`{k[:60]}` {share:.0%}" for k, share in prof["top"][:6])
-    return (f"Where the time goes, {who} ({row.get('vocab') or row.get('step')}, "
+    what = row.get("vocab") or f"{row.get('step')}, compiled: {row.get('compile')}"
+    return (f"Where the time goes, {who} ({what}, "
             f"{prof['total_ms']:.1f} ms of {prof['clock']} time under the profiler): {top}. "
             f"The whole table: {profile_name(part, row, who)}.")
 

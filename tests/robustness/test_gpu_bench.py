@@ -88,7 +88,7 @@ def test_the_dry_run_gives_every_part_with_finite_figures(tmp_path):
     ops = {r["compile"]: r["ops_captured"] for r in train}
     assert 0 < ops["eager, each block"] < ops["eager"] and ops["no"] is None
     for name in ("profile-dists-ours-2620.txt", "profile-dists-transformers-2620.txt",
-                 "profile-train-ours-eager.txt"):
+                 "profile-train-ours-eager.txt", "profile-train-ours-eager-each-block.txt"):
         assert name in table and "Self CPU" in (tmp_path / name).read_text()
 
 
