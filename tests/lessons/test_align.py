@@ -365,3 +365,90 @@ def test_lesson_exact_positions_take_the_last_of_two_source_tokens_ending_at_one
     vmap = np.array([0, -1, 1])
     matched = align.matched_positions(alignment, src, tgt, vmap, src_vocab, tgt_vocab, "exact")
     assert matched.tolist() == [1, 2]
+
+
+def test_lesson_bos_and_eos_map_to_the_targets_bos_and_eos():
+    """Control tokens have no bytes, so no string map (EM here) can send them anywhere: the source's
+    <s> (id 0) and </s> (id 1) map to -1 by their strings, then vocab_map sends BOS to the target's
+    BOS (id 2) and EOS to its EOS (id 1); 'a' (source id 2) goes to the target's 'a' (id 0). A
+    source that predicts the end of a document teaches the target its own EOS. Catches EOS sent to
+    the target's BOS (or the two swapped)."""
+    class Vocab:                           # the little of a tokenizer that vocab_map reads
+        kind = "test"
+
+        def __init__(self, pieces, bos_id, eos_id):
+            self.pieces, self.bos_id, self.eos_id = pieces, bos_id, eos_id
+            self.vocab_size = len(pieces)
+
+        def token_bytes(self, i):
+            return self.pieces[i]
+
+    src, tgt = Vocab([b"", b"", b"a"], 0, 1), Vocab([b"a", b"", b""], 2, 1)
+    assert align.vocab_map_em(align.normalized_vocab(src), align.normalized_vocab(tgt)).tolist() \
+        == [-1, -1, 0]
+    assert align.vocab_map(src, tgt, "em", ties="lowest").tolist() == [2, 1, 0]
+
+
+def test_lesson_paper_positions_refuse_a_target_token_aligned_to_two_source_tokens():
+    """The paper's rule takes a distribution only at a 1:1 pair. Text 'ab': source 'a' 'b', target
+    'ab'. DTW: D[1,1] = lev('a', 'ab') = 1, D[2,1] = lev('b', 'ab') + D[1,1] = 2; the path back
+    from (2, 1) steps to (1, 1), so 'ab' is aligned to both source tokens: [[0, 1]]. Even with a
+    vocab map sending 'a' to 'ab' (MinED's nearest: the target has no 'a'), position 0 takes
+    nothing: the distribution after 'a' predicts 'b', not what follows 'ab'. The same pair alone,
+    [[0]], is a match. Catches the 1:1 test dropped (the first aligned source token taken)."""
+    src_vocab, tgt_vocab, vmap = ["a", "b"], ["ab"], np.array([0, -1])
+    alignment = align.dtw(src_vocab, tgt_vocab)
+    assert alignment == [[0, 1]]
+    args = ([0, 1], [0], vmap, src_vocab, tgt_vocab, "paper")
+    assert align.matched_positions(alignment, *args).tolist() == [-1]
+    assert align.matched_positions([[0]], *args).tolist() == [0]
+
+
+def test_lesson_paper_positions_forgive_a_leading_space_only_at_the_first_position():
+    """Sentencepiece's dummy prefix puts a '▁' before the first token only, so the paper's match
+    ignores a leading '▁' there and nowhere else. Text 'a the': source 'a' '▁the', target 'a▁'
+    'the', paired 1:1. At position 0 'a' and 'a▁' differ; at position 1 '▁the' and 'the' differ
+    too (different tokens: the space is on another side), so no position matches by string (EM).
+    Catches the '▁' stripped at every position, which matches '▁the' with 'the'."""
+    src_vocab, tgt_vocab = ["a", "▁the"], ["a▁", "the"]
+    got = align.matched_positions([[0], [1]], [0, 1], [0, 1], np.array([-1, -1]), src_vocab,
+                                  tgt_vocab, "paper", mode="em")
+    assert got.tolist() == [-1, -1]
+    first = align.matched_positions([[0]], [0], [0], np.array([-1]), ["▁the"], ["the"], "paper",
+                                    mode="em")
+    assert first.tolist() == [0]                        # at the first position it is forgiven
+
+
+def test_lesson_a_target_token_with_no_bytes_gets_the_source_token_ending_where_it_sits():
+    """A token with no bytes (a control or unknown piece) sits at one byte and gets the source
+    token that ends at or after it. Source '▁a' 'b', target '▁a' '' 'b': byte ends counted back
+    from the text's end are [-1, 0] and [-1, -1, 0]; the empty target token sits at -1, where '▁a'
+    ends, so byte_alignment gives [[0], [0], [1]], and exact positions give it '▁a''s
+    distribution (both predict 'b' next): [0, 0, 1]. Catches the source index moved past a token
+    that ends exactly where the empty token sits ([[0], [1], [1]]: position 1 then falls back)."""
+    src_vocab, tgt_vocab = ["▁a", "b"], ["▁a", "", "b"]
+    src, tgt = [0, 1], [0, 1, 2]
+    assert align.byte_ends(src, src_vocab).tolist() == [-1, 0]
+    assert align.byte_ends(tgt, tgt_vocab).tolist() == [-1, -1, 0]
+    alignment = align.byte_alignment(src, tgt, src_vocab, tgt_vocab)
+    assert alignment == [[0], [0], [1]]
+    assert align.matched_positions(alignment, src, tgt, np.array([-1, -1]), src_vocab,
+                                   tgt_vocab).tolist() == [0, 0, 1]
+
+
+def test_lesson_the_common_tail_is_counted_in_bytes():
+    """common_tail is compared with byte ends, so it counts bytes, not characters. Source '▁a' 'é'
+    'ü' (é composed: 2 bytes), target '▁a' 'e' + U+0301 'ü' (3 bytes): byte ends [-4, -2, 0] and
+    [-5, -2, 0]. Read from the end, the spellings agree on 'ü' alone: a tail of 2 bytes (1
+    character). The target's 'é' ends 2 bytes before the end, inside the tail, where the source's
+    'é' ends too, and both predict 'ü': it takes that distribution; the first position, before the
+    changed character, takes none: [-1, 1, 2]. Catches the tail counted in characters (1: the 'é'
+    position refused)."""
+    src_vocab, tgt_vocab = ["▁a", "é", "ü"], ["▁a", "e\u0301", "ü"]
+    ids = [0, 1, 2]
+    assert align.byte_ends(ids, src_vocab).tolist() == [-4, -2, 0]
+    assert align.byte_ends(ids, tgt_vocab).tolist() == [-5, -2, 0]
+    assert align.common_tail(ids, ids, src_vocab, tgt_vocab) == 2
+    alignment = align.byte_alignment(ids, ids, src_vocab, tgt_vocab)
+    assert align.matched_positions(alignment, ids, ids, np.array([-1, -1, -1]), src_vocab,
+                                   tgt_vocab).tolist() == [-1, 1, 2]

@@ -283,6 +283,45 @@ def test_greedy_generation_stops_at_a_stop_string(tmp_path):
     assert s.generate("a", 3, ["z"]) == "bcd"
 
 
+def test_generation_cuts_at_the_earliest_of_two_stop_strings(tmp_path):
+    """Stops 'bc' and 'c' appear at the same step: after 'a' the model writes 'b', then 'c', and
+    'bc' begins at 0, 'c' at 1. The text is cut where the first stop string begins: ''. Catches a
+    cut at the last of them ('b')."""
+    tok = byte_tokenizer(tmp_path / "t")
+    assert ev.Scorer(NextByte(), tok).generate("a", 10, ["c", "bc"]) == ""
+
+
+class SpareRow(torch.nn.Module):
+    """Logits over 258 rows for a 256-token vocabulary (a checkpoint's spare rows): after 'a' it
+    picks row 257, which is no token; after anything else it picks 'z'."""
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, 258)
+        out[..., ord("z")] = 1.0
+        out[..., 257] = 10.0 * (x == ord("a"))
+        return out
+
+
+def test_a_generated_spare_row_is_left_out_of_the_text(tmp_path):
+    """'a' -> row 257 (past the tokenizer's 256 ids) -> 'z' -> 'z': the text is 'zz', the spare
+    row standing for no text. Catches the vocabulary check dropped (decoding id 257 fails)."""
+    tok = byte_tokenizer(tmp_path / "t")
+    assert tok.vocab_size == 256
+    assert ev.Scorer(SpareRow(), tok).generate("a", 3, []) == "zz"
+
+
+def test_generation_keeps_the_prompts_last_window_minus_new_tokens(tmp_path):
+    """lm-eval's generate_until keeps the prompt's last window - max_new_tokens tokens, so prompt
+    and answer fit the window together: window 8, 3 new tokens, a prompt of 20 bytes: the first
+    forward pass sees its last 5 bytes, the next ones those 5 and the new tokens (uniform logits
+    pick byte 0). Catches the prompt kept to the whole window (8 bytes)."""
+    tok = byte_tokenizer(tmp_path / "t")
+    rec = Recorder()
+    prompt = "abcdefghijklmnopqrst"
+    ev.Scorer(rec, tok, window=8).generate(prompt, 3, [])
+    assert rec.seen == [list(b"pqrst"), list(b"pqrst") + [0], list(b"pqrst") + [0, 0]]
+
+
 def test_generation_ends_at_the_checkpoints_end_ids_and_leaves_special_tokens_out(tmp_path):
     """Instruct checkpoints list several end ids in generation_config.json (Llama-3: <|end_of_text|>
     and <|eot_id|>); generation stops at any of them, and special tokens generated on the way are
@@ -351,3 +390,19 @@ def test_acc_norm_divides_by_the_choices_characters_not_the_delimiters(tmp_path)
     r = ev.eval_mc(s, task, None)
     assert r["loglikelihoods"] == [[pytest.approx(a + b), pytest.approx(a + 2 * b)]]
     assert (r["acc"], r["acc_norm"], r["acc_bytes"]) == (0.0, 1.0, 1.0)
+
+
+def test_tied_choices_go_to_the_first_as_numpy_argmax_does(tmp_path):
+    """A uniform model gives every byte ln(1/256): equally long choices tie under all three
+    measures ('A' and 'B': 2 bytes with the delimiter; 'CD' and 'EF': 3), and lm-eval's argmax takes
+    the first. Both rows answer 0: acc, acc_norm and acc_bytes are 1. Catches ties sent to the last
+    choice (0 on all three)."""
+    tok = byte_tokenizer(tmp_path / "t")
+    task = tmp_path / "mc.jsonl"
+    rows = [{"context": "x:", "choices": ["A", "B"], "label": 0},
+            {"context": "y:", "choices": ["CD", "EF"], "label": 0}]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = ev.eval_mc(ev.Scorer(Rigged({}), tok), task, None)
+    assert r["loglikelihoods"] == [[pytest.approx(2 * math.log(1 / 256))] * 2,
+                                   [pytest.approx(3 * math.log(1 / 256))] * 2]
+    assert (r["acc"], r["acc_norm"], r["acc_bytes"]) == (1.0, 1.0, 1.0)

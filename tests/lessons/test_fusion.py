@@ -2,11 +2,12 @@
 exactly as the dense soft-label cross-entropy would."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusellm import Batch, avgce_weights, fuse, token_losses
+from fusellm import Batch, avgce_weights, collate, fuse, token_losses
 
 V = 6
 
@@ -260,3 +261,32 @@ def test_a_successor_distance_reuses_the_one_log_softmax():
     assert count.dense == 1
     assert torch.allclose(seen[0].exp().sum(-1), torch.ones(2, 3))
     assert clm.item() == pytest.approx(5 * math.log(V), rel=1e-6)      # 5 labelled positions
+
+
+def test_collate_without_bos_puts_row_i_at_position_i():
+    """A target tokenizer without BOS (GPT-2, Qwen2): the sequence is the window's tokens alone,
+    so row i of the stored distributions (predicting x_{i+1}) lands at position i, not i + 1.
+    Window 0 is x = [3, 5, 4, 6]: input_ids [3, 5, 4], labels [5, 4, 6], every position fused
+    (rows 0, 1, 2; row 3 predicts past the window). Window 1 is [7, 8]: input_ids [7, pad, pad],
+    labels [8, -100, -100], only position 0 fused. The target's rows are told apart by their ids
+    (row r holds [10 + 2r, 11 + 2r]); the source carries counts [1, 0, 2, .] onto window 0, so
+    position 1 falls back and position 2 keeps both entries. Catches BOS prepended whatever the
+    tokenizer (a None token, or every row one position late), as collate's `nb` offset guards."""
+    def item(tokens, counts):
+        n = len(tokens)
+        rows = np.arange(2 * n).reshape(n, 2) + 10                      # (n, 2) row r: 10+2r, 11+2r
+        src = {"counts": np.array(counts), "ids": rows + 100, "ce": 1.0,
+               "logprobs": np.full((n, 2), np.log(0.5), dtype=np.float32)}
+        return {"tokens": tokens, "sources": {"s": src},
+                "target": {"topk_ids": rows, "topk_logprobs": np.zeros((n, 2)), "ce": 2.0}}
+
+    b = collate([item([3, 5, 4, 6], [1, 0, 2, 0]), item([7, 8], [2, 0])], ["target", "s"], None, 2)
+    assert b.input_ids.tolist() == [[3, 5, 4], [7, 0, 0]]
+    assert b.labels.tolist() == [[5, 4, 6], [8, -100, -100]]
+    assert b.fusion_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert b.cand_ids[0, 0].tolist() == [[10, 11], [12, 13], [14, 15]]     # rows 0..2 at 0..2
+    assert b.cand_ids[0, 1, 0].tolist() == [10, 11]
+    assert b.cand_fallback[1].tolist() == [[False, True, False], [False, False, False]]
+    assert torch.isinf(b.cand_logprobs[1, 0, 0, 1]) and b.cand_logprobs[1, 0, 0, 0] == math.log(.5)
+    assert torch.isfinite(b.cand_logprobs[1, 0, 2]).all()
+    assert torch.isinf(b.cand_logprobs[:, 1, 1:]).all()                    # padding: no entries

@@ -237,6 +237,19 @@ def test_stored_ce_per_byte_matches_the_window_text(tiny):
         item["sources"]["source"]["ce"] * (n_src - 1) / n_bytes, rel=1e-6)
 
 
+def test_ce_per_byte_of_a_target_without_bos_counts_one_prediction_fewer(tiny):
+    """The source here (byte-level, no BOS, like GPT-2 or Qwen2) read as the target: without BOS the
+    first of its n tokens is not predicted, so its CE per byte is the mean CE times n - 1
+    predictions over the window's bytes, whether the model is read as a source or as the target.
+    Catches the target's CE per byte counted with BOS whatever its tokenizer (n predictions)."""
+    fd = data.FusionData(tiny / "data", target="source", sources=[])
+    item = fd.shard(0)[0]
+    n = len(load_tokenizer(tiny / "source").encode(item["text"]))
+    assert len(item["target"]["topk_ids"]) == n
+    assert item["target"]["ce_per_byte"] == pytest.approx(
+        item["target"]["ce"] * (n - 1) / len(item["text"].encode()), rel=1e-6)
+
+
 def random_fusion_batch(lengths=(6, 4, 5, 3), V=40, C=2, K=3, seed=0):
     """A hand-built fusellm.Batch of len(lengths) windows, padded to the longest: window b is
     `lengths[b]` tokens with its BOS (lengths[b] - 1 labelled positions, the first of them BOS ->

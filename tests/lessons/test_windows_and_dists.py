@@ -48,6 +48,45 @@ def test_long_document_is_cut_into_windows_every_tokenizer_fits(two_tokenizers):
     assert data.split_document("short text", two_tokenizers, seq) == ["short text"]
 
 
+class CharTokens:
+    """A tokenizer with BOS that writes each character as one token, an upper-case letter as 4."""
+    bos_id = 0
+
+    def encode(self, text):
+        return [1] * sum(4 if c.isupper() else 1 for c in text)
+
+
+def test_windows_count_bos_when_they_fit_seq_len():
+    """seq_len 8 with BOS leaves 7 text tokens. 'aaaaaaa' (7 tokens + BOS = 8) is one window;
+    'aaaaaaaa' (8 + 1 = 9) must be cut. 'AAa' is 9 tokens: cut, and its 'AA' (8 tokens + BOS = 9)
+    may not be a window: every window holds at most 7 text tokens. Catches BOS left out of the
+    check that a whole document fits, and out of `fits` (a window of 8 text tokens + BOS)."""
+    tok = CharTokens()
+    assert data.fits("aaaaaaa", [tok], 8) == 0 and data.fits("AA", [tok], 8) == 1
+    assert data.split_document("aaaaaaa", [tok], 8) == ["aaaaaaa"]
+    for doc in ("aaaaaaaa", "AAa"):
+        windows = data.split_document(doc, [tok], 8)
+        assert len(windows) > 1 and "".join(windows) == doc
+        assert all(len(tok.encode(w)) + 1 <= 8 for w in windows), windows
+
+
+def test_a_window_is_cut_after_a_space_only_in_its_second_half():
+    """'a ' + 30 'b's, one token a character, seq_len 11 (10 text tokens): the first window holds
+    about 9 characters and has a space only at character 1, in its first half, so it is not cut
+    there: a cut moves back to a space only within the window's second half, else windows could
+    shrink to a word. 'abcdef ' + 20 'c's: whatever first guess of 7 to 10 characters, the space
+    at character 6 is in its second half, and the window ends just after it: 'abcdef '. Catches
+    the space searched from the window's start ('a ' alone), and the cut made before the space (the
+    next window would start with it)."""
+    tok = CharTokens()
+    windows = data.split_document("a " + "b" * 30, [tok], 11)
+    assert "".join(windows) == "a " + "b" * 30
+    assert windows[0].startswith("a b") and len(windows[0]) >= 5
+    assert all(len(w) + 1 <= 11 for w in windows)
+    windows = data.split_document("abcdef " + "c" * 20, [tok], 11)
+    assert windows[0] == "abcdef " and "".join(windows) == "abcdef " + "c" * 20
+
+
 def test_quantised_logprobs_decode_within_half_a_step():
     """A log-prob is stored as one byte q, log p = -q / 16: decoding is within 1/32 nat of the
     model's, down to codes saturating at 255 (p < 1.2e-7); fp16 (--logprob-bits 16) is closer."""
