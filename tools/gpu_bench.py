@@ -5,7 +5,8 @@ Why it exists: nanofuse is run as `python train.py` on one or more GPUs, yet GPU
 only now and then, for minutes. So everything measured on a GPU is prepared here, runs in one call
 of at most 8 minutes on one H100/H200, and writes its figures (OUT/gpu_bench.json) and the tables
 the docs show (OUT/gpu_bench.md), each row with the device, the torch version and the date; both
-are written again after each part, so a command stopped midway keeps the parts it finished.
+are written again before and after each part and with each row, so a command stopped midway
+keeps what it had measured.
 `--dry-run` runs the same code at tiny sizes on the CPU (gloo instead of NCCL, torch.compile's
 "eager" backend instead of inductor, Triton's interpreter for the Triton head), in the test
 suite, so that the command cannot rot between GPU sessions.
@@ -500,7 +501,7 @@ def torchrun(out: Path, steps: int, mode: str, dry: bool, deadline: float) -> in
 # each time), run by main() in its time box
 
 
-def part_precision(sz: Sizes, work: Path, deadline: float, rows: list):
+def part_precision(sz: Sizes, work: Path, deadline: float, rows: Rows):
     B, T = sz.precision
     for name in ("llama-1b", "gemma-270m"):
         r = fresh(precision_child, sz.models[name], B, T, deadline=deadline)
@@ -539,7 +540,7 @@ def fastest(timed: dict, triton_failed) -> str:
     return max(real, key=lambda m: timed[m]["tokens_per_s"])
 
 
-def part_dists(sz: Sizes, work: Path, deadline: float, rows: list):
+def part_dists(sz: Sizes, work: Path, deadline: float, rows: Rows):
     """Per vocabulary, the largest first: one process times window_topk with each head mode (HEADS)
     on one loaded model, another transformers; the first vocabulary's default head and transformers
     also profiled. The dry run's model is bf16, so the CPU runs the GPU's head."""
@@ -582,7 +583,7 @@ def peak_tflops(device_name: str):
     return next((v for k, v in PEAK_BF16 if k in device_name), None)
 
 
-def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
+def part_train(sz: Sizes, work: Path, deadline: float, rows: Rows):
     """Eager, compiled block by block, then compiled whole (does the whole model's compilation pay
     for its time? It goes last, so that if it outruns the time box the compiled figures are still
     there): one process each, CLM only and CLM + fusion on the one model; each also with sz.accum
@@ -614,14 +615,14 @@ def part_train(sz: Sizes, work: Path, deadline: float, rows: list):
                                  mfu=flops / (peak * 1e12) if peak else None))
 
 
-def part_generate(sz: Sizes, work: Path, deadline: float, rows: list):
+def part_generate(sz: Sizes, work: Path, deadline: float, rows: Rows):
     name, prompt, new, batches = sz.generate
     path = saved(sz, work, name, deadline)
     r = fresh(generate_child, path, prompt, new, batches, has_transformers(), deadline=deadline)
     rows += [dict(model=name, **row) for row in r["rows"]]
 
 
-def part_torchrun(sz: Sizes, work: Path, deadline: float, rows: list):
+def part_torchrun(sz: Sizes, work: Path, deadline: float, rows: Rows):
     steps, dry = sz.torchrun_steps, sz.dry
     whole, split = work / "torchrun_whole", work / "torchrun_killed"
     for d in (whole, split):
@@ -763,7 +764,7 @@ PROFILES = (("profile", "ours"), ("hf_profile", "transformers"))   # a row's key
 
 def profile_name(part: str, row: dict, who: str) -> str:
     """The file a profiled row's whole table is written to, in OUT."""
-    label = re.sub(r"[^\w.-]+", "-", str(row.get("vocab") or row.get("compile", "")))
+    label = re.sub(r"[^\w.-]+", "-", str(row.get("vocab") or row.get("compile", "")), flags=re.A)
     return f"profile-{part}-{who}-{label}.txt"     # the device call returns only such names
 
 
@@ -805,7 +806,7 @@ def write(result: dict, out: Path):
         table = markdown(result)
     except Exception:                    # a formatting bug must not cost the figures or the parts
         table = f"The tables could not be written:\n\n```\n{traceback.format_exc()}```\n"
-    files = {"gpu_bench.json": json.dumps(result, indent=1), "gpu_bench.md": table}
+    files = {"gpu_bench.json": json.dumps(result, indent=1, default=str), "gpu_bench.md": table}
     for part, rec in result["parts"].items():
         for row in rec["rows"]:
             for key, who in PROFILES:
@@ -873,7 +874,7 @@ def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):
             save()
             status = "failed: " + rec["error"].strip().splitlines()[-1] if rec["error"] else "ok"
             print(f"[{part}] {rec['seconds']:.1f} s, {status}", flush=True)
-    print(markdown(result))
+    print((Path(out) / "gpu_bench.md").read_text())     # as written: a table that failed says so
     print(f"wrote {Path(out) / 'gpu_bench.json'} and gpu_bench.md in {result['seconds']:.0f} s")
     return result
 
