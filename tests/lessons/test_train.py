@@ -140,6 +140,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, tmp_path):
     (6, 0, 2, (3, 1)),          # a share of 3: 3 per forward pass
     (24, 0, 1, (8, 3)),         # the largest divisor of 24 up to 8
     (14, 0, 1, (7, 2)),         # 14 = 7 x 2: not 8
+    (8, 4, 2, (4, 1)),          # a micro-batch of a process's whole share
 ])
 def test_the_global_batch_is_the_setting_and_the_rest_follows(batch, micro, world, plan):
     """Catches the old arithmetic, where --paper's 128 with --grad-accum 8 silently became 1,024

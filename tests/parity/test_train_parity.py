@@ -2,10 +2,14 @@
 online candidates (extras/online.py: the models run inside the loop) equal the stored ones data.py
 wrote."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
+import align
 import fusellm
 import train
 from extras.online import OnlineCandidates
@@ -45,3 +49,22 @@ def test_online_candidates_equal_the_stored_ones(world):
         # map sends to one target id have been summed (a sum of values each off by a factor
         # e^(+-1/32) is off by at most that factor)
         assert np.abs(sa["logprobs"] - sb["logprobs"]).max() <= 2 / 32 + 1e-5
+        # each model's CE per byte (the weights of fusions that pick by it), with its own BOS: the
+        # target's sentencepiece has one, the source's BPE none
+        for x, y in ((a["target"], b["target"]), (sa, sb)):
+            assert (x["ce"], x["ce_per_byte"]) == pytest.approx((y["ce"], y["ce_per_byte"]),
+                                                                rel=1e-4)
+
+
+def test_online_candidates_align_with_the_settings_the_folder_was_aligned_with(world, tmp_path):
+    """--online on a folder whose source was aligned with the official preset aligns the same way
+    (aligned/<name>/settings.json), not with the nanofuse preset. Catches OnlineCandidates
+    ignoring the stored settings: its labels would differ from the stored ones it stands in for."""
+    shutil.copytree(world / "data", tmp_path / "d")
+    official = align.alignment_settings("official")
+    (tmp_path / "d" / "aligned" / "source" / "settings.json").write_text(json.dumps(official))
+    cfg = train.parse_config(["--data", str(tmp_path / "d"), "--target", str(world / "target"),
+                              "--online", "--sources", str(world / "source"), "--topk", "5"])
+    online = OnlineCandidates(cfg, load_tokenizer(world / "target"), "cpu")
+    assert official != align.alignment_settings("nanofuse")
+    assert online.settings["source"] == official

@@ -90,6 +90,23 @@ class Killed(BaseException):
     """A kill, simulated: raised right after a file is written, so nothing after it runs."""
 
 
+def test_a_shard_killed_while_written_leaves_no_file_under_its_name(tmp_path, monkeypatch):
+    """A kill while a shard's second array is written leaves nothing at shard-00000.npz (a rerun
+    redoes a shard that is not there, and skips one that is). Catches save_npz writing straight to
+    the real name: a half-written zip there, skipped on resume and refused only when read."""
+    write_array = np.lib.format.write_array
+
+    def killed_at_the_second(f, arr, **kw):
+        if arr.size == 3:
+            raise KeyboardInterrupt("killed")
+        write_array(f, arr, **kw)
+
+    monkeypatch.setattr(np.lib.format, "write_array", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        storage.save_npz(tmp_path / "shard-00000.npz", offsets=np.zeros(2), ce=np.zeros(3))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("killed_after", ["save_shard_stats", "save_aligned"])
 def test_align_killed_between_a_shards_two_files_resumes_to_the_same_folder(
         pipeline, tmp_path, monkeypatch, killed_after):
@@ -127,6 +144,51 @@ def test_a_shard_without_its_statistics_is_named(pipeline, tmp_path):
         data.align_source(d, "source", quiet=True)
     assert str(e.value) == (f"{shard} has no statistics beside it (a run killed between the two "
                             f"files): delete shard-00001.npz and run the align stage again")
+
+
+def shard_with(path, **change):
+    """Rewrite the .npz shard at `path` with some of its arrays changed by `change`'s functions."""
+    z = dict(np.load(path))
+    storage.save_npz(path, **{k: change[k](v) if k in change else v for k, v in z.items()})
+
+
+def test_a_models_shard_of_fewer_windows_than_its_windows_shard_is_refused(pipeline, tmp_path):
+    """A target shard holding its windows shard's first 3 windows of 4, whole and self-consistent
+    (as one kept from before the corpus grew: `windows` rebuilt, the stored distributions kept)
+    is refused naming both counts. Catches read_dists's window-count check dropped: the first
+    windows' checksums still match, and the fourth window's was an IndexError."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    path = d / "models" / "target" / "shard-00000.npz"
+    n = int(np.load(path)["offsets"][3])                     # the rows of the first 3 windows
+    shard_with(path, offsets=lambda o: o[:4], topk_ids=lambda a: a[:n],
+               topk_logprobs=lambda a: a[:n], ce=lambda a: a[:3], checksum=lambda a: a[:3])
+    with pytest.raises(data.DataError, match="holds 3 windows, its windows shard 4"):
+        data.FusionData(d).shard(0)
+
+
+def test_window_offsets_that_do_not_start_at_row_0_are_refused(pipeline, tmp_path):
+    """A target shard whose first offset is 1 instead of 0 (damaged: its first window would lose
+    its first row, and every row of it shift by one position) is refused as arrays that do not fit
+    together. Catches offsets_fit's `o[0] == 0` dropped."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    shard_with(d / "models" / "target" / "shard-00000.npz",
+               offsets=lambda o: np.where(np.arange(len(o)) == 0, 1, o))
+    with pytest.raises(data.DataError, match="do not fit together"):
+        data.FusionData(d).shard(0)
+
+
+def test_aligned_rows_cut_at_other_target_offsets_are_refused(pipeline, tmp_path):
+    """An aligned shard whose target offsets put one row of window 0 into window 1 (its arrays
+    still fit together) is refused: each window's rows must sit on that window's target tokens.
+    Catches read_aligned's comparison with the target shard's offsets dropped."""
+    d = tmp_path / "d"
+    shutil.copytree(pipeline, d)
+    shard_with(d / "aligned" / "source" / "shard-00000.npz",
+               target_offsets=lambda t: np.where(np.arange(len(t)) == 1, t - 1, t))
+    with pytest.raises(data.DataError, match="aligned from other distributions"):
+        data.FusionData(d).shard(0)
 
 
 def test_ranks_split_the_shards_and_together_equal_one_process(world, pipeline, tmp_path,
@@ -272,6 +334,18 @@ def test_online_candidates_of_a_sampled_folder_are_the_stored_draws(world, sampl
     assert np.allclose(a["target"]["topk_logprobs"], -np.log(12))
     sa, sb = a["sources"]["source"], b["sources"]["source"]
     assert np.array_equal(sa["counts"], sb["counts"]) and np.array_equal(sa["ids"], sb["ids"])
+
+
+def test_a_folder_already_holding_both_kinds_of_labels_is_named(tmp_path):
+    """A data folder whose models' labels were made two ways (top-K beside --sample 12: a folder of
+    an older version, or one put together by hand) is refused by folder_sample, which --online
+    draws by, never read as one of them. Catches its check loosened to three kinds."""
+    for name, sample in (("target", 0), ("source", 12)):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        info = {"model": name, "tokenizer": "0" * 16, "topk": 5, "sample": sample}
+        (tmp_path / "models" / name / "info.json").write_text(json.dumps(info))
+    with pytest.raises(storage.FormatError, match=r"made in different ways \(\[0, 12\]"):
+        storage.folder_sample(tmp_path)
 
 
 def test_a_bad_sample_or_topk_is_refused_before_any_work(world, tmp_path):
@@ -495,6 +569,29 @@ def test_topk_that_the_storage_cannot_count_is_refused(pipeline, world):
         data.compute_dists(pipeline, world / "target", "big", topk=300)
 
 
+@pytest.mark.parametrize("topk, refused", [(0, True), (1, False), (255, False), (256, True)])
+def test_topk_is_refused_exactly_past_the_bounds_uint8_counts_hold(tmp_path, topk, refused):
+    """1 to 255 entries per position fit aligned shards' uint8 counts; 256 would be stored as a
+    count of 0 (every entry of a position dropped). Catches the bound off by one (`<= 256`)."""
+    said = storage.info_conflict(tmp_path / "m", {"model": "m", "topk": topk, "logprob_bits": 8})
+    assert (said == f"--topk {topk}: choose 1 to 255 (aligned distributions store their sizes "
+                     f"as uint8)") if refused else said is None
+
+
+def test_a_model_folder_from_before_sample_existed_takes_more_top_k_shards(tmp_path):
+    """A model folder whose info.json predates --sample (no "sample" key: top-K labels) takes the
+    rest of its shards with the same settings (a resumed `dists`), and refuses --sample. Catches
+    info_conflict reading the missing key as None instead of 0 ("already holds" on every
+    resume of such a folder)."""
+    d = tmp_path / "models" / "target"
+    d.mkdir(parents=True)
+    old = {"model": "m", "tokenizer": "0" * 16, "topk": 5, "logprob_bits": 8}
+    (d / "info.json").write_text(json.dumps(old))
+    assert storage.info_conflict(d, dict(model="m", topk=5, sample=0, logprob_bits=8)) is None
+    assert "already holds" in storage.info_conflict(d, dict(model="m", topk=5, sample=5,
+                                                            logprob_bits=8))
+
+
 def test_alignment_settings_are_checked_before_any_work(pipeline):
     with pytest.raises(data.DataError, match="alignment preset 'bytes'; choose one of"):
         data.align_source(pipeline, "source", "bytes")
@@ -547,6 +644,14 @@ def test_adding_a_source_later_leaves_the_first_untouched(world, pipeline, tmp_p
     assert differences({k: v for k, v in after.items() if k in before}, before) == NONE
     assert any(k.startswith("aligned/source2/shard-") for k in after)
     assert data.FusionData(tmp_path / "d").sources == ["source", "source2"]
+    # --use-sources fuses only the sources named (catches StoredCandidates ignoring it)
+    import train
+    from extras.stored_candidates import StoredCandidates
+    cfg = train.parse_config(["--data", str(tmp_path / "d"), "--target", str(world / "target"),
+                              "--use-sources", "source2"])
+    chosen = StoredCandidates(cfg, load_tokenizer(world / "target"))
+    assert chosen.names == ["target", "source2"]
+    assert list(chosen.items([(0, 1)])[0]["sources"]) == ["source2"]
 
 
 def test_command_line_runs_all_stages_and_prints_progress(world, tmp_path, capsys):
@@ -615,6 +720,39 @@ def test_changed_tokenizer_is_caught_at_alignment(world, pipeline, tmp_path):
     shutil.rmtree(tmp_path / "d" / "aligned")
     with pytest.raises(data.DataError, match="changed since `dists --name source` ran"):
         data.align_source(tmp_path / "d", "source", quiet=True)
+
+
+class ThreeTokens:
+    """A tokenizer as tokenizer_fingerprint sees it: three one-byte tokens, BOS 1, EOS 2."""
+    kind, vocab_size, bos_id, eos_id = "bpe", 3, 1, 2
+
+    def __init__(self, **changed):
+        self.__dict__.update(changed)
+
+    def token_bytes(self, i):
+        return b"abc"[i:i + 1]
+
+
+def test_a_tokenizer_whose_bos_or_eos_alone_changed_gets_another_fingerprint():
+    """The same tokens with another BOS (or none: a tokenizer_config.json edited) make other
+    windows' tokens and other distributions, so the fingerprint that stored distributions and data
+    folders are checked by differs. Catches the fingerprint hashing only the tokens."""
+    changed = [{}, {"bos_id": None}, {"eos_id": 0}, {"kind": "sp"}]
+    assert len({storage.tokenizer_fingerprint(ThreeTokens(**c)) for c in changed}) == 4
+
+
+def test_a_resumed_dists_keeps_the_fingerprint_its_first_shards_were_made_with(tmp_path):
+    """write_info writes info.json once: a `dists` resumed after the model's tokenizer changed
+    leaves the first run's fingerprint, so align still names the change (changed_tokenizer).
+    Catches info.json rewritten on every run, which would vouch for shards made with the old
+    tokenizer."""
+    d = tmp_path / "models" / "source"
+    storage.write_info(d, {"model": "m", "topk": 5}, ThreeTokens())
+    storage.write_info(d, {"model": "m", "topk": 5}, ThreeTokens(bos_id=None))
+    info = json.loads((d / "info.json").read_text())
+    assert info["tokenizer"] == storage.tokenizer_fingerprint(ThreeTokens())
+    assert "changed since `dists --name source` ran" in storage.changed_tokenizer(
+        ThreeTokens(bos_id=None), info, "source")
 
 
 def test_stages_out_of_order_say_what_to_run(tmp_path):

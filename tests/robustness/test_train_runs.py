@@ -162,6 +162,63 @@ def test_export_keeps_the_targets_dtype_and_shards(tmp_path, dtype, shard_bytes)
 
 
 
+def test_the_last_step_is_saved_also_off_the_checkpoint_interval(monkeypatch, tmp_path):
+    """6 steps with a checkpoint every 4: steps 4 and 6 are saved, and the last good one is 6.
+    Catches Checkpoints.after without `or step == total` (a run whose length is no multiple of
+    --ckpt-every would end with its last steps unsaved: the run's end, without its result)."""
+    saved = []
+    monkeypatch.setattr(distributed, "save_checkpoint",
+                        lambda path, model, opt, step, *a: saved.append(step))
+    ckpts = distributed.Checkpoints(tmp_path, False, None, None,
+                                    train.TrainConfig(ckpt_every=4), 0)
+    for step in range(1, 7):
+        ckpts.after(step, 6)
+    assert saved == [4, 6] and ckpts.last_good == 6
+
+
+def test_resume_takes_the_checkpoint_a_kill_left_half_swapped(monkeypatch, tmp_path):
+    """FSDP swaps a new out/ckpt/ in as ckpt -> .ckpt.old, .ckpt.tmp -> ckpt: a kill between the
+    two renames leaves only .ckpt.old, and --resume continues from it instead of saying there is
+    no checkpoint. Catches resume's `.old` fallback dropped."""
+    old = tmp_path / ".ckpt.old"
+    old.mkdir()
+    monkeypatch.setattr(distributed, "load_checkpoint", lambda path, *a: 4 if path == old else -1)
+    assert distributed.resume(tmp_path, True, None, None, 0) == (old, 4)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_resume_says_which_kind_of_checkpoint_is_there(tmp_path, fsdp):
+    """--resume without --fsdp beside an FSDP checkpoint (out/ckpt/), or the other way round,
+    names the one there and how it was written. Catches the hint's "with"/"without" swapped."""
+    (tmp_path / "ckpt").mkdir() if not fsdp else (tmp_path / "ckpt.pt").write_bytes(b"")
+    how = "without" if fsdp else "with"
+    with pytest.raises(ValueError, match=f"written by a run {how} FSDP on several processes"):
+        distributed.resume(tmp_path, fsdp, None, None, 0)
+
+
+def test_a_ddp_checkpoint_holds_the_models_own_names_and_resumes(tmp_path):
+    """Under DDP the model is wrapped (its names start "module."): ckpt.pt stores the inner
+    model's names, so export and a resume with any number of processes read it, and
+    load_checkpoint puts them back into a wrapped model. Catches unwrap() dropped on either
+    side. One gloo process, in this one."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        models = [torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+                  for _ in range(2)]
+        opts = [torch.optim.AdamW(m.parameters()) for m in models]
+        models[0](torch.ones(1, 3)).sum().backward()
+        opts[0].step()
+        path = tmp_path / "ckpt.pt"
+        distributed.save_checkpoint(path, models[0], opts[0], 5, train.TrainConfig(), False, 0)
+        assert sorted(torch.load(path, weights_only=False)["model"]) == ["bias", "weight"]
+        assert distributed.load_checkpoint(path, models[1], opts[1], False) == 5
+        assert torch.equal(models[1].module.weight, models[0].module.weight)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
