@@ -800,8 +800,9 @@ class Rows(list):
 
 def write(result: dict, out: Path):
     """OUT/gpu_bench.json, OUT/gpu_bench.md and the profiler's tables (one file each) of the parts
-    done so far; each file written whole under another name, then renamed over the last one, so a
-    kill leaves the last complete version."""
+    done so far; each written atomically (extras/atomic_files.py), so a kill leaves the last
+    complete version."""
+    from extras.atomic_files import write_text
     try:
         table = markdown(result)
     except Exception:                    # a formatting bug must not cost the figures or the parts
@@ -813,9 +814,7 @@ def write(result: dict, out: Path):
                 if key in row:
                     files[profile_name(part, row, who)] = row[key]["table"]
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text(out / name, text)
 
 
 def main(dry_run: bool = False, out: str = "runs/gpu_bench", parts: str = ""):

@@ -373,17 +373,8 @@ def test_lesson_bos_and_eos_map_to_the_targets_bos_and_eos():
     BOS (id 2) and EOS to its EOS (id 1); 'a' (source id 2) goes to the target's 'a' (id 0). A
     source that predicts the end of a document teaches the target its own EOS. Catches EOS sent to
     the target's BOS (or the two swapped)."""
-    class Vocab:                           # the little of a tokenizer that vocab_map reads
-        kind = "test"
-
-        def __init__(self, pieces, bos_id, eos_id):
-            self.pieces, self.bos_id, self.eos_id = pieces, bos_id, eos_id
-            self.vocab_size = len(pieces)
-
-        def token_bytes(self, i):
-            return self.pieces[i]
-
-    src, tgt = Vocab([b"", b"", b"a"], 0, 1), Vocab([b"a", b"", b""], 2, 1)
+    src, tgt = GreedyTokenizer(["", "", "a"]), GreedyTokenizer(["a", "", ""])
+    (src.bos_id, src.eos_id), (tgt.bos_id, tgt.eos_id) = (0, 1), (2, 1)
     assert align.vocab_map_em(align.normalized_vocab(src), align.normalized_vocab(tgt)).tolist() \
         == [-1, -1, 0]
     assert align.vocab_map(src, tgt, "em", ties="lowest").tolist() == [2, 1, 0]

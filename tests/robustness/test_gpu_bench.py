@@ -36,6 +36,14 @@ def dry_run(out, *extra, env=None):
     return json.loads((out / "gpu_bench.json").read_text()), log
 
 
+def bench_result(**rows):
+    """A result as bench.py gpu's main() builds it (device "dev", torch "t", date "d"), each part
+    named done, with the rows given for it."""
+    return dict(device="dev", torch="t", date="d", dry_run=False, peak_bf16_tflops=None,
+                seconds=1.0, parts={part: dict(rows=r, notes=[], error=None, seconds=1.0)
+                                    for part, r in rows.items()})
+
+
 def figures(row):
     return [v for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
@@ -151,10 +159,7 @@ def test_the_table_says_when_the_compiled_head_ran_uncompiled():
     sys.path.insert(0, str(ROOT))
     from tools import gpu_bench
     row = dict(vocab="262k", model="gemma-270m", tokens=8192, compiled_tokens_per_s=1e5)
-    result = dict(device="dev", torch="t", date="d", dry_run=False, peak_bf16_tflops=None,
-                  seconds=1.0, parts={"dists": dict(rows=[row, dict(row, vocab="128k",
-                                                                   compile_failed=None)],
-                                                    notes=[], error=None, seconds=1.0)})
+    result = bench_result(dists=[row, dict(row, vocab="128k", compile_failed=None)])
     assert "ran uncompiled" not in gpu_bench.markdown(result)
     row["compile_failed"] = "BackendCompilerFailed: no triton"
     table = gpu_bench.markdown(result)
@@ -250,32 +255,31 @@ def test_a_figure_of_zero_is_written_as_zero_not_as_missing():
     from tools import gpu_bench
     rows = [dict(step="compiled", graphs=3, graph_breaks=0), dict(step="eager", graphs=None,
                                                                    graph_breaks=None)]
-    result = dict(device="dev", torch="t", date="d", dry_run=True, peak_bf16_tflops=None,
-                  seconds=1.0, parts={"train": dict(rows=rows, notes=[], error=None, seconds=1.0)})
+    result = bench_result(train=rows)
     lines = [row for row in gpu_bench.markdown(result).splitlines() if row.startswith("| comp")]
     assert lines == ["| compiled | 3 | 0 | dev | t | d |"]
 
 
 def test_a_write_cut_off_halfway_leaves_the_last_whole_files(tmp_path, monkeypatch):
-    """write() puts each file whole under another name, then renames it over the last version: a
-    kill in the middle of writing (the device call's time limit can land there) leaves the previous
-    gpu_bench.json, which still parses, not half of the new one. Here the second write stops
-    halfway through its first file. Catches the files written in place."""
+    """write() puts each file whole under another name, then renames it over the last version
+    (extras/atomic_files.py): a kill in the middle of writing (the device call's time limit can
+    land there) leaves the previous gpu_bench.json, which still parses, not half of the new one.
+    Here the second write stops halfway through its first file, whichever of Path's writers it
+    uses. Catches the files written in place."""
     sys.path.insert(0, str(ROOT))
     from pathlib import Path
     from tools import gpu_bench
-    result = dict(device="dev", torch="t", date="d", dry_run=True, peak_bf16_tflops=None,
-                  seconds=1.0, parts={"precision": dict(rows=[dict(model="m")], notes=[],
-                                                        error=None, seconds=1.0)})
+    result = bench_result(precision=[dict(model="m")])
     gpu_bench.write(result, tmp_path)
     before = {p.name: p.read_text() for p in tmp_path.iterdir()}
 
-    def half_then_killed(self, text, *args, **kwargs):
-        with open(self, "w") as f:
-            f.write(text[:len(text) // 2])
+    def half_then_killed(self, data, *args, **kwargs):
+        with open(self, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data[:len(data) // 2])
         raise KeyboardInterrupt                     # stands for the kill
 
     monkeypatch.setattr(Path, "write_text", half_then_killed)
+    monkeypatch.setattr(Path, "write_bytes", half_then_killed)
     result["parts"]["dists"] = dict(rows=[], notes=[], error=gpu_bench.STOPPED, seconds=0.0)
     with pytest.raises(KeyboardInterrupt):
         gpu_bench.write(result, tmp_path)
@@ -297,9 +301,7 @@ def test_a_table_that_cannot_be_written_costs_neither_the_figures_nor_the_run(tm
         raise ValueError("Unknown format code 'f' for object of type 'str'")
 
     monkeypatch.setattr(gpu_bench, "markdown", broken)
-    result = dict(device="dev", torch="t", date="d", dry_run=True, peak_bf16_tflops=None,
-                  seconds=1.0, parts={"train": dict(rows=[dict(step="CLM only", profile=dict(
-                      table="Self CUDA time total"))], notes=[], error=None, seconds=1.0)})
+    result = bench_result(train=[dict(step="CLM only", profile=dict(table="Self CUDA time total"))])
     gpu_bench.write(result, tmp_path)
     assert json.loads((tmp_path / "gpu_bench.json").read_text()) == result
     assert "Unknown format code" in (tmp_path / "gpu_bench.md").read_text()
